@@ -1,0 +1,110 @@
+"""Command line: `lmserve serve [MODEL ...]` and `lmserve bench`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from lmserve import __version__, config
+from lmserve.models.resolve import DEFAULT_MODEL, resolve
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="GGUF path, bundled name (smollm2), or hf://owner/repo/file.gguf; "
+                        "NAME=MODEL to choose the served name. Default: smollm2")
+    p.add_argument("--config", help="JSON or TOML configuration file")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--parallel", "-np", type=int, help="sequences decoded together (default 8)")
+    p.add_argument("--ctx", "-c", type=int, dest="n_ctx",
+                   help="context size: KV pool shared by all sequences and the longest "
+                        "prompt + output (default: model's, at most 8192)")
+    p.add_argument("--threads", "-t", type=int, help="CPU threads for decoding (default: all cores)")
+    p.add_argument("--threads-batch", type=int, help="CPU threads for prompt processing")
+    p.add_argument("--batch", "-b", type=int, dest="step_tokens",
+                   help="token budget per engine step: decode tokens + prompt chunks (default 512)")
+    p.add_argument("--max-queue", type=int, help="requests waiting beyond --parallel before 429 "
+                                                 "(default 256)")
+    p.add_argument("--cache-slots", type=int,
+                   help="finished sequences kept resident for prefix reuse (default = --parallel)")
+    p.add_argument("--embedding-ctx", type=int, help="context of the embedding context (2048)")
+    p.add_argument("--chat-template", help="override template: file (.jinja or "
+                                           "tokenizer_config.json) or inline Jinja")
+    p.add_argument("--api-key", action="append", dest="api_keys",
+                   help="require this key (Authorization: Bearer or x-api-key); repeatable")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def serve_config(args: argparse.Namespace) -> config.ServerConfig:
+    file_layer = config.load_file(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    return config.build(file_layer, config.from_env(), flags)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lmserve.http.app import create_app
+    from lmserve.models.registry import ModelRegistry
+
+    try:
+        cfg = serve_config(args)
+    except (ValueError, OSError) as exc:
+        print(f"lmserve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = ModelRegistry()
+    from lmserve.core.errors import LmserveError
+    try:
+        for ref in cfg.models or (DEFAULT_MODEL,):
+            model = resolve(ref)
+            registry.add(model.name, model.path, cfg.engine, aliases=_aliases(model.name, model.path))
+    except (LmserveError, ValueError) as exc:
+        print(f"lmserve: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    app = create_app(registry, api_keys=cfg.api_keys)
+    print(f"lmserve {__version__}: serving {', '.join(s.name for s in registry)} on "
+          f"http://{cfg.host}:{cfg.port} (models load after the port is bound)", file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _aliases(name: str, path: str) -> list[str]:
+    from pathlib import Path
+
+    file = Path(path)
+    return [a for a in dict.fromkeys([file.name, file.stem]) if a != name]
+
+
+def bench(args: argparse.Namespace) -> int:
+    from lmserve.bench import cli as bench_cli
+
+    return bench_cli.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve models over HTTP")
+    _serve_arguments(p_serve)
+    p_serve.set_defaults(func=serve)
+    p_bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server or the engine")
+    from lmserve.bench import cli as bench_cli
+    bench_cli.add_arguments(p_bench)
+    p_bench.set_defaults(func=bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Any:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

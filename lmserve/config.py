@@ -1,0 +1,117 @@
+"""Server configuration: defaults < config file (JSON or TOML) < LMSERVE_* environment < flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmserve.service import EngineSettings
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    log_level: str = "info"
+    engine: EngineSettings = field(default_factory=EngineSettings)
+
+
+# name -> (section in the file, type); engine keys live in EngineSettings.
+_SERVER_KEYS = {"host": str, "port": int, "log_level": str}
+_ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
+                "threads_batch": int, "max_queue": int, "cache_slots": int,
+                "embedding_ctx": int}
+# Aliases used by llama-cpp-python's config files (seed 003) and by our own flags.
+_ALIASES = {"ctx": "n_ctx", "n_seq_max": "parallel", "n_batch": "step_tokens", "batch": "step_tokens",
+            "n_threads": "threads", "n_threads_batch": "threads_batch"}
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a JSON or TOML file into flat settings: server.*, model.* and top-level keys."""
+    text = Path(path).read_text(encoding="utf-8")
+    data = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the configuration must be an object")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("server", "model") and isinstance(value, dict):
+            flat.update(value)
+        elif key == "models" and isinstance(value, list):
+            flat["models"] = [m if isinstance(m, str) else _model_entry(m) for m in value]
+        else:
+            flat[key] = value
+    if "path" in flat:  # seed 003 style: model.path (+ alias)
+        ref = str(flat.pop("path"))
+        alias = flat.pop("alias", None)
+        flat.setdefault("models", []).append(f"{alias}={ref}" if alias else ref)
+    return flat
+
+
+def _model_entry(entry: dict[str, Any]) -> str:
+    ref = str(entry.get("path") or entry.get("model") or "")
+    name = entry.get("name") or entry.get("alias")
+    return f"{name}={ref}" if name else ref
+
+
+def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for key in [*_SERVER_KEYS, *_ENGINE_KEYS, "chat_template"]:
+        value = env.get(f"LMSERVE_{key.upper()}")
+        if value is not None:
+            out[key] = value
+    if env.get("LMSERVE_API_KEY"):
+        out["api_keys"] = [k.strip() for k in env["LMSERVE_API_KEY"].split(",") if k.strip()]
+    if env.get("LMSERVE_MODELS"):
+        out["models"] = [m.strip() for m in env["LMSERVE_MODELS"].split(",") if m.strip()]
+    return out
+
+
+def build(*layers: dict[str, Any]) -> ServerConfig:
+    """Merge layers (later wins; None values are skipped) into a validated ServerConfig."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if value is None or (key in ("models", "api_keys") and not value):
+                continue
+            merged[_ALIASES.get(key, key)] = value
+    server: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key in _SERVER_KEYS:
+            server[key] = _coerce(key, value, _SERVER_KEYS[key])
+        elif key in _ENGINE_KEYS:
+            engine[key] = _coerce(key, value, _ENGINE_KEYS[key])
+        elif key == "chat_template":
+            engine[key] = _template_source(str(value))
+        elif key in ("models", "api_keys"):
+            server[key] = tuple(str(v) for v in value)
+        else:
+            raise ValueError(f"unknown configuration key {key!r}")
+    for key in ("parallel", "step_tokens", "threads", "n_ctx", "max_queue"):
+        if key in engine and engine[key] < 1:
+            raise ValueError(f"{key} must be at least 1")
+    return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}") from None
+
+
+def _template_source(value: str) -> str:
+    """A chat template override: a file path (.jinja, .j2, tokenizer_config.json) or inline."""
+    from lmserve.chat.templates import load_template_file
+
+    if "{%" in value or "{{" in value:
+        return value
+    return load_template_file(value)

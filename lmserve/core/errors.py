@@ -1,0 +1,66 @@
+"""Neutral error vocabulary. Dialects map ErrorKind to their own status codes and bodies."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(str, enum.Enum):
+    INVALID_REQUEST = "invalid_request"
+    NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    UNSUPPORTED = "unsupported"
+    AUTHENTICATION = "authentication"
+    OVERLOADED = "overloaded"
+    LOADING = "loading"
+    INTERNAL = "internal"
+
+    @property
+    def http_status(self) -> int:
+        return _STATUS[self]
+
+
+_STATUS = {
+    ErrorKind.INVALID_REQUEST: 400,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.MODEL_NOT_FOUND: 404,
+    ErrorKind.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorKind.UNSUPPORTED: 400,
+    ErrorKind.AUTHENTICATION: 401,
+    ErrorKind.OVERLOADED: 429,
+    ErrorKind.LOADING: 503,
+    ErrorKind.INTERNAL: 500,
+}
+
+
+class LmserveError(Exception):
+    """An error with a kind, a message and, where it applies, the offending parameter."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"LmserveError({self.kind.value}, {self.message!r}, param={self.param!r})"
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> LmserveError:
+    return LmserveError(ErrorKind.INVALID_REQUEST, message, param=param, code=code)
+
+
+def unsupported(param: str, detail: str = "") -> LmserveError:
+    message = f"'{param}' is not supported yet by this server" + (f": {detail}" if detail else "")
+    return LmserveError(ErrorKind.UNSUPPORTED, message, param=param, code="unsupported_parameter")

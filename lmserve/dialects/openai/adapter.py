@@ -1,0 +1,135 @@
+"""Pure translation: OpenAI wire models -> core.GenerationRequest."""
+
+from __future__ import annotations
+
+from lmserve.core.errors import invalid, unsupported
+from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.dialects.openai.schema import (ChatCompletionRequest, ChatMessageIn,
+                                            CompletionRequest, PromptField, SamplingFields)
+
+
+def sampling_from(body: SamplingFields) -> SamplingParams:
+    defaults = SamplingParams()
+    logit_bias: dict[int, float] = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            logit_bias[int(key)] = value
+        except ValueError:
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+    return SamplingParams(
+        temperature=_pick(body.temperature, defaults.temperature),
+        top_p=_pick(body.top_p, defaults.top_p),
+        top_k=_pick(body.top_k, defaults.top_k),
+        min_p=_pick(body.min_p, defaults.min_p),
+        seed=body.seed,
+        presence_penalty=_pick(body.presence_penalty, defaults.presence_penalty),
+        frequency_penalty=_pick(body.frequency_penalty, defaults.frequency_penalty),
+        repetition_penalty=_pick(body.repetition_penalty, defaults.repetition_penalty),
+        logit_bias=logit_bias,
+    )
+
+
+def _pick(value, default):  # type: ignore[no-untyped-def]
+    return default if value is None else value
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else [s for s in stop if s]
+
+
+def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
+    _refuse_unimplemented_chat(body)
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise invalid("max_tokens and max_completion_tokens disagree; send one of them",
+                      param="max_completion_tokens")
+    return GenerationRequest(
+        model=body.model,
+        messages=[_message(m, i) for i, m in enumerate(body.messages)],
+        sampling=sampling_from(body),
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        stop=_stops(body.stop),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        n=body.n,
+        add_generation_prompt=body.add_generation_prompt,
+        template_kwargs=dict(body.chat_template_kwargs or {}),
+    )
+
+
+def _refuse_unimplemented_chat(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise unsupported("tools", "tool calling arrives in a later release")
+    if body.functions:
+        raise unsupported("functions", "tool calling arrives in a later release")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise unsupported("tool_choice", "tool calling arrives in a later release")
+    if body.function_call not in (None, "none", "auto"):
+        raise unsupported("function_call", "tool calling arrives in a later release")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise unsupported("response_format", "structured output arrives in a later release")
+    if body.logprobs or body.top_logprobs:
+        raise unsupported("logprobs" if body.logprobs else "top_logprobs",
+                          "logprobs arrive in a later release")
+
+
+def _message(message: ChatMessageIn, index: int) -> ChatMessage:
+    role = "system" if message.role == "developer" else message.role
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text":
+                raise invalid(f"content part type '{part.type}' is not supported by this "
+                              "model; send text parts",
+                              param=f"messages[{index}].content[{j}].type",
+                              code="unsupported_content")
+            texts.append(getattr(part, "text", ""))
+        content = "\n".join(texts)
+    if content is None and role != "assistant":
+        raise invalid(f"messages[{index}] ({role}) has no content", param=f"messages[{index}].content")
+    extra = {}
+    if message.tool_calls:
+        extra["tool_calls"] = [dict(c) for c in message.tool_calls]
+    if message.tool_call_id:
+        extra["tool_call_id"] = message.tool_call_id
+    return ChatMessage(role=role, content=content if content is not None else "",
+                       name=message.name, extra=extra)
+
+
+def completion_prompts(prompt: PromptField) -> list[str | list[int]]:
+    """Split the prompt field into one prompt per completion (text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise invalid("prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    out: list[str | list[int]] = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, list) and not item:
+            raise invalid(f"prompt[{i}] is empty", param="prompt")
+        out.append(item)  # type: ignore[arg-type]
+    return out
+
+
+def completion_request(body: CompletionRequest, prompt: str | list[int]) -> GenerationRequest:
+    if body.suffix:
+        raise unsupported("suffix", "fill-in-the-middle is not available for this model")
+    if body.logprobs is not None:
+        raise unsupported("logprobs", "logprobs arrive in a later release")
+    if body.best_of is not None and body.best_of != body.n:
+        raise unsupported("best_of", "only best_of equal to n is supported")
+    return GenerationRequest(
+        model=body.model,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_tokens=prompt if isinstance(prompt, list) else None,
+        sampling=sampling_from(body),
+        max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+        stop=_stops(body.stop),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        n=body.n,
+    )

@@ -1,0 +1,152 @@
+"""Pure translation: neutral engine outputs -> OpenAI JSON bodies and stream chunks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, TokenOutput, Usage
+
+SYSTEM_FINGERPRINT = "lmserve"
+
+_ERROR_TYPES = {
+    ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.CONTEXT_LENGTH_EXCEEDED: "invalid_request_error",
+    ErrorKind.UNSUPPORTED: "invalid_request_error",
+    ErrorKind.NOT_FOUND: "invalid_request_error",
+    ErrorKind.MODEL_NOT_FOUND: "invalid_request_error",
+    ErrorKind.AUTHENTICATION: "authentication_error",
+    ErrorKind.OVERLOADED: "rate_limit_error",
+    ErrorKind.LOADING: "service_unavailable_error",
+    ErrorKind.INTERNAL: "server_error",
+}
+
+
+def error_body(exc: LmserveError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": _ERROR_TYPES[exc.kind],
+                      "param": exc.param, "code": exc.code or exc.kind.value}}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """OpenAI knows stop and length; a cancelled or failed sequence never reaches a body."""
+    if reason in (FINISH_LENGTH,):
+        return "length"
+    if reason in (FINISH_CANCELLED, FINISH_ERROR):
+        return reason
+    return None if reason is None else "stop"
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+def sum_usage(parts: list[Usage]) -> Usage:
+    """n choices share one prompt: count it once, add every choice's completion."""
+    if not parts:
+        return Usage()
+    return Usage(prompt_tokens=parts[0].prompt_tokens,
+                 completion_tokens=sum(u.completion_tokens for u in parts),
+                 cached_tokens=parts[0].cached_tokens)
+
+
+def total_usage(groups: list[list[Usage]]) -> Usage:
+    """Several prompts (completions with a list of prompts): each group is one prompt."""
+    per_prompt = [sum_usage(g) for g in groups]
+    return Usage(prompt_tokens=sum(u.prompt_tokens for u in per_prompt),
+                 completion_tokens=sum(u.completion_tokens for u in per_prompt),
+                 cached_tokens=sum(u.cached_tokens for u in per_prompt))
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class Collected:
+    """A whole (non-streamed) generation gathered from step outputs."""
+
+    choices: dict[int, Choice] = field(default_factory=dict)
+    usage_groups: dict[int, list[Usage]] = field(default_factory=dict)  # per prompt
+    error: str | None = None
+
+    def add(self, out: TokenOutput, index: int, group: int = 0) -> None:
+        choice = self.choices.setdefault(index, Choice(index))
+        choice.text += out.text
+        if out.finished:
+            choice.finish_reason = finish_reason(out.finish_reason)
+            if out.usage is not None:
+                self.usage_groups.setdefault(group, []).append(out.usage)
+            if out.error:
+                self.error = out.error
+
+    @property
+    def usage(self) -> Usage:
+        return total_usage(list(self.usage_groups.values()))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def chat_completion(model: str, collected: Collected, usage: Usage) -> dict[str, Any]:
+    return {
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+        "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": c.index,
+                     "message": {"role": "assistant", "content": c.text, "refusal": None},
+                     "logprobs": None, "finish_reason": c.finish_reason}
+                    for c in sorted(collected.choices.values(), key=lambda c: c.index)],
+        "usage": usage_body(usage),
+    }
+
+
+def text_completion(model: str, collected: Collected, usage: Usage) -> dict[str, Any]:
+    return {
+        "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+        "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": [{"index": c.index, "text": c.text, "logprobs": None,
+                     "finish_reason": c.finish_reason}
+                    for c in sorted(collected.choices.values(), key=lambda c: c.index)],
+        "usage": usage_body(usage),
+    }
+
+
+class ChunkEncoder:
+    """Builds stream chunks for chat (chat.completion.chunk) or completions (text_completion)."""
+
+    def __init__(self, model: str, *, chat: bool, include_usage: bool) -> None:
+        self.chat = chat
+        self.include_usage = include_usage
+        self._base = {"id": new_id("chatcmpl" if chat else "cmpl"),
+                      "object": "chat.completion.chunk" if chat else "text_completion",
+                      "created": int(time.time()), "model": model,
+                      "system_fingerprint": SYSTEM_FINGERPRINT}
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {**self._base, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def role(self, index: int) -> dict[str, Any]:
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}])
+
+    def delta(self, index: int, text: str, reason: str | None) -> dict[str, Any]:
+        if self.chat:
+            delta = {"content": text} if text else {}
+            return self._chunk([{"index": index, "delta": delta, "logprobs": None,
+                                 "finish_reason": finish_reason(reason)}])
+        return self._chunk([{"index": index, "text": text, "logprobs": None,
+                             "finish_reason": finish_reason(reason)}])
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return {**self._base, "choices": [], "usage": usage_body(usage)}

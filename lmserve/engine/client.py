@@ -1,0 +1,93 @@
+"""The asyncio side of an engine: submit a request, iterate its outputs, abort it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.events import TokenOutput
+from lmserve.engine.loop import EngineThread
+from lmserve.engine.scheduler import EngineCore, StepOutputs
+from lmserve.engine.sequence import EngineRequest
+
+
+class _Stream:
+    __slots__ = ("queue", "remaining")
+
+    def __init__(self, n: int) -> None:
+        self.queue: asyncio.Queue[list[TokenOutput]] = asyncio.Queue()
+        self.remaining = n
+
+
+class EngineClient:
+    """Bridges the engine thread and the event loop with one loop wake-up per engine step."""
+
+    def __init__(self, core_factory: Callable[[Callable[[StepOutputs], None]], EngineCore], *,
+                 loop: asyncio.AbstractEventLoop, max_queue: int, name: str = "engine") -> None:
+        self._loop = loop
+        self._thread = EngineThread(core_factory, self._on_step, name=name)
+        self.max_queue = max_queue
+        self.active = 0
+
+    @property
+    def core(self) -> EngineCore:
+        return self._thread.core
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.alive
+
+    @property
+    def error(self) -> str | None:
+        return self._thread.error
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._thread.stop()
+
+    def _on_step(self, outputs: StepOutputs) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: StepOutputs) -> None:  # event loop
+        for request, items in outputs:
+            stream = request.handle
+            if isinstance(stream, _Stream):
+                stream.queue.put_nowait(items)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[TokenOutput]]:
+        """Yield each step's outputs for this request; leaving early aborts the request."""
+        capacity = self.core.max_running + self.max_queue
+        if self.active >= capacity:
+            raise LmserveError(ErrorKind.OVERLOADED,
+                               f"the server is at capacity ({self.active} requests running or "
+                               "queued); retry shortly", code="server_overloaded", retry_after=1.0)
+        if not self.alive:
+            raise LmserveError(ErrorKind.INTERNAL, f"the engine is not running ({self.error})")
+        stream = _Stream(request.n)
+        request.handle = stream
+        self.active += 1
+        self._thread.submit(request)
+        try:
+            while stream.remaining > 0:
+                items = await stream.queue.get()
+                stream.remaining -= sum(1 for item in items if item.finished)
+                yield items
+        finally:
+            self.active -= 1
+            if stream.remaining > 0:  # the consumer went away (client disconnect, error)
+                self._thread.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._thread.abort(request_id)
+
+    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
+        """Run fn on the engine thread between steps and return its result."""
+        reply = self._thread.call(fn)
+        ok, value = await asyncio.to_thread(reply.get)
+        if not ok:
+            raise value
+        return value

@@ -1,0 +1,325 @@
+"""The llama.cpp boundary: model, context, batch, KV memory ops and sampler chains.
+
+This is the only module that imports llama_cpp. Everything here runs on the engine
+thread that owns the context (or at load time); ctypes releases the GIL inside each call,
+so llama_decode does not block the HTTP side.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import llama_cpp as ll
+import numpy as np
+
+from lmserve.core.request import SamplingParams
+
+log = logging.getLogger("lmserve.runner")
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            ll.llama_backend_init()
+            _silence_llama_logs()
+            _backend_ready = True
+
+
+@ll.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty at load time; keep its warnings and errors, drop the rest.
+    if level in (3, 4) and text:  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+        log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+def _silence_llama_logs() -> None:
+    if os.environ.get("LMSERVE_LLAMA_VERBOSE"):
+        return
+    ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    architecture: str
+    description: str
+    n_ctx_train: int
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_params: int
+    size_bytes: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    metadata: dict[str, str]
+
+
+class Model:
+    """A loaded GGUF model (weights shared by every context made from it)."""
+
+    def __init__(self, path: str, *, progress: Callable[[float], None] | None = None,
+                 n_gpu_layers: int = 0) -> None:
+        _init_backend()
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self._progress_cb = None
+        if progress is not None:
+            def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+                progress(fraction)
+                return True
+            self._progress_cb = ll.llama_progress_callback(on_progress)
+            params.progress_callback = self._progress_cb
+        model = ll.llama_model_load_from_file(path.encode(), params)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load the model file {path!r}")
+        self.ptr = model
+        self.path = path
+        self.vocab = ll.llama_model_get_vocab(model)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._tok_lock = threading.Lock()
+        self.eog_tokens = frozenset(t for t in range(self.n_vocab)
+                                    if ll.llama_vocab_is_eog(self.vocab, t))
+        self.info = self._read_info()
+
+    # -- metadata ---------------------------------------------------------------------------
+    def _meta(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(1 << 16)
+        for i in range(ll.llama_model_meta_count(self.ptr)):
+            if ll.llama_model_meta_key_by_index(self.ptr, i, buf, len(buf)) < 0:
+                continue
+            key = buf.value.decode("utf-8", "replace")
+            if ll.llama_model_meta_val_str_by_index(self.ptr, i, buf, len(buf)) < 0:
+                continue
+            out[key] = buf.value.decode("utf-8", "replace")
+        return out
+
+    def _read_info(self) -> ModelInfo:
+        meta = self._meta()
+        template = ll.llama_model_chat_template(self.ptr, None)
+        desc = ctypes.create_string_buffer(256)
+        ll.llama_model_desc(self.ptr, desc, len(desc))
+        bos, eos = ll.llama_vocab_bos(self.vocab), ll.llama_vocab_eos(self.vocab)
+        return ModelInfo(
+            path=self.path,
+            architecture=meta.get("general.architecture", "unknown"),
+            description=desc.value.decode("utf-8", "replace"),
+            n_ctx_train=ll.llama_model_n_ctx_train(self.ptr),
+            n_vocab=self.n_vocab,
+            n_embd=ll.llama_model_n_embd(self.ptr),
+            n_layer=ll.llama_model_n_layer(self.ptr),
+            n_params=ll.llama_model_n_params(self.ptr),
+            size_bytes=ll.llama_model_size(self.ptr),
+            chat_template=template.decode("utf-8") if template else None,
+            bos_token=self.token_text(bos) if bos >= 0 else "",
+            eos_token=self.token_text(eos) if eos >= 0 else "",
+            add_bos=bool(ll.llama_vocab_get_add_bos(self.vocab)),
+            metadata={k: v for k, v in meta.items() if len(v) < 2048},
+        )
+
+    # -- tokens -----------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (ll.llama_token * cap)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """Bytes a generated token contributes to the output (control tokens give b"")."""
+        cached = self._pieces[token]
+        if cached is None:
+            cached = self._token_bytes(token, special=False)
+            self._pieces[token] = cached
+        return cached
+
+    def token_text(self, token: int) -> str:
+        return self._token_bytes(token, special=True).decode("utf-8", "replace")
+
+    def _token_bytes(self, token: int, *, special: bool) -> bytes:
+        with self._tok_lock:
+            buf = self._piece_buf
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._token_bytes(t, special=True) for t in tokens).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Sampler:
+    """A per-sequence llama.cpp sampler chain; sampling runs in C over the logits row."""
+
+    def __init__(self, model: Model, params: SamplingParams, *, seed: int,
+                 banned: Sequence[int] = ()) -> None:
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        self.ptr = chain
+        add = lambda smpl: ll.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+        biases = dict(params.logit_bias)
+        for token in banned:
+            biases[token] = -math.inf
+        if biases:
+            arr = (ll.llama_logit_bias * len(biases))()
+            for i, (token, bias) in enumerate(biases.items()):
+                arr[i].token, arr[i].bias = token, bias
+            add(ll.llama_sampler_init_logit_bias(model.n_vocab, len(biases), arr))
+        if (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                or params.presence_penalty != 0.0):
+            add(ll.llama_sampler_init_penalties(
+                model.n_vocab, params.penalty_last_n, params.repetition_penalty,
+                params.frequency_penalty, params.presence_penalty))
+        if params.greedy:
+            add(ll.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(ll.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(ll.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(ll.llama_sampler_init_min_p(params.min_p, 1))
+        add(ll.llama_sampler_init_temp(params.temperature))
+        add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self, ctx: "Context", batch_index: int) -> int:
+        # llama_sampler_sample applies the chain to the logits row and accepts the token.
+        return ll.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
+
+    def free(self) -> None:
+        if self.ptr:
+            ll.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+class Batch:
+    """A llama_batch whose arrays are numpy-owned, so a step fills it with slice assignments."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        seq_base = self.seq.ctypes.data
+        self._seq_ptrs = (ctypes.POINTER(ll.llama_seq_id) * capacity)(
+            *[ctypes.cast(seq_base + 4 * i, ctypes.POINTER(ll.llama_seq_id)) for i in range(capacity)])
+        self.struct = ll.llama_batch()
+        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token))
+        self.struct.embd = ctypes.POINTER(ctypes.c_float)()
+        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos))
+        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id)))
+        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, tokens: Sequence[int], start_pos: int, seq_id: int, want_last_logits: bool) -> int:
+        """Append tokens of one sequence; returns the batch index of the last one."""
+        n, k = self.n, len(tokens)
+        self.token[n:n + k] = tokens
+        self.pos[n:n + k] = np.arange(start_pos, start_pos + k, dtype=np.int32)
+        self.seq[n:n + k] = seq_id
+        self.logits[n:n + k] = 0
+        if want_last_logits:
+            self.logits[n + k - 1] = 1
+        self.n = n + k
+        return n + k - 1
+
+
+class Context:
+    """A llama.cpp context with a unified KV pool shared by n_seq_max sequences."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_seq_max: int, n_batch: int,
+                 n_threads: int, n_threads_batch: int | None = None,
+                 embeddings: bool = False, pooling_type: int | None = None) -> None:
+        params = ll.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch or n_threads
+        params.kv_unified = True  # sequences share cells, so seq_cp of a prefix costs no memory
+        params.swa_full = True  # sliding-window layers keep full KV, so prefixes can be trimmed
+        params.no_perf = True
+        params.embeddings = embeddings
+        if pooling_type is not None:
+            params.pooling_type = pooling_type
+        ctx = ll.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.ptr = ctx
+        self.model = model
+        self.n_ctx = ll.llama_n_ctx(ctx)
+        self.n_batch = n_batch
+        self.memory = ll.llama_get_memory(ctx)
+        self.batch = Batch(n_batch)
+        self.eog_tokens = model.eog_tokens
+        self.piece = model.piece
+
+    def make_sampler(self, params: SamplingParams, seed: int, banned: Sequence[int]) -> Sampler:
+        return Sampler(self.model, params, seed=seed, banned=list(banned))
+
+    def decode(self, batch: Batch) -> int:
+        batch.struct.n_tokens = batch.n
+        return ll.llama_decode(self.ptr, batch.struct)
+
+    # -- KV memory --------------------------------------------------------------------------
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(ll.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        ll.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def clear(self) -> None:
+        ll.llama_memory_clear(self.memory, True)
+
+    # -- embeddings -------------------------------------------------------------------------
+    def sequence_embedding(self, seq_id: int) -> np.ndarray:
+        ptr = ll.llama_get_embeddings_seq(self.ptr, seq_id)
+        n_embd = self.model.info.n_embd
+        return np.ctypeslib.as_array(ptr, shape=(n_embd,)).copy()
+
+    def pooling_type(self) -> int:
+        return int(ll.llama_pooling_type(self.ptr))
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_free(self.ptr)
+            self.ptr = None
+
+
+POOLING_MEAN = ll.LLAMA_POOLING_TYPE_MEAN
+POOLING_NONE = ll.LLAMA_POOLING_TYPE_NONE
+POOLING_UNSPECIFIED = ll.LLAMA_POOLING_TYPE_UNSPECIFIED

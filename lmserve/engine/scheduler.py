@@ -1,0 +1,307 @@
+"""The engine core: admission, chunked prefill mixed with decode, one llama_decode per step.
+
+A step reads: admit -> plan -> build batch -> decode -> sample -> postprocess -> emit.
+It runs with any runner that offers the small surface in `Runner` below, which is what
+lets the scheduling logic be tested without a model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, TokenOutput
+from lmserve.core.request import SamplingParams
+from lmserve.engine.prefix_cache import KVMemory, SlotPool
+from lmserve.engine.sequence import EngineRequest, SeqState, Sequence
+
+StepOutputs = list[tuple[EngineRequest, list[TokenOutput]]]
+
+DECODE_OK = 0
+DECODE_NO_KV_SLOT = 1
+
+
+class Batch(Protocol):
+    n: int
+    def clear(self) -> None: ...
+    def add(self, tokens: list[int], start_pos: int, seq_id: int, want_last_logits: bool) -> int: ...
+
+
+class SamplerLike(Protocol):
+    def sample(self, ctx: object, batch_index: int) -> int: ...
+    def free(self) -> None: ...
+
+
+class Runner(KVMemory, Protocol):
+    """What the core needs from llama.cpp (runner.Context + runner.Model, or a fake)."""
+
+    n_ctx: int
+    batch: Batch
+    eog_tokens: frozenset[int]
+    def decode(self, batch: Batch) -> int: ...
+    def piece(self, token: int) -> bytes: ...
+    def make_sampler(self, params: SamplingParams, seed: int, banned: Iterable[int]) -> SamplerLike: ...
+
+
+@dataclass
+class StepStats:
+    """Cumulative per-phase timings (seconds) and counters, read by metrics and benchmarks."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    batch_build: float = 0.0
+    decode: float = 0.0
+    sample: float = 0.0
+    detokenize: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    batch_tokens: int = 0
+    decode_failures: int = 0
+    preemptions: int = 0
+    last_step_sequences: int = 0
+    phases: tuple[str, ...] = field(default=("schedule", "batch_build", "decode", "sample",
+                                              "detokenize"), repr=False)
+
+
+class EngineCore:
+    def __init__(self, runner: Runner, *, n_slots: int, max_running: int, step_tokens: int,
+                 sink: Callable[[StepOutputs], None]) -> None:
+        self.runner = runner
+        self.pool = SlotPool(n_slots, runner)
+        self.max_running = max_running
+        self.step_tokens = step_tokens
+        self.sink = sink
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = StepStats()
+        self._outputs: dict[EngineRequest, list[TokenOutput]] = {}
+        # Set when the KV pool ran out: no admission until a sequence finishes, or a
+        # preempted sequence would be readmitted at once and fail the next step again.
+        self._kv_pressure = False
+
+    # -- requests in and out ----------------------------------------------------------------
+    def add(self, request: EngineRequest) -> None:
+        request.sequences = [Sequence.for_request(request, i) for i in range(request.n)]
+        self.waiting.extend(request.sequences)
+
+    def abort(self, request_id: str) -> bool:
+        found = False
+        for seq in [*self.running, *self.waiting]:
+            if seq.request.request_id == request_id and not seq.finished:
+                self._finish(seq, FINISH_CANCELLED, "")
+                found = True
+        self._flush_outputs()
+        return found
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self._admit()
+        plan = self._plan()
+        t1 = time.perf_counter()
+        if not plan:
+            self.stats.schedule += t1 - t0
+            return
+        sample_at = self._build_batch(plan)
+        t2 = time.perf_counter()
+        status = self.runner.decode(self.runner.batch)
+        t3 = time.perf_counter()
+        if status != DECODE_OK:
+            self._recover(status, plan)
+        else:
+            self.stats.prompt_tokens += sum(n for seq, n in plan if seq.n_computed < seq.n_prompt)
+            for seq, n in plan:
+                seq.n_computed += n
+            tokens = self._sample(sample_at)
+            t4 = time.perf_counter()
+            self._postprocess(tokens)
+            t5 = time.perf_counter()
+            self.stats.sample += t4 - t3
+            self.stats.detokenize += t5 - t4
+        self.stats.steps += 1
+        self.stats.schedule += t1 - t0
+        self.stats.batch_build += t2 - t1
+        self.stats.decode += t3 - t2
+        self.stats.batch_tokens += self.runner.batch.n
+        self.stats.last_step_sequences = len(plan)
+        self._flush_outputs()
+
+    def _admit(self) -> None:
+        if self._kv_pressure and self.running:
+            return
+        self._kv_pressure = False
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            siblings = self._unforked_siblings(seq)
+            if len(self.running) + 1 + len(siblings) > self.max_running:
+                break
+            if self.pool.n_free < 1 + len(siblings):
+                break
+            placement = self.pool.place(seq)
+            if placement is None:
+                break
+            self.waiting.popleft()
+            first_admission = seq.sampler is None
+            seq.slot, seq.n_computed, seq.state = placement.slot, placement.n_reused, SeqState.RUNNING
+            if first_admission:
+                seq.n_cached = placement.n_reused
+                seq.sampler = self._sampler_for(seq)
+            self.running.append(seq)
+            for sib in siblings:  # n > 1: siblings fork the first choice's prompt KV later
+                self.waiting.remove(sib)
+                sib.slot = self.pool.reserve(sib)
+                sib.sampler = self._sampler_for(sib)
+                sib.state = SeqState.FORK_WAIT
+                self.running.append(sib)
+
+    @staticmethod
+    def _unforked_siblings(seq: Sequence) -> list[Sequence]:
+        if seq.index != 0 or seq.n_output:
+            return []
+        return [s for s in seq.request.sequences[1:]
+                if s.state is SeqState.WAITING and s.sampler is None]
+
+    def _sampler_for(self, seq: Sequence) -> SamplerLike:
+        banned = self.runner.eog_tokens if seq.request.ignore_eos else ()
+        return self.runner.make_sampler(seq.request.sampling, seq.seed, banned)
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """Decode tokens first (one per decoding sequence), then prompt chunks within budget."""
+        active = [s for s in self.running if s.state is SeqState.RUNNING]
+        plan = [(s, 1) for s in active if s.n_pending == 1]
+        budget = self.step_tokens - len(plan)
+        for seq in active:
+            if seq.n_pending > 1 and budget > 0:
+                n = min(seq.n_pending, budget)
+                plan.append((seq, n))
+                budget -= n
+        return plan
+
+    def _build_batch(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        batch = self.runner.batch
+        batch.clear()
+        sample_at = []
+        for seq, n in plan:
+            start = seq.n_computed
+            completes = start + n == len(seq.tokens)
+            assert seq.slot is not None
+            idx = batch.add(seq.tokens[start:start + n], start, seq.slot.seq_id, completes)
+            if completes:
+                sample_at.append((seq, idx))
+        return sample_at
+
+    def _sample(self, sample_at: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        sampled = []
+        for seq, idx in sample_at:
+            assert seq.sampler is not None
+            sampled.append((seq, seq.sampler.sample(self.runner, idx)))
+            if seq.n_output == 0:
+                for sib in self._fork_siblings(seq):
+                    assert sib.sampler is not None
+                    sampled.append((sib, sib.sampler.sample(self.runner, idx)))
+        return sampled
+
+    def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
+        forked = []
+        for sib in seq.request.sequences:
+            if sib.state is SeqState.FORK_WAIT and sib.slot is not None and seq.slot is not None:
+                self.runner.seq_cp(seq.slot.seq_id, sib.slot.seq_id, 0, seq.n_computed)
+                sib.n_computed, sib.n_cached = seq.n_computed, seq.n_cached
+                sib.state = SeqState.RUNNING
+                forked.append(sib)
+        return forked
+
+    def _postprocess(self, sampled: list[tuple[Sequence, int]]) -> None:
+        now = time.monotonic()
+        for seq, token in sampled:
+            seq.tokens.append(token)
+            self.stats.generated_tokens += 1
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            self._on_token(seq, token)
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        request = seq.request
+        if token in request.stop_token_ids or (token in self.runner.eog_tokens and not request.ignore_eos):
+            self._finish(seq, FINISH_STOP, "", token=token,
+                         stop_match=None if token not in request.stop_token_ids else str(token))
+            return
+        text, matched = seq.stops.push(seq.decoder.push(self.runner.piece(token)))
+        if matched is not None:
+            self._finish(seq, FINISH_STOP, text, token=token, stop_match=matched, flush=False)
+        elif seq.n_output >= request.max_tokens or len(seq.tokens) >= self.runner.n_ctx:
+            self._finish(seq, FINISH_LENGTH, text, token=token)
+        else:
+            self._emit(seq, seq.output(text, token))
+
+    def _finish(self, seq: Sequence, reason: str, text: str, *, token: int | None = None,
+                stop_match: str | None = None, flush: bool = True, error: str | None = None) -> None:
+        if flush:
+            tail, matched = seq.stops.push(seq.decoder.flush())
+            text += tail
+            if matched is not None:
+                stop_match, reason = matched, FINISH_STOP
+            else:
+                text += seq.stops.flush()
+        out = seq.output(text, token)
+        out.finish_reason, out.stop_match, out.error = reason, stop_match, error
+        out.usage = seq.usage()
+        seq.finish_reason, seq.state = reason, SeqState.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.slot is not None:
+            self.pool.release(seq.slot, keep=reason != FINISH_ERROR)
+            seq.slot = None
+            self._kv_pressure = False
+        if seq.sampler is not None:
+            seq.sampler.free()
+            seq.sampler = None
+        self._emit(seq, out)
+
+    def _emit(self, seq: Sequence, out: TokenOutput) -> None:
+        self._outputs.setdefault(seq.request, []).append(out)
+
+    def _flush_outputs(self) -> None:
+        if self._outputs:
+            outputs, self._outputs = list(self._outputs.items()), {}
+            self.sink(outputs)
+
+    # -- failures ---------------------------------------------------------------------------
+    def _recover(self, status: int, plan: list[tuple[Sequence, int]]) -> None:
+        """No KV room: drop idle prefixes, then preempt the newest sequence; else fail."""
+        self.stats.decode_failures += 1
+        if status == DECODE_NO_KV_SLOT:
+            if self.pool.evict_lru_idle():
+                return
+            running = [s for s in self.running if s.state is SeqState.RUNNING]
+            if len(running) > 1:
+                self._preempt(max(running, key=lambda s: (s.request.arrival, s.index)))
+                return
+        message = "the model's context is full" if status == DECODE_NO_KV_SLOT else \
+            f"llama_decode failed with status {status}"
+        for seq, _ in plan:
+            self._finish(seq, FINISH_ERROR, "", error=message)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's KV and requeue it at the front; it recomputes prompt + output."""
+        self.stats.preemptions += 1
+        self._kv_pressure = True
+        assert seq.slot is not None
+        self.pool.release(seq.slot, keep=False)
+        seq.slot, seq.n_computed, seq.state = None, 0, SeqState.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def fail_all(self, message: str) -> None:
+        for seq in [*self.running, *self.waiting]:
+            self._finish(seq, FINISH_ERROR, "", error=message)
+        self._flush_outputs()

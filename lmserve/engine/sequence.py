@@ -1,0 +1,103 @@
+"""One request's mutable state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lmserve.core.events import TokenOutput, Usage
+from lmserve.core.request import SamplingParams
+from lmserve.engine.detokenizer import IncrementalDecoder, StopMatcher
+
+if TYPE_CHECKING:
+    from lmserve.engine.prefix_cache import Slot
+    from lmserve.engine.runner import Sampler
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """What the service submits: token ids plus everything that decides when to stop."""
+
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival: float = field(default_factory=time.monotonic)
+    handle: object = None  # the submitter's own reference, returned with each step's outputs
+    sequences: list["Sequence"] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.sequences) and all(s.finished for s in self.sequences)
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"  # queued, no slot yet
+    RUNNING = "running"  # holds a slot; prefilling or decoding
+    FORK_WAIT = "fork_wait"  # n>1 sibling waiting for the first choice's prompt KV
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A single choice. `tokens` is prompt + output; the KV holds tokens[:n_computed]."""
+
+    request: EngineRequest
+    index: int
+    tokens: list[int]
+    stops: StopMatcher
+    n_prompt: int
+    state: SeqState = SeqState.WAITING
+    slot: "Slot | None" = None
+    sampler: "Sampler | None" = None
+    n_computed: int = 0
+    n_cached: int = 0  # prompt tokens whose KV came from the prefix cache
+    decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+    @classmethod
+    def for_request(cls, request: EngineRequest, index: int) -> "Sequence":
+        return cls(request=request, index=index, tokens=list(request.prompt_tokens),
+                   stops=StopMatcher(request.stop), n_prompt=len(request.prompt_tokens))
+
+    @property
+    def n_output(self) -> int:
+        return len(self.tokens) - self.n_prompt
+
+    @property
+    def n_pending(self) -> int:
+        """Tokens still to feed before the next logits are available."""
+        return len(self.tokens) - self.n_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.state is SeqState.RUNNING and self.n_pending == 1
+
+    @property
+    def finished(self) -> bool:
+        return self.state is SeqState.FINISHED
+
+    @property
+    def seed(self) -> int:
+        base = self.request.sampling.seed
+        if base is None:
+            return (hash(self.request.request_id) + self.index) & 0xFFFFFFFF
+        return base + self.index
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.n_prompt, completion_tokens=self.n_output,
+                     cached_tokens=self.n_cached)
+
+    def output(self, text: str, token: int | None) -> TokenOutput:
+        return TokenOutput(index=self.index, text=text,
+                           token_ids=[token] if token is not None else [])

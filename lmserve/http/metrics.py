@@ -1,0 +1,65 @@
+"""Prometheus metrics, read from the engines' own counters at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from lmserve.models.registry import ModelRegistry
+
+
+class EngineCollector:
+    def __init__(self, registry: "ModelRegistry") -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model"]
+        counters = {
+            "prompt_tokens": ("lmserve_prompt_tokens", "Prompt tokens processed (prefill)"),
+            "generated_tokens": ("lmserve_generated_tokens", "Tokens generated"),
+            "steps": ("lmserve_decode_steps", "llama_decode calls made by the scheduler"),
+            "batch_tokens": ("lmserve_batch_tokens", "Tokens submitted across all decode steps"),
+            "preemptions": ("lmserve_preemptions", "Sequences preempted for lack of KV room"),
+            "decode_failures": ("lmserve_decode_failures", "llama_decode calls that failed"),
+        }
+        families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
+        phase = CounterMetricFamily("lmserve_step_phase_seconds",
+                                    "Engine time per step phase (schedule, batch_build, decode, "
+                                    "sample, detokenize)", labels=["model", "phase"])
+        running = GaugeMetricFamily("lmserve_requests_running", "Sequences holding a slot",
+                                    labels=labels)
+        waiting = GaugeMetricFamily("lmserve_requests_waiting", "Sequences queued", labels=labels)
+        batch_seqs = GaugeMetricFamily("lmserve_step_sequences",
+                                       "Sequences in the last decode step", labels=labels)
+        hits = CounterMetricFamily("lmserve_prefix_cache_hits", "Requests that reused a prefix",
+                                   labels=labels)
+        reused = CounterMetricFamily("lmserve_prefix_cache_tokens",
+                                     "Prompt tokens served from the prefix cache", labels=labels)
+        for service in self.registry:
+            client = service.client
+            if client is None:
+                continue
+            core, name = client.core, service.name
+            stats = core.stats
+            for key, family in families.items():
+                family.add_metric([name], getattr(stats, key))
+            for p in stats.phases:
+                phase.add_metric([name, p], getattr(stats, p))
+            running.add_metric([name], len(core.running))
+            waiting.add_metric([name], len(core.waiting))
+            batch_seqs.add_metric([name], stats.last_step_sequences)
+            hits.add_metric([name], core.pool.hits)
+            reused.add_metric([name], core.pool.reused_tokens)
+        yield from families.values()
+        yield from (phase, running, waiting, batch_seqs, hits, reused)
+
+
+def render(registry: "ModelRegistry") -> tuple[bytes, str]:
+    prom = CollectorRegistry()
+    prom.register(EngineCollector(registry))  # type: ignore[arg-type]
+    return generate_latest(prom), CONTENT_TYPE_LATEST

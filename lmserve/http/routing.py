@@ -1,0 +1,123 @@
+"""Per-dialect routes: validation, auth and engine errors rendered in the caller's own dialect.
+
+FastAPI's default 422 {"detail": ...} body is nobody's wire format, so each dialect's router
+uses a route class that turns every error into that dialect's body before it leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from lmserve.core.errors import ErrorKind, LmserveError
+
+log = logging.getLogger("lmserve.http")
+
+ErrorBody = Callable[[LmserveError], dict[str, Any]]
+T = TypeVar("T")
+
+
+def validation_error(exc: RequestValidationError) -> LmserveError:
+    errors = exc.errors()
+    if not errors:
+        return LmserveError(ErrorKind.INVALID_REQUEST, "invalid request")
+    first = errors[0]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    # Drop pydantic's union-branch names ("str", "list[str]") from the location.
+    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "int", "float",
+                                                                            "bool", "function-after"}))]
+    param = _format_loc(loc) or None
+    if first.get("type") == "json_invalid":
+        return LmserveError(ErrorKind.INVALID_REQUEST,
+                            f"the request body is not valid JSON: {first.get('msg', '')}",
+                            code="invalid_json")
+    if first.get("type") == "missing":
+        return LmserveError(ErrorKind.INVALID_REQUEST, f"missing required parameter '{param}'",
+                            param=param, code="missing_required_parameter")
+    message = f"invalid value for '{param}': {first.get('msg', 'invalid')}" if param else \
+        f"invalid request body: {first.get('msg', 'invalid')}"
+    return LmserveError(ErrorKind.INVALID_REQUEST, message, param=param, code="invalid_value")
+
+
+def _format_loc(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def error_response(exc: LmserveError, body: ErrorBody) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(body(exc), status_code=exc.kind.http_status, headers=headers)
+
+
+def check_api_key(request: Request) -> None:
+    keys: tuple[str, ...] = getattr(request.app.state, "api_keys", ())
+    if not keys:
+        return
+    supplied = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        supplied = auth[7:].strip()
+    if not any(hmac.compare_digest(supplied.encode(), k.encode()) for k in keys):
+        raise LmserveError(ErrorKind.AUTHENTICATION, "invalid or missing API key",
+                           code="invalid_api_key")
+
+
+def dialect_route(body: ErrorBody) -> type[APIRoute]:
+    """An APIRoute class whose errors come out as `body(error)` with the error's status."""
+
+    class DialectRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    check_api_key(request)
+                    return await handler(request)
+                except LmserveError as exc:
+                    return error_response(exc, body)
+                except RequestValidationError as exc:
+                    return error_response(validation_error(exc), body)
+                except Exception as exc:  # a bug: still answer in the dialect's shape
+                    log.exception("unhandled error in %s", request.url.path)
+                    return error_response(LmserveError(ErrorKind.INTERNAL,
+                                                       f"internal error: {type(exc).__name__}"),
+                                          body)
+
+            return guarded
+
+    return DialectRoute
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first (non-streaming requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise LmserveError(ErrorKind.INVALID_REQUEST, "client disconnected", code="cancelled")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()

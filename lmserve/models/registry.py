@@ -1,0 +1,121 @@
+"""The served models: lookup by name or alias, loading after the port is bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Iterable
+
+from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.service import EngineSettings, ModelService
+
+log = logging.getLogger("lmserve.models")
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._services: list[ModelService] = []
+        self._by_key: dict[str, ModelService] = {}
+        self._by_path: dict[str, ModelService] = {}
+
+    def add(self, name: str, path: str, settings: EngineSettings,
+            aliases: Iterable[str] = ()) -> ModelService:
+        """Register a model; the same file registered twice shares one loaded engine."""
+        service = self._by_path.get(path)
+        if service is None:
+            service = ModelService(name, path, settings, aliases=tuple(aliases))
+            self._services.append(service)
+            self._by_path[path] = service
+        for key in (name, *aliases):
+            owner = self._by_key.get(key)
+            if owner is not None and owner is not service:
+                raise ValueError(f"model name {key!r} is already taken by {owner.path}")
+            self._by_key[key] = service
+        return service
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._services)
+
+    def __len__(self) -> int:
+        return len(self._services)
+
+    def names(self, service: ModelService) -> list[str]:
+        return [k for k, s in self._by_key.items() if s is service]
+
+    def get(self, name: str | None) -> ModelService:
+        if name is None or name == "":
+            if len(self._services) == 1:
+                return self._services[0]
+            raise LmserveError(ErrorKind.INVALID_REQUEST, "the 'model' field is required",
+                               param="model", code="missing_required_parameter")
+        service = self._by_key.get(name)
+        if service is None:
+            known = ", ".join(sorted(self._by_key)) or "none"
+            raise LmserveError(ErrorKind.MODEL_NOT_FOUND,
+                               f"the model '{name}' does not exist on this server (served: {known})",
+                               param="model", code="model_not_found")
+        return service
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self._services)
+
+    @property
+    def status(self) -> str:
+        if any(not s.healthy for s in self._services):
+            return "error"
+        return "ok" if self.ready else "loading"
+
+    def load_in_background(self, loop: asyncio.AbstractEventLoop) -> threading.Thread:
+        """Load every model in a thread so the server answers (503 + Retry-After) meanwhile."""
+        thread = threading.Thread(target=self._load_all, args=(loop,), name="lmserve-loader",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _load_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        for service in self._services:
+            if service.state != "pending":
+                continue
+            with _Progress(service.name) as progress:
+                try:
+                    service.load(loop, progress.update)
+                except Exception:
+                    continue
+            log.info("model %s ready (%s, ctx %d, %d parallel)", service.name, service.path,
+                     service.n_ctx, service.settings.parallel)
+
+    def close(self) -> None:
+        for service in self._services:
+            service.close()
+
+
+class _Progress:
+    """A progress bar on a terminal, a few log lines otherwise."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar = None
+        self.last_logged = -1
+
+    def __enter__(self) -> "_Progress":
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=100, desc=f"loading {self.name}", unit="%", leave=True)
+        else:
+            log.info("loading model %s", self.name)
+        return self
+
+    def update(self, fraction: float) -> None:
+        percent = int(fraction * 100)
+        if self.bar is not None:
+            self.bar.update(percent - self.bar.n)
+        elif percent // 25 > self.last_logged:
+            self.last_logged = percent // 25
+            log.info("loading %s: %d%%", self.name, percent)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

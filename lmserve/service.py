@@ -1,0 +1,275 @@
+"""The model service: what every dialect calls. Template -> tokens -> engine -> outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmserve.chat.templates import ChatTemplate, TemplateError
+from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.events import TokenOutput
+from lmserve.core.request import ChatMessage, GenerationRequest
+from lmserve.engine.client import EngineClient
+from lmserve.engine.runner import (POOLING_MEAN, POOLING_NONE, POOLING_UNSPECIFIED, Context, Model,
+                                   default_threads)
+from lmserve.engine.scheduler import EngineCore, StepOutputs
+from lmserve.engine.sequence import EngineRequest
+
+log = logging.getLogger("lmserve.service")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    n_ctx: int | None = None  # None: the model's training context, capped at 8192
+    parallel: int = 8
+    step_tokens: int = 512  # per-step token budget: decode tokens + prompt chunks
+    threads: int | None = None
+    threads_batch: int | None = None
+    max_queue: int = 256
+    cache_slots: int | None = None  # idle sequences kept for prefix reuse; default = parallel
+    embedding_ctx: int = 2048
+    chat_template: str | None = None  # override source
+
+
+@dataclass
+class PreparedPrompt:
+    tokens: list[int]
+    text: str | None
+
+
+class ModelService:
+    """One loaded GGUF model: its engine thread, chat template and embedding context."""
+
+    def __init__(self, name: str, path: str, settings: EngineSettings,
+                 aliases: Sequence[str] = ()) -> None:
+        self.name = name
+        self.path = path
+        self.aliases = tuple(aliases)
+        self.settings = settings
+        self.state = "pending"  # pending -> loading -> ready | failed
+        self.progress = 0.0
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.model: Model | None = None
+        self.client: EngineClient | None = None
+        self.template: ChatTemplate | None = None
+        self.n_ctx = 0
+        self._embed_ctx: Context | None = None
+        self._embed_lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def load(self, loop: asyncio.AbstractEventLoop,
+             progress: Callable[[float], None] | None = None) -> None:
+        """Blocking: load weights, create the context, start the engine thread."""
+        self.state = "loading"
+
+        def on_progress(fraction: float) -> None:
+            self.progress = fraction
+            if progress:
+                progress(fraction)
+
+        try:
+            self.model = Model(self.path, progress=on_progress)
+            self._start_engine(loop)
+            self.template = self._load_template()
+            self.state, self.progress = "ready", 1.0
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("could not load model %s from %s: %s", self.name, self.path, self.error)
+            raise
+
+    def _start_engine(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.model is not None
+        s, info = self.settings, self.model.info
+        self.n_ctx = s.n_ctx or min(info.n_ctx_train or 4096, 8192)
+        n_slots = s.parallel + (s.cache_slots if s.cache_slots is not None else s.parallel)
+        threads = s.threads or default_threads()
+        ctx = Context(self.model, n_ctx=self.n_ctx, n_seq_max=n_slots,
+                      n_batch=max(s.step_tokens, s.parallel), n_threads=threads,
+                      n_threads_batch=s.threads_batch or threads)
+        self.n_ctx = ctx.n_ctx
+
+        def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore:
+            return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
+                              step_tokens=max(s.step_tokens, s.parallel), sink=sink)
+
+        self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue, name=self.name)
+        self.client.start()
+
+    def _load_template(self) -> ChatTemplate | None:
+        assert self.model is not None
+        info = self.model.info
+        source = self.settings.chat_template or info.chat_template
+        if not source:
+            return None
+        return ChatTemplate(source, bos_token=info.bos_token, eos_token=info.eos_token,
+                            name=self.name)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state != "failed" and (self.client is None or self.client.alive)
+
+    # -- prompts ----------------------------------------------------------------------------
+    def require_ready(self) -> Model:
+        if self.state == "failed":
+            raise LmserveError(ErrorKind.INTERNAL, f"model '{self.name}' failed to load: {self.error}")
+        if not self.ready or self.model is None:
+            raise LmserveError(ErrorKind.LOADING, f"model '{self.name}' is still loading "
+                               f"({self.progress:.0%})", code="model_loading", retry_after=2.0)
+        if self.client is not None and not self.client.alive:
+            raise LmserveError(ErrorKind.INTERNAL, f"model '{self.name}' engine stopped: "
+                               f"{self.client.error}")
+        return self.model
+
+    def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
+                    template_kwargs: dict[str, Any] | None = None) -> str:
+        if self.template is None:
+            raise invalid(f"model '{self.name}' has no chat template; use the completions "
+                          "endpoint with a raw prompt, or start the server with --chat-template",
+                          param="messages", code="no_chat_template")
+        try:
+            return self.template.render([_template_message(m) for m in messages],
+                                        add_generation_prompt=add_generation_prompt,
+                                        **(template_kwargs or {}))
+        except TemplateError as exc:
+            raise invalid(f"the chat template rejected these messages: {exc}", param="messages")
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        model = self.require_ready()
+        if request.prompt_tokens is not None:
+            bad = [t for t in request.prompt_tokens if not 0 <= t < model.n_vocab]
+            if bad:
+                raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
+                              param="prompt")
+            return PreparedPrompt(list(request.prompt_tokens), None)
+        if request.messages is not None:
+            text = self.render_chat(request.messages,
+                                    add_generation_prompt=request.add_generation_prompt,
+                                    template_kwargs=request.template_kwargs)
+        else:
+            text = request.prompt or ""
+        return PreparedPrompt(self.tokenize(text), text)
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        model = self.require_ready()
+        tokens = model.tokenize(text, add_special=add_special, parse_special=True)
+        bos = model.info.bos_token
+        # A template that writes the BOS text itself plus a vocab that adds BOS gives two.
+        if len(tokens) >= 2 and tokens[0] == tokens[1] and bos and text.startswith(bos) \
+                and model.info.add_bos:
+            tokens = tokens[1:]
+        return tokens
+
+    def check_context(self, n_prompt: int, max_tokens: int | None) -> int:
+        """Validate prompt length against the context; returns the effective max_tokens."""
+        if n_prompt == 0:
+            raise invalid("the prompt is empty", param="prompt")
+        if n_prompt >= self.n_ctx:
+            raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                               f"this model's maximum context length is {self.n_ctx} tokens, "
+                               f"but the prompt has {n_prompt} tokens", param="messages",
+                               code="context_length_exceeded")
+        if max_tokens is None:
+            return self.n_ctx - n_prompt
+        if n_prompt + max_tokens > self.n_ctx:
+            raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                               f"this model's maximum context length is {self.n_ctx} tokens; "
+                               f"the prompt has {n_prompt} tokens and max_tokens asks for "
+                               f"{max_tokens} more", param="max_tokens",
+                               code="context_length_exceeded")
+        return max_tokens
+
+    # -- generation -------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest,
+                       prepared: PreparedPrompt | None = None) -> AsyncIterator[list[TokenOutput]]:
+        prepared = prepared or self.prepare(request)
+        max_tokens = self.check_context(len(prepared.tokens), request.max_tokens)
+        if request.n > self.settings.parallel:
+            raise invalid(f"n={request.n} is more than this server's parallel sequences "
+                          f"({self.settings.parallel})", param="n")
+        assert self.client is not None
+        engine_request = EngineRequest(
+            prompt_tokens=prepared.tokens, sampling=request.sampling, max_tokens=max_tokens,
+            stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
+            ignore_eos=request.ignore_eos, n=request.n)
+        if request.request_id:
+            engine_request.request_id = request.request_id
+        async for outputs in self.client.generate(engine_request):
+            yield outputs
+
+    async def abort(self, request_id: str) -> None:
+        if self.client is not None:
+            self.client.abort(request_id)
+
+    # -- embeddings -------------------------------------------------------------------------
+    async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        self.require_ready()
+        limit = self.settings.embedding_ctx
+        for i, tokens in enumerate(inputs):
+            if not tokens:
+                raise invalid(f"input[{i}] is empty", param="input")
+            if len(tokens) > limit:
+                raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                                   f"input[{i}] has {len(tokens)} tokens; the embedding context "
+                                   f"holds {limit}", param="input", code="context_length_exceeded")
+        return await asyncio.to_thread(self._embed_blocking, inputs)
+
+    def _embed_blocking(self, inputs: list[list[int]]) -> list[np.ndarray]:
+        with self._embed_lock:
+            ctx = self._embedding_context()
+            out: list[np.ndarray] = []
+            for tokens in inputs:  # one sequence per decode: pooled output needs it whole
+                ctx.clear()
+                ctx.batch.clear()
+                ctx.batch.add(tokens, 0, 0, True)
+                ctx.batch.logits[: ctx.batch.n] = 1
+                if ctx.decode(ctx.batch) != 0:
+                    raise LmserveError(ErrorKind.INTERNAL, "embedding decode failed")
+                out.append(ctx.sequence_embedding(0))
+            ctx.clear()
+            return out
+
+    def _embedding_context(self) -> Context:
+        if self._embed_ctx is None:
+            self._embed_ctx = self._new_embedding_context(None)
+            if self._embed_ctx.pooling_type() in (POOLING_NONE, POOLING_UNSPECIFIED):
+                # Generative GGUFs declare no pooling; mean pooling is the usual choice for them.
+                self._embed_ctx.close()
+                self._embed_ctx = self._new_embedding_context(POOLING_MEAN)
+        return self._embed_ctx
+
+    def _new_embedding_context(self, pooling: int | None) -> Context:
+        assert self.model is not None
+        n = self.settings.embedding_ctx
+        return Context(self.model, n_ctx=n, n_seq_max=1, n_batch=n,
+                       n_threads=self.settings.threads or default_threads(),
+                       embeddings=True, pooling_type=pooling)
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    data = message.as_template_dict()
+    # Clients send tool-call arguments as JSON strings; HF templates expect mappings.
+    for call in data.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except ValueError:
+                pass
+    return data
