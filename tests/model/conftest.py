@@ -1,0 +1,100 @@
+"""A real `lmserve serve` process with the bundled SmolLM2 model, shared by the model tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from lmserve.models.resolve import resolve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log_path: str
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-4000:]
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+def start_server(tmp_dir: str, *args: str, wait: bool = True) -> Server:
+    port = free_port()
+    log_path = os.path.join(tmp_dir, f"server-{port}.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "lmserve", "serve", *args, "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server not ready in {timeout}s:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return resolve("smollm2").path
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(str(tmp_path_factory.mktemp("server")), "smollm2", "--parallel", "4",
+                       "--ctx", "4096", "--threads", "2")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture()
+def client(server: Server):
+    import openai
+
+    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
+                       timeout=120) as c:
+        yield c
