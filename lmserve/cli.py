@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.set_defaults(func=serve)
     p_bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server or the engine")
     from lmserve.bench import cli as bench_cli
+    from lmserve.bench import inprocess
     bench_cli.add_arguments(p_bench)
+    inprocess.add_arguments(p_bench)
+    bench_cli.register_backend("inprocess", inprocess.factory)
     p_bench.set_defaults(func=bench)
     return parser
 

@@ -17,7 +17,7 @@ from lmserve.chat.templates import ChatTemplate, TemplateError
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import TokenOutput
 from lmserve.core.request import ChatMessage, GenerationRequest
-from lmserve.engine.client import EngineClient
+from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.runner import (POOLING_MEAN, POOLING_NONE, POOLING_UNSPECIFIED, Context, Model,
                                    default_threads)
 from lmserve.engine.scheduler import EngineCore, StepOutputs
@@ -196,8 +196,9 @@ class ModelService:
         return max_tokens
 
     # -- generation -------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest,
-                       prepared: PreparedPrompt | None = None) -> AsyncIterator[list[TokenOutput]]:
+    def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
+              ) -> Generation:
+        """Validate and submit now, so every refusal happens before a response starts."""
         prepared = prepared or self.prepare(request)
         max_tokens = self.check_context(len(prepared.tokens), request.max_tokens)
         if request.n > self.settings.parallel:
@@ -210,7 +211,11 @@ class ModelService:
             ignore_eos=request.ignore_eos, n=request.n)
         if request.request_id:
             engine_request.request_id = request.request_id
-        async for outputs in self.client.generate(engine_request):
+        return self.client.submit(engine_request)
+
+    async def generate(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
+                       ) -> AsyncIterator[list[TokenOutput]]:
+        async for outputs in self.start(request, prepared):
             yield outputs
 
     async def abort(self, request_id: str) -> None:

@@ -58,8 +58,8 @@ class EngineClient:
             if isinstance(stream, _Stream):
                 stream.queue.put_nowait(items)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[TokenOutput]]:
-        """Yield each step's outputs for this request; leaving early aborts the request."""
+    def submit(self, request: EngineRequest) -> "Generation":
+        """Admit a request now (capacity and health are checked before anything is sent)."""
         capacity = self.core.max_running + self.max_queue
         if self.active >= capacity:
             raise LmserveError(ErrorKind.OVERLOADED,
@@ -71,15 +71,12 @@ class EngineClient:
         request.handle = stream
         self.active += 1
         self._thread.submit(request)
-        try:
-            while stream.remaining > 0:
-                items = await stream.queue.get()
-                stream.remaining -= sum(1 for item in items if item.finished)
-                yield items
-        finally:
-            self.active -= 1
-            if stream.remaining > 0:  # the consumer went away (client disconnect, error)
-                self._thread.abort(request.request_id)
+        return Generation(self, request, stream)
+
+    def _done(self, generation: "Generation") -> None:
+        self.active -= 1
+        if generation.stream.remaining > 0:  # the consumer went away (disconnect, error)
+            self._thread.abort(generation.request.request_id)
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
@@ -91,3 +88,27 @@ class EngineClient:
         if not ok:
             raise value
         return value
+
+
+class Generation:
+    """A submitted request: iterate its step outputs; closing it early aborts it."""
+
+    def __init__(self, client: EngineClient, request: EngineRequest, stream: _Stream) -> None:
+        self.client = client
+        self.request = request
+        self.stream = stream
+        self._closed = False
+
+    async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
+        try:
+            while self.stream.remaining > 0:
+                items = await self.stream.queue.get()
+                self.stream.remaining -= sum(1 for item in items if item.finished)
+                yield items
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.client._done(self)

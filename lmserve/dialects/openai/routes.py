@@ -20,6 +20,7 @@ from lmserve.dialects.openai.schema import (ChatCompletionRequest, CompletionReq
                                             EmbeddingRequest)
 from lmserve.http.routing import dialect_route, unless_disconnected
 from lmserve.models.registry import ModelRegistry
+from lmserve.engine.client import Generation
 from lmserve.service import ModelService, PreparedPrompt
 
 Job = tuple[GenerationRequest, PreparedPrompt]
@@ -101,49 +102,58 @@ def _echo_text(service: ModelService, prepared: PreparedPrompt) -> str:
     return service.require_ready().detokenize(prepared.tokens)
 
 
-async def _generate_all(service: ModelService, jobs: list[Job]
-                        ) -> AsyncIterator[tuple[int, list[TokenOutput]]]:
-    """Run every (prompt) job concurrently; yield (job index, step outputs) as they come."""
-    if len(jobs) == 1:
-        gen, prepared = jobs[0]
-        async for outs in service.generate(gen, prepared):
+async def _merge(generations: list[Generation]) -> AsyncIterator[tuple[int, list[TokenOutput]]]:
+    """Iterate several submitted generations at once; yield (index, step outputs)."""
+    if len(generations) == 1:
+        async for outs in generations[0]:
             yield 0, outs
         return
-    queue: asyncio.Queue[tuple[int, list[TokenOutput]] | BaseException | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[TokenOutput]] | None] = asyncio.Queue()
 
-    async def pump(i: int, job: Job) -> None:
+    async def pump(i: int, generation: Generation) -> None:
         try:
-            async for outs in service.generate(job[0], job[1]):
+            async for outs in generation:
                 queue.put_nowait((i, outs))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            queue.put_nowait(exc)
-            return
-        queue.put_nowait(None)
+        finally:
+            queue.put_nowait(None)
 
-    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
     try:
         remaining = len(tasks)
         while remaining:
             item = await queue.get()
             if item is None:
                 remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
             else:
                 yield item
     finally:
         for task in tasks:
             task.cancel()
+        for generation in generations:
+            generation.close()
+
+
+def _start_all(service: ModelService, jobs: list[Job]) -> list[Generation]:
+    started: list[Generation] = []
+    try:
+        for gen, prepared in jobs:
+            started.append(service.start(gen, prepared))
+    except BaseException:
+        for generation in started:
+            generation.close()
+        raise
+    return started
 
 
 async def _respond(request: Request, service: ModelService, model: str, jobs: list[Job], *,
                    chat: bool, echo: list[str], stream: bool, include_usage: bool) -> Any:
     n = jobs[0][0].n
+    generations = _start_all(service, jobs)  # refusals (context, capacity) happen here
     if stream:
-        return StreamingResponse(_stream(service, model, jobs, chat, echo, include_usage),
+        return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    collected = await unless_disconnected(request, _collect(service, jobs, n))
+    collected = await unless_disconnected(request, _collect(generations, n))
     if collected.error:
         raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {collected.error}")
     for i, text in enumerate(echo):
@@ -156,9 +166,9 @@ async def _respond(request: Request, service: ModelService, model: str, jobs: li
     return JSONResponse(body)
 
 
-async def _collect(service: ModelService, jobs: list[Job], n: int) -> encoder.Collected:
+async def _collect(generations: list[Generation], n: int) -> encoder.Collected:
     collected = encoder.Collected()
-    async for job_index, outs in _generate_all(service, jobs):
+    async for job_index, outs in _merge(generations):
         for out in outs:
             collected.add(out, job_index * n + out.index, job_index)
     return collected
@@ -170,11 +180,10 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def _stream(service: ModelService, model: str, jobs: list[Job], chat: bool,
+async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
                   echo: list[str], include_usage: bool) -> AsyncIterator[bytes]:
     enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage)
-    n = jobs[0][0].n
-    groups: list[list[Usage]] = [[] for _ in jobs]
+    groups: list[list[Usage]] = [[] for _ in generations]
     if chat:
         for j in range(n):
             yield _sse(enc.role(j))
@@ -182,7 +191,7 @@ async def _stream(service: ModelService, model: str, jobs: list[Job], chat: bool
         for j in range(n):
             yield _sse(enc.delta(i * n + j, text, None))
     try:
-        async for job_index, outs in _generate_all(service, jobs):
+        async for job_index, outs in _merge(generations):
             for out in outs:
                 if out.finish_reason == FINISH_ERROR:
                     raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
