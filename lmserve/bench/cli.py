@@ -64,7 +64,7 @@ def _concurrency_list(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the benchmark's options to `parser`."""
     parser.add_argument("--backend", default="openai", help="backend name (default: openai)")
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     parser.add_argument("--model", default=None, help="model id (default: ask /v1/models)")
     parser.add_argument("--api-key", default=None, help="bearer token for the server")
     parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")

@@ -137,6 +137,14 @@ def test_context_overflow_is_a_clear_400(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="smollm2", messages=MSG, max_tokens=100_000)
     assert exc.value.code == "context_length_exceeded" and exc.value.param == "max_tokens"
+    # Streaming requests are refused before the stream starts: a real status, not an event.
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="smollm2", messages=MSG, max_tokens=100_000,
+                                       stream=True)
+    assert exc.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="smollm2", messages=MSG, n=64, stream=True)
+    assert exc.value.param == "n"
 
 
 def test_unknown_model_is_404(client):
