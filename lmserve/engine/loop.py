@@ -53,12 +53,13 @@ class EngineThread:
 
     def _run(self) -> None:
         try:
+            stalled = False
             while True:
-                # Block while idle; while busy, only take what has already arrived.
-                if not self._drain(block=not self.core.has_work):
+                # Block while idle; while busy, only take what has already arrived
+                # (or wait a moment if the last step could not run anything).
+                if not self._drain(block=not self.core.has_work, stalled=stalled):
                     return
-                if self.core.has_work:
-                    self.core.step()
+                stalled = self.core.has_work and not self.core.step()
         except Exception as exc:  # the engine must never die silently
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("engine thread crashed:\n%s", traceback.format_exc())
@@ -67,13 +68,14 @@ class EngineThread:
             except Exception:
                 log.exception("could not fail pending requests")
 
-    def _drain(self, *, block: bool) -> bool:
+    def _drain(self, *, block: bool, stalled: bool = False) -> bool:
+        timeout = 0.005 if stalled and not block else None
         while True:
             try:
-                item = self._inbox.get(block=block)
+                item = self._inbox.get(block=block or timeout is not None, timeout=timeout)
             except queue.Empty:
                 return True
-            block = False
+            block, timeout = False, None
             if item is _STOP:
                 self.core.fail_all("the server is shutting down")
                 return False

@@ -101,14 +101,15 @@ class EngineCore:
         return bool(self.waiting or self.running)
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One scheduling step; False when nothing could run (so the caller may wait)."""
         t0 = time.perf_counter()
         self._admit()
         plan = self._plan()
         t1 = time.perf_counter()
         if not plan:
             self.stats.schedule += t1 - t0
-            return
+            return False
         sample_at = self._build_batch(plan)
         t2 = time.perf_counter()
         status = self.runner.decode(self.runner.batch)
@@ -132,9 +133,10 @@ class EngineCore:
         self.stats.batch_tokens += self.runner.batch.n
         self.stats.last_step_sequences = len(plan)
         self._flush_outputs()
+        return True
 
     def _admit(self) -> None:
-        if self._kv_pressure and self.running:
+        if self._kv_pressure and any(s.state is SeqState.RUNNING for s in self.running):
             return
         self._kv_pressure = False
         while self.waiting and len(self.running) < self.max_running:

@@ -192,3 +192,22 @@ def test_flush_drops_idle_prefixes():
     assert h.core.pool.resident_tokens > 0
     assert h.core.pool.flush() == 1
     assert h.core.pool.resident_tokens == 0
+
+
+def test_n_choices_under_kv_pressure_still_converge():
+    runner = FakeRunner(kv_capacity=70)
+    h = Harness(runner, slots=6, running=3)
+    p = prompt(16, 20)
+    req = h.submit(p, max_tokens=12, n=2)
+    other = h.submit(prompt(17, 20), max_tokens=12)
+    h.run()
+    for i in range(2):
+        assert h.tokens(req, i) == reference_output(p, 12)
+    assert h.tokens(other) == reference_output(prompt(17, 20), 12)
+
+
+def test_step_reports_whether_it_ran():
+    h = Harness(FakeRunner())
+    assert h.core.step() is False
+    h.submit(prompt(18, 4), max_tokens=1)
+    assert h.core.step() is True
