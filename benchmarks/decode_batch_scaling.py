@@ -1,0 +1,39 @@
+"""Raw llama_decode cost per step as the number of decoding sequences grows (no scheduler).
+
+    python benchmarks/decode_batch_scaling.py [MODEL] [THREADS]
+
+Shows how much batching can give on this CPU: each sequence gets a 128-token prompt, then
+30 steps decode one token for every sequence.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from lmserve.engine.runner import Context, Model
+from lmserve.models.resolve import resolve
+
+
+def main() -> None:
+    model = Model(resolve(sys.argv[1] if len(sys.argv) > 1 else "smollm2").path)
+    threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    ctx = Context(model, n_ctx=8192, n_seq_max=16, n_batch=512, n_threads=threads)
+    for n_seq in (1, 2, 4, 8, 16):
+        ctx.clear()
+        for s in range(n_seq):
+            ctx.batch.clear()
+            ctx.batch.add([100 + s + i for i in range(128)], 0, s, True)
+            ctx.decode(ctx.batch)
+        start = time.perf_counter()
+        for step in range(30):
+            ctx.batch.clear()
+            for s in range(n_seq):
+                ctx.batch.add([200 + step], 128 + step, s, True)
+            ctx.decode(ctx.batch)
+        per_step = (time.perf_counter() - start) / 30
+        print(f"{n_seq:>2} sequences: {per_step * 1000:6.1f} ms/step, {n_seq / per_step:6.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
