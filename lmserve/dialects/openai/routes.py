@@ -108,14 +108,16 @@ async def _merge(generations: list[Generation]) -> AsyncIterator[tuple[int, list
         async for outs in generations[0]:
             yield 0, outs
         return
-    queue: asyncio.Queue[tuple[int, list[TokenOutput]] | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[TokenOutput]] | Exception | None] = asyncio.Queue()
 
     async def pump(i: int, generation: Generation) -> None:
         try:
             async for outs in generation:
                 queue.put_nowait((i, outs))
-        finally:
-            queue.put_nowait(None)
+        except Exception as exc:  # re-raised in the consumer, not lost with the task
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(None)
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
     try:
@@ -124,6 +126,8 @@ async def _merge(generations: list[Generation]) -> AsyncIterator[tuple[int, list
             item = await queue.get()
             if item is None:
                 remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
             else:
                 yield item
     finally:
