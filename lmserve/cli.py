@@ -30,6 +30,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default 256)")
     p.add_argument("--cache-slots", type=int,
                    help="finished sequences kept resident for prefix reuse (default = --parallel)")
+    p.add_argument("--cache-tokens", type=int,
+                   help="idle KV tokens kept for prefix reuse besides the newest finished "
+                        "conversation (default: a quarter of --ctx)")
     p.add_argument("--embedding-ctx", type=int, help="context of the embedding context (2048)")
     p.add_argument("--chat-template", help="override template: file (.jinja or "
                                            "tokenizer_config.json) or inline Jinja")

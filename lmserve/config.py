@@ -26,7 +26,7 @@ class ServerConfig:
 # name -> (section in the file, type); engine keys live in EngineSettings.
 _SERVER_KEYS = {"host": str, "port": int, "log_level": str}
 _ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
-                "threads_batch": int, "max_queue": int, "cache_slots": int,
+                "threads_batch": int, "max_queue": int, "cache_slots": int, "cache_tokens": int,
                 "embedding_ctx": int}
 # Aliases used by llama-cpp-python's config files (seed 003) and by our own flags.
 _ALIASES = {"ctx": "n_ctx", "n_seq_max": "parallel", "n_batch": "step_tokens", "batch": "step_tokens",

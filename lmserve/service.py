@@ -35,6 +35,7 @@ class EngineSettings:
     threads_batch: int | None = None
     max_queue: int = 256
     cache_slots: int | None = None  # idle sequences kept for prefix reuse; default = parallel
+    cache_tokens: int | None = None  # idle KV tokens kept besides the newest; default n_ctx/4
     embedding_ctx: int = 2048
     chat_template: str | None = None  # override source
 
@@ -96,10 +97,12 @@ class ModelService:
                       n_batch=max(s.step_tokens, s.parallel), n_threads=threads,
                       n_threads_batch=s.threads_batch or threads)
         self.n_ctx = ctx.n_ctx
+        idle_tokens = s.cache_tokens if s.cache_tokens is not None else self.n_ctx // 4
 
         def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
-                              step_tokens=max(s.step_tokens, s.parallel), sink=sink)
+                              step_tokens=max(s.step_tokens, s.parallel), sink=sink,
+                              idle_tokens=idle_tokens)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue, name=self.name)
         self.client.start()

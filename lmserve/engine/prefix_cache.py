@@ -5,6 +5,12 @@ Every llama.cpp sequence id is a slot. A slot that finished a request stays resi
 (a multi-turn chat, a shared system prompt) starts after that prefix. Idle slots are
 evicted least recently used first. A running slot's prefix can also be shared: the KV
 is unified, so copying a prefix to another sequence id only tags cells, it copies no data.
+
+Resident idle KV is not free: llama.cpp attends over every cell up to the highest one in
+use, masked or not, so idle prefixes slow every decode step (a single sequence decoding
+beside ~7000 idle cells ran 30% slower here). The pool therefore keeps at most
+`idle_tokens` idle tokens, besides the most recently released conversation, which is
+always kept whole because it is the likeliest to continue.
 """
 
 from __future__ import annotations
@@ -64,10 +70,12 @@ class Placement:
 
 
 class SlotPool:
-    def __init__(self, n_slots: int, memory: KVMemory, *, min_share: int = 16) -> None:
+    def __init__(self, n_slots: int, memory: KVMemory, *, min_share: int = 16,
+                 idle_tokens: int | None = None) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         self.memory = memory
         self.min_share = min_share  # shorter shared prefixes are not worth a copy
+        self.idle_tokens = idle_tokens  # None: no budget, only LRU under KV pressure
         self.hits = 0
         self.reused_tokens = 0
 
@@ -159,8 +167,21 @@ class SlotPool:
         slot.last_used = time.monotonic()
         if keep and owner is not None:
             slot.cached = owner.tokens[: owner.n_computed]
+            self._enforce_budget(newest=slot)
         else:
             self.evict(slot)
+
+    def _enforce_budget(self, newest: Slot) -> None:
+        if self.idle_tokens is None:
+            return
+        others = sorted((s for s in self.slots if not s.busy and s.cached and s is not newest),
+                        key=lambda s: s.last_used)
+        excess = sum(len(s.cached) for s in others) - self.idle_tokens
+        for victim in others:
+            if excess <= 0:
+                break
+            excess -= len(victim.cached)
+            self.evict(victim)
 
     def flush(self) -> int:
         """Drop every idle slot's KV (the prefix cache); returns how many were dropped."""

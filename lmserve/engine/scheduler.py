@@ -68,9 +68,9 @@ class StepStats:
 
 class EngineCore:
     def __init__(self, runner: Runner, *, n_slots: int, max_running: int, step_tokens: int,
-                 sink: Callable[[StepOutputs], None]) -> None:
+                 sink: Callable[[StepOutputs], None], idle_tokens: int | None = None) -> None:
         self.runner = runner
-        self.pool = SlotPool(n_slots, runner)
+        self.pool = SlotPool(n_slots, runner, idle_tokens=idle_tokens)
         self.max_running = max_running
         self.step_tokens = step_tokens
         self.sink = sink

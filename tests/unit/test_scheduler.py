@@ -10,11 +10,12 @@ from tests.unit.fakes import EOS, FakeRunner, reference_output
 
 
 class Harness:
-    def __init__(self, runner: FakeRunner, *, slots: int = 8, running: int = 4, budget: int = 64):
+    def __init__(self, runner: FakeRunner, *, slots: int = 8, running: int = 4, budget: int = 64,
+                 idle_tokens: int | None = None):
         self.runner = runner
         self.outputs: dict[str, list[TokenOutput]] = {}
         self.core = EngineCore(runner, n_slots=slots, max_running=running, step_tokens=budget,
-                               sink=self._sink)
+                               sink=self._sink, idle_tokens=idle_tokens)
 
     def _sink(self, outputs: StepOutputs) -> None:
         for request, items in outputs:
@@ -115,6 +116,26 @@ def test_shared_prefix_reuses_idle_slot_without_truncating_it():
     c = h.submit(a_next, max_tokens=2)
     h.run()
     assert h.final(c).usage.cached_tokens == 32 + 8 + 3 - 1
+
+
+def test_idle_budget_evicts_oldest_prefixes_but_keeps_the_newest_whole():
+    h = Harness(FakeRunner(), slots=6, running=1, idle_tokens=50)
+    reqs = []
+    for seed in range(4):  # each leaves 30 prompt + 3 generated - 1 = 32 tokens resident
+        reqs.append(h.submit(prompt(20 + seed, 30), max_tokens=3))
+        h.run()
+    resident = {s.seq_id: len(s.cached) for s in h.core.pool.slots if s.cached}
+    # Newest (32) is kept whole; of the others only what fits in 50 tokens survives.
+    assert sorted(resident.values()) == [32, 32]
+    assert sum(len(v) for v in h.runner.kv.values()) == 64
+    # The newest conversation continues from the KV; an evicted one is recomputed.
+    newest = prompt(23, 30) + h.tokens(reqs[3]) + [5]
+    again = h.submit(newest, max_tokens=1)
+    h.run()
+    assert h.final(again).usage.cached_tokens == 32
+    evicted = h.submit(prompt(20, 30) + h.tokens(reqs[0]), max_tokens=1)
+    h.run()
+    assert h.final(evicted).usage.cached_tokens == 0
 
 
 def test_stop_string_spanning_tokens_and_eos():
