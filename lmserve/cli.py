@@ -38,6 +38,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                                            "tokenizer_config.json) or inline Jinja")
     p.add_argument("--api-key", action="append", dest="api_keys",
                    help="require this key (Authorization: Bearer or x-api-key); repeatable")
+    p.add_argument("--store", help="where sessions, stored responses and resumable streams "
+                                   "live: sqlite:///path.db, memory or redis://host:port/db "
+                                   "(default: SQLite under --data-dir)")
+    p.add_argument("--data-dir", help="data directory (default ~/.local/share/lmserve)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -50,7 +54,7 @@ def serve_config(args: argparse.Namespace) -> config.ServerConfig:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lmserve.http.app import create_app
+    from lmserve.http.app import StoreSettings, create_app
     from lmserve.models.registry import ModelRegistry
 
     try:
@@ -69,7 +73,8 @@ def serve(args: argparse.Namespace) -> int:
     except (LmserveError, ValueError) as exc:
         print(f"lmserve: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    app = create_app(registry, api_keys=cfg.api_keys)
+    app = create_app(registry, api_keys=cfg.api_keys,
+                     store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir))
     print(f"lmserve {__version__}: serving {', '.join(s.name for s in registry)} on "
           f"http://{cfg.host}:{cfg.port} (models load after the port is bound)", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
@@ -82,6 +87,26 @@ def _aliases(name: str, path: str) -> list[str]:
 
     file = Path(path)
     return [a for a in dict.fromkeys([file.name, file.stem]) if a != name]
+
+
+def run(args: argparse.Namespace) -> int:
+    """`lmserve run module:app`: serve an App defined in code."""
+    from lmserve.app import App, load_app, run as run_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.path.insert(0, ".")
+    try:
+        app = load_app(args.app)
+    except (ImportError, ValueError) as exc:
+        print(f"lmserve: cannot load {args.app}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(app, App):
+        print(f"lmserve: {args.app} is a {type(app).__name__}, not an lmserve App",
+              file=sys.stderr)
+        return 2
+    run_app(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -97,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve = sub.add_parser("serve", help="serve models over HTTP")
     _serve_arguments(p_serve)
     p_serve.set_defaults(func=serve)
+    p_run = sub.add_parser("run", help="serve an lmserve App defined in code (module:app)")
+    p_run.add_argument("app", help="module:attribute of the App, e.g. examples.serving_llms:app")
+    p_run.add_argument("--host", default="127.0.0.1")
+    p_run.add_argument("--port", type=int, default=8000)
+    p_run.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    p_run.set_defaults(func=run)
     p_bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server or the engine")
     from lmserve.bench import cli as bench_cli
     from lmserve.bench import inprocess

@@ -20,11 +20,13 @@ class ServerConfig:
     models: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = ()
     log_level: str = "info"
+    store: str | None = None  # None: SQLite under data_dir; "memory"; "redis://host:port/db"
+    data_dir: str | None = None
     engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 # name -> (section in the file, type); engine keys live in EngineSettings.
-_SERVER_KEYS = {"host": str, "port": int, "log_level": str}
+_SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_dir": str}
 _ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
                 "threads_batch": int, "max_queue": int, "cache_slots": int, "cache_tokens": int,
                 "embedding_ctx": int}

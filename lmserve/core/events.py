@@ -37,3 +37,82 @@ class TokenOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+# --- Parsed chat output: what the reasoning and tool-call parsers make of the text -------------
+
+CHANNEL_OUTPUT = "output"
+CHANNEL_REASONING = "reasoning"
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of text on one channel: "output" (the answer) or "reasoning"."""
+
+    channel: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    """The first event of a tool call: `index` counts calls within the turn, from 0."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of a call's arguments JSON text; the fragments concatenate to the whole."""
+
+    index: int
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCallEnd:
+    """The last event of a call. `arguments` equals the concatenated deltas; `complete` is False
+    when the output stopped or broke off inside the call (the arguments may then be cut short)."""
+
+    index: int
+    arguments: str
+    complete: bool = True
+
+
+ChatEvent = TextDelta | ToolCallStart | ToolCallDelta | ToolCallEnd
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text
+    complete: bool = True
+
+
+@dataclass
+class ParsedTurn:
+    """Accumulates chat events into a whole assistant turn (for non-streaming responses)."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    _open: dict[int, ToolCallStart] = field(default_factory=dict, repr=False)
+
+    def add(self, event: ChatEvent) -> None:
+        if isinstance(event, TextDelta):
+            if event.channel == CHANNEL_REASONING:
+                self.reasoning += event.text
+            else:
+                self.content += event.text
+        elif isinstance(event, ToolCallStart):
+            self._open[event.index] = event
+        elif isinstance(event, ToolCallEnd):
+            start = self._open.pop(event.index)
+            self.tool_calls.append(ToolCall(start.id, start.name, event.arguments, event.complete))
+
+    def extend(self, events: list[ChatEvent]) -> "ParsedTurn":
+        for event in events:
+            self.add(event)
+        return self

@@ -1,46 +1,154 @@
-"""The ASGI app for `lmserve serve`: OpenAI routes at the root, health, metrics, docs."""
+"""ASGI app assembly: the shared shell (lifespan, store, health, metrics, docs, fallback errors),
+the dialects at the server root, and resources mounted at their paths."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmserve import __version__
 from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.dialects.anthropic.routes import make_router as anthropic_router
+from lmserve.dialects.native.producer import StreamProducers
+from lmserve.dialects.native.routes import make_router as native_router
+from lmserve.dialects.ollama.routes import make_router as ollama_router
 from lmserve.dialects.openai import encoder as openai_encoder
 from lmserve.dialects.openai.routes import make_router as openai_router
 from lmserve.http import metrics
 from lmserve.http.routing import error_response, validation_error
 from lmserve.models.registry import ModelRegistry
+from lmserve.models.resource import DIALECT_PREFIX, LLMResource
+from lmserve.stores import RetentionPolicy, Store, StreamStore, open_store
+
+_DIALECT_ROUTERS: dict[str, Callable[..., APIRouter]] = {
+    "openai": openai_router, "anthropic": anthropic_router, "ollama": ollama_router}
 
 
-def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
-               load_on_startup: bool = True) -> FastAPI:
+@dataclass
+class StoreSettings:
+    url: str | None = None  # None: SQLite under data_dir; "memory"; "redis://..."
+    data_dir: str | Path | None = None
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+
+
+class AppState:
+    """What the routes share at run time: the registry, the store, the stream producers."""
+
+    def __init__(self, registry: ModelRegistry, store_settings: StoreSettings) -> None:
+        self.registry = registry
+        self.store_settings = store_settings
+        self.store: Store | None = None
+        self.producers = StreamProducers(self.streams)
+        self.resources: list[LLMResource] = []
+
+    def streams(self) -> StreamStore:
+        if self.store is None:
+            raise LmserveError(ErrorKind.LOADING, "the server is still starting",
+                               retry_after=1.0)
+        return self.store.streams
+
+    async def open(self) -> None:
+        s = self.store_settings
+        self.store = await open_store(s.url, data_dir=s.data_dir, retention=s.retention)
+
+    async def close(self) -> None:
+        await self.producers.close()
+        if self.store is not None:
+            await self.store.close()
+
+
+def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
+              load_on_startup: bool = True, store: StoreSettings | None = None,
+              title: str = "lmserve", description: str | None = None,
+              openapi: dict[str, Any] | None = None, docs: str | None = "/docs",
+              redoc: str | None = "/redoc") -> FastAPI:
+    """The shell every lmserve app shares; dialects and resources are mounted on it after."""
+    state = AppState(registry, store or StoreSettings())
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.open()
         # The port is bound once startup returns; weights load after that, in a thread.
         if load_on_startup:
             registry.load_in_background(asyncio.get_running_loop())
         try:
             yield
         finally:
+            await state.close()
             await asyncio.to_thread(registry.close)
 
-    app = FastAPI(title="lmserve", version=__version__, lifespan=lifespan,
-                  description="Local LLM serving: OpenAI-compatible API over llama.cpp.",
-                  docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json")
+    info = dict((openapi or {}).get("info", {}))
+    app = FastAPI(title=info.pop("title", title), version=info.pop("version", __version__),
+                  description=info.pop("description", description or
+                                       "Local LLM serving over llama.cpp, in every dialect."),
+                  lifespan=lifespan, docs_url=docs, redoc_url=redoc,
+                  openapi_url="/openapi.json", **({"openapi_tags": openapi["tags"]}
+                                                  if openapi and "tags" in openapi else {}))
     app.state.registry = registry
     app.state.api_keys = api_keys
-    app.include_router(openai_router(lambda: registry))
+    app.state.lmserve = state
     _install_fallback_errors(app)
+    _install_operations(app, registry)
+    return app
 
+
+def mount_root_dialects(app: FastAPI, registry: ModelRegistry) -> None:
+    """OpenAI, Anthropic and Ollama at the server root, routing by the `model` field."""
+    openai_api, anthropic_api = openai_router(lambda: registry), anthropic_router(lambda: registry)
+    _models_by_header(app, "anthropic-version", anthropic_api, otherwise=openai_api)
+    app.include_router(anthropic_api)
+    app.include_router(ollama_router(lambda: registry))
+    app.include_router(openai_api)  # last, so the root's documented GET /v1/models is OpenAI's
+
+
+def mount_resource(app: FastAPI, resource: LLMResource) -> None:
+    """A resource's dialects under its path: native at the path, the others under prefixes."""
+    state: AppState = app.state.lmserve
+    state.resources.append(resource)
+    base = resource.path.rstrip("/")
+    tags = [resource.title]
+    for dialect in resource.dialects:
+        if dialect == "native":
+            app.include_router(native_router(resource, state.producers, tags=tags), prefix=base)
+        else:
+            router = _DIALECT_ROUTERS[dialect](resource.models, tags=tags)
+            app.include_router(router, prefix=f"{base}/{DIALECT_PREFIX[dialect]}")
+
+
+def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
+               load_on_startup: bool = True, store: StoreSettings | None = None) -> FastAPI:
+    """The app of `lmserve serve`: dialects at the root, each model's native routes at
+    /models/<name>/, and the chat page of the first model at /chat/."""
+    app = build_app(registry, api_keys=api_keys, load_on_startup=load_on_startup, store=store,
+                    description="Local LLM serving over llama.cpp: OpenAI, Anthropic, Ollama "
+                                "and native APIs.")
+    mount_root_dialects(app, registry)
+    resources = [LLMResource.for_service(service, f"/models/{service.name}/")
+                 for service in registry]
+    for resource in resources:
+        mount_resource(app, resource)
+    if resources:
+        first = resources[0].path
+
+        @app.get("/chat/", include_in_schema=False)
+        @app.get("/chat", include_in_schema=False)
+        async def chat() -> Response:
+            return RedirectResponse(f"{first}chat/")
+    return app
+
+
+def _install_operations(app: FastAPI, registry: ModelRegistry) -> None:
     @app.get("/health", tags=["Operations"], summary="Liveness and loading state")
     async def health() -> Any:
         status = registry.status
@@ -56,7 +164,26 @@ def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
         data, content_type = metrics.render(registry)
         return Response(data, media_type=content_type)
 
-    return app
+
+def _models_by_header(app: FastAPI, header: str, dialect: ASGIApp, *, otherwise: ASGIApp) -> None:
+    """GET /v1/models at the root belongs to two dialects with different bodies. Anthropic's
+    clients always send `anthropic-version`, so the header picks the dialect; under a resource
+    prefix each dialect has its own path and no choice is needed."""
+    endpoint = _ByHeader(header, dialect, otherwise)
+    for path in ("/v1/models", "/v1/models/{model_id:path}"):
+        app.router.add_route(path, endpoint, methods=["GET"], include_in_schema=False)
+
+
+class _ByHeader:
+    """An ASGI endpoint (Starlette passes the raw call to a non-function endpoint) that sends
+    requests carrying `header` to `dialect` and the rest to `otherwise`."""
+
+    def __init__(self, header: str, dialect: ASGIApp, otherwise: ASGIApp) -> None:
+        self.header, self.dialect, self.otherwise = header, dialect, otherwise
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = self.dialect if self.header in Headers(scope=scope) else self.otherwise
+        await target(scope, receive, send)
 
 
 def _install_fallback_errors(app: FastAPI) -> None:

@@ -36,6 +36,16 @@ class Server:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()[-4000:]
 
+    def assert_generation_stops(self, timeout: float = 30.0) -> None:
+        """After a client left: no request runs and no token is generated any more."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.metric("lmserve_requests_running") > 0:
+            time.sleep(0.1)
+        assert self.metric("lmserve_requests_running") == 0
+        generated = self.metric("lmserve_generated_tokens_total")
+        time.sleep(0.5)
+        assert self.metric("lmserve_generated_tokens_total") == generated
+
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
         for line in text.splitlines():
@@ -85,8 +95,9 @@ def model_path() -> str:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(str(tmp_path_factory.mktemp("server")), "smollm2", "--parallel", "4",
-                       "--ctx", "4096", "--threads", "2")
+    tmp = str(tmp_path_factory.mktemp("server"))
+    srv = start_server(tmp, "smollm2", "--parallel", "4", "--ctx", "4096", "--threads", "2",
+                       "--data-dir", tmp)
     yield srv
     stop_server(srv)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import openai
@@ -120,13 +119,7 @@ def test_disconnect_cancels_generation(client, server):
         if got == 5:
             break
     stream.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and server.metric("lmserve_requests_running") > 0:
-        time.sleep(0.1)
-    assert server.metric("lmserve_requests_running") == 0
-    generated = server.metric("lmserve_generated_tokens_total")
-    time.sleep(0.5)
-    assert server.metric("lmserve_generated_tokens_total") == generated
+    server.assert_generation_stops()
 
 
 def test_context_overflow_is_a_clear_400(client):

@@ -1,0 +1,229 @@
+"""Pure translation: Anthropic Messages wire models -> core.GenerationRequest.
+
+Tool history (tool_use / tool_result blocks) goes to the chat template as `tool_calls` and `tool`
+messages when the template knows tools, and as plain text otherwise, so the model still sees
+what happened. Earlier thinking travels as `reasoning_content`, which templates without a
+reasoning channel drop, as Anthropic drops earlier thinking itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.core.errors import invalid, unsupported
+from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.dialects.anthropic.schema import (ContentBlock, MessageIn, MessageRequest,
+                                               MessagesBase)
+
+_LATER_TOOLS = "tool use arrives in a later release"
+
+
+@dataclass
+class Conversation:
+    """Messages for the chat template; `prefill` is the start of the reply when the request
+    ends with an assistant turn (the reply continues it and does not repeat it)."""
+
+    messages: list[ChatMessage]
+    prefill: str | None = None
+
+
+def message_request(body: MessageRequest, *, template_tools: bool
+                    ) -> tuple[GenerationRequest, str | None]:
+    """The generation and its prefill (see Conversation)."""
+    _refuse_server_features(body)
+    conversation = _conversation(body, template_tools)
+    chosen = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
+    sampling = SamplingParams().replace(**{k: v for k, v in chosen.items() if v is not None})
+    request = GenerationRequest(model=body.model, messages=conversation.messages,
+                                sampling=sampling, max_tokens=body.max_tokens,
+                                stop=list(body.stop_sequences or []))
+    return request, conversation.prefill
+
+
+def count_request(body: MessagesBase, *, template_tools: bool
+                  ) -> tuple[GenerationRequest, str | None]:
+    """The prompt alone, built exactly as message_request builds it."""
+    conversation = _conversation(body, template_tools)
+    return GenerationRequest(model=body.model, messages=conversation.messages), \
+        conversation.prefill
+
+
+def _conversation(body: MessagesBase, template_tools: bool) -> Conversation:
+    _refuse_unimplemented(body)
+    messages: list[ChatMessage] = []
+    system = _system_text(body.system)
+    if system is not None:
+        messages.append(ChatMessage(role="system", content=system))
+    tool_names: dict[str, str] = {}
+    turns = list(body.messages)
+    prefill = None
+    if turns[-1].role == "assistant":
+        prefill = _prefill_text(turns.pop(), len(turns))
+    for i, turn in enumerate(turns):
+        messages.extend(_turn(turn, i, tool_names, template_tools))
+    return Conversation(_merge_adjacent(messages), prefill)
+
+
+def _refuse_unimplemented(body: MessagesBase) -> None:
+    if body.tools:
+        raise unsupported("tools", _LATER_TOOLS)
+    if body.tool_choice is not None and body.tool_choice.get("type") not in ("auto", "none"):
+        raise unsupported("tool_choice", _LATER_TOOLS)
+    if body.thinking is not None and body.thinking.get("type") != "disabled":
+        raise unsupported("thinking", "extended thinking arrives in a later release")
+    for key, value in (body.output_config or {}).items():
+        if value is not None:
+            raise unsupported(f"output_config.{key}",
+                              "structured output and effort arrive in a later release")
+    if body.mcp_servers:
+        raise unsupported("mcp_servers", "this server connects to no MCP servers")
+    if body.context_management is not None:
+        raise unsupported("context_management", "this server does not edit context")
+
+
+def _refuse_server_features(body: MessageRequest) -> None:
+    if body.container is not None:
+        raise unsupported("container", "this server runs no code-execution containers")
+    if body.diagnostics is not None:
+        raise unsupported("diagnostics", "cache-miss diagnostics are not reported")
+
+
+def _system_text(system: str | list[Any] | None) -> str | None:
+    if system is None:
+        return None
+    return system if isinstance(system, str) else "\n".join(block.text for block in system)
+
+
+def _prefill_text(turn: MessageIn, index: int) -> str:
+    if isinstance(turn.content, str):
+        return turn.content
+    texts = []
+    for j, block in enumerate(turn.content):
+        if block.type != "text":
+            param = f"messages[{index}].content[{j}].type"
+            raise invalid(f"{param}: the final assistant message is continued (prefill) and "
+                          f"may hold only text blocks, not '{block.type}'", param=param)
+        texts.append(_string(block, "text", f"messages[{index}].content[{j}]"))
+    return "".join(texts)
+
+
+def _turn(turn: MessageIn, index: int, tool_names: dict[str, str],
+          template_tools: bool) -> list[ChatMessage]:
+    if isinstance(turn.content, str):
+        return [ChatMessage(role=turn.role, content=turn.content)]
+    builder = _TurnBuilder(turn.role, tool_names, template_tools)
+    for j, block in enumerate(turn.content):
+        builder.add(block, f"messages[{index}].content[{j}]")
+    return builder.messages()
+
+
+class _TurnBuilder:
+    """Collects one turn's blocks into template messages (tool results become `tool` turns)."""
+
+    def __init__(self, role: str, tool_names: dict[str, str], template_tools: bool) -> None:
+        self.role = role
+        self.tool_names = tool_names
+        self.template_tools = template_tools
+        self.texts: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.tool_messages: list[ChatMessage] = []
+
+    def add(self, block: ContentBlock, param: str) -> None:
+        kind = block.type
+        if kind == "text":
+            self.texts.append(_string(block, "text", param))
+        elif kind == "image":
+            raise invalid(f"{param}: image input is not supported; the model has no vision "
+                          "support", param=param, code="unsupported_content")
+        elif kind == "tool_use" and self.role == "assistant":
+            self._tool_use(block, param)
+        elif kind == "tool_result" and self.role == "user":
+            self._tool_result(block, param)
+        elif kind == "thinking" and self.role == "assistant":
+            self.reasoning.append(_string(block, "thinking", param))
+        elif kind == "redacted_thinking" and self.role == "assistant":
+            pass  # encrypted by another provider: nothing a local model can read
+        else:
+            raise invalid(f"{param}.type: '{kind}' blocks are not supported in a {self.role} "
+                          "message", param=f"{param}.type", code="unsupported_content")
+
+    def _tool_use(self, block: ContentBlock, param: str) -> None:
+        call_id, name = _string(block, "id", param), _string(block, "name", param)
+        arguments = _field(block, "input", dict, param)
+        self.tool_names[call_id] = name
+        if self.template_tools:
+            self.tool_calls.append({"id": call_id, "type": "function",
+                                    "function": {"name": name, "arguments": arguments}})
+        else:
+            self.texts.append(f"[tool call {call_id}] {name}({json.dumps(arguments)})")
+
+    def _tool_result(self, block: ContentBlock, param: str) -> None:
+        call_id = _string(block, "tool_use_id", param)
+        text = _tool_result_text(getattr(block, "content", None), f"{param}.content")
+        if getattr(block, "is_error", False):
+            text = f"Error: {text}"
+        if not self.template_tools:
+            self.texts.append(f"[tool result {call_id}] {text}")
+            return
+        name = self.tool_names.get(call_id)
+        self.tool_messages.append(ChatMessage(role="tool", content=text, name=name,
+                                              extra={"tool_call_id": call_id}))
+
+    def messages(self) -> list[ChatMessage]:
+        extra: dict[str, Any] = {}
+        if self.tool_calls:
+            extra["tool_calls"] = self.tool_calls
+        if self.reasoning:
+            extra["reasoning_content"] = "\n".join(self.reasoning)
+        out = list(self.tool_messages)
+        if self.texts or extra or not out:
+            out.append(ChatMessage(role=self.role, content="\n".join(self.texts), extra=extra))
+        return out
+
+
+def _tool_result_text(content: Any, param: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise invalid(f"{param} must be a string or a list of content blocks", param=param)
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            raise invalid(f"{param}[{k}]: image input is not supported; the model has no "
+                          "vision support", param=f"{param}[{k}]", code="unsupported_content")
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise invalid(f"{param}[{k}] must be a text block", param=f"{param}[{k}]")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _merge_adjacent(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Anthropic combines consecutive turns of one role; many templates require alternation."""
+    merged: list[ChatMessage] = []
+    for message in messages:
+        last = merged[-1] if merged else None
+        if last is not None and last.role == message.role and message.role in ("user",
+                                                                                  "assistant") \
+                and not last.extra and not message.extra:
+            merged[-1] = ChatMessage(role=last.role, content=f"{last.content}\n\n{message.content}")
+        else:
+            merged.append(message)
+    return merged
+
+
+def _field(block: ContentBlock, name: str, kind: type, param: str) -> Any:
+    value = getattr(block, name, None)
+    if not isinstance(value, kind):
+        expected = "a string" if kind is str else "an object"
+        raise invalid(f"{param}.{name} is required and must be {expected}",
+                      param=f"{param}.{name}")
+    return value
+
+
+def _string(block: ContentBlock, name: str, param: str) -> str:
+    return str(_field(block, name, str, param))
+

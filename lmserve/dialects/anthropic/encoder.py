@@ -1,0 +1,167 @@
+"""Pure translation: neutral engine outputs -> Anthropic JSON bodies and SSE frames.
+
+Usage follows Anthropic's accounting: the prompt's total is input_tokens +
+cache_read_input_tokens + cache_creation_input_tokens, and input_tokens counts only the tokens
+computed for this request. The prefix reuse of the engine is the cache read; nothing is billed
+as a cache write, so cache_creation_input_tokens is always 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.events import FINISH_ERROR, FINISH_LENGTH, TokenOutput, Usage
+
+_ERROR_TYPES = {
+    ErrorKind.INVALID_REQUEST: "invalid_request_error",
+    ErrorKind.CONTEXT_LENGTH_EXCEEDED: "invalid_request_error",
+    ErrorKind.UNSUPPORTED: "invalid_request_error",
+    ErrorKind.NOT_FOUND: "not_found_error",
+    ErrorKind.MODEL_NOT_FOUND: "not_found_error",
+    ErrorKind.AUTHENTICATION: "authentication_error",
+    ErrorKind.OVERLOADED: "rate_limit_error",  # 429: the queue is full, retry after a second
+    ErrorKind.LOADING: "overloaded_error",  # 503: weights still loading, retry after two
+    ErrorKind.INTERNAL: "api_error",
+}
+
+
+def error_body(exc: LmserveError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": _ERROR_TYPES[exc.kind], "message": exc.message}}
+
+
+def new_message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": usage.cached_tokens,
+            "output_tokens": usage.completion_tokens}
+
+
+def stop_reason(out: TokenOutput, *, context_capped: bool) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) of a finished output.
+
+    `context_capped`: max_tokens was lowered to what the context had left, so running out
+    means the context window is full, not that the client's max_tokens was reached.
+    """
+    if out.finish_reason == FINISH_LENGTH:
+        return ("model_context_window_exceeded" if context_capped else "max_tokens"), None
+    if out.stop_match is not None:
+        return "stop_sequence", out.stop_match
+    return "end_turn", None
+
+
+@dataclass
+class Collected:
+    """A whole (non-streamed) reply gathered from step outputs."""
+
+    final: TokenOutput | None = None
+    chunks: list[str] = field(default_factory=list)
+
+    def add(self, out: TokenOutput) -> None:
+        self.chunks.append(out.text)
+        if out.finished:
+            self.final = out
+
+    @property
+    def error(self) -> str | None:
+        if self.final is None:
+            return "the generation ended without a result"
+        return self.final.error if self.final.finish_reason == FINISH_ERROR else None
+
+
+def message(model: str, collected: Collected, *, context_capped: bool) -> dict[str, Any]:
+    assert collected.final is not None
+    reason, sequence = stop_reason(collected.final, context_capped=context_capped)
+    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "".join(collected.chunks)}],
+            "stop_reason": reason, "stop_sequence": sequence,
+            "usage": usage_body(collected.final.usage or Usage())}
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+class StreamEncoder:
+    """The event sequence of one streamed message.
+
+    message_start is sent before the engine has looked for a reusable prefix, so it reports
+    the whole prompt as input_tokens; message_delta then carries the final split between
+    input_tokens and cache_read_input_tokens, which the official clients take as final.
+    """
+
+    def __init__(self, model: str, prompt_tokens: int, *, context_capped: bool) -> None:
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.context_capped = context_capped
+
+    def start(self) -> list[bytes]:
+        message = {"id": new_message_id(), "type": "message", "role": "assistant",
+                   "model": self.model, "content": [], "stop_reason": None,
+                   "stop_sequence": None,
+                   "usage": usage_body(Usage(prompt_tokens=self.prompt_tokens))}
+        return [sse("message_start", {"type": "message_start", "message": message}),
+                sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}}),
+                sse("ping", {"type": "ping"})]
+
+    def output(self, out: TokenOutput) -> list[bytes]:
+        frames = []
+        if out.text:
+            frames.append(sse("content_block_delta", {
+                "type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": out.text}}))
+        if out.finished:
+            frames.extend(self._finish(out))
+        return frames
+
+    def _finish(self, out: TokenOutput) -> list[bytes]:
+        reason, sequence = stop_reason(out, context_capped=self.context_capped)
+        return [sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                sse("message_delta", {"type": "message_delta",
+                                      "delta": {"stop_reason": reason,
+                                                "stop_sequence": sequence},
+                                      "usage": usage_body(out.usage or Usage())}),
+                sse("message_stop", {"type": "message_stop"})]
+
+    def error(self, exc: LmserveError) -> bytes:
+        return sse("error", error_body(exc))
+
+
+def model_card(name: str, created: int, n_ctx: int) -> dict[str, Any]:
+    stamp = datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc)
+    card: dict[str, Any] = {"type": "model", "id": name, "display_name": name,
+                            "created_at": stamp.isoformat().replace("+00:00", "Z"),
+                            "lifecycle": "active"}
+    if n_ctx:  # known once the model is loaded
+        card["max_input_tokens"] = n_ctx
+        card["max_tokens"] = n_ctx
+    return card
+
+
+def model_page(cards: list[dict[str, Any]], *, limit: int, after_id: str | None,
+               before_id: str | None) -> dict[str, Any]:
+    """One page of a list in Anthropic's cursor style (the cursors are model ids)."""
+    ids = [card["id"] for card in cards]
+    for name, cursor in (("after_id", after_id), ("before_id", before_id)):
+        if cursor is not None and cursor not in ids:
+            raise LmserveError(ErrorKind.INVALID_REQUEST, f"{name} '{cursor}' is not a model id "
+                               "on this server", param=name)
+    if before_id is not None:
+        end = ids.index(before_id)
+        page, has_more = cards[max(0, end - limit):end], end > limit
+    else:
+        start = ids.index(after_id) + 1 if after_id is not None else 0
+        page, has_more = cards[start:start + limit], start + limit < len(cards)
+    return {"data": page, "has_more": has_more,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}

@@ -1,0 +1,137 @@
+"""Anthropic routes: /v1/messages, /v1/messages/count_tokens, /v1/models."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.events import FINISH_ERROR
+from lmserve.core.request import GenerationRequest
+from lmserve.dialects.anthropic import adapter, encoder
+from lmserve.dialects.anthropic.schema import CountTokensRequest, MessageRequest
+from lmserve.engine.client import Generation
+from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.models.registry import ModelRegistry
+from lmserve.service import ModelService, PreparedPrompt
+
+log = logging.getLogger("lmserve.anthropic")
+
+_LIFECYCLES = ("active", "deprecated", "retired")
+
+
+def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None = None) -> APIRouter:
+    router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["Anthropic"])
+
+    @router.post("/v1/messages", summary="Create a message")
+    async def create_message(body: MessageRequest, request: Request) -> Any:
+        service = models().get(body.model)
+        gen, prefill = adapter.message_request(body, template_tools=_template_tools(service))
+        prepared = _prepare(service, gen, prefill)
+        gen, capped = _fit_context(service, gen, len(prepared.tokens))
+        generation = service.start(gen, prepared)  # refusals happen before a stream starts
+        if body.stream:
+            enc = encoder.StreamEncoder(body.model, len(prepared.tokens), context_capped=capped)
+            return StreamingResponse(_stream(generation, enc), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        collected = await unless_disconnected(request, _collect(generation))
+        if collected.error:
+            raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {collected.error}")
+        return JSONResponse(encoder.message(body.model, collected, context_capped=capped))
+
+    @router.post("/v1/messages/count_tokens", summary="Count the tokens of a message request")
+    async def count_tokens(body: CountTokensRequest) -> Any:
+        service = models().get(body.model)
+        gen, prefill = adapter.count_request(body, template_tools=_template_tools(service))
+        return {"input_tokens": len(_prepare(service, gen, prefill).tokens)}
+
+    # Names differ from the OpenAI router's: both dialects own GET /v1/models at the root.
+    @router.get("/v1/models", summary="List models (Anthropic)")
+    async def anthropic_list_models(request: Request,
+                                    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+                                    after_id: str | None = None,
+                                    before_id: str | None = None) -> Any:
+        registry = models()
+        cards = [_card(s, name) for s in registry for name in registry.names(s)]
+        if "active" not in _lifecycles(request):  # every served model is active
+            cards = []
+        return encoder.model_page(cards, limit=limit, after_id=after_id, before_id=before_id)
+
+    @router.get("/v1/models/{model_id:path}", summary="Retrieve a model (Anthropic)")
+    async def anthropic_get_model(model_id: str) -> Any:
+        return _card(models().get(model_id), model_id)
+
+    return router
+
+
+def _template_tools(service: ModelService) -> bool:
+    return service.template is not None and service.template.supports_tools
+
+
+def _prepare(service: ModelService, gen: GenerationRequest, prefill: str | None
+             ) -> PreparedPrompt:
+    """Tokens of the prompt; a prefill is appended after the template's assistant header."""
+    if prefill is None:
+        return service.prepare(gen)
+    service.require_ready()
+    text = service.render_chat(gen.messages or [], add_generation_prompt=True,
+                               template_kwargs=gen.template_kwargs) + prefill
+    return PreparedPrompt(service.tokenize(text), text)
+
+
+def _fit_context(service: ModelService, gen: GenerationRequest, n_prompt: int
+                 ) -> tuple[GenerationRequest, bool]:
+    """Anthropic clients send a max_tokens sized for large models; instead of refusing, run
+    until the context is full and report stop_reason model_context_window_exceeded."""
+    room = service.n_ctx - n_prompt
+    if gen.max_tokens is not None and 0 < room < gen.max_tokens:
+        return dataclasses.replace(gen, max_tokens=room), True
+    return gen, False
+
+
+async def _collect(generation: Generation) -> encoder.Collected:
+    collected = encoder.Collected()
+    async for outs in generation:
+        for out in outs:
+            collected.add(out)
+    return collected
+
+
+async def _stream(generation: Generation, enc: encoder.StreamEncoder) -> AsyncIterator[bytes]:
+    try:
+        for frame in enc.start():
+            yield frame
+        async for outs in generation:
+            for out in outs:
+                if out.finish_reason == FINISH_ERROR:
+                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
+                for frame in enc.output(out):
+                    yield frame
+    except LmserveError as exc:  # the stream has started: the error travels inside it
+        yield enc.error(exc)
+    except Exception as exc:
+        log.exception("stream failed")
+        yield enc.error(LmserveError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}"))
+    finally:
+        generation.close()  # a disconnect lands here too: the engine stops the sequence
+
+
+def _card(service: ModelService, name: str) -> dict[str, Any]:
+    return encoder.model_card(name, service.created, service.n_ctx)
+
+
+def _lifecycles(request: Request) -> set[str]:
+    """The lifecycle filter; the official client sends it as `lifecycle[]=...`."""
+    values = [v for key in ("lifecycle", "lifecycle[]")
+              for raw in request.query_params.getlist(key) for v in raw.split(",") if v]
+    for value in values:
+        if value not in _LIFECYCLES:
+            raise invalid(f"lifecycle: '{value}' is not one of {', '.join(_LIFECYCLES)}",
+                          param="lifecycle")
+    return set(values) or {"active", "deprecated"}

@@ -1,0 +1,100 @@
+"""Pure: neutral generation outputs -> native blocks (buffered) and stream frames (SSE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, Usage
+
+Frame = tuple[str, dict[str, Any]]  # (event name, data)
+
+_STOP_REASONS = {FINISH_LENGTH: "max_tokens", FINISH_CANCELLED: "cancelled",
+                 FINISH_ERROR: "error"}
+
+
+def stop_reason(finish_reason: str | None) -> str:
+    return _STOP_REASONS.get(finish_reason or "", "stop")
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens}
+
+
+def error_body(exc: LmserveError) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": exc.kind.value, "message": exc.message}
+    if exc.param is not None:
+        error["param"] = exc.param
+    if exc.code is not None:
+        error["code"] = exc.code
+    return {"error": error}
+
+
+@dataclass
+class Blocks:
+    """Text on channels, grouped into blocks: a new block whenever the channel changes."""
+
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, channel: str, text: str) -> tuple[bool, int]:
+        """Append text; returns (opened a new block, its index)."""
+        if self.blocks and self.blocks[-1]["channel"] == channel:
+            self.blocks[-1]["text"] += text
+            return False, len(self.blocks) - 1
+        self.blocks.append({"type": "text", "channel": channel, "text": text})
+        return True, len(self.blocks) - 1
+
+
+def query_body(ident: str, created: int, model: str, blocks: Blocks, finish: str | None,
+               usage: Usage) -> dict[str, Any]:
+    return {"id": ident, "created": created, "model": model, "blocks": blocks.blocks,
+            "stop_reason": stop_reason(finish), "usage": usage_body(usage)}
+
+
+class FrameEncoder:
+    """Turns channel text and the finish into the stream's frames, in protocol order."""
+
+    def __init__(self, ident: str, model: str, created: int) -> None:
+        self.blocks = Blocks()
+        self._open: int | None = None
+        self._start: Frame = ("message.start", {"id": ident, "model": model, "created": created})
+
+    def start(self) -> list[Frame]:
+        return [self._start]
+
+    def text(self, channel: str, text: str) -> list[Frame]:
+        if not text:
+            return []
+        frames: list[Frame] = []
+        opened, index = self.blocks.add(channel, text)
+        if opened:
+            frames += self._close_block()
+            frames.append(("block.start", {"index": index, "type": "text", "channel": channel}))
+            self._open = index
+        frames.append(("block.delta", {"index": index, "channel": channel, "text": text}))
+        return frames
+
+    def progress(self, usage: Usage) -> list[Frame]:
+        return [("message.delta", {"usage": usage_body(usage)})]
+
+    def finish(self, finish_reason: str | None, usage: Usage) -> list[Frame]:
+        return [*self._close_block(), *self.progress(usage),
+                ("message.stop", {"stop_reason": stop_reason(finish_reason),
+                                  "usage": usage_body(usage)})]
+
+    def error(self, exc: LmserveError, usage: Usage) -> list[Frame]:
+        body = error_body(exc)["error"]
+        return [*self._close_block(), ("error", body),
+                ("message.stop", {"stop_reason": "error", "usage": usage_body(usage)})]
+
+    def _close_block(self) -> list[Frame]:
+        if self._open is None:
+            return []
+        index, self._open = self._open, None
+        return [("block.stop", {"index": index})]
+
+
+def internal(message: str) -> LmserveError:
+    return LmserveError(ErrorKind.INTERNAL, message)

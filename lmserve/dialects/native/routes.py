@@ -1,0 +1,152 @@
+"""Native routes at a resource path P: introspection, defaults, query/, two-step stream/."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.dialects.native import adapter, encoder
+from lmserve.dialects.native.producer import ChannelSplitter, StreamProducers, collect, \
+    sse_frames
+from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
+from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.models.resource import LLMResource, check_params
+from lmserve.service import ModelService, PreparedPrompt
+
+
+def make_router(resource: LLMResource, producers: StreamProducers, *,
+                tags: list[str] | None = None) -> APIRouter:
+    router = APIRouter(route_class=dialect_route(encoder.error_body),
+                       tags=tags or [resource.name])
+
+    @router.get("/", summary="Describe the model and its defaults")
+    async def describe() -> Any:
+        return introspection(resource)
+
+    @router.put("/", summary="Replace the default generation parameters")
+    async def configure(body: ConfigureBody) -> Any:
+        return {"params": _with_reasoning(resource, resource.set_defaults(body.params))}
+
+    @router.post("/query/", summary="Generate and answer when done (buffered)")
+    async def query(body: GenerateBody, request: Request) -> Any:
+        service, native, prepared = _prepare(resource, body)
+        generation = service.start(native.request, prepared)
+        splitter = ChannelSplitter(_template(service), prepared.text, native.reasoning)
+        blocks, finish, usage = await unless_disconnected(request, collect(generation, splitter))
+        return encoder.query_body(str(uuid.uuid4()), _now(), resource.name, blocks, finish, usage)
+
+    @router.post("/stream/", status_code=201, summary="Start a generation; read it at stream/{id}/")
+    async def start_stream(body: GenerateBody) -> Any:
+        service, native, prepared = _prepare(resource, body)
+        generation = service.start(native.request, prepared)
+        splitter = ChannelSplitter(_template(service), prepared.text, native.reasoning)
+        ident = await producers.start(generation, splitter, resource.name, len(prepared.tokens))
+        return JSONResponse({"id": ident}, status_code=201)
+
+    @router.get("/stream/{stream_id}/", summary="Read a stream as Server-Sent Events",
+                response_class=StreamingResponse)
+    async def read_stream(stream_id: str, request: Request) -> Any:
+        ident = _stream_id(stream_id)
+        if await producers.store.get(ident) is None:
+            raise _unknown_stream(ident)
+        after = _last_event_id(request.headers.get("last-event-id"))
+        return StreamingResponse(sse_frames(producers.store, ident, after,
+                                            resource.heartbeat_interval),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @router.delete("/stream/{stream_id}/", summary="Cancel a stream's generation")
+    async def cancel_stream(stream_id: str) -> Any:
+        ident = _stream_id(stream_id)
+        info = await producers.store.get(ident)
+        if info is None:
+            raise _unknown_stream(ident)
+        if producers.cancel(ident):
+            return {"id": ident, "cancelled": True}
+        if info.finished:
+            return {"id": ident, "cancelled": False}
+        raise invalid("this stream's generation runs in another server process; send the "
+                      "cancel to that replica", code="stream_elsewhere")
+
+    return router
+
+
+def introspection(resource: LLMResource) -> dict[str, Any]:
+    header, service = resource.header, resource.service
+    model: dict[str, Any] = {"file": os.path.basename(resource.model_path), "architecture": None,
+                             "name": None, "size": None, "quantization": None,
+                             "n_ctx_train": None, "chat_template": False,
+                             "context_length": None, "parameters": None}
+    if header is not None:
+        model.update(architecture=header.architecture, name=header.name, size=header.size_bytes,
+                     quantization=header.quantization, n_ctx_train=header.context_length,
+                     chat_template=header.chat_template is not None)
+    status = "pending"
+    if service is not None:
+        status = {"ready": "ready", "failed": "failed"}.get(service.state, service.state)
+        if service.model is not None:
+            model["context_length"] = service.n_ctx or None
+            model["parameters"] = service.model.info.n_params
+            model["chat_template"] = service.template is not None
+    return {"name": resource.name, "verbose_name": resource.title, "path": resource.path,
+            "status": status, "serving": list(resource.dialects),
+            "transports": ["raw", "chat", "conversation"] if model["chat_template"] else ["raw"],
+            "default_transport": resource.default_transport,
+            "reasoning": resource.reasoning_default,
+            "heartbeat_interval": resource.heartbeat_interval,
+            "params": _with_reasoning(resource, resource.defaults), "model": model}
+
+
+def _with_reasoning(resource: LLMResource, params: dict[str, Any]) -> dict[str, Any]:
+    return {**params, "reasoning": resource.reasoning_default}
+
+
+def _prepare(resource: LLMResource, body: GenerateBody
+             ) -> tuple[ModelService, adapter.Native, PreparedPrompt]:
+    assert resource.service is not None
+    service = resource.service
+    service.require_ready()
+    overrides = check_params(body.params or {})
+    native = adapter.generation_request(
+        body.model_copy(update={"params": overrides}), defaults=resource.defaults,
+        default_transport=resource.default_transport, has_template=service.template is not None,
+        reasoning_default=resource.reasoning_default)
+    return service, native, service.prepare(native.request)
+
+
+def _template(service: ModelService) -> str | None:
+    return service.template.source if service.template is not None else None
+
+
+def _stream_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise invalid(f"'{raw}' is not a stream id (a UUID)", param="stream_id") from None
+
+
+def _last_event_id(raw: str | None) -> int:
+    if raw is None or raw.strip() == "":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid(f"Last-Event-ID '{raw}' is not a frame id", param="Last-Event-ID") from None
+    if value < 0:
+        raise invalid("Last-Event-ID must not be negative", param="Last-Event-ID")
+    return value
+
+
+def _unknown_stream(ident: str) -> LmserveError:
+    return LmserveError(ErrorKind.NOT_FOUND, f"no stream with id {ident} (unknown or expired)",
+                        param="stream_id", code="stream_not_found")
+
+
+def _now() -> int:
+    return int(time.time())

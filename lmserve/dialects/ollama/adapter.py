@@ -1,0 +1,277 @@
+"""Pure translation: Ollama wire models -> core.GenerationRequest; options -> sampling.
+
+Choices where Ollama and lmserve differ, so that nothing is silently ignored:
+- Unknown option keys are refused (Ollama only logs them), so a typo does not pass unnoticed.
+- Options lmserve cannot honour with a non-default value (typical_p, tfs_z, mirostat,
+  penalize_newline false) are refused; load-time options (num_gpu, num_thread, use_mmap, ...)
+  and num_keep cannot change the output here, so they are accepted and named in the response's
+  X-Lmserve-Notice header.
+- num_ctx smaller than the loaded context is a real per-request window; a larger one is capped
+  at the loaded context (clients such as editors send their own num_ctx on every request), and
+  the header says so. A prompt that does not fit the window is a 400.
+- num_predict -1, -2 and 0 all mean "until the window is full", as in Ollama.
+- Unset options take Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9, repeat 1.1/64).
+- keep_alive is validated and accepted; models stay loaded while the server runs, so an unload
+  request (empty prompt with keep_alive 0) is refused rather than answered "unload".
+- A generate `context` is the token ids of the earlier prompt and reply (EOS included); the next
+  prompt is appended token for token, so it continues from the KV the engine kept resident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
+from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.dialects.ollama.schema import (ChatRequest, GenerateRequest, GenerationFields,
+                                            Message, OptionValues)
+
+OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.0,
+                                 repetition_penalty=1.1, penalty_last_n=64)
+
+# Options with a single value lmserve implements: the neutral one.
+_ONLY_VALUE: dict[str, Any] = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0,
+                               "penalize_newline": True}
+# Accepted, but they cannot change what is generated: the model was loaded at startup, and
+# lmserve never shifts the context (a full window ends the turn with done_reason "length").
+NO_EFFECT = frozenset({"mirostat_tau", "mirostat_eta", "num_keep", "numa", "num_batch",
+                       "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
+                       "use_mmap", "use_mlock", "embedding_only", "num_thread"})
+
+
+@dataclass(frozen=True)
+class Options:
+    sampling: SamplingParams = OLLAMA_DEFAULTS
+    stop: tuple[str, ...] = ()
+    num_predict: int | None = None  # None: until the window is full
+    num_ctx: int | None = None
+    repeat_last_n: int = 64  # -1: the whole window
+    given: tuple[str, ...] = ()  # the option keys the request set
+
+    @property
+    def without_effect(self) -> list[str]:
+        return [key for key in self.given if key in NO_EFFECT]
+
+
+@dataclass(frozen=True)
+class Job:
+    request: GenerationRequest
+    options: Options
+    keep_alive: float | None  # seconds; negative: forever; None: not given
+
+
+def parse_options(raw: Mapping[str, Any] | None) -> Options:
+    given = {k: v for k, v in (raw or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OptionValues.model_fields))
+    if unknown:
+        raise invalid(f"unknown option '{unknown[0]}'; lmserve accepts Ollama's Modelfile "
+                      "parameters (temperature, top_p, top_k, min_p, num_predict, num_ctx, "
+                      "seed, stop, repeat_penalty, repeat_last_n, presence_penalty, "
+                      "frequency_penalty, ...)", param=f"options.{unknown[0]}")
+    try:
+        values = OptionValues.model_validate(given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise invalid(f"invalid value for option '{key}': {first['msg']}", param=f"options.{key}")
+    _refuse_other_values(values)
+    return Options(sampling=_sampling(values), stop=_stops(values.stop),
+                   num_predict=_num_predict(values.num_predict), num_ctx=values.num_ctx,
+                   repeat_last_n=_pick(values.repeat_last_n, OLLAMA_DEFAULTS.penalty_last_n),
+                   given=tuple(given))
+
+
+def _refuse_other_values(values: OptionValues) -> None:
+    for key, only in _ONLY_VALUE.items():
+        value = getattr(values, key)
+        if value is not None and value != only:
+            raise unsupported(f"options.{key}", f"only {key}={str(only).lower()} is "
+                              "implemented by lmserve's sampler")
+
+
+def _sampling(values: OptionValues) -> SamplingParams:
+    d = OLLAMA_DEFAULTS
+    seed = values.seed if values.seed is not None and values.seed >= 0 else None  # -1: random
+    return SamplingParams(
+        temperature=_pick(values.temperature, d.temperature), top_p=_pick(values.top_p, d.top_p),
+        top_k=_pick(values.top_k, d.top_k), min_p=_pick(values.min_p, d.min_p), seed=seed,
+        presence_penalty=_pick(values.presence_penalty, d.presence_penalty),
+        frequency_penalty=_pick(values.frequency_penalty, d.frequency_penalty),
+        repetition_penalty=_pick(values.repeat_penalty, d.repetition_penalty))
+
+
+def _pick(value, default):  # type: ignore[no-untyped-def]
+    return default if value is None else value
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+
+
+def _num_predict(value: int | None) -> int | None:
+    return value if value is not None and value > 0 else None
+
+
+def window(options: Options, loaded_ctx: int) -> int:
+    """The tokens one request may use: num_ctx, capped at the context the server loaded."""
+    return min(options.num_ctx or loaded_ctx, loaded_ctx)
+
+
+def finalize(request: GenerationRequest, options: Options, loaded_ctx: int,
+             n_prompt: int) -> GenerationRequest:
+    """Fit the request to its window once the prompt is tokenized: max_tokens, penalty span."""
+    span = window(options, loaded_ctx)
+    if n_prompt >= span:
+        whose = "num_ctx" if span < loaded_ctx else "the context loaded by this server"
+        raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                           f"the prompt has {n_prompt} tokens, which does not fit the context "
+                           f"window of {span} tokens ({whose})", param="options.num_ctx",
+                           code="context_length_exceeded")
+    room = span - n_prompt
+    max_tokens = room if options.num_predict is None else min(options.num_predict, room)
+    last_n = span if options.repeat_last_n == -1 else options.repeat_last_n
+    return dataclasses.replace(request, max_tokens=max_tokens,
+                               sampling=request.sampling.replace(penalty_last_n=last_n))
+
+
+def default_parameters(loaded_ctx: int) -> dict[str, Any]:
+    """What an option left unset means here, as /api/show lists it."""
+    d = OLLAMA_DEFAULTS
+    return {"num_ctx": loaded_ctx, "temperature": d.temperature, "top_k": d.top_k,
+            "top_p": d.top_p, "min_p": d.min_p, "repeat_penalty": d.repetition_penalty,
+            "repeat_last_n": d.penalty_last_n}
+
+
+def notice(options: Options, loaded_ctx: int | None, keep_alive: float | None, *,
+           embedding: bool = False) -> str | None:
+    """A one-line account of accepted parameters that change nothing or were capped."""
+    parts = []
+    idle = [k for k in options.given if k != "num_ctx"] if embedding else options.without_effect
+    if idle:
+        parts.append(f"no effect here: {', '.join(idle)}")
+    if loaded_ctx and options.num_ctx and options.num_ctx > loaded_ctx:
+        parts.append(f"num_ctx {options.num_ctx} capped at the loaded context of {loaded_ctx}")
+    if keep_alive is not None and keep_alive >= 0:
+        parts.append("keep_alive has no effect: models stay loaded while the server runs")
+    return "; ".join(parts) or None
+
+
+# -- requests -------------------------------------------------------------------------------
+
+def chat_job(body: ChatRequest) -> Job:
+    _refuse_unimplemented(body)
+    if body.tools:
+        raise unsupported("tools", "tool calling arrives in a later release")
+    options = parse_options(body.options)
+    request = GenerationRequest(model=body.model, sampling=options.sampling,
+                                stop=list(options.stop),
+                                messages=[_message(m, i) for i, m in enumerate(body.messages)])
+    return Job(request, options, keep_alive_seconds(body.keep_alive))
+
+
+def generate_job(body: GenerateRequest) -> Job:
+    """Raw mode sends the prompt verbatim; otherwise system + prompt go through the template."""
+    _refuse_unimplemented(body)
+    if body.raw and (body.template or body.system or body.context):
+        raise invalid("raw mode does not support template, system, or context", param="raw")
+    if body.template:
+        raise unsupported("template", "a Go-template override cannot be executed by lmserve; "
+                          "render the prompt yourself and send it with raw: true")
+    if body.suffix:
+        raise unsupported("suffix", "fill-in-the-middle is not available for this model")
+    if body.images:
+        raise unsupported("images", "lmserve has no vision support yet")
+    options = parse_options(body.options)
+    request = GenerationRequest(model=body.model, sampling=options.sampling,
+                                stop=list(options.stop))
+    if body.raw:
+        request.prompt = body.prompt
+    else:
+        system = [ChatMessage("system", body.system)] if body.system else []
+        request.messages = [*system, ChatMessage("user", body.prompt)]
+    return Job(request, options, keep_alive_seconds(body.keep_alive))
+
+
+def _refuse_unimplemented(body: GenerationFields) -> None:
+    if body.format not in (None, ""):
+        raise unsupported("format", "structured output (JSON mode and JSON schemas) arrives "
+                          "in a later release")
+    if body.think not in (None, False):
+        raise unsupported("think", "reasoning output arrives in a later release; send "
+                          "think: false or leave it out")
+    if body.logprobs or body.top_logprobs:
+        raise unsupported("logprobs" if body.logprobs else "top_logprobs",
+                          "logprobs arrive in a later release")
+
+
+def _message(message: Message, index: int) -> ChatMessage:
+    if message.images:
+        raise unsupported(f"messages[{index}].images", "lmserve has no vision support yet")
+    extra: dict[str, Any] = {}
+    if message.tool_calls:
+        extra["tool_calls"] = [dict(call) for call in message.tool_calls]
+    if message.thinking:
+        extra["reasoning_content"] = message.thinking  # the Hugging Face templates' name
+    return ChatMessage(role=message.role, content=message.content or "",
+                       name=message.tool_name, extra=extra)
+
+
+# -- keep_alive -----------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+                 "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: float | str | None) -> float | None:
+    """A number of seconds, or a Go duration such as "5m" or "1h30m"; negative means forever."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    parts = _DURATION_PART.findall(body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        raise invalid(f"invalid keep_alive {value!r}: send a duration such as \"5m\" or a "
+                      "number of seconds", param="keep_alive")
+    return sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+
+
+# -- embeddings -----------------------------------------------------------------------------
+
+def without_template(job: Job, body: GenerateRequest) -> Job:
+    """A model with no chat template gets the prompt verbatim, as Ollama's default template."""
+    if body.system:
+        raise invalid("this model has no chat template, so 'system' has nowhere to go; put it "
+                      "in the prompt", param="system")
+    request = dataclasses.replace(job.request, messages=None, prompt=body.prompt)
+    return dataclasses.replace(job, request=request)
+
+
+def embed_texts(value: str | list[str] | None) -> list[str]:
+    if value is None or value == "":
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def fit_embedding_input(tokens: list[int], limit: int, truncate: bool, index: int) -> list[int]:
+    if len(tokens) <= limit:
+        return tokens
+    if truncate:
+        return tokens[:limit]
+    raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                       f"input[{index}] has {len(tokens)} tokens, more than the {limit} the "
+                       "embedding context holds",
+                       param="input", code="context_length_exceeded")

@@ -1,0 +1,306 @@
+"""Ollama routes: /api/chat, /api/generate, /api/embed, /api/embeddings, /api/tags, /api/show,
+/api/ps, /api/version and the "Ollama is running" liveness text at the dialect's root.
+
+lmserve serves the models it was started with: pull answers success for a model already served
+and a clear error otherwise; push, create, copy, delete and blobs answer a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from lmserve import __version__
+from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.events import FINISH_ERROR
+from lmserve.dialects.ollama import adapter, encoder
+from lmserve.dialects.ollama.schema import (ChatRequest, EmbeddingsRequest, EmbedRequest,
+                                            GenerateRequest, PullRequest, ShowRequest)
+from lmserve.engine.client import Generation
+from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.models.registry import ModelRegistry
+from lmserve.service import ModelService, PreparedPrompt
+
+# The Ollama API revision whose request and response shapes this dialect follows.
+OLLAMA_API_VERSION = "0.6.0"
+LOAD_WAIT_S = 600.0
+_MANAGEMENT = [("/api/push", ["POST"], "push models"), ("/api/create", ["POST"], "create models"),
+               ("/api/copy", ["POST"], "copy models"), ("/api/delete", ["DELETE"], "delete models"),
+               ("/api/blobs/{digest}", ["POST", "HEAD"], "store model blobs")]
+
+Models = Callable[[], ModelRegistry]
+
+
+def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
+    router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["Ollama"])
+
+    async def root() -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version() -> Any:
+        return {"version": OLLAMA_API_VERSION, "lmserve_version": __version__}
+
+    _get_and_head(router, "/", root, "Liveness (Ollama clients probe it)")
+    _get_and_head(router, "/api/version", version, "Version")
+
+    @router.post("/api/chat", summary="Chat")
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        return await _turn(request, models, body)
+
+    @router.post("/api/generate", summary="Generate a completion")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        return await _turn(request, models, body)
+
+    @router.post("/api/embed", summary="Embeddings (L2-normalised)")
+    async def embed(body: EmbedRequest) -> Response:
+        started = time.monotonic_ns()
+        service, options, headers = _embedding_request(models, body)
+        texts = adapter.embed_texts(body.input)
+        n_embd = service.require_ready().info.n_embd
+        loaded = time.monotonic_ns()
+        if body.dimensions and body.dimensions > n_embd:
+            raise LmserveError(ErrorKind.INVALID_REQUEST, f"dimensions must be at most {n_embd} "
+                               "for this model", param="dimensions")
+        inputs = [_embedding_input(service, text, options, body.truncate is not False, i)
+                  for i, text in enumerate(texts)]
+        vectors = await service.embed(inputs) if inputs else []
+        return JSONResponse(encoder.embed_response(
+            body.model, vectors, body.dimensions, sum(len(t) for t in inputs),
+            started_ns=started, loaded_ns=loaded, now_ns=time.monotonic_ns()), headers=headers)
+
+    @router.post("/api/embeddings", summary="Embedding (legacy, not normalised)")
+    async def embeddings(body: EmbeddingsRequest) -> Response:
+        service, options, headers = _embedding_request(models, body)
+        service.require_ready()
+        vector: list[float] = []
+        if body.prompt:
+            tokens = _embedding_input(service, body.prompt, options, False, 0)
+            vector = [float(x) for x in (await service.embed([tokens]))[0]]
+        return JSONResponse({"embedding": vector}, headers=headers)
+
+    async def list_models() -> Any:
+        registry = models()
+        return {"models": [encoder.tag_entry(_facts(service, name))
+                           for service in registry for name in registry.names(service)]}
+
+    _get_and_head(router, "/api/tags", list_models, "List models")
+
+    @router.get("/api/ps", summary="List loaded models")
+    async def running() -> Any:
+        registry = models()
+        return {"models": [encoder.ps_entry(_facts(service, name), service.model.info,
+                                            service.n_ctx)
+                           for service in registry if service.ready and service.model
+                           for name in registry.names(service)]}
+
+    @router.post("/api/show", summary="Show a model")
+    async def show(body: ShowRequest) -> Any:
+        name = body.model or body.name
+        service = _lookup(models, name)
+        if body.verbose:
+            raise LmserveError(ErrorKind.UNSUPPORTED, "'verbose' is not supported: lmserve does "
+                               "not keep the GGUF's array metadata (tokens, merges) in memory",
+                               param="verbose")
+        info = service.require_ready().info
+        return encoder.show_body(_facts(service, name), info.metadata,
+                                 template=service.template.source if service.template else "",
+                                 parameters=adapter.default_parameters(service.n_ctx))
+
+    @router.post("/api/pull", summary="Pull (succeeds only for a model already served)")
+    async def pull(body: PullRequest) -> Response:
+        name = body.model or body.name
+        try:
+            _lookup(models, name)
+        except LmserveError as exc:
+            if exc.kind is not ErrorKind.MODEL_NOT_FOUND:
+                raise
+            raise _cannot(f'pull "{name}"', models) from None
+        if body.stream is False:
+            return JSONResponse({"status": "success"})
+        return Response(json.dumps({"status": "success"}) + "\n",
+                        media_type="application/x-ndjson")
+
+    for path, methods, action in _MANAGEMENT:
+        for method in methods:
+            router.add_api_route(path, _refusal(action, models), methods=[method],
+                                 summary=f"Not available: lmserve cannot {action}",
+                                 include_in_schema=method != "HEAD")
+    return router
+
+
+def _get_and_head(router: APIRouter, path: str, endpoint: Callable[[], Any], summary: str) -> None:
+    """GET in the API docs, plus the HEAD that Ollama clients probe with (one operation id)."""
+    router.add_api_route(path, endpoint, methods=["GET"], summary=summary)
+    router.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
+
+# -- lookups and model facts -----------------------------------------------------------------
+
+def _lookup(models: Models, name: str) -> ModelService:
+    """Find a served model; "name:latest" also finds "name", as Ollama's default tag."""
+    if not name:
+        raise LmserveError(ErrorKind.INVALID_REQUEST, "model is required", param="model")
+    registry = models()
+    for candidate in dict.fromkeys((name, name.removesuffix(":latest"))):
+        try:
+            return registry.get(candidate)
+        except LmserveError as exc:
+            if exc.kind is not ErrorKind.MODEL_NOT_FOUND:
+                raise
+    raise LmserveError(ErrorKind.MODEL_NOT_FOUND, f'model "{name}" not found; this server '
+                       f"serves {_served(registry)} (lmserve cannot pull models)", param="model")
+
+
+def _served(registry: ModelRegistry) -> str:
+    return ", ".join(sorted(n for s in registry for n in registry.names(s))) or "no models"
+
+
+def _cannot(action: str, models: Models) -> LmserveError:
+    return LmserveError(ErrorKind.UNSUPPORTED, f"lmserve cannot {action}: it serves the models "
+                        f"it was started with ({_served(models())}); restart it with the "
+                        "models you want")
+
+
+def _refusal(action: str, models: Models) -> Callable[[], Any]:
+    async def refuse() -> Response:
+        raise _cannot(action, models)
+    return refuse
+
+
+def _facts(service: ModelService, name: str) -> encoder.ModelFacts:
+    try:
+        stat = os.stat(service.path)
+        size, mtime_ns = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size, mtime_ns = 0, service.created * 1_000_000_000
+    return encoder.model_facts(name, os.path.realpath(service.path), size, mtime_ns,
+                               service.model.info if service.model else None)
+
+
+def _embedding_request(models: Models, body: EmbedRequest | EmbeddingsRequest
+                       ) -> tuple[ModelService, adapter.Options, dict[str, str]]:
+    service = _lookup(models, body.model)
+    options = adapter.parse_options(body.options)
+    keep_alive = adapter.keep_alive_seconds(body.keep_alive)
+    text = adapter.notice(options, service.settings.embedding_ctx, keep_alive, embedding=True)
+    return service, options, _notice(text)
+
+
+def _embedding_input(service: ModelService, text: str, options: adapter.Options,
+                     truncate: bool, index: int) -> list[int]:
+    limit = adapter.window(options, service.settings.embedding_ctx)
+    return adapter.fit_embedding_input(service.tokenize(text), limit, truncate, index)
+
+
+# -- generation ------------------------------------------------------------------------------
+
+async def _turn(request: Request, models: Models, body: ChatRequest | GenerateRequest
+                ) -> Response:
+    """One chat or generate request; an empty message list or prompt only loads the model."""
+    started = time.monotonic_ns()
+    service = _lookup(models, body.model)
+    chat = isinstance(body, ChatRequest)
+    job = adapter.chat_job(body) if isinstance(body, ChatRequest) else adapter.generate_job(body)
+    if not (body.messages if isinstance(body, ChatRequest) else body.prompt):
+        return await _load(request, service, body.model, job, chat=chat)
+    service.require_ready()
+    context = None
+    if isinstance(body, GenerateRequest) and not body.raw:
+        context = list(body.context or [])  # templated generate replies carry `context`
+        if service.template is None:
+            job = adapter.without_template(job, body)
+    return await _respond(request, service, body.model, job, chat=chat, started=started,
+                          stream=body.stream is not False, context=context)
+
+
+async def _load(request: Request, service: ModelService, model: str, job: adapter.Job, *,
+                chat: bool) -> Response:
+    """An empty prompt asks for the model to be loaded: wait for it, then say so."""
+    if job.keep_alive == 0:
+        raise LmserveError(ErrorKind.UNSUPPORTED, f'lmserve keeps "{model}" loaded while the '
+                           "server runs; it cannot unload it (keep_alive: 0)", param="keep_alive")
+    await unless_disconnected(request, _until_loaded(service))
+    return JSONResponse(encoder.load_response(model, chat=chat))
+
+
+async def _until_loaded(service: ModelService) -> None:
+    deadline = time.monotonic() + LOAD_WAIT_S
+    while service.state in ("pending", "loading") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    service.require_ready()
+
+
+def _prepare(service: ModelService, job: adapter.Job, context: list[int] | None
+             ) -> PreparedPrompt:
+    """Template and tokenize; a `context` from an earlier reply is continued token for token."""
+    if not context:
+        return service.prepare(job.request)
+    request = job.request
+    text = (request.prompt or "") if request.messages is None else \
+        service.render_chat(request.messages)
+    tokens = context + service.tokenize(text, add_special=False)
+    return service.prepare(dataclasses.replace(request, messages=None, prompt=None,
+                                               prompt_tokens=tokens))
+
+
+async def _respond(request: Request, service: ModelService, model: str, job: adapter.Job, *,
+                   chat: bool, started: int, stream: bool, context: list[int] | None
+                   ) -> Response:
+    loaded = time.monotonic_ns()
+    prepared = _prepare(service, job, context)
+    gen = adapter.finalize(job.request, job.options, service.n_ctx, len(prepared.tokens))
+    submitted = time.monotonic_ns()
+    generation = service.start(gen, prepared)  # refusals are real statuses, even for streams
+    run = encoder.Run(model=model, chat=chat, started_ns=started, loaded_ns=loaded,
+                      submitted_ns=submitted,
+                      prompt_ids=list(prepared.tokens) if context is not None else None)
+    headers = _notice(adapter.notice(job.options, service.n_ctx, job.keep_alive))
+    if stream:
+        return StreamingResponse(_stream(generation, run), media_type="application/x-ndjson",
+                                 headers={**headers, "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+    try:
+        await unless_disconnected(request, _collect(generation, run))
+    finally:
+        generation.close()
+    if run.error:
+        raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {run.error}")
+    return JSONResponse(run.final(time.monotonic_ns(), streamed=False), headers=headers)
+
+
+async def _collect(generation: Generation, run: encoder.Run) -> None:
+    async for outs in generation:
+        for out in outs:
+            run.add(out, time.monotonic_ns())
+
+
+async def _stream(generation: Generation, run: encoder.Run) -> AsyncIterator[bytes]:
+    try:
+        async for outs in generation:
+            for out in outs:
+                if out.finish_reason == FINISH_ERROR:
+                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
+                frame = run.add(out, time.monotonic_ns())
+                if frame is not None:
+                    yield _line(frame)
+        yield _line(run.final(time.monotonic_ns(), streamed=True))
+    except LmserveError as exc:  # the stream has started: the error is its last line
+        yield _line(encoder.error_body(exc))
+    finally:
+        generation.close()  # a disconnect lands here too, and cancels the sequence
+
+
+def _line(frame: dict[str, Any]) -> bytes:
+    return (json.dumps(frame, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def _notice(text: str | None) -> dict[str, str]:
+    return {"X-Lmserve-Notice": text} if text else {}

@@ -1,0 +1,176 @@
+"""LLMResource: one model mounted at a URL path, with its dialects and default parameters."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+from lmserve.core.errors import invalid
+from lmserve.models.gguf_header import GGUFHeader, read_header
+from lmserve.models.registry import ModelRegistry
+from lmserve.service import ModelService
+
+DIALECTS = ("native", "openai", "anthropic", "ollama")
+# Each dialect's mount point relative to the resource path (native sits at the path itself).
+DIALECT_PREFIX = {"native": "", "openai": "openai", "anthropic": "anthropic", "ollama": "ollama"}
+# Default generation parameters a resource may carry; each request may override them.
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
+    "max_tokens": (int,), "seed": (int,), "stop": (str, list), "presence_penalty": (int, float),
+    "frequency_penalty": (int, float), "repetition_penalty": (int, float), "reasoning": (bool,),
+}
+RESERVED = ("reasoning",)  # lifted onto the resource, not a sampling parameter
+
+
+def check_params(params: Mapping[str, Any], *, where: str = "params") -> dict[str, Any]:
+    """Validate default/override generation parameters; unknown keys are errors, not ignored."""
+    if not isinstance(params, Mapping):
+        raise invalid(f"'{where}' must be an object", param=where)
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        types = PARAM_TYPES.get(key)
+        if types is None:
+            known = ", ".join(PARAM_TYPES)
+            raise invalid(f"unknown generation parameter '{key}' (known: {known})",
+                          param=f"{where}.{key}")
+        if value is None:
+            continue
+        bad_bool = isinstance(value, bool) and bool not in types
+        if bad_bool or not isinstance(value, types):
+            raise invalid(f"'{where}.{key}' has the wrong type", param=f"{where}.{key}")
+        if key == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
+            raise invalid(f"'{where}.stop' must be a string or a list of strings",
+                          param=f"{where}.stop")
+        out[key] = value
+    return out
+
+
+class LLMResource:
+    """A model served at `path`. Subclass it (class attributes) or build one with add_model."""
+
+    name: ClassVar[str] = ""
+    verbose_name: ClassVar[str | None] = None
+    model_path: ClassVar[str] = ""
+    serving: ClassVar[tuple[str, ...] | None] = None  # None: every dialect
+    reasoning: ClassVar[bool] = False
+    heartbeat_interval: ClassVar[float] = 15.0
+    params: ClassVar[dict[str, Any]] = {}
+    _header_optional: ClassVar[bool] = False  # the registry already holds the model
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = _normalise_path(path or getattr(self, "path", "/"))
+        if not self.name:
+            raise ValueError(f"{type(self).__name__}: a resource needs a name")
+        if not self.model_path:
+            raise ValueError(f"{type(self).__name__}: a resource needs a model_path")
+        serving = tuple(self.serving) if self.serving is not None else DIALECTS
+        unknown = [d for d in serving if d not in DIALECTS]
+        if unknown:
+            raise ValueError(f"unknown dialect(s) {unknown}; choose from {DIALECTS}")
+        self.dialects = serving
+        params = dict(self.params)
+        self.reasoning_default = bool(params.pop("reasoning", self.reasoning))
+        self._lock = threading.Lock()
+        self._defaults = check_params(params)
+        # Registration reads only the header: architecture, context, template, size.
+        self.header: GGUFHeader | None = None
+        try:
+            self.header = read_header(self.model_path)
+        except (OSError, ValueError):
+            if not self._header_optional:
+                raise
+        self.service: ModelService | None = None
+
+    # -- defaults: read by every request, replaced by PUT -------------------------------------
+    @property
+    def defaults(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._defaults)
+
+    def set_defaults(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        checked = check_params(params)
+        reasoning = checked.pop("reasoning", None)
+        with self._lock:
+            self._defaults = checked
+            if reasoning is not None:
+                self.reasoning_default = reasoning
+        return self.defaults
+
+    @property
+    def title(self) -> str:
+        return self.verbose_name or self.name
+
+    @property
+    def default_transport(self) -> str:
+        if self.service is not None and self.service.model is not None:
+            has_template = self.service.template is not None
+        else:
+            has_template = self.header is not None and self.header.chat_template is not None
+        return "chat" if has_template else "raw"
+
+    @classmethod
+    def build(cls, path: str, *, name: str, model_path: str, **attributes: Any) -> "LLMResource":
+        """A resource from arguments instead of a subclass (what add_model uses)."""
+        unknown = set(attributes) - {"verbose_name", "serving", "reasoning",
+                                     "heartbeat_interval", "params"}
+        if unknown:
+            raise TypeError(f"unknown resource attribute(s): {', '.join(sorted(unknown))}")
+        if "serving" in attributes and isinstance(attributes["serving"], str):
+            attributes["serving"] = (attributes["serving"],)
+        namespace = {"name": name, "model_path": model_path, **attributes}
+        return type(f"{cls.__name__}[{name}]", (cls,), namespace)(path)
+
+    @classmethod
+    def for_service(cls, service: ModelService, path: str,
+                    serving: tuple[str, ...] = ("native",)) -> "LLMResource":
+        """A resource over a model the registry already holds (`lmserve serve`)."""
+        probe = type(f"{cls.__name__}[{service.name}]", (cls,),
+                     {"name": service.name, "model_path": service.path, "serving": serving,
+                      "_header_optional": True})
+        resource = probe(path)
+        resource.service = service
+        return resource
+
+    def attach(self, registry: ModelRegistry, settings: Any) -> ModelService:
+        self.service = registry.add(self.name, self.model_path, settings)
+        return self.service
+
+    def models(self) -> "ResourceModels":
+        return ResourceModels(self)
+
+
+class ResourceModels:
+    """The registry as one resource's dialects see it: its single model under any name.
+
+    Under a resource path the model is implied by the URL, so a client's `model` field
+    (which vendor clients always send) selects nothing; lists show the resource's name.
+    """
+
+    def __init__(self, resource: LLMResource) -> None:
+        self.resource = resource
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.resource.defaults
+
+    def _service(self) -> ModelService:
+        assert self.resource.service is not None, "resource is not attached to an app"
+        return self.resource.service
+
+    def get(self, name: str | None) -> ModelService:
+        return self._service()
+
+    def names(self, service: ModelService) -> list[str]:
+        return [self.resource.name]
+
+    def __iter__(self) -> Iterator[ModelService]:
+        return iter([self._service()])
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _normalise_path(path: str) -> str:
+    path = "/" + path.strip("/")
+    return path if path == "/" else path + "/"
