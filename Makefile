@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= smollm2
 
-.PHONY: install serve test bench clean
+.PHONY: install system-deps serve test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,19 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/lmserve serve $(MODEL) --host $(HOST) --port $(PORT)
 
-test: install
+# Test-only system packages from Debian: redis-server (the Redis store's tests start one on
+# loopback) and chromium (the chat page's browser test). Skipped where apt-get is unavailable;
+# those tests then skip with a reason.
+system-deps:
+	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends $$missing || echo "warning: could not install$$missing"; \
+	fi
+
+test: install system-deps
 	$(PY) -m pytest -p no:cacheprovider
 
 bench: install
