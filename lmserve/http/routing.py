@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from lmserve.core.errors import ErrorKind, LmserveError
 
@@ -121,3 +122,25 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def with_defaults(body: M, defaults: Mapping[str, Any],
+                  names: Mapping[str, str] | None = None) -> M:
+    """A resource's default generation parameters, for the fields this request left unset.
+
+    `names` maps a default's neutral name to the dialect's field (stop -> stop_sequences);
+    defaults that the dialect has no field for are skipped."""
+    update: dict[str, Any] = {}
+    for key, value in defaults.items():
+        field = (names or {}).get(key, key)
+        if field in type(body).model_fields and field not in body.model_fields_set:
+            update[field] = value
+    return body.model_copy(update=update) if update else body
+
+
+def defaults_of(models: Any) -> Mapping[str, Any]:
+    """The defaults of a resource's model view; the root registry has none."""
+    return getattr(models, "defaults", {}) or {}

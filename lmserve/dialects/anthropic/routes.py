@@ -16,7 +16,7 @@ from lmserve.core.request import GenerationRequest
 from lmserve.dialects.anthropic import adapter, encoder
 from lmserve.dialects.anthropic.schema import CountTokensRequest, MessageRequest
 from lmserve.engine.client import Generation
-from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
 from lmserve.models.registry import ModelRegistry
 from lmserve.service import ModelService, PreparedPrompt
 
@@ -30,7 +30,13 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
 
     @router.post("/v1/messages", summary="Create a message")
     async def create_message(body: MessageRequest, request: Request) -> Any:
-        service = models().get(body.model)
+        view = models()
+        service = view.get(body.model)
+        # max_tokens is required in this dialect, so a resource default never replaces it.
+        defaults = {k: v for k, v in defaults_of(view).items() if k != "max_tokens"}
+        if isinstance(defaults.get("stop"), str):
+            defaults["stop"] = [defaults["stop"]]
+        body = with_defaults(body, defaults, {"stop": "stop_sequences"})
         gen, prefill = adapter.message_request(body, template_tools=_template_tools(service))
         prepared = _prepare(service, gen, prefill)
         gen, capped = _fit_context(service, gen, len(prepared.tokens))

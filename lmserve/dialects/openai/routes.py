@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from lmserve.core.request import GenerationRequest
 from lmserve.dialects.openai import adapter, encoder
 from lmserve.dialects.openai.schema import (ChatCompletionRequest, CompletionRequest,
                                             EmbeddingRequest)
-from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
 from lmserve.models.registry import ModelRegistry
 from lmserve.engine.client import Generation
 from lmserve.service import ModelService, PreparedPrompt
@@ -31,7 +31,9 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
 
     @router.post("/v1/chat/completions", summary="Create a chat completion")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        service = models().get(body.model)
+        view = models()
+        service = view.get(body.model)
+        body = with_defaults(body, _chat_defaults(body, defaults_of(view)))
         gen = adapter.chat_request(body)
         job = (gen, service.prepare(gen))
         return await _respond(request, service, body.model, [job], chat=True, echo=[],
@@ -40,7 +42,9 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
 
     @router.post("/v1/completions", summary="Create a text completion")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        service = models().get(body.model)
+        view = models()
+        service = view.get(body.model)
+        body = with_defaults(body, defaults_of(view))
         jobs = []
         for prompt in adapter.completion_prompts(body.prompt):
             gen = adapter.completion_request(body, prompt)
@@ -82,6 +86,13 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
         return _model_card(registry.get(model_id), model_id)
 
     return router
+
+
+def _chat_defaults(body: ChatCompletionRequest, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """max_completion_tokens is the chat field's newer name: a request that set it keeps it."""
+    if body.max_completion_tokens is not None:
+        return {k: v for k, v in defaults.items() if k != "max_tokens"}
+    return dict(defaults)
 
 
 def _model_card(service: ModelService, name: str) -> dict[str, Any]:
