@@ -83,6 +83,9 @@ def test_resource_defaults_apply_to_every_dialect_and_put_changes_them(coded):
                                                         "stream": False,
                                                         "options": {"num_predict": 3}})
         assert r.status_code == 200 and r.json()["eval_count"] == 3
+        r = http.post("/llm/ollama/api/generate", json={"model": "assistant",
+                                                        "prompt": "Tell a story", "stream": False})
+        assert r.status_code == 200 and r.json()["eval_count"] == 2  # the PUT default
         bad = http.put("/llm/", json={"params": {"temp": 1}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "params.temp"
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,7 +25,7 @@ from lmserve.dialects.ollama import adapter, encoder
 from lmserve.dialects.ollama.schema import (ChatRequest, EmbeddingsRequest, EmbedRequest,
                                             GenerateRequest, PullRequest, ShowRequest)
 from lmserve.engine.client import Generation
-from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected
 from lmserve.models.registry import ModelRegistry
 from lmserve.service import ModelService, PreparedPrompt
 
@@ -207,6 +207,7 @@ async def _turn(request: Request, models: Models, body: ChatRequest | GenerateRe
     """One chat or generate request; an empty message list or prompt only loads the model."""
     started = time.monotonic_ns()
     service = _lookup(models, body.model)
+    body = _with_resource_defaults(body, defaults_of(models()))
     chat = isinstance(body, ChatRequest)
     job = adapter.chat_job(body) if isinstance(body, ChatRequest) else adapter.generate_job(body)
     if not (body.messages if isinstance(body, ChatRequest) else body.prompt):
@@ -219,6 +220,19 @@ async def _turn(request: Request, models: Models, body: ChatRequest | GenerateRe
             job = adapter.without_template(job, body)
     return await _respond(request, service, body.model, job, chat=chat, started=started,
                           stream=body.stream is not False, context=context)
+
+
+# A resource's neutral default names -> Ollama option names (the rest are the same).
+_OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
+
+
+def _with_resource_defaults(body: ChatRequest | GenerateRequest, defaults: Mapping[str, Any]
+                            ) -> ChatRequest | GenerateRequest:
+    """A resource's defaults for the options this request left unset."""
+    given = dict(body.options or {})
+    merged = {**{_OPTION_NAMES.get(k, k): v for k, v in defaults.items() if k != "reasoning"},
+              **given}
+    return body.model_copy(update={"options": merged}) if merged != given else body
 
 
 async def _load(request: Request, service: ModelService, model: str, job: adapter.Job, *,
