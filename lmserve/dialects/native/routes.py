@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.dialects.native import adapter, encoder
@@ -18,6 +18,7 @@ from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
 from lmserve.http.routing import dialect_route, unless_disconnected
 from lmserve.models.resource import LLMResource, check_params
 from lmserve.service import ModelService, PreparedPrompt
+from lmserve import web
 
 
 def make_router(resource: LLMResource, producers: StreamProducers, *,
@@ -73,6 +74,21 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
             return {"id": ident, "cancelled": False}
         raise invalid("this stream's generation runs in another server process; send the "
                       "cancel to that replica", code="stream_elsewhere")
+
+    @router.get("/chat/", summary="The chat page", response_class=HTMLResponse)
+    async def chat_page() -> Any:
+        return HTMLResponse(web.chat_page(resource.path, resource.title),
+                            headers={"Content-Security-Policy": web.CONTENT_SECURITY_POLICY,
+                                     "Cache-Control": "no-cache"})
+
+    @router.get("/" + web.ASSET_PREFIX + "{name}", include_in_schema=False)
+    async def chat_asset(name: str) -> Any:
+        try:
+            data, media_type = web.asset(name)
+        except KeyError:
+            raise LmserveError(ErrorKind.NOT_FOUND, f"no chat asset named '{name}'",
+                               param="name") from None
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     return router
 
