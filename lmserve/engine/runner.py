@@ -323,3 +323,21 @@ class Context:
 POOLING_MEAN = ll.LLAMA_POOLING_TYPE_MEAN
 POOLING_NONE = ll.LLAMA_POOLING_TYPE_NONE
 POOLING_UNSPECIFIED = ll.LLAMA_POOLING_TYPE_UNSPECIFIED
+
+
+class GrammarSampler(Sampler):
+    """A greedy chain constrained by a GBNF grammar; ValueError if llama.cpp refuses it.
+    (Checks grammars for real; request sampling gets its grammar elsewhere.)"""
+
+    def __init__(self, model: Model, gbnf: str, root: str = "root") -> None:
+        grammar = ll.llama_sampler_init_grammar(model.vocab, gbnf.encode(), root.encode())
+        if not grammar:
+            raise ValueError("llama.cpp refused the grammar (see the log for the reason)")
+        self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        ll.llama_sampler_chain_add(self.ptr, grammar)
+        ll.llama_sampler_chain_add(self.ptr, ll.llama_sampler_init_greedy())
+
+
+def validate_grammar(model: Model, gbnf: str) -> None:
+    """Raise ValueError unless llama.cpp's grammar parser accepts `gbnf` for this vocabulary."""
+    GrammarSampler(model, gbnf).free()
