@@ -19,6 +19,7 @@ from lmserve.core.events import TokenOutput
 from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.runner import (POOLING_MEAN, POOLING_NONE, POOLING_UNSPECIFIED, Context, Model,
+                                   validate_grammar,
                                    default_threads)
 from lmserve.engine.scheduler import EngineCore, StepOutputs
 from lmserve.engine.sequence import EngineRequest
@@ -207,6 +208,8 @@ class ModelService:
         if request.n > self.settings.parallel:
             raise invalid(f"n={request.n} is more than this server's parallel sequences "
                           f"({self.settings.parallel})", param="n")
+        if request.sampling.grammar:
+            self.check_grammar(request.sampling.grammar)
         assert self.client is not None
         engine_request = EngineRequest(
             prompt_tokens=prepared.tokens, sampling=request.sampling, max_tokens=max_tokens,
@@ -216,6 +219,14 @@ class ModelService:
             engine_request.request_id = request.request_id
         return self.client.submit(engine_request)
 
+    def check_grammar(self, gbnf: str, param: str = "grammar") -> None:
+        """Refuse a grammar llama.cpp cannot parse before it reaches the engine thread."""
+        try:
+            validate_grammar(self.require_ready(), gbnf)
+        except ValueError as exc:
+            raise invalid(f"the grammar was refused: {exc}", param=param,
+                          code="invalid_grammar") from None
+
     async def generate(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
                        ) -> AsyncIterator[list[TokenOutput]]:
         async for outputs in self.start(request, prepared):
@@ -224,6 +235,14 @@ class ModelService:
     async def abort(self, request_id: str) -> None:
         if self.client is not None:
             self.client.abort(request_id)
+
+    async def flush_cache(self) -> int | None:
+        """Drop the idle prefix cache: the number of cached prefixes dropped, or None (nothing
+        done) while requests run or wait. Decided on the engine thread, so no request can start
+        between the check and the flush."""
+        self.require_ready()
+        assert self.client is not None
+        return await self.client.call(lambda core: None if core.has_work else core.pool.flush())
 
     # -- embeddings -------------------------------------------------------------------------
     async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:

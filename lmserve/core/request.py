@@ -19,6 +19,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     penalty_last_n: int = 64
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF with a `root` rule: constrains every sampled token
 
     @property
     def greedy(self) -> bool:

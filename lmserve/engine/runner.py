@@ -197,6 +197,14 @@ class Sampler:
             add(ll.llama_sampler_init_penalties(
                 model.n_vocab, params.penalty_last_n, params.repetition_penalty,
                 params.frequency_penalty, params.presence_penalty))
+        if params.grammar:
+            grammar = ll.llama_sampler_init_grammar(model.vocab, params.grammar.encode(),
+                                                    b"root")
+            if not grammar:
+                ll.llama_sampler_free(chain)
+                self.ptr = None
+                raise ValueError("llama.cpp refused the grammar")
+            add(grammar)
         if params.greedy:
             add(ll.llama_sampler_init_greedy())
             return
@@ -326,16 +334,10 @@ POOLING_UNSPECIFIED = ll.LLAMA_POOLING_TYPE_UNSPECIFIED
 
 
 class GrammarSampler(Sampler):
-    """A greedy chain constrained by a GBNF grammar; ValueError if llama.cpp refuses it.
-    (Checks grammars for real; request sampling gets its grammar elsewhere.)"""
+    """A greedy chain constrained by a GBNF grammar; ValueError if llama.cpp refuses it."""
 
-    def __init__(self, model: Model, gbnf: str, root: str = "root") -> None:
-        grammar = ll.llama_sampler_init_grammar(model.vocab, gbnf.encode(), root.encode())
-        if not grammar:
-            raise ValueError("llama.cpp refused the grammar (see the log for the reason)")
-        self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        ll.llama_sampler_chain_add(self.ptr, grammar)
-        ll.llama_sampler_chain_add(self.ptr, ll.llama_sampler_init_greedy())
+    def __init__(self, model: Model, gbnf: str) -> None:
+        super().__init__(model, SamplingParams(temperature=0.0, grammar=gbnf), seed=0)
 
 
 def validate_grammar(model: Model, gbnf: str) -> None:
