@@ -22,12 +22,16 @@ MEDIA_TYPES = {
 
 ASSETS: tuple[str, ...] = (
     "chat.css",
-    "chat.js",
+    "chat.js",  # the entry point; it imports the modules below (ES modules, same folder)
+    "answer.js",
     "api.js",
-    "store.js",
-    "view.js",
-    "markdown.js",
     "inline.js",
+    "markdown.js",
+    "server.js",
+    "settings.js",
+    "store.js",
+    "ui.js",
+    "view.js",
 )
 """Every file the page requests, each served at `P chat/assets/<name>`."""
 

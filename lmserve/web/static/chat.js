@@ -1,31 +1,24 @@
 // The chat page's controller: sends the conversation, follows the answer's stream, keeps
 // everything in localStorage, and resumes an answer that was streaming when the page reloaded.
 
+import { applyFrame, newAnswer } from "./answer.js";
 import { ApiError, createApi } from "./api.js";
+import { createServer, sleep } from "./server.js";
+import { bindSettings, requestParams, settingsValid } from "./settings.js";
 import { createStore } from "./store.js";
+import {
+  announce, autosize, nearBottom, scrollToEnd, setBanner, setBusy, toggleSettings, ui,
+} from "./ui.js";
 import { copyText, drawAssistant, messageView, outputText } from "./view.js";
 
 const config = JSON.parse(document.body.dataset.config);
 const api = createApi(config.base);
 const store = createStore(config.base);
 const state = store.load();
-const $ = (id) => document.getElementById(id);
-const ui = {
-  log: $("log"), messages: $("messages"), empty: $("empty"), form: $("composer"),
-  prompt: $("prompt"), send: $("send"), stop: $("stop"), banner: $("banner"),
-  status: $("status"), model: $("model"), live: $("live"), settings: $("settings"),
-  toggle: $("settings-toggle"), newChat: $("new-chat"), system: $("system"),
-  temperature: $("temperature"), maxTokens: $("max-tokens"), reasoning: $("reasoning"),
-  reasoningField: $("reasoning-field"),
-};
-
-const server = { status: "unknown", info: null, error: null, watching: false };
-const banners = { server: "", stream: "" };
+const server = createServer(api, state.settings);
 let active = null; // the answer being generated: {index, message, id, reader, cancelRequested}
 let drawQueued = false;
 let saveTimer = 0;
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // ---- persistence ---------------------------------------------------------------------------
 
@@ -40,15 +33,6 @@ function persistSoon() {
 }
 
 // ---- drawing -------------------------------------------------------------------------------
-
-function nearBottom() {
-  const log = ui.log;
-  return log.scrollHeight - log.scrollTop - log.clientHeight < 80;
-}
-
-function scrollToEnd() {
-  ui.log.scrollTop = ui.log.scrollHeight;
-}
 
 function drawMessage(article, message, index) {
   const last = index === state.messages.length - 1;
@@ -78,78 +62,6 @@ function scheduleDraw() {
   });
 }
 
-function showBanner() {
-  const text = banners.server || banners.stream;
-  ui.banner.textContent = text;
-  ui.banner.hidden = !text;
-}
-
-function announce(text) {
-  ui.live.textContent = text;
-}
-
-function setBusy(busy) {
-  const stopHadFocus = document.activeElement === ui.stop;
-  ui.send.hidden = busy;
-  ui.stop.hidden = !busy;
-  if (stopHadFocus && !busy) ui.prompt.focus();
-}
-
-// ---- server status -------------------------------------------------------------------------
-
-const STATUS_TEXT = { ready: "Ready", loading: "Loading model…", pending: "Loading model…",
-  failed: "Model failed", offline: "Offline", error: "Unavailable", unknown: "Connecting…" };
-
-function showServer() {
-  const { status, info, error } = server;
-  ui.status.textContent = STATUS_TEXT[status] ?? status;
-  ui.status.dataset.state = status;
-  banners.server = {
-    loading: "The model is loading. Messages you send now go out as soon as it is ready.",
-    pending: "The model is loading. Messages you send now go out as soon as it is ready.",
-    failed: "The model failed to load; see the server log.",
-    offline: "Cannot reach the server. Retrying…",
-    error: error ? `The server answered: ${error.message}` : "",
-  }[status] ?? "";
-  showBanner();
-  if (!info) return;
-  const model = info.model ?? {};
-  const facts = [model.name || info.verbose_name || info.name, model.quantization,
-    model.context_length ? `${model.context_length} ctx` : ""].filter(Boolean);
-  ui.model.textContent = facts.join(" · ");
-  const defaults = info.params ?? {};
-  ui.temperature.placeholder = defaults.temperature !== undefined
-    ? `${defaults.temperature} (default)` : "default";
-  ui.maxTokens.placeholder = defaults.max_tokens !== undefined
-    ? `${defaults.max_tokens} (default)` : "default";
-  ui.reasoningField.hidden = !info.reasoning;
-  if (state.settings.reasoning === null) ui.reasoning.checked = defaults.reasoning === true;
-}
-
-async function refreshInfo() {
-  try {
-    server.info = await api.info();
-    server.status = server.info.status;
-    server.error = null;
-  } catch (error) {
-    server.status = error.status === 0 ? "offline" : "error";
-    server.error = error;
-  }
-  showServer();
-}
-
-/** Polls GET P until the model is ready (backing off to 5 s); one watcher at a time. */
-async function watchServer() {
-  if (server.watching) return;
-  server.watching = true;
-  for (let delay = 1000; ; delay = Math.min(delay * 1.5, 5000)) {
-    await refreshInfo();
-    if (server.status === "ready") break;
-    await sleep(delay);
-  }
-  server.watching = false;
-}
-
 // ---- generating ----------------------------------------------------------------------------
 
 function conversation(upto) {
@@ -163,31 +75,9 @@ function conversation(upto) {
   return messages;
 }
 
-function params() {
-  const out = {};
-  const temperature = ui.temperature.value.trim();
-  const maxTokens = ui.maxTokens.value.trim();
-  if (temperature !== "") out.temperature = Number(temperature);
-  if (maxTokens !== "") out.max_tokens = Number(maxTokens);
-  if (server.info?.reasoning) out.reasoning = ui.reasoning.checked;
-  return out;
-}
-
-function settingsValid() {
-  for (const input of [ui.temperature, ui.maxTokens]) {
-    if (!input.checkValidity()) {
-      toggleSettings(true);
-      input.reportValidity();
-      return false;
-    }
-  }
-  return true;
-}
-
 async function generate() {
   const history = conversation(state.messages.length);
-  const message = { role: "assistant", blocks: [], stop_reason: null, usage: null, error: null,
-    timing: { sent: Date.now() }, resumed: false };
+  const message = newAnswer();
   state.messages.push(message);
   const run = { index: state.messages.length - 1, message, id: null, reader: null,
     cancelRequested: false };
@@ -196,7 +86,7 @@ async function generate() {
   renderAll();
   persistNow();
   const id = await startStream(run, { transport: "conversation", messages: history,
-    params: params() });
+    params: requestParams(server.state.info) });
   if (active !== run) {
     if (id) api.cancel(id).catch(() => {});
     return;
@@ -219,14 +109,12 @@ async function startStream(run, body) {
       if (active !== run) return null;
       if (error.type !== "loading" || run.cancelRequested) {
         finish(run, run.cancelRequested ? { stop_reason: "cancelled" } : { error });
-        if (error.status === 0) watchServer();
+        if (error.status === 0) server.watch();
         return null;
       }
-      server.status = "loading";
-      showServer();
-      while (active === run && !run.cancelRequested && server.status !== "ready") {
-        await sleep(Math.max(error.retryAfter, 1) * 1000);
-        await refreshInfo();
+      server.loading();
+      while (active === run && !run.cancelRequested && server.state.status !== "ready") {
+        await sleep(1000);
       }
       if (active !== run) return null;
       if (run.cancelRequested) {
@@ -239,37 +127,20 @@ async function startStream(run, body) {
 
 function follow(run) {
   run.reader = api.follow(run.id, state.pending.last, {
-    frame: (name, data, id) => { if (active === run) applyFrame(run, name, data, id); },
+    frame: (name, data, id) => { if (active === run) onFrame(run, name, data, id); },
     connection: (how) => {
-      banners.stream = how === "reconnecting" ? "Connection lost; reconnecting…" : "";
-      showBanner();
+      setBanner("stream", how === "reconnecting" ? "Connection lost; reconnecting…" : "");
     },
     failed: () => { if (active === run) streamLost(run); },
   });
 }
 
-function block(message, index, channel) {
-  const at = Number.isInteger(index) ? index : Math.max(message.blocks.length - 1, 0);
-  while (message.blocks.length <= at) {
-    message.blocks.push({ channel: channel ?? "output", text: "", done: false });
-  }
-  return message.blocks[at];
-}
-
-function applyFrame(run, name, data, id) {
-  const message = run.message;
-  if (name === "block.start") block(message, data.index, data.channel);
-  else if (name === "block.delta") {
-    block(message, data.index, data.channel).text += data.text ?? "";
-    message.timing.first ??= Date.now();
-  } else if (name === "block.stop") block(message, data.index).done = true;
-  else if (name === "message.delta" && data.usage) message.usage = data.usage;
-  else if (name === "error") {
-    message.error = { type: data.type ?? "internal", message: data.message ?? "Generation failed." };
-  } else if (name === "message.stop") {
+function onFrame(run, name, data, id) {
+  if (name === "message.stop") {
     finish(run, { stop_reason: data.stop_reason ?? "stop", usage: data.usage });
     return;
   }
+  applyFrame(run.message, name, data);
   if (id !== null) state.pending.last = id;
   scheduleDraw();
   persistSoon();
@@ -301,8 +172,7 @@ function finish(run, { stop_reason = "error", usage, error } = {}) {
   clearTimeout(run.stopTimer);
   active = null;
   state.pending = null;
-  banners.stream = "";
-  showBanner();
+  setBanner("stream", "");
   persistNow();
   setBusy(false);
   renderAll();
@@ -352,8 +222,7 @@ function newChat() {
   }
   state.messages = [];
   state.pending = null;
-  banners.stream = "";
-  showBanner();
+  setBanner("stream", "");
   persistNow();
   renderAll();
   ui.prompt.focus();
@@ -376,23 +245,6 @@ function resume() {
 }
 
 // ---- wiring --------------------------------------------------------------------------------
-
-function autosize() {
-  ui.prompt.style.height = "auto";
-  ui.prompt.style.height = `${Math.min(ui.prompt.scrollHeight, 240)}px`;
-}
-
-function toggleSettings(open = ui.settings.hidden) {
-  ui.settings.hidden = !open;
-  ui.toggle.setAttribute("aria-expanded", String(open));
-}
-
-function bindSetting(input, key, read = () => input.value) {
-  input.addEventListener("input", () => {
-    state.settings[key] = read();
-    persistSoon();
-  });
-}
 
 /** Another tab changed the conversation: show it, unless this tab is streaming an answer. */
 function onStorage(event) {
@@ -417,14 +269,7 @@ function onMessagesClick(event) {
 }
 
 function wire() {
-  ui.system.value = state.settings.system;
-  ui.temperature.value = state.settings.temperature;
-  ui.maxTokens.value = state.settings.maxTokens;
-  ui.reasoning.checked = state.settings.reasoning === true;
-  bindSetting(ui.system, "system");
-  bindSetting(ui.temperature, "temperature");
-  bindSetting(ui.maxTokens, "maxTokens");
-  bindSetting(ui.reasoning, "reasoning", () => ui.reasoning.checked);
+  bindSettings(state.settings, persistSoon);
   ui.form.addEventListener("submit", (event) => { event.preventDefault(); send(); });
   ui.prompt.addEventListener("input", autosize);
   ui.prompt.addEventListener("keydown", (event) => {
@@ -447,6 +292,6 @@ function wire() {
 wire();
 resume();
 renderAll();
-showServer();
-watchServer();
+server.show();
+server.watch();
 ui.prompt.focus();

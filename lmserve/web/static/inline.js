@@ -44,10 +44,11 @@ export function inline(text, links = true) {
     flush();
     out.push(node);
   };
+  const unmatched = {}; // marker -> the earliest position from which no closer was found
   let i = 0;
   while (i < text.length) {
     const c = text[i];
-    const found = parseAt(text, i, c, links);
+    const found = parseAt(text, i, c, links, unmatched);
     if (found) {
       if (found.trimBefore) plain = plain.replace(/ +$/, "");
       emit(found.node);
@@ -64,10 +65,10 @@ export function inline(text, links = true) {
   return out;
 }
 
-function parseAt(text, i, c, links) {
+function parseAt(text, i, c, links, unmatched) {
   switch (c) {
     case "`": return codeSpan(text, i);
-    case "*": case "_": case "~": return emphasis(text, i, c, links);
+    case "*": case "_": case "~": return emphasis(text, i, c, links, unmatched);
     case "[": return links ? link(text, i, false) : null;
     case "!": return links && text[i + 1] === "[" ? link(text, i + 1, true) : null;
     case "<": return links ? autolink(text, i) : null;
@@ -108,14 +109,21 @@ function canClose(text, j, run, c, from) {
   return c !== "_" || !WORD.test(text[j + run] ?? " ");
 }
 
-function emphasis(text, i, c, links) {
+function emphasis(text, i, c, links, unmatched) {
   const run = runLength(text, i, c);
   if ((c === "~" && run !== 2) || !canOpen(text, i, run, c)) return null;
   // The outer pair takes the first markers of the opening run and the last of the closing run,
   // so ***x*** is strong(em(x)).
   const size = Math.min(run, 2);
+  // No closer after some position means none after a later one either: without this memo a
+  // long run of lone markers would cost quadratic time on every redraw.
+  const key = c + size;
+  if (i + run >= (unmatched[key] ?? Infinity)) return null;
   const close = findCloser(text, i + run, c, size, true);
-  if (close === -1) return null;
+  if (close === -1) {
+    unmatched[key] = i + run;
+    return null;
+  }
   const children = inline(text.slice(i + size, close), links);
   return { node: el(STYLES[c][size - 1], children), end: close + size };
 }
@@ -180,12 +188,14 @@ function link(text, open, image) {
 }
 
 function autolink(text, i) {
-  const m = AUTOLINK.exec(text.slice(i));
+  if (!text.startsWith("<http", i)) return null;
+  const m = AUTOLINK.exec(text.slice(i, i + 2048));
   const href = m && safeUrl(m[1]);
   return href ? { node: anchor(href, [m[1]]), end: i + m[0].length } : null;
 }
 
 function bareUrl(text, i) {
+  if (!text.startsWith("http", i)) return null;
   if (i > 0 && (WORD.test(text[i - 1]) || text[i - 1] === "/")) return null;
   const m = BARE_URL.exec(text.slice(i));
   if (!m) return null;

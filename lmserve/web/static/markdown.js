@@ -125,16 +125,21 @@ function blockquote(lines, i, out) {
 function list(lines, i, out) {
   const first = ITEM.exec(lines[i]);
   const ordered = /\d/.test(first[2]);
+  const marker = first[2].slice(-1); // "-", "*", "+", "." or ")": another one starts a new list
   const listEl = el(ordered ? "ol" : "ul");
   if (ordered && parseInt(first[2], 10) !== 1) listEl.start = parseInt(first[2], 10);
   const items = [];
   let loose = false;
   let j = i;
+  const sibling = (line) => {
+    const item = ITEM.exec(line ?? "");
+    return item && item[2].slice(-1) === marker && item[1].length <= first[1].length + 3 && item;
+  };
   while (j < lines.length) {
-    const item = ITEM.exec(lines[j]);
-    if (!item || /\d/.test(item[2]) !== ordered || item[1].length > first[1].length + 3) break;
+    const item = sibling(lines[j]);
+    if (!item) break;
     const { body, next, gap } = itemBody(lines, j, item);
-    if (gap && next < lines.length && ITEM.test(lines[next])) loose = true;
+    if (gap && sibling(lines[next])) loose = true;
     if (body.slice(1).some(isBlank)) loose = true;
     items.push(body);
     j = next;

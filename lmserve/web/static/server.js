@@ -1,0 +1,63 @@
+// The resource's state from GET P: shown in the header, and polled until the model is ready.
+
+import { showDefaults } from "./settings.js";
+import { setBanner, ui } from "./ui.js";
+
+const STATUS_TEXT = { ready: "Ready", loading: "Loading model…", pending: "Loading model…",
+  failed: "Model failed", offline: "Offline", error: "Unavailable", unknown: "Connecting…" };
+const LOADING = "The model is loading. Messages you send now go out as soon as it is ready.";
+const BANNERS = { loading: LOADING, pending: LOADING, offline: "Cannot reach the server. Retrying…",
+  failed: "The model failed to load; see the server log." };
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export function createServer(api, settings) {
+  const server = { status: "unknown", info: null, error: null };
+  let watching = false;
+
+  function show() {
+    const { status, info, error } = server;
+    ui.status.textContent = STATUS_TEXT[status] ?? status;
+    ui.status.dataset.state = status;
+    const problem = status === "error" && error ? `The server answered: ${error.message}` : "";
+    setBanner("server", BANNERS[status] ?? problem);
+    if (!info) return;
+    const model = info.model ?? {};
+    ui.model.textContent = [model.name || info.verbose_name || info.name, model.quantization,
+      model.context_length ? `${model.context_length} ctx` : ""].filter(Boolean).join(" · ");
+    showDefaults(info, settings);
+  }
+
+  async function refresh() {
+    try {
+      server.info = await api.info();
+      server.status = server.info.status;
+      server.error = null;
+    } catch (error) {
+      server.status = error.status === 0 ? "offline" : "error";
+      server.error = error;
+    }
+    show();
+  }
+
+  /** Polls GET P until the model is ready, backing off to 5 s; one watcher at a time. */
+  async function watch() {
+    if (watching) return;
+    watching = true;
+    for (let delay = 1000; ; delay = Math.min(delay * 1.5, 5000)) {
+      await refresh();
+      if (server.status === "ready") break;
+      await sleep(delay);
+    }
+    watching = false;
+  }
+
+  /** A generation endpoint answered 503 "loading": say so and watch until ready. */
+  function loading() {
+    server.status = "loading";
+    show();
+    watch();
+  }
+
+  return { state: server, show, refresh, watch, loading };
+}
