@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Receive, Scope, Send
 
-from lmserve.http.app import StoreSettings, build_app, mount_resource
+from lmserve.http.app import StoreSettings, build_app, mount_resource, stream_retention
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resource import LLMResource
 from lmserve.service import EngineSettings
@@ -73,12 +73,14 @@ class App:
     def __init__(self, *, openapi: dict[str, Any] | None = None, docs: str | None = "/docs/",
                  redoc: str | None = "/redoc/", settings: EngineSettings | None = None,
                  store: str | None = None, data_dir: str | Path | None = None,
-                 api_keys: Iterable[str] = (), load_on_startup: bool = True) -> None:
+                 api_keys: Iterable[str] = (), load_on_startup: bool = True,
+                 stream_ttl: float = 600.0) -> None:
         self.registry = ModelRegistry()
         self.settings = settings or EngineSettings()
         self.asgi = build_app(self.registry, api_keys=tuple(api_keys),
                               load_on_startup=load_on_startup,
-                              store=StoreSettings(url=store, data_dir=data_dir),
+                              store=StoreSettings(url=store, data_dir=data_dir,
+                                                  retention=stream_retention(stream_ttl)),
                               openapi=openapi, docs=docs, redoc=redoc)
         self.models = Models(self)
 

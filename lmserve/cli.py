@@ -39,9 +39,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", dest="api_keys",
                    help="require this key (Authorization: Bearer or x-api-key); repeatable")
     p.add_argument("--store", help="where sessions, stored responses and resumable streams "
-                                   "live: sqlite:///path.db, memory or redis://host:port/db "
+                                   "live: sqlite:///path.db, memory or redis://host:port/db; "
+                                   "none keeps no responses or sessions "
                                    "(default: SQLite under --data-dir)")
     p.add_argument("--data-dir", help="data directory (default ~/.local/share/lmserve)")
+    p.add_argument("--stream-ttl", type=float,
+                   help="seconds a finished native stream stays readable (default 600)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -54,7 +57,7 @@ def serve_config(args: argparse.Namespace) -> config.ServerConfig:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from lmserve.http.app import StoreSettings, create_app
+    from lmserve.http.app import StoreSettings, create_app, stream_retention
     from lmserve.models.registry import ModelRegistry
 
     try:
@@ -74,7 +77,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"lmserve: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
     app = create_app(registry, api_keys=cfg.api_keys,
-                     store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir))
+                     store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir,
+                                         retention=stream_retention(cfg.stream_ttl)))
     print(f"lmserve {__version__}: serving {', '.join(s.name for s in registry)} on "
           f"http://{cfg.host}:{cfg.port} (models load after the port is bound)", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,

@@ -22,11 +22,13 @@ class ServerConfig:
     log_level: str = "info"
     store: str | None = None  # None: SQLite under data_dir; "memory"; "redis://host:port/db"
     data_dir: str | None = None
+    stream_ttl: float = 600.0  # seconds a finished native stream stays readable
     engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 # name -> (section in the file, type); engine keys live in EngineSettings.
-_SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_dir": str}
+_SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_dir": str,
+                "stream_ttl": float}
 _ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
                 "threads_batch": int, "max_queue": int, "cache_slots": int, "cache_tokens": int,
                 "embedding_ctx": int}
