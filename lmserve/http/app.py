@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,14 @@ class StoreSettings:
     url: str | None = None  # None: SQLite under data_dir; "memory"; "redis://..."
     data_dir: str | Path | None = None
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+
+
+def stream_retention(stream_ttl: float, base: RetentionPolicy | None = None) -> RetentionPolicy:
+    """A retention policy whose finished streams stay readable for `stream_ttl` seconds."""
+    base = base or RetentionPolicy()
+    if stream_ttl <= 0:
+        raise ValueError("stream_ttl must be positive")
+    return dataclasses.replace(base, streams=dataclasses.replace(base.streams, ttl=stream_ttl))
 
 
 class AppState:
