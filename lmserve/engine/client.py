@@ -112,3 +112,12 @@ class Generation:
         if not self._closed:
             self._closed = True
             self.client._done(self)
+
+    def __del__(self) -> None:
+        # A response that never started iterating (the client left before the first byte)
+        # drops its Generation unclosed: abort it here rather than run to max_tokens.
+        if not self._closed:
+            try:
+                self.client._loop.call_soon_threadsafe(self.close)
+            except RuntimeError:  # the loop is closed: the engine is going away too
+                pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -55,6 +56,21 @@ async def test_capacity_beyond_queue_is_refused_with_retry_after():
         second.close()
         assert client.active == 0
         assert await collect(client, request(2)) == reference_output([3, 4, 5], 2)
+    finally:
+        client.stop()
+
+
+async def test_a_generation_dropped_before_iterating_is_aborted():
+    client = make_client()
+    try:
+        gen = client.submit(request(100_000))
+        del gen
+        gc.collect()
+        for _ in range(200):
+            if not client.core.running and client.active == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert not client.core.running and client.active == 0
     finally:
         client.stop()
 
