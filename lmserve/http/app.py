@@ -26,19 +26,24 @@ from lmserve.dialects.native.routes import make_router as native_router
 from lmserve.dialects.ollama.routes import make_router as ollama_router
 from lmserve.dialects.openai import encoder as openai_encoder
 from lmserve.dialects.openai.routes import make_router as openai_router
+from lmserve.dialects.ollm.routes import make_router as ollm_router
+from lmserve.dialects.sglang.routes import make_router as sglang_router
 from lmserve.http import metrics
 from lmserve.http.routing import error_response, validation_error
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resource import DIALECT_PREFIX, LLMResource
-from lmserve.stores import RetentionPolicy, Store, StreamStore, open_store
+from lmserve.stores import ResponseStore, RetentionPolicy, Store, StreamStore, open_store
 
 _DIALECT_ROUTERS: dict[str, Callable[..., APIRouter]] = {
     "openai": openai_router, "anthropic": anthropic_router, "ollama": ollama_router}
 
 
+STORE_OFF = "none"  # keep no stored responses or sessions
+
+
 @dataclass
 class StoreSettings:
-    url: str | None = None  # None: SQLite under data_dir; "memory"; "redis://..."
+    url: str | None = None  # None: SQLite under data_dir; "memory"; "redis://..."; "none"
     data_dir: str | Path | None = None
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
@@ -58,6 +63,7 @@ class AppState:
         self.registry = registry
         self.store_settings = store_settings
         self.store: Store | None = None
+        self.storage_off = store_settings.url == STORE_OFF
         self.producers = StreamProducers(self.streams)
         self.resources: list[LLMResource] = []
 
@@ -67,9 +73,20 @@ class AppState:
                                retry_after=1.0)
         return self.store.streams
 
+    def responses(self) -> ResponseStore | None:
+        """The stored responses; None when storage is off."""
+        if self.storage_off:
+            return None
+        if self.store is None:
+            raise LmserveError(ErrorKind.LOADING, "the server is still starting",
+                               retry_after=1.0)
+        return self.store.responses
+
     async def open(self) -> None:
         s = self.store_settings
-        self.store = await open_store(s.url, data_dir=s.data_dir, retention=s.retention)
+        # With storage off, resumable streams still need their frames somewhere: memory.
+        url = "memory" if self.storage_off else s.url
+        self.store = await open_store(url, data_dir=s.data_dir, retention=s.retention)
 
     async def close(self) -> None:
         await self.producers.close()
@@ -118,6 +135,8 @@ def mount_root_dialects(app: FastAPI, registry: ModelRegistry) -> None:
     _models_by_header(app, "anthropic-version", anthropic_api, otherwise=openai_api)
     app.include_router(anthropic_api)
     app.include_router(ollama_router(lambda: registry))
+    app.include_router(sglang_router(lambda: registry))
+    app.include_router(ollm_router(lambda: registry))
     app.include_router(openai_api)  # last, so the root's documented GET /v1/models is OpenAI's
 
 

@@ -1,0 +1,250 @@
+"""Pure runtime planning for /v1/plan: what llama.cpp would be given for a GGUF model on this
+server, how much memory that takes, and why each value was chosen. Nothing is loaded: the facts
+come from the GGUF header, the settings from the server and the request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+F16_BYTES = 2  # llama.cpp's default K and V cache type
+F32_BYTES = 4
+MIB = 1024 * 1024
+DEFAULT_CTX_CAP = 8192  # lmserve's default: the training context, capped (service.py)
+FALLBACK_CTX = 4096
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the GGUF header says about the model's shape."""
+
+    architecture: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    n_embd: int
+    n_vocab: int
+    context_train: int | None
+    quantization: str | None
+    size_bytes: int
+    name: str | None
+    chat_template: bool
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """f16 K and V rows for one cell, on every layer."""
+        return self.n_layer * self.n_head_kv * (self.key_length + self.value_length) * F16_BYTES
+
+
+def facts_from_header(metadata: Mapping[str, Any], *, size_bytes: int,
+                      quantization: str | None) -> ModelFacts:
+    arch = str(metadata.get("general.architecture", "unknown"))
+
+    def number(key: str, default: int = 0) -> int:
+        value = metadata.get(key)
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else default
+
+    n_embd = number(f"{arch}.embedding_length")
+    n_head = number(f"{arch}.attention.head_count")
+    head_width = n_embd // n_head if n_head else 0
+    return ModelFacts(
+        architecture=arch, n_layer=number(f"{arch}.block_count"), n_head=n_head,
+        n_head_kv=number(f"{arch}.attention.head_count_kv", n_head),
+        key_length=number(f"{arch}.attention.key_length", head_width),
+        value_length=number(f"{arch}.attention.value_length", head_width),
+        n_embd=n_embd,
+        n_vocab=number(f"{arch}.vocab_size") or number("tokenizer.ggml.tokens"),
+        context_train=number(f"{arch}.context_length") or None,
+        quantization=quantization, size_bytes=size_bytes,
+        name=metadata.get("general.name"),
+        chat_template=isinstance(metadata.get("tokenizer.chat_template"), str))
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Knobs:
+    context: Choice
+    threads: Choice
+    threads_batch: Choice
+    parallel: Choice
+    step_tokens: Choice
+    cache_slots: Choice
+    cache_tokens: Choice
+
+    @property
+    def n_ubatch(self) -> int:
+        return max(self.step_tokens.value, self.parallel.value)
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.parallel.value + self.cache_slots.value
+
+
+def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[str, Any], *,
+           cpu_count: int, running_ctx: int | None = None) -> Knobs:
+    """configured: the server's engine settings (None: default); requested: the plan request's
+    overrides; running_ctx: the context of the engine already serving this model."""
+    context = _context(facts, configured.get("n_ctx"), requested.get("context_length"),
+                       running_ctx)
+    threads = _pick(requested.get("threads"), configured.get("threads"), cpu_count,
+                    "--threads", f"all {cpu_count} CPU cores (lmserve's default)")
+    batch_default = Choice(threads.value, "the same as threads (--threads-batch unset)")
+    threads_batch = _pick(requested.get("threads_batch"), configured.get("threads_batch"),
+                          batch_default.value, "--threads-batch", batch_default.reason)
+    parallel = _pick(requested.get("parallel"), configured.get("parallel"), 8, "--parallel",
+                     "lmserve's default")
+    parallel = Choice(parallel.value, parallel.reason + "; the sequences decoded together share "
+                      "one unified KV pool of the whole context, so one of them may use all of it")
+    step = int(configured.get("step_tokens") or 512)
+    cache_slots = configured.get("cache_slots")
+    cache_tokens = configured.get("cache_tokens")
+    return Knobs(
+        context=context, threads=threads, threads_batch=threads_batch, parallel=parallel,
+        step_tokens=Choice(step, "tokens per engine step (--batch): decode tokens first, then "
+                           "prompt chunks; llama.cpp's n_batch = n_ubatch = max(batch, parallel)"),
+        cache_slots=Choice(parallel.value if cache_slots is None else int(cache_slots),
+                           "finished sequences kept resident for prefix reuse (--cache-slots, "
+                           "default: as many as --parallel)"),
+        cache_tokens=Choice(context.value // 4 if cache_tokens is None else int(cache_tokens),
+                            "idle KV tokens kept besides the newest finished conversation "
+                            "(--cache-tokens, default a quarter of the context): idle cells "
+                            "slow every decode step"))
+
+
+def _pick(requested: Any, configured: Any, default: int, flag: str, why_default: str) -> Choice:
+    if requested is not None:
+        return Choice(int(requested), "requested in this plan")
+    if configured is not None:
+        return Choice(int(configured), f"this server's {flag}")
+    return Choice(default, why_default)
+
+
+def _context(facts: ModelFacts, configured: Any, requested: Any, running: int | None) -> Choice:
+    train = facts.context_train
+    if requested is not None:
+        value, why = int(requested), "requested in this plan"
+    elif running:
+        value, why = running, "the context of the engine serving this model now"
+    elif configured is not None:
+        value, why = int(configured), "this server's --ctx"
+    elif train:
+        value = min(train, DEFAULT_CTX_CAP)
+        why = f"the model's training context ({train})" + \
+            (f", capped at {DEFAULT_CTX_CAP} (lmserve's default)" if train > DEFAULT_CTX_CAP
+             else " (lmserve's default)")
+    else:
+        value, why = FALLBACK_CTX, "the header names no training context; lmserve's fallback"
+    if train and value > train:
+        why += f"; beyond the training context ({train}): expect degraded output"
+    return Choice(value, why)
+
+
+def memory(facts: ModelFacts, knobs: Knobs, *, available: int | None) -> dict[str, Any]:
+    kv = facts.kv_bytes_per_token * knobs.context.value
+    compute = knobs.n_ubatch * (facts.n_vocab + 2 * facts.n_embd) * F32_BYTES
+    output = knobs.n_seq_max * facts.n_vocab * F32_BYTES
+    total = facts.size_bytes + kv + compute + output
+    return {"weights_bytes": facts.size_bytes, "kv_cache_bytes": kv,
+            "kv_bytes_per_token": facts.kv_bytes_per_token, "kv_cache_type": "f16",
+            "compute_buffer_bytes": compute, "output_buffer_bytes": output,
+            "total_bytes": total, "available_bytes": available,
+            "fits": None if available is None else total <= available}
+
+
+def reasons(facts: ModelFacts, knobs: Knobs, mem: dict[str, Any]) -> dict[str, str]:
+    f, k = facts, knobs
+    fit = "unknown (available memory could not be read)" if mem["fits"] is None else \
+        ("fits" if mem["fits"] else "does NOT fit") + \
+        f" in the {_mib(mem['available_bytes'])} available now"
+    return {
+        "backend": f"llama.cpp: lmserve serves GGUF files through llama.cpp; architecture "
+                   f"'{f.architecture}'" + ("" if f.chat_template else
+                                            "; no chat template, so prompts need one "
+                                            "(--chat-template) or raw text"),
+        "context": f"{k.context.value} tokens: {k.context.reason}",
+        "threads": f"{k.threads.value} for decoding: {k.threads.reason}; "
+                   f"{k.threads_batch.value} for prompts: {k.threads_batch.reason}",
+        "parallel": f"{k.parallel.value} sequences: {k.parallel.reason}",
+        "offload": "none: llama.cpp runs on the CPU here (n_gpu_layers = 0); weights, KV cache "
+                   "and buffers stay in system memory",
+        "weights": f"{_mib(f.size_bytes)}: the GGUF file is memory-mapped, so its size is what "
+                   f"the weights take ({f.quantization or 'unknown'} quantization)",
+        "kv_cache": f"{_mib(mem['kv_cache_bytes'])} = {f.n_layer} layers x {k.context.value} "
+                    f"cells x {f.n_head_kv} KV heads x ({f.key_length} + {f.value_length}) "
+                    f"x {F16_BYTES} bytes (f16), one unified pool for all sequences",
+        "compute_buffer": f"about {_mib(mem['compute_buffer_bytes'])}: one micro-batch of "
+                          f"{k.n_ubatch} tokens, mostly its logits ({f.n_vocab} x f32 per "
+                          "token); an estimate",
+        "output_buffer": f"{_mib(mem['output_buffer_bytes'])}: logits for {k.n_seq_max} "
+                         "sequence slots (parallel + cache slots)",
+        "cache": f"prefix cache on: {k.cache_slots.value} idle slots, up to "
+                 f"{k.cache_tokens.value} idle tokens; {k.cache_slots.reason}; "
+                 f"{k.cache_tokens.reason}",
+        "memory": f"{_mib(mem['total_bytes'])} in total, which {fit}",
+    }
+
+
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / MIB:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model a plan is for: the reference as given and where it led."""
+
+    reference: str
+    name: str
+    source: str  # "served" | "file" | "bundled" | "huggingface"
+    path: str
+    served_as: str | None = None
+    loaded: bool = False
+
+
+def plan_body(target: Target, facts: ModelFacts, knobs: Knobs,
+              mem: dict[str, Any]) -> dict[str, Any]:
+    """oLLM's plan shape: runtime_config, resolved_model, runtime_plan (reason + details)."""
+    details = reasons(facts, knobs, mem)
+    fit = "" if mem["fits"] is None else (", fits in memory" if mem["fits"]
+                                          else ", does NOT fit in available memory")
+    summary = (f"{target.name}: llama.cpp on the CPU, {knobs.context.value}-token context, "
+               f"{knobs.parallel.value} parallel sequences, {knobs.threads.value} threads; "
+               f"about {_mib(mem['total_bytes'])}{fit}")
+    return {
+        "runtime_config": {
+            "model_reference": target.reference, "backend": "llama.cpp", "device": "cpu",
+            "context_length": knobs.context.value, "threads": knobs.threads.value,
+            "threads_batch": knobs.threads_batch.value, "parallel": knobs.parallel.value,
+            "step_tokens": knobs.step_tokens.value, "cache_slots": knobs.cache_slots.value,
+            "cache_tokens": knobs.cache_tokens.value, "use_cache": True, "kv_unified": True,
+            "offload_gpu_layers": 0},
+        "resolved_model": {
+            "model_reference": target.reference, "normalized_name": target.name,
+            "source_kind": target.source, "path": target.path,
+            "architecture": facts.architecture, "model_type": "gguf",
+            "quantization": facts.quantization, "size_bytes": facts.size_bytes,
+            "context_length_train": facts.context_train, "n_layer": facts.n_layer,
+            "n_head": facts.n_head, "n_head_kv": facts.n_head_kv, "n_embd": facts.n_embd,
+            "n_vocab": facts.n_vocab, "chat_template": facts.chat_template,
+            "served_as": target.served_as, "loaded": target.loaded,
+            "resolution_message": _resolution(target)},
+        "runtime_plan": {
+            "backend_id": "llama.cpp", "offload": "none", "supports_disk_cache": False,
+            "supports_cpu_offload": False, "supports_gpu_offload": False, "memory": mem,
+            "reason": summary, "details": details},
+    }
+
+
+def _resolution(target: Target) -> str:
+    if target.served_as:
+        state = "loaded" if target.loaded else "not loaded yet"
+        return f"served by this server as '{target.served_as}' ({state})"
+    return f"a {target.source} reference resolved to {target.path}; not served by this server"

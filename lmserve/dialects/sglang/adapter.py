@@ -1,0 +1,209 @@
+"""Pure translation: an SGLang /generate body -> one GenerationRequest per prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from lmserve.core.errors import invalid, unsupported
+from lmserve.core.request import GenerationRequest
+from lmserve.core.request import SamplingParams as CoreSampling
+from lmserve.dialects.sglang.schema import GenerateRequest, SamplingParams
+
+T = TypeVar("T")
+GREEDY_BELOW = 1e-6  # SGLang samples greedily under this temperature
+
+_LATER = {"return_logprob": "logprobs arrive in a later release",
+          "lora_path": "LoRA adapters are not supported yet",
+          "session_params": "SGLang sessions are not supported; use the /v1/sessions API",
+          "custom_logit_processor": "custom logit processors are not supported",
+          "return_hidden_states": "hidden states are not returned by this server",
+          "image_data": "this server takes text input only",
+          "audio_data": "this server takes text input only",
+          "video_data": "this server takes text input only",
+          "input_embeds": "send text or input_ids"}
+_STRUCTURED = ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt of the request: its engine request id (the rid) and how to report it."""
+
+    rid: str
+    request: GenerationRequest
+    stream_interval: int = 1
+    no_stop_trim: bool = False
+
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    jobs: list[Job]
+    listed: bool  # answer with a list: batch input, or n > 1 samples
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each job's first sample sits in the flat output list."""
+        out, at = [], 0
+        for job in self.jobs:
+            out.append(at)
+            at += job.request.n
+        return out
+
+
+def generate_plan(body: GenerateRequest, new_rid: Callable[[], str]) -> GeneratePlan:
+    refuse_unsupported(body)
+    prompts, batch = _prompts(body)
+    params = [_sampling_params(p, i if isinstance(body.sampling_params, list) else None)
+              for i, p in enumerate(_per_prompt(body.sampling_params, len(prompts),
+                                                "sampling_params") or [{}] * len(prompts))]
+    rids = _rids(body.rid, len(prompts), batch, new_rid)
+    jobs = [_job(prompt, p, rid, body.model) for prompt, p, rid in zip(prompts, params, rids)]
+    return GeneratePlan(jobs, listed=batch or any(j.request.n > 1 for j in jobs))
+
+
+def refuse_unsupported(body: GenerateRequest) -> None:
+    for name, detail in _LATER.items():
+        value = getattr(body, name)
+        if any(v not in (None, False) for v in _as_list(value)):
+            raise unsupported(name, detail)
+    if any(v not in (None, 0) for v in _as_list(body.top_logprobs_num)):
+        raise unsupported("top_logprobs_num", _LATER["return_logprob"])
+    if any(v not in (None, -1) for v in _as_list(body.logprob_start_len)):
+        raise unsupported("logprob_start_len", _LATER["return_logprob"])
+    if body.token_ids_logprob is not None or body.return_text_in_logprobs:
+        name = "token_ids_logprob" if body.token_ids_logprob is not None \
+            else "return_text_in_logprobs"
+        raise unsupported(name, _LATER["return_logprob"])
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _prompts(body: GenerateRequest) -> tuple[list[str | list[int]], bool]:
+    if body.text is not None and body.input_ids is not None:
+        raise invalid("send either text or input_ids, not both", param="input_ids")
+    if body.text is None and body.input_ids is None:
+        raise invalid("send text or input_ids", param="text", code="missing_required_parameter")
+    if isinstance(body.text, str):
+        return [body.text], False
+    if body.text is not None:
+        return _non_empty(list(body.text), "text"), True
+    ids = body.input_ids or []
+    if not ids:
+        raise invalid("input_ids must not be empty", param="input_ids")
+    if all(isinstance(t, int) for t in ids):
+        return [list(ids)], False  # type: ignore[arg-type]
+    batch: list[str | list[int]] = [list(p) for p in ids]  # type: ignore[union-attr]
+    for i, p in enumerate(batch):
+        if not p:
+            raise invalid(f"input_ids[{i}] is empty", param=f"input_ids[{i}]")
+    return _non_empty(batch, "input_ids"), True
+
+
+def _non_empty(items: list[T], name: str) -> list[T]:
+    if not items:
+        raise invalid(f"{name} must not be an empty list", param=name)
+    return items
+
+
+def _per_prompt(value: T | list[T] | None, n: int, name: str) -> list[T] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return [value] * n
+    if len(value) != n:
+        raise invalid(f"{name} has {len(value)} entries for {n} prompts; send one per prompt "
+                      "or a single one for all", param=name)
+    return value
+
+
+def _sampling_params(raw: dict[str, Any], index: int | None) -> SamplingParams:
+    where = "sampling_params" if index is None else f"sampling_params[{index}]"
+    try:
+        return SamplingParams.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                                for p in first["loc"])
+        raise invalid(f"invalid value for '{param}': {first['msg']}", param=param) from None
+
+
+def _rids(rid: str | list[str] | None, n: int, batch: bool,
+          new_rid: Callable[[], str]) -> list[str]:
+    if rid is None:
+        return [new_rid() for _ in range(n)]
+    if isinstance(rid, str):
+        if batch:
+            raise invalid("for a batch, rid must be a list with one id per prompt", param="rid")
+        rids = [rid]
+    else:
+        rids = _per_prompt(rid, n, "rid") or []
+    if any(not r for r in rids):
+        raise invalid("rid must be a non-empty string", param="rid")
+    if len(set(rids)) != len(rids):
+        raise invalid("rid values must be unique within a request", param="rid")
+    return rids
+
+
+def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str | None) -> Job:
+    _refuse_sampling(params)
+    return Job(rid=rid, request=GenerationRequest(
+        model=model,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_tokens=prompt if isinstance(prompt, list) else None,
+        sampling=sampling(params),
+        max_tokens=params.max_new_tokens,
+        stop=[s for s in params.stop or [] if s],
+        stop_token_ids=list(params.stop_token_ids or []),
+        ignore_eos=params.ignore_eos,
+        n=params.n,
+        request_id=rid,
+    ), stream_interval=params.stream_interval or 1, no_stop_trim=params.no_stop_trim)
+
+
+def _refuse_sampling(params: SamplingParams) -> None:
+    for name in _STRUCTURED:
+        if getattr(params, name) is not None:
+            raise unsupported(f"sampling_params.{name}",
+                              "constrained (structured) output arrives in a later release")
+    if params.max_new_tokens == 0:
+        raise unsupported("sampling_params.max_new_tokens",
+                          "0 new tokens is only useful with return_logprob, which is not "
+                          "supported yet; ask for at least 1")
+    if params.min_new_tokens:
+        raise unsupported("sampling_params.min_new_tokens", "a minimum length is not supported")
+    if not params.skip_special_tokens:
+        raise unsupported("sampling_params.skip_special_tokens",
+                          "special tokens are always left out of text (output_ids has them)")
+    if params.custom_params:
+        raise unsupported("sampling_params.custom_params", "custom logit processors are not "
+                          "supported")
+
+
+def sampling(params: SamplingParams) -> CoreSampling:
+    return CoreSampling(
+        temperature=0.0 if params.temperature < GREEDY_BELOW else params.temperature,
+        top_p=params.top_p,
+        top_k=0 if params.top_k == -1 else params.top_k,
+        min_p=params.min_p,
+        seed=params.sampling_seed,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=_logit_bias(params.logit_bias or {}),
+    )
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}",
+                          param="sampling_params.logit_bias") from None
+    return out

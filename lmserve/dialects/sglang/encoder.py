@@ -1,0 +1,135 @@
+"""Pure translation: engine outputs -> SGLang /generate bodies and stream frames, model and
+server info, error bodies."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from lmserve.core.errors import LmserveError
+from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP,
+                                 TokenOutput)
+
+REDACTED = "<redacted>"
+_SECRET_KEY = re.compile(r"(^|_)(api_?keys?|passwords?|secrets?|token|credentials?)$", re.I)
+
+
+def error_body(exc: LmserveError) -> dict[str, Any]:
+    """SGLang's error envelope: {"error": {"message"}}, with its ErrorResponse fields beside."""
+    status = exc.kind.http_status
+    return {"error": {"message": exc.message, "type": HTTPStatus(status).phrase,
+                      "param": exc.param, "code": status}}
+
+
+def finish_reason(out: TokenOutput, stop_token_ids: frozenset[int]) -> dict[str, Any] | None:
+    """SGLang's finish reasons: stop with the matched token id or string, length, abort."""
+    reason = out.finish_reason
+    if reason is None:
+        return None
+    if reason == FINISH_STOP:
+        last = out.token_ids[-1] if out.token_ids else None
+        if out.stop_match is None or (last in stop_token_ids and out.stop_match == str(last)):
+            return {"type": "stop", "matched": last}
+        return {"type": "stop", "matched": out.stop_match}
+    if reason == FINISH_LENGTH:
+        return {"type": "length", "length": out.usage.completion_tokens if out.usage else None}
+    if reason == FINISH_CANCELLED:
+        return {"type": "abort", "message": "the request was aborted"}
+    assert reason == FINISH_ERROR
+    return {"type": "abort", "message": f"generation failed: {out.error}"}
+
+
+@dataclass
+class Sample:
+    """One output of /generate (a prompt, or one of its n samples), text and ids cumulative."""
+
+    rid: str
+    position: int  # index in the flat output list
+    prompt_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()
+    no_stop_trim: bool = False
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    finish: dict[str, Any] | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int = 0
+    e2e_latency: float | None = None  # seconds from arrival to the end, set by the route
+    unsent: int = 0  # tokens since the last stream frame
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    def add(self, out: TokenOutput) -> None:
+        self.text += out.text
+        self.output_ids.extend(out.token_ids)
+        self.completion_tokens = len(self.output_ids)
+        self.unsent += len(out.token_ids)
+        if out.finished:
+            self.finish = finish_reason(out, self.stop_token_ids)
+            if self.no_stop_trim and out.finish_reason == FINISH_STOP and \
+                    self.finish["matched"] == out.stop_match and out.stop_match:
+                self.text += out.stop_match
+            if out.usage is not None:
+                self.cached_tokens = out.usage.cached_tokens
+                self.completion_tokens = out.usage.completion_tokens
+
+    def due(self, interval: int) -> bool:
+        """Whether a stream frame should go out now (every `interval` tokens, and the last)."""
+        return self.finished or self.unsent >= interval
+
+    def body(self, *, indexed: bool) -> dict[str, Any]:
+        """The cumulative body; `indexed` adds the position, as SGLang does in batch streams."""
+        self.unsent = 0
+        meta: dict[str, Any] = {"id": self.rid, "finish_reason": self.finish,
+                                "prompt_tokens": self.prompt_tokens,
+                                "completion_tokens": self.completion_tokens}
+        if self.cached_tokens is not None:
+            meta["cached_tokens"] = self.cached_tokens
+        if self.finished and self.e2e_latency is not None:
+            meta["e2e_latency"] = round(self.e2e_latency, 6)
+        body: dict[str, Any] = {"text": self.text, "output_ids": list(self.output_ids),
+                                "meta_info": meta}
+        if indexed:
+            body["index"] = self.position
+        return body
+
+
+def model_info(*, name: str, path: str, architecture: str, generation: bool,
+               context_length: int | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """SGLang's /get_model_info fields plus the pymllm /model_info ones; a GGUF carries its
+    tokenizer, so tokenizer_path is the model file."""
+    return {"model_path": path, "tokenizer_path": path, "served_model_name": name,
+            "model_type": architecture, "architectures": [architecture],
+            "is_generation": generation, "context_length": context_length,
+            "preferred_sampling_params": None, "weight_version": "default", **extra}
+
+
+def redact(value: Any, secrets: frozenset[str] = frozenset()) -> Any:
+    """A copy with secrets replaced: values under secret-looking keys (api_key, password,
+    token...), any string equal to a known secret, and the password in URLs."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) and value[k] not in (None, [], ())
+                else redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    if isinstance(value, str):
+        return REDACTED if value in secrets else _redact_url(value)
+    return value
+
+
+def _redact_url(text: str) -> str:
+    if "://" not in text or "@" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return REDACTED
+    if parts.password is None:
+        return text
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{hostport}"))

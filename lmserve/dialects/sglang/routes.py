@@ -1,0 +1,271 @@
+"""SGLang-style runtime routes: /generate, /health_generate, /model_info, /server_info,
+/flush_cache and /abort_request (plus SGLang's own /get_model_info and /get_server_info names,
+which its clients call). /health lives in the app shell: 200, or 503 when an engine died."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from lmserve import __version__
+from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.events import FINISH_ERROR, TokenOutput
+from lmserve.core.request import GenerationRequest, SamplingParams
+from lmserve.dialects.sglang import adapter, encoder
+from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
+from lmserve.engine.client import Generation
+from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.streaming import SSE_HEADERS, merge, sse, start_all
+from lmserve.models.gguf_header import GGUFError, read_header
+from lmserve.models.registry import ModelRegistry
+from lmserve.service import ModelService, PreparedPrompt
+
+HEALTH_TIMEOUT_S = 20.0  # SGLang's default health-check timeout
+Models = Callable[[], ModelRegistry]
+Samples = list[list[encoder.Sample]]  # per job, per sample
+
+
+def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
+    router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["SGLang"])
+    live = LiveRequests()
+
+    @router.get("/health_generate", summary="Health check that generates one token")
+    async def health_generate(model: str | None = None) -> Response:
+        for service in _services(models, model):
+            await _one_token(service)
+        return Response(status_code=200)
+
+    async def model_info(model: str | None = None) -> Any:
+        registry = models()
+        service = registry.get(model)
+        return _model_info(service, model or registry.names(service)[0])
+
+    async def server_info(request: Request) -> Any:
+        return _server_info(request, models())
+
+    _route(router, "/model_info", model_info, "Model metadata", alias="/get_model_info")
+    _route(router, "/server_info", server_info, "Runtime configuration (secrets redacted)",
+           alias="/get_server_info")
+
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        service = models().get(body.model)
+        plan = adapter.generate_plan(body, new_rid=lambda: uuid.uuid4().hex)
+        live.check_free(job.rid for job in plan.jobs)
+        prepared = [service.prepare(job.request) for job in plan.jobs]
+        arrival = time.monotonic()
+        generations = start_all(service, [(j.request, p) for j, p in zip(plan.jobs, prepared)])
+        live.add(plan.jobs, generations)
+        samples = _samples(plan, prepared)
+        if body.stream:
+            return StreamingResponse(_stream(generations, plan, samples, arrival),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        await unless_disconnected(request, _collect(generations, samples, arrival))
+        bodies = [s.body(indexed=False) for group in samples for s in group]
+        return JSONResponse(bodies if plan.listed else bodies[0])
+
+    _route(router, "/generate", generate, "Generate from text or token ids",
+           methods=("POST", "PUT"))
+
+    async def flush_cache(model: str | None = None) -> Response:
+        dropped, busy = 0, []
+        for service in _services(models, model):
+            count = await service.flush_cache()
+            if count is None:
+                busy.append(service.name)
+            else:
+                dropped += count
+        if busy:
+            return PlainTextResponse(
+                f"Cache not flushed: requests are running or waiting on {', '.join(busy)}. "
+                "Retry when the server is idle.\n", status_code=400)
+        return PlainTextResponse(f"Cache flushed.\n{dropped} cached prefixes dropped.\n")
+
+    _route(router, "/flush_cache", flush_cache, "Drop the idle prefix cache (refused while "
+           "requests run)", methods=("POST", "GET"))
+
+    @router.post("/abort_request", summary="Abort a running request by rid")
+    async def abort_request(body: AbortRequest) -> Response:
+        if not body.abort_all and not body.rid:
+            raise invalid("send the rid of the request to abort, or abort_all", param="rid",
+                          code="missing_required_parameter")
+        rids = live.rids() if body.abort_all else [body.rid or ""]
+        for service in models():
+            for rid in rids:
+                await service.abort(rid)
+        return Response(status_code=200)
+
+    return router
+
+
+def _route(router: APIRouter, path: str, endpoint: Callable[..., Any], summary: str, *,
+           alias: str | None = None, methods: tuple[str, ...] = ("GET",)) -> None:
+    """One documented operation; other methods and the alias path work but stay out of the
+    docs (one operation id each)."""
+    first, *others = methods
+    router.add_api_route(path, endpoint, methods=[first], summary=summary)
+    for method in others:
+        router.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
+    if alias:
+        router.add_api_route(alias, endpoint, methods=[first], include_in_schema=False)
+
+
+class LiveRequests:
+    """rid -> its running generation: a rid in use is refused, abort_all finds them all."""
+
+    def __init__(self) -> None:
+        self._by_rid: dict[str, Generation] = {}
+
+    def _prune(self) -> None:
+        for rid in [r for r, g in self._by_rid.items() if g.request.finished]:
+            del self._by_rid[rid]
+
+    def check_free(self, rids: Iterable[str]) -> None:
+        self._prune()
+        for rid in rids:
+            if rid in self._by_rid:
+                raise invalid(f"rid '{rid}' is already used by a running request", param="rid",
+                              code="duplicate_rid")
+
+    def add(self, jobs: list[adapter.Job], generations: list[Generation]) -> None:
+        for job, generation in zip(jobs, generations):
+            self._by_rid[job.rid] = generation
+
+    def rids(self) -> list[str]:
+        self._prune()
+        return list(self._by_rid)
+
+
+def _services(models: Models, name: str | None) -> list[ModelService]:
+    registry = models()
+    return [registry.get(name)] if name else list(registry)
+
+
+def _samples(plan: adapter.GeneratePlan, prepared: list[PreparedPrompt]) -> Samples:
+    return [[encoder.Sample(rid=job.rid, position=offset + j, prompt_tokens=len(p.tokens),
+                            stop_token_ids=frozenset(job.request.stop_token_ids),
+                            no_stop_trim=job.no_stop_trim)
+             for j in range(job.request.n)]
+            for job, p, offset in zip(plan.jobs, prepared, plan.offsets)]
+
+
+def _add(samples: Samples, job: int, out: TokenOutput, arrival: float) -> encoder.Sample:
+    if out.finish_reason == FINISH_ERROR:
+        raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
+    sample = samples[job][out.index]
+    sample.add(out)
+    if sample.finished:
+        sample.e2e_latency = time.monotonic() - arrival
+    return sample
+
+
+async def _collect(generations: list[Generation], samples: Samples, arrival: float) -> None:
+    async for job, outs in merge(generations):
+        for out in outs:
+            _add(samples, job, out, arrival)
+
+
+async def _stream(generations: list[Generation], plan: adapter.GeneratePlan, samples: Samples,
+                  arrival: float) -> AsyncIterator[bytes]:
+    try:
+        async for job, outs in merge(generations):
+            for out in outs:
+                sample = _add(samples, job, out, arrival)
+                if sample.due(plan.jobs[job].stream_interval):
+                    yield sse(sample.body(indexed=plan.listed))
+    except LmserveError as exc:  # the stream has started: the error travels inside it
+        yield sse(encoder.error_body(exc))
+    yield sse("[DONE]")
+
+
+async def _one_token(service: ModelService) -> None:
+    """Generate one token, as SGLang's /health_generate does; 503 when that fails."""
+    try:
+        service.require_ready()
+        generation = service.start(GenerationRequest(
+            prompt_tokens=service.tokenize("ping"), sampling=SamplingParams(temperature=0.0),
+            max_tokens=1, request_id=f"HEALTH_CHECK_{uuid.uuid4().hex}"))
+    except LmserveError as exc:
+        if exc.kind is ErrorKind.OVERLOADED and service.healthy:
+            return  # an engine busy with a full queue is alive
+        raise _unhealthy(service, exc.message) from None
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            async for outs in generation:
+                if any(out.finish_reason == FINISH_ERROR for out in outs):
+                    raise _unhealthy(service, next(o.error for o in outs if o.error))
+                if any(out.token_ids for out in outs):
+                    return
+    except TimeoutError:
+        raise _unhealthy(service, f"no token within {HEALTH_TIMEOUT_S:.0f} s") from None
+    finally:
+        generation.close()
+
+
+def _unhealthy(service: ModelService, why: str | None) -> LmserveError:
+    return LmserveError(ErrorKind.LOADING, f"model '{service.name}' is not healthy: {why}",
+                        retry_after=2.0)
+
+
+def _model_info(service: ModelService, name: str) -> dict[str, Any]:
+    try:
+        header = read_header(service.path)
+        architecture, generation = header.architecture, not header.pooling_only
+        extra: dict[str, Any] = {"quantization": header.quantization,
+                                 "context_length_train": header.context_length,
+                                 "size_bytes": header.size_bytes}
+    except (GGUFError, OSError):
+        architecture, generation, extra = "unknown", True, {}
+    extra["state"] = service.state
+    if service.model is not None:
+        extra["n_params"] = service.model.info.n_params
+    return encoder.model_info(name=name, path=service.path, architecture=architecture,
+                              generation=generation, context_length=service.n_ctx or None,
+                              extra=extra)
+
+
+def _server_info(request: Request, registry: ModelRegistry) -> dict[str, Any]:
+    state = request.app.state.lmserve
+    api_keys: tuple[str, ...] = getattr(request.app.state, "api_keys", ())
+    host, port = request.scope.get("server") or (None, None)
+    services = list(registry)
+    config = {
+        "version": __version__, "host": host, "port": port,
+        "api_key": list(api_keys) or None,
+        "served_model_name": [n for s in services for n in registry.names(s)],
+        "model_path": services[0].path if services else None,
+        "store": {"url": state.store_settings.url,
+                  "data_dir": str(state.store_settings.data_dir or "") or None,
+                  "kind": state.store.kind if state.store else None,
+                  "location": state.store.location if state.store else None},
+        "models": [_model_config(s, registry.names(s)) for s in services],
+        "internal_states": [_internal_state(s) for s in services],
+    }
+    return encoder.redact(config, frozenset(api_keys))
+
+
+def _model_config(service: ModelService, names: list[str]) -> dict[str, Any]:
+    settings = dataclasses.asdict(service.settings)
+    template = settings.pop("chat_template")
+    return {"served_model_name": names, "model_path": service.path, "state": service.state,
+            "context_length": service.n_ctx or None,
+            "max_running_requests": service.settings.parallel,
+            "max_queued_requests": service.settings.max_queue,
+            "chunked_prefill_size": service.settings.step_tokens,
+            "engine": {**settings, "chat_template_override": template is not None}}
+
+
+def _internal_state(service: ModelService) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": service.name, "state": service.state,
+                           "error": service.error}
+    if service.client is not None:
+        pool = service.client.core.pool
+        out.update(active_requests=service.client.active, engine_alive=service.client.alive,
+                   prefix_cache_hits=pool.hits, prefix_cache_reused_tokens=pool.reused_tokens)
+    return out
