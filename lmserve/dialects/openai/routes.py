@@ -16,6 +16,7 @@ from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_ERROR, TokenOutput, Usage
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.openai import adapter, encoder
+from lmserve.dialects.openai.responses.routes import make_router as responses_router
 from lmserve.dialects.openai.schema import (ChatCompletionRequest, CompletionRequest,
                                             EmbeddingRequest)
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
@@ -28,6 +29,7 @@ Job = tuple[GenerationRequest, PreparedPrompt]
 
 def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["OpenAI"])
+    router.include_router(responses_router(models, tags=tags))
 
     @router.post("/v1/chat/completions", summary="Create a chat completion")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

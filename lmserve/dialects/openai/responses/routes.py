@@ -1,0 +1,159 @@
+"""OpenAI Responses routes: POST/GET/DELETE /v1/responses[/{id}], GET .../input_items, and the
+WebSocket /v1/responses, where each {"type": "response.create", ...} message runs one response
+(sequentially, one at a time per connection) and its events come back as JSON messages."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from lmserve.core.errors import LmserveError, invalid, unsupported
+from lmserve.dialects.openai.encoder import error_body
+from lmserve.dialects.openai.responses import adapter, encoder, turns
+from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
+from lmserve.http.routing import check_api_key, dialect_route, error_response, \
+    unless_disconnected, validation_error
+from lmserve.models.registry import ModelRegistry
+from lmserve.stores import NotFoundError, PageQuery, ResponseStore
+
+Models = Callable[[], ModelRegistry]
+
+
+def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
+    router = APIRouter(route_class=dialect_route(error_body), tags=tags or ["OpenAI"])
+
+    @router.post("/v1/responses", summary="Create a model response")
+    async def create_response(body: ResponseCreate, request: Request) -> Any:
+        turn = await turns.begin(request.app.state.lmserve, models(), body)
+        if body.stream:
+            return StreamingResponse(_sse(turns.run(turn)), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        return JSONResponse(await unless_disconnected(request, turns.collect(turn)))
+
+    @router.get("/v1/responses/{response_id}", summary="Retrieve a stored model response")
+    async def retrieve_response(response_id: str, request: Request, stream: bool = False
+                                ) -> Any:
+        if stream:
+            raise unsupported("stream", "a stored response is returned whole")
+        adapter.check_include(_include(request))
+        record = await _store(request).get(response_id)
+        if record is None:
+            raise NotFoundError("Response", response_id)
+        return record.response
+
+    @router.delete("/v1/responses/{response_id}", summary="Delete a stored model response")
+    async def delete_response(response_id: str, request: Request) -> Any:
+        if not await _store(request).delete(response_id):
+            raise NotFoundError("Response", response_id)
+        return encoder.deleted(response_id)
+
+    @router.get("/v1/responses/{response_id}/input_items",
+                summary="List the items a stored response was generated from")
+    async def list_input_items(response_id: str, request: Request, after: str | None = None,
+                               before: str | None = None, limit: int = 20,
+                               order: str = "desc") -> Any:
+        adapter.check_include(_include(request))
+        query = PageQuery(after, before, limit, order)  # type: ignore[arg-type]  # checks it
+        page = await _store(request).input_items(response_id, query)
+        return {"object": "list", **dataclasses.asdict(page)}
+
+    @router.websocket("/v1/responses")
+    async def responses_socket(websocket: WebSocket) -> None:
+        await _serve_socket(websocket, models)
+
+    return router
+
+
+def _store(request: Request) -> ResponseStore:
+    store: ResponseStore | None = request.app.state.lmserve.responses()
+    if store is None:
+        raise turns.storage_off("response_id")
+    return store
+
+
+def _include(request: Request) -> list[str]:
+    """The include list; the official clients send it as `include[]=...`."""
+    return [value for key in ("include", "include[]")
+            for value in request.query_params.getlist(key)]
+
+
+async def _sse(events: AsyncIterator[JSON]) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield encoder.sse(event)
+
+
+# ---- WebSocket ----------------------------------------------------------------------------------
+
+async def _serve_socket(websocket: WebSocket, models: Models) -> None:
+    try:
+        check_api_key(websocket)  # type: ignore[arg-type]  # reads only app state and headers
+    except LmserveError as exc:
+        await _refuse(websocket, exc)
+        return
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await _serve_message(websocket, models, message.get("text") or
+                                 (message.get("bytes") or b"").decode("utf-8", "replace"))
+    except WebSocketDisconnect:
+        return
+
+
+async def _refuse(websocket: WebSocket, exc: LmserveError) -> None:
+    """Turn the handshake down with an HTTP error where the server can, else close (1008)."""
+    try:
+        await websocket.send_denial_response(error_response(exc, error_body))
+    except RuntimeError:
+        await websocket.close(code=1008, reason=exc.message[:120])
+
+
+async def _serve_message(websocket: WebSocket, models: Models, raw: str) -> None:
+    """One response.create; errors before the response starts are error events, and the
+    connection stays open for the next message."""
+    try:
+        body, stream_id = _create_event(raw)
+        turn = await turns.begin(websocket.app.state.lmserve, models(), body,
+                                 nested_errors=True)
+    except LmserveError as exc:
+        await websocket.send_json(encoder.ws_error(exc))
+        return
+    lane = {"stream_id": stream_id} if stream_id is not None else {}
+    async with contextlib.aclosing(turns.run(turn)) as events:
+        async for event in events:
+            await websocket.send_json({**event, **lane})
+
+
+def _create_event(raw: str) -> tuple[ResponseCreate, str | None]:
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:
+        raise invalid(f"the message is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict) or payload.get("type") != "response.create":
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        raise invalid(f"unknown event type {kind!r}; this server accepts response.create",
+                      param="type", code="invalid_event_type")
+    fields = {k: v for k, v in payload.items() if k not in ("type", "stream_id")}
+    if fields.pop("stream", True) is not True:
+        raise invalid("stream is implicit over a WebSocket; leave it out", param="stream")
+    if fields.pop("generate", True) is not True:
+        raise unsupported("generate", "every response.create generates a response")
+    stream_id = payload.get("stream_id")
+    if stream_id is not None and not isinstance(stream_id, str):
+        raise invalid("stream_id must be a string", param="stream_id")
+    try:
+        return ResponseCreate.model_validate(fields), stream_id
+    except ValidationError as exc:
+        raise validation_error(RequestValidationError(exc.errors())) from exc

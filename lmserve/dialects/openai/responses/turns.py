@@ -1,0 +1,216 @@
+"""One Responses turn, for HTTP and WebSocket alike: resolve the conversation, start the
+generation, run it as events, and store the response before its final event leaves.
+
+Durability: a stored response is written before response.completed (or the body) is sent, so
+whatever a client was told has finished survives a crash. A client that leaves early cancels
+the generation; the partial response is then stored with status "cancelled", so an id the
+client saw in response.created still answers GET with what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lmserve.chat.tools import apply_fallback_tool_prompt
+from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, Usage
+from lmserve.core.request import GenerationRequest
+from lmserve.dialects.openai.responses import adapter, items
+from lmserve.dialects.openai.responses.encoder import ResponseEvents, response_head
+from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate, new_id
+from lmserve.engine.client import Generation
+from lmserve.http.routing import defaults_of, with_defaults
+from lmserve.models.registry import ModelRegistry
+from lmserve.service import ModelService, PreparedPrompt
+from lmserve.stores import ResponseRecord, ResponseStore
+
+log = logging.getLogger("lmserve.responses")
+
+_PENDING_WRITES: set[asyncio.Task[None]] = set()
+
+
+class HasResponseStore(Protocol):
+    def responses(self) -> ResponseStore | None: ...
+
+
+def storage_off(param: str) -> LmserveError:
+    return invalid("response storage is off on this server (started with --store none): "
+                   "responses are not kept, so none can be retrieved or chained",
+                   param=param, code="storage_disabled")
+
+
+def previous_not_found(response_id: str) -> LmserveError:
+    return LmserveError(ErrorKind.NOT_FOUND,
+                        f"Previous response with id '{response_id}' not found.",
+                        param="previous_response_id", code="previous_response_not_found")
+
+
+@dataclass
+class Turn:
+    body: ResponseCreate
+    conversation: list[JSON]  # what the response is generated from: history + own input
+    generation: Generation
+    events: ResponseEvents
+    store: ResponseStore | None  # where the response goes; None when it is not kept
+
+
+async def begin(state: HasResponseStore, registry: ModelRegistry, body: ResponseCreate, *,
+                nested_errors: bool = False) -> Turn:
+    """Check, resolve and submit; every refusal happens here, before any event. A resource's
+    default parameters fill what the request left unset."""
+    body = with_defaults(body, defaults_of(registry), {"max_tokens": "max_output_tokens"})
+    adapter.check_request(body)
+    store = state.responses()
+    service = registry.get(body.model)
+    conversation = [*await _history(store, body.previous_response_id),
+                    *items.own_items(body.input)]
+    items.check_unique_ids(conversation)
+    gen, prepared = _fit(service, body, conversation)
+    generation = service.start(gen, prepared)
+    keep = store if body.store is not False else None
+    head = response_head(body, response_id=new_id("resp"), created_at=int(time.time()),
+                         stored=keep is not None)
+    return Turn(body, conversation, generation, ResponseEvents(head, nested_errors=nested_errors),
+                keep)
+
+
+async def _history(store: ResponseStore | None, previous_id: str | None) -> list[JSON]:
+    if previous_id is None:
+        return []
+    if store is None:
+        raise storage_off("previous_response_id")
+    record = await store.get(previous_id)
+    if record is None:
+        raise previous_not_found(previous_id)
+    return record.conversation()
+
+
+def _fit(service: ModelService, body: ResponseCreate, conversation: list[JSON]
+         ) -> tuple[GenerationRequest, PreparedPrompt]:
+    """The prompt of the whole conversation; with truncation "auto", of the longest tail that
+    starts at a user message and fits the context (found by bisection)."""
+    starts = items.turn_starts(conversation) if body.truncation == "auto" else [0]
+    try:
+        return _prepare(service, body, conversation)
+    except LmserveError as exc:
+        if exc.kind is not ErrorKind.CONTEXT_LENGTH_EXCEEDED or len(starts) == 1:
+            raise
+        error = exc
+    lo, hi, best = 1, len(starts) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            best, hi = _prepare(service, body, conversation[starts[mid]:]), mid - 1
+        except LmserveError as exc:
+            if exc.kind is not ErrorKind.CONTEXT_LENGTH_EXCEEDED:
+                raise
+            error, lo = exc, mid + 1
+    if best is None:
+        raise error
+    return best
+
+
+def _prepare(service: ModelService, body: ResponseCreate, conversation: list[JSON]
+             ) -> tuple[GenerationRequest, PreparedPrompt]:
+    messages = items.chat_messages(body.instructions, conversation)
+    if service.template is None or not service.template.supports_tools:
+        messages = apply_fallback_tool_prompt(messages)  # calls and results as plain text
+    gen = adapter.generation_request(body, messages)
+    prepared = service.prepare(gen)
+    service.check_context(len(prepared.tokens), gen.max_tokens)
+    return gen, prepared
+
+
+async def run(turn: Turn) -> AsyncIterator[JSON]:
+    """The events of the turn, ending with the final one; errors become error + failed."""
+    events = turn.events
+    settled = False
+    try:
+        for event in events.start():
+            yield event
+        finish, usage = None, Usage()
+        async for outputs in turn.generation:
+            for out in outputs:
+                if out.finish_reason in (FINISH_ERROR, FINISH_CANCELLED):
+                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: "
+                                       f"{out.error or out.finish_reason}")
+                if out.text:
+                    for event in events.delta(out.text):
+                        yield event
+                if out.finished:
+                    finish, usage = out.finish_reason, out.usage or usage
+        for event in events.finish(finish, usage):
+            yield event
+        await _persist(turn)
+        settled = True
+        yield events.final_event()
+    except LmserveError as exc:
+        settled = True
+        for event in await _failed(turn, exc):
+            yield event
+    except Exception as exc:  # a bug: still end the stream properly
+        log.exception("response %s failed", events.response["id"])
+        settled = True
+        error = LmserveError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}")
+        for event in await _failed(turn, error):
+            yield event
+    finally:
+        turn.generation.close()  # a client that left lands here: the engine stops the sequence
+        if not settled:
+            events.cancel()
+            _in_background(_persist(turn))
+
+
+async def collect(turn: Turn) -> JSON:
+    """Run the turn to its end (non-streaming); the final response object."""
+    async with contextlib.aclosing(run(turn)) as events:
+        async for _ in events:
+            pass
+    if turn.events.error is not None:
+        raise turn.events.error
+    return turn.events.snapshot()
+
+
+async def _failed(turn: Turn, exc: LmserveError) -> list[JSON]:
+    events = turn.events.fail(exc)
+    try:
+        await _persist(turn)
+    except Exception:
+        log.exception("could not store failed response %s", turn.events.response["id"])
+    return [*events, turn.events.final_event()]
+
+
+async def _persist(turn: Turn) -> None:
+    if turn.store is None:
+        return
+    response = turn.events.snapshot()
+    try:
+        await turn.store.put(ResponseRecord(
+            id=response["id"], created_at=response["created_at"], model=turn.body.model,
+            input_items=turn.conversation, response=response,
+            previous_response_id=turn.body.previous_response_id,
+            metadata=dict(turn.body.metadata or {})))
+    except LmserveError:
+        raise
+    except Exception as exc:
+        raise LmserveError(ErrorKind.INTERNAL, f"the response could not be stored: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    """Start a write that must outlive a cancelled request (its awaits would be cancelled)."""
+    task = asyncio.ensure_future(work)
+    _PENDING_WRITES.add(task)
+    task.add_done_callback(_written)
+
+
+def _written(task: asyncio.Task[None]) -> None:
+    _PENDING_WRITES.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("could not store a cancelled response: %s", task.exception())
