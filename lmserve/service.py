@@ -13,10 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from lmserve.chat.reasoning import detect_reasoning_tags
 from lmserve.chat.templates import ChatTemplate, TemplateError
+from lmserve.chat.tools import StreamParser
+from lmserve.chat.turn import (format_grammar, plan_turn, reasoning_grammar, template_kwargs,
+                               turn_parser)
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import TokenOutput
-from lmserve.core.request import ChatMessage, GenerationRequest
+from lmserve.core.request import ChatMessage, GenerationRequest, ResponseFormat
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.runner import (POOLING_MEAN, POOLING_NONE, POOLING_UNSPECIFIED, Context, Model,
                                    validate_grammar,
@@ -45,6 +49,8 @@ class EngineSettings:
 class PreparedPrompt:
     tokens: list[int]
     text: str | None
+    grammar: str | None = None  # forced tool call or response_format (see chat.turn)
+    tool_format: str | None = None  # the tool-call format to parse; None: no calls parsed
 
 
 class ModelService:
@@ -142,15 +148,13 @@ class ModelService:
         return self.model
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
-                    template_kwargs: dict[str, Any] | None = None) -> str:
-        if self.template is None:
-            raise invalid(f"model '{self.name}' has no chat template; use the completions "
-                          "endpoint with a raw prompt, or start the server with --chat-template",
-                          param="messages", code="no_chat_template")
+                    template_kwargs: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        template = self._chat_template()
         try:
-            return self.template.render([_template_message(m) for m in messages],
-                                        add_generation_prompt=add_generation_prompt,
-                                        **(template_kwargs or {}))
+            return template.render([_template_message(m) for m in messages],
+                                   add_generation_prompt=add_generation_prompt, tools=tools,
+                                   **(template_kwargs or {}))
         except TemplateError as exc:
             raise invalid(f"the chat template rejected these messages: {exc}", param="messages")
 
@@ -162,13 +166,42 @@ class ModelService:
                 raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
                               param="prompt")
             return PreparedPrompt(list(request.prompt_tokens), None)
-        if request.messages is not None:
-            text = self.render_chat(request.messages,
-                                    add_generation_prompt=request.add_generation_prompt,
-                                    template_kwargs=request.template_kwargs)
-        else:
+        if request.messages is None:
+            if request.response_format is not None:
+                return self._prepare_raw(request.prompt or "", request.response_format)
+            if request.tools:
+                raise invalid("tools need a chat request (messages)", param="tools")
             text = request.prompt or ""
-        return PreparedPrompt(self.tokenize(text), text)
+            return PreparedPrompt(self.tokenize(text), text)
+        return self._prepare_chat(request)
+
+    def _prepare_raw(self, prompt: str, response_format: ResponseFormat) -> PreparedPrompt:
+        return PreparedPrompt(self.tokenize(prompt), prompt, format_grammar(response_format))
+
+    def _chat_template(self) -> ChatTemplate:
+        if self.template is None:
+            raise invalid(f"model '{self.name}' has no chat template; use the completions "
+                          "endpoint with a raw prompt, or start the server with --chat-template",
+                          param="messages", code="no_chat_template")
+        return self.template
+
+    def _prepare_chat(self, request: GenerationRequest) -> PreparedPrompt:
+        """Render the turn's plan: tools, fallback prompt, grammar (see chat.turn)."""
+        plan = plan_turn(request, self._chat_template(), self.require_ready().info.metadata)
+        text = self.render_chat(plan.messages, add_generation_prompt=request.add_generation_prompt,
+                                template_kwargs=template_kwargs(request), tools=plan.template_tools)
+        grammar = reasoning_grammar(plan, self.reasoning_tags, text, request.reasoning)
+        return PreparedPrompt(self.tokenize(text), text, grammar, plan.tool_format)
+
+    @property
+    def reasoning_tags(self) -> tuple[str, str] | None:
+        """The think tags of the chat template, if it has any."""
+        return detect_reasoning_tags(self.template.source if self.template else None)
+
+    def chat_parser(self, request: GenerationRequest, prepared: PreparedPrompt) -> StreamParser:
+        """A fresh parser for one choice: reasoning first, then tool calls."""
+        return turn_parser(prepared.tool_format, self.reasoning_tags, prepared.text,
+                           parallel=request.parallel_tool_calls)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         model = self.require_ready()
@@ -208,13 +241,20 @@ class ModelService:
         if request.n > self.settings.parallel:
             raise invalid(f"n={request.n} is more than this server's parallel sequences "
                           f"({self.settings.parallel})", param="n")
-        if request.sampling.grammar:
-            self.check_grammar(request.sampling.grammar)
+        sampling = request.sampling
+        if prepared.grammar is not None:
+            if sampling.grammar:
+                raise invalid("a grammar was given twice (structured output or a forced tool "
+                              "call, and a raw grammar); send one", param="grammar")
+            sampling = sampling.replace(grammar=prepared.grammar)
+        if sampling.grammar:
+            self.check_grammar(sampling.grammar)
         assert self.client is not None
         engine_request = EngineRequest(
-            prompt_tokens=prepared.tokens, sampling=request.sampling, max_tokens=max_tokens,
+            prompt_tokens=prepared.tokens, sampling=sampling, max_tokens=max_tokens,
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
-            ignore_eos=request.ignore_eos, n=request.n)
+            ignore_eos=request.ignore_eos, n=request.n, logprobs=request.logprobs,
+            prompt_logprobs=request.prompt_logprobs)
         if request.request_id:
             engine_request.request_id = request.request_id
         return self.client.submit(engine_request)

@@ -22,6 +22,27 @@ FINISH_CANCELLED = "cancelled"
 FINISH_ERROR = "error"
 
 
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One alternative at a position: `piece` is the token's bytes (a control token's text)."""
+
+    token_id: int
+    piece: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution, with the `top` most
+    likely alternatives at that position, most likely first. `logprob` is None only for the
+    first prompt token, which nothing precedes."""
+
+    token_id: int
+    piece: bytes
+    logprob: float | None
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass
 class TokenOutput:
     """What one sequence produced in one engine step (text may be empty while held back)."""
@@ -33,6 +54,11 @@ class TokenOutput:
     stop_match: str | None = None  # the stop string or token text that ended it
     usage: Usage | None = None  # set on the final output
     error: str | None = None
+    # One entry per token in token_ids, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | None = None
+    # On a choice's first output, when the request asked for prompt logprobs: one entry per
+    # prompt token (the first with logprob None).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:

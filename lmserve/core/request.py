@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from lmserve.core.errors import invalid
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,67 @@ class ChatMessage:
         return message
 
 
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call; `parameters` is the JSON Schema of its arguments."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool = False
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """The OpenAI-style shape Hugging Face chat templates read."""
+        function: dict[str, Any] = {"name": self.name}
+        if self.description:
+            function["description"] = self.description
+        function["parameters"] = self.parameters or {"type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
+
+def function_tool(function: Mapping[str, Any], where: str) -> ToolSpec:
+    """A ToolSpec from a function definition {"name", "description"?, "parameters"?};
+    `where` names it in errors (e.g. "tools[0].function")."""
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid(f"{where}.name is required", param=f"{where}.name")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise invalid(f"{where}.parameters must be a JSON Schema object",
+                      param=f"{where}.parameters")
+    description = function.get("description")
+    return ToolSpec(name=name, description=description if isinstance(description, str) else None,
+                    parameters=dict(parameters) if parameters is not None else None,
+                    strict=bool(function.get("strict")))
+
+
+@dataclass(frozen=True)
+class NamedTool:
+    """tool_choice that forces one call of this function."""
+
+    name: str
+
+
+# "auto": the model may call tools; "none": no tools are offered; "required": at least one call.
+ToolChoice = Literal["auto", "none", "required"] | NamedTool
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Structured output: the whole answer must match.
+
+    type "json_object" (any JSON object), "json_schema" (`schema`), "regex" (`pattern`, matched
+    in full) or "gbnf" (`grammar`, raw llama.cpp GBNF with a root rule). `param` names the
+    request field in the client's dialect, for error messages."""
+
+    type: Literal["json_object", "json_schema", "regex", "gbnf"]
+    schema: dict[str, Any] | bool | None = None
+    pattern: str | None = None
+    grammar: str | None = None
+    strict: bool = False
+    param: str = "response_format"
+
+
 @dataclass
 class GenerationRequest:
     """One generation: exactly one of messages, prompt or prompt_tokens is set."""
@@ -61,3 +125,10 @@ class GenerationRequest:
     add_generation_prompt: bool = True
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
+    logprobs: int | None = None  # None: off; k: each sampled token's logprob + top k alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    reasoning: bool | None = None  # enable thinking (template's enable_thinking); None: default

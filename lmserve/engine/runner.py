@@ -93,6 +93,7 @@ class Model:
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._shown: list[bytes | None] = [None] * self.n_vocab
         self._piece_buf = ctypes.create_string_buffer(256)
         self._tok_lock = threading.Lock()
         self.eog_tokens = frozenset(t for t in range(self.n_vocab)
@@ -154,6 +155,14 @@ class Model:
             cached = self._token_bytes(token, special=False)
             self._pieces[token] = cached
         return cached
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes, control tokens as their text (how logprobs show a token)."""
+        return self._shown[token] or self._remember_shown(token)
+
+    def _remember_shown(self, token: int) -> bytes:
+        self._shown[token] = shown = self._token_bytes(token, special=True)
+        return shown
 
     def token_text(self, token: int) -> str:
         return self._token_bytes(token, special=True).decode("utf-8", "replace")
@@ -264,6 +273,10 @@ class Batch:
         self.n = n + k
         return n + k - 1
 
+    def request_logits(self, start: int, stop: int) -> None:
+        """Ask for the logits of batch rows start..stop-1 too (prompt logprobs)."""
+        self.logits[start:stop] = 1
+
 
 class Context:
     """A llama.cpp context with a unified KV pool shared by n_seq_max sequences."""
@@ -295,6 +308,8 @@ class Context:
         self.batch = Batch(n_batch)
         self.eog_tokens = model.eog_tokens
         self.piece = model.piece
+        self.token_bytes = model.token_bytes
+        self.n_vocab = model.n_vocab
 
     def make_sampler(self, params: SamplingParams, seed: int, banned: Sequence[int]) -> Sampler:
         return Sampler(self.model, params, seed=seed, banned=list(banned))
@@ -302,6 +317,14 @@ class Context:
     def decode(self, batch: Batch) -> int:
         batch.struct.n_tokens = batch.n
         return ll.llama_decode(self.ptr, batch.struct)
+
+    def logits_row(self, batch_index: int) -> np.ndarray:
+        """The logits of a batch row decoded with logits: a view over llama.cpp's buffer (no
+        copy), valid until the next decode."""
+        ptr = ll.llama_get_logits_ith(self.ptr, batch_index)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no logits for batch row {batch_index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     # -- KV memory --------------------------------------------------------------------------
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, TokenOutput
 from lmserve.core.request import SamplingParams
+from lmserve.engine.logprobs import LogitsSource, LogprobScorer
 from lmserve.engine.prefix_cache import KVMemory, SlotPool
 from lmserve.engine.sequence import EngineRequest, SeqState, Sequence
 
@@ -28,6 +29,7 @@ class Batch(Protocol):
     n: int
     def clear(self) -> None: ...
     def add(self, tokens: list[int], start_pos: int, seq_id: int, want_last_logits: bool) -> int: ...
+    def request_logits(self, start: int, stop: int) -> None: ...
 
 
 class SamplerLike(Protocol):
@@ -35,7 +37,7 @@ class SamplerLike(Protocol):
     def free(self) -> None: ...
 
 
-class Runner(KVMemory, Protocol):
+class Runner(KVMemory, LogitsSource, Protocol):
     """What the core needs from llama.cpp (runner.Context + runner.Model, or a fake)."""
 
     n_ctx: int
@@ -77,6 +79,7 @@ class EngineCore:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = StepStats()
+        self.scorer = LogprobScorer(runner)
         self._outputs: dict[EngineRequest, list[TokenOutput]] = {}
         # Set when the KV pool ran out: no admission until a sequence finishes, or a
         # preempted sequence would be readmitted at once and fail the next step again.
@@ -120,6 +123,7 @@ class EngineCore:
             self.stats.prompt_tokens += sum(n for seq, n in plan if seq.n_computed < seq.n_prompt)
             for seq, n in plan:
                 seq.n_computed += n
+            self.scorer.score_prompts()
             tokens = self._sample(sample_at)
             t4 = time.perf_counter()
             self._postprocess(tokens)
@@ -182,6 +186,8 @@ class EngineCore:
         for seq in active:
             if seq.n_pending > 1 and budget > 0:
                 n = min(seq.n_pending, budget)
+                if seq.scoring_prompt:  # every row has logits: bound llama.cpp's output buffer
+                    n = min(n, self.scorer.prompt_chunk)
                 plan.append((seq, n))
                 budget -= n
         return plan
@@ -189,6 +195,7 @@ class EngineCore:
     def _build_batch(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         batch = self.runner.batch
         batch.clear()
+        self.scorer.reset()
         sample_at = []
         for seq, n in plan:
             start = seq.n_computed
@@ -197,18 +204,25 @@ class EngineCore:
             idx = batch.add(seq.tokens[start:start + n], start, seq.slot.seq_id, completes)
             if completes:
                 sample_at.append((seq, idx))
+            if seq.scoring_prompt:
+                self.scorer.mark_prompt_rows(batch, seq, start, n, idx - n + 1)
         return sample_at
 
     def _sample(self, sample_at: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         sampled = []
         for seq, idx in sample_at:
-            assert seq.sampler is not None
-            sampled.append((seq, seq.sampler.sample(self.runner, idx)))
+            sampled.append((seq, self._sample_one(seq, idx)))
             if seq.n_output == 0:
                 for sib in self._fork_siblings(seq):
-                    assert sib.sampler is not None
-                    sampled.append((sib, sib.sampler.sample(self.runner, idx)))
+                    sampled.append((sib, self._sample_one(sib, idx)))
         return sampled
+
+    def _sample_one(self, seq: Sequence, idx: int) -> int:
+        assert seq.sampler is not None
+        token = seq.sampler.sample(self.runner, idx)
+        if seq.request.logprobs is not None:
+            self.scorer.sampled(seq, idx, token)
+        return token
 
     def _fork_siblings(self, seq: Sequence) -> list[Sequence]:
         forked = []
@@ -261,7 +275,7 @@ class EngineCore:
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq.slot is not None:
-            self.pool.release(seq.slot, keep=reason != FINISH_ERROR)
+            self.pool.release(seq.slot, keep=reason != FINISH_ERROR, running=len(self.running))
             seq.slot = None
             self._kv_pressure = False
         if seq.sampler is not None:

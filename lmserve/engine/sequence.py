@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lmserve.core.events import TokenOutput, Usage
+from lmserve.core.events import TokenLogprob, TokenOutput, Usage
 from lmserve.core.request import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDecoder, StopMatcher
 
@@ -34,6 +34,14 @@ class EngineRequest:
     arrival: float = field(default_factory=time.monotonic)
     handle: object = None  # the submitter's own reference, returned with each step's outputs
     sequences: list["Sequence"] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; k: sampled token's logprob + top k alternatives
+    prompt_logprobs: int | None = None  # the same for prompt tokens
+    # Prompt logprobs computed so far, shared by the n choices (computed once, by choice 0).
+    prompt_scores: list[TokenLogprob] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_logprobs is not None and self.prompt_scores is None:
+            self.prompt_scores = []
 
     @property
     def finished(self) -> bool:
@@ -64,6 +72,8 @@ class Sequence:
     decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
     finish_reason: str | None = None
     first_token_at: float | None = None
+    sampled_logprob: TokenLogprob | None = None  # this step's token, until output() takes it
+    prompt_scores_sent: bool = False
 
     @classmethod
     def for_request(cls, request: EngineRequest, index: int) -> "Sequence":
@@ -78,6 +88,23 @@ class Sequence:
     def n_pending(self) -> int:
         """Tokens still to feed before the next logits are available."""
         return len(self.tokens) - self.n_computed
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs are asked for and not all computed yet."""
+        scores = self.request.prompt_scores
+        return scores is not None and len(scores) < self.n_prompt
+
+    @property
+    def reuse_limit(self) -> int:
+        """How many leading tokens the prefix cache may supply. Never the last one (its logits
+        are sampled), and while prompt logprobs are pending, nothing past the position before
+        the first unscored token (the logits there score it, and reused tokens have none)."""
+        limit = len(self.tokens) - 1
+        if self.scoring_prompt:
+            assert self.request.prompt_scores is not None
+            limit = min(limit, max(len(self.request.prompt_scores) - 1, 0))
+        return limit
 
     @property
     def is_decoding(self) -> bool:
@@ -99,5 +126,16 @@ class Sequence:
                      cached_tokens=self.n_cached)
 
     def output(self, text: str, token: int | None) -> TokenOutput:
-        return TokenOutput(index=self.index, text=text,
-                           token_ids=[token] if token is not None else [])
+        out = TokenOutput(index=self.index, text=text,
+                          token_ids=[token] if token is not None else [])
+        if self.request.logprobs is not None or self.request.prompt_scores is not None:
+            self._attach_logprobs(out)
+        return out
+
+    def _attach_logprobs(self, out: TokenOutput) -> None:
+        if self.sampled_logprob is not None and out.token_ids:
+            out.logprobs, self.sampled_logprob = [self.sampled_logprob], None
+        elif self.request.logprobs is not None:
+            out.logprobs = []
+        if self.request.prompt_scores is not None and not self.prompt_scores_sent:
+            out.prompt_logprobs, self.prompt_scores_sent = self.request.prompt_scores, True

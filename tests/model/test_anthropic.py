@@ -116,8 +116,8 @@ def test_unknown_model_is_not_found(claude):
 
 @pytest.mark.parametrize("kw, needle", [
     ({"extra_body": {"temperature": 1.5}}, "temperature"),
-    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}]}, "tools"),
-    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "budget_tokens"),
     ({"messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                      "data": "iVBORw0KGgo="}}]}]}, "vision"),

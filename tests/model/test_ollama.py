@@ -107,7 +107,7 @@ def test_errors_are_ollama_shaped(oc, server):
         oc.chat(model=MODEL, messages=HELLO, options={"temperature": "hot"})
     assert exc.value.status_code == 400 and "temperature" in exc.value.error
     with pytest.raises(ollama.ResponseError) as exc:
-        oc.generate(model=MODEL, prompt="x", format="json")
+        oc.generate(model=MODEL, prompt="x", format={"type": "no-such-type"})
     assert exc.value.status_code == 400 and "format" in exc.value.error
     with pytest.raises(ollama.ResponseError) as exc:
         oc.generate(model=MODEL, prompt="x " * 50, raw=True, options={"num_ctx": 16})

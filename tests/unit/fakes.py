@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from lmserve.core.request import SamplingParams
 
 VOCAB = 50
@@ -13,6 +15,13 @@ EOS = 0
 def next_token(last: int, pos: int) -> int:
     """The fake model: the next token depends only on the last token and its position."""
     return 1 + (last * 7 + pos * 3) % (VOCAB - 1)
+
+
+def fake_logits(last: int, pos: int) -> np.ndarray:
+    """The fake model's logits row: next_token(last, pos) is the most likely token, and the
+    others fall off with their distance from it (all distinct)."""
+    distance = (np.arange(VOCAB) - next_token(last, pos)) % VOCAB
+    return (-0.37 * distance + 0.01 * (last % 5)).astype(np.float32)
 
 
 class FakeBatch:
@@ -33,6 +42,11 @@ class FakeBatch:
             self.entries.append((tok, start_pos + i, seq_id, last))
         assert len(self.entries) <= self.capacity, "batch overflow"
         return len(self.entries) - 1
+
+    def request_logits(self, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            tok, pos, seq, _ = self.entries[i]
+            self.entries[i] = (tok, pos, seq, True)
 
 
 class FakeSampler:
@@ -61,6 +75,7 @@ class FakeRunner:
     def __init__(self, *, n_ctx: int = 4096, batch: int = 64, kv_capacity: int | None = None,
                  eos_after: int | None = None) -> None:
         self.n_ctx = n_ctx
+        self.n_vocab = VOCAB
         self.batch = FakeBatch(batch)
         self.eog_tokens = frozenset({EOS})
         self.kv: dict[int, list[int]] = {}
@@ -71,6 +86,14 @@ class FakeRunner:
 
     def piece(self, token: int) -> bytes:
         return b"" if token == EOS else f"<{token}>".encode()
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"</s>" if token == EOS else f"<{token}>".encode()
+
+    def logits_row(self, batch_index: int) -> np.ndarray:
+        token, pos, _seq, logits = self.batch.entries[batch_index]
+        assert logits, "read a row decoded without logits"
+        return fake_logits(token, pos)
 
     def make_sampler(self, params: SamplingParams, seed: int, banned: Iterable[int]) -> FakeSampler:
         sampler = FakeSampler(banned, self.eos_after)

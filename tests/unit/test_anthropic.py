@@ -30,7 +30,7 @@ def test_request_maps_system_blocks_sampling_and_stops():
                                                {"type": "text", "text": "b",
                                                 "cache_control": {"type": "ephemeral"}}]}],
         temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["END"],
-        metadata={"user_id": "u1"}, service_tier="auto"), template_tools=False)
+        metadata={"user_id": "u1"}, service_tier="auto"))
     assert prefill is None
     assert [(m.role, m.content) for m in gen.messages] == [("system", "Be brief.\nBe kind."),
                                                           ("user", "a\nb")]
@@ -41,8 +41,7 @@ def test_request_maps_system_blocks_sampling_and_stops():
 def test_consecutive_turns_merge_and_final_assistant_turn_is_a_prefill():
     gen, prefill = adapter.message_request(body(messages=[
         {"role": "user", "content": "one"}, {"role": "user", "content": "two"},
-        {"role": "assistant", "content": [{"type": "text", "text": "The answer is"}]}]),
-        template_tools=False)
+        {"role": "assistant", "content": [{"type": "text", "text": "The answer is"}]}]))
     assert [(m.role, m.content) for m in gen.messages] == [("user", "one\n\ntwo")]
     assert prefill == "The answer is"
 
@@ -61,8 +60,8 @@ HISTORY = [
 ]
 
 
-def test_tool_history_becomes_template_fields_when_the_template_knows_tools():
-    gen, _ = adapter.message_request(body(messages=HISTORY), template_tools=True)
+def test_tool_history_becomes_template_fields():
+    gen, _ = adapter.message_request(body(messages=HISTORY))
     user, assistant, tool, follow = [m.as_template_dict() for m in gen.messages]
     assert assistant["content"] == "Checking." and assistant["reasoning_content"] == "need a tool"
     assert assistant["tool_calls"] == [{"id": "tu_1", "type": "function", "function": {
@@ -72,18 +71,16 @@ def test_tool_history_becomes_template_fields_when_the_template_knows_tools():
     assert follow == {"role": "user", "content": "thanks"}
 
 
-def test_tool_history_becomes_text_otherwise():
-    gen, _ = adapter.message_request(body(messages=HISTORY), template_tools=False)
-    assistant, user = gen.messages[1], gen.messages[2]
-    assert assistant.content == 'Checking.\n[tool call tu_1] get_weather({"city": "Paris"})'
-    assert user.content == "[tool result tu_1] 18C\nthanks"
-
-
 @pytest.mark.parametrize("fields, param", [
-    ({"tools": [{"name": "x", "input_schema": {}}]}, "tools"),
-    ({"tool_choice": {"type": "any"}}, "tool_choice"),
-    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
-    ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"name": "x"}]}, "tools[0].input_schema"),
+    ({"tools": [{"name": "x", "input_schema": {}}], "tool_choice": {"type": "tool",
+                                                                    "name": "y"}},
+     "tool_choice.name"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1000}}, "thinking.budget_tokens"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking.budget_tokens"),
+    ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
+    ({"output_config": {"effort": "high"}}, "output_config.effort"),
     ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
     ({"container": "c1"}, "container"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
@@ -104,14 +101,14 @@ def test_tool_history_becomes_text_otherwise():
 ])
 def test_unimplemented_and_malformed_input_is_refused_naming_the_parameter(fields, param):
     with pytest.raises(LmserveError) as exc:
-        adapter.message_request(body(**fields), template_tools=False)
+        adapter.message_request(body(**fields))
     assert exc.value.kind in (ErrorKind.UNSUPPORTED, ErrorKind.INVALID_REQUEST)
     assert exc.value.param == param and param in exc.value.message
 
 
 def test_disabled_features_are_accepted():
     adapter.message_request(body(thinking={"type": "disabled"}, tool_choice={"type": "none"},
-                                 tools=[], output_config={"effort": None}), template_tools=False)
+                                 tools=[], output_config={"effort": None}))
 
 
 # -- encoder ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lmserve.chat.templates import ChatTemplate
+from lmserve.chat.turn import turn_parser
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.dialects.anthropic import encoder, routes
@@ -57,6 +58,9 @@ class FakeService:
     def prepare(self, gen) -> PreparedPrompt:  # type: ignore[no-untyped-def]
         text = self.render_chat(gen.messages)
         return PreparedPrompt(self.tokenize(text), text)
+
+    def chat_parser(self, gen, prepared):  # type: ignore[no-untyped-def]
+        return turn_parser(None, None, prepared.text)
 
     def start(self, gen, prepared) -> FakeGeneration:  # type: ignore[no-untyped-def]
         generation = FakeGeneration(self.steps)
@@ -133,7 +137,8 @@ def test_an_error_after_the_stream_started_travels_inside_it():
 
 async def test_closing_the_stream_closes_the_generation():
     generation = FakeGeneration(STEPS)
-    stream = routes._stream(generation, encoder.StreamEncoder("m", 3, context_capped=False))
+    stream = routes._stream(generation, encoder.StreamEncoder("m", 3, context_capped=False),
+                            turn_parser(None, None, None))
     await stream.__anext__()
     await stream.aclose()  # what Starlette does when the client disconnects
     assert generation.closed
@@ -171,7 +176,7 @@ def test_prefill_continues_after_the_assistant_header_and_count_tokens_agrees():
     ({"stop_sequences": [""]}, "stop_sequences[0]"),
     ({"metadata": {"user_id": "u", "other": 1}}, "metadata.other"),
     ({"top_logprobs": 3}, "top_logprobs"),
-    ({"tools": [{"name": "f", "input_schema": {}}]}, "tools"),
+    ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),
 ])
 def test_bad_requests_get_anthropic_400s(fields, where):
     client, _ = fake_client()

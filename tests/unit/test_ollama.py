@@ -103,15 +103,14 @@ def test_keep_alive_durations():
 
 def test_chat_and_generate_refuse_what_is_not_implemented():
     chat = {"model": "m", "messages": USER}
-    for extra, param in (({"tools": [{"type": "function"}]}, "tools"), ({"think": True}, "think"),
-                         ({"think": "high"}, "think"), ({"format": "json"}, "format"),
-                         ({"format": {"type": "object"}}, "format"),
-                         ({"logprobs": True}, "logprobs"),
+    for extra, param in (({"logprobs": True}, "logprobs"),
                          ({"messages": [{**USER[0], "images": ["aGk="]}]}, "messages[0].images")):
         err = refused(adapter.chat_job, ChatRequest(**{**chat, **extra}))
         assert err.kind is ErrorKind.UNSUPPORTED and err.param == param
     job = adapter.chat_job(ChatRequest(**chat, think=False, format="", keep_alive="10m"))
     assert job.keep_alive == 600 and job.request.messages[0].content == "hi"
+    assert job.request.reasoning is False and not job.show_thinking
+    assert job.request.response_format is None
     history = adapter.chat_job(ChatRequest(model="m", messages=[
         {"role": "assistant", "content": "", "thinking": "hmm",
          "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]},

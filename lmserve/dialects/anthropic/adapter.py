@@ -1,14 +1,14 @@
 """Pure translation: Anthropic Messages wire models -> core.GenerationRequest.
 
-Tool history (tool_use / tool_result blocks) goes to the chat template as `tool_calls` and `tool`
-messages when the template knows tools, and as plain text otherwise, so the model still sees
-what happened. Earlier thinking travels as `reasoning_content`, which templates without a
-reasoning channel drop, as Anthropic drops earlier thinking itself.
+Tool history (tool_use / tool_result blocks) becomes `tool_calls` and `tool` messages; the
+service renders them through the chat template, or as the fallback tool prompt's text when the
+template knows no tools. Earlier thinking travels as `reasoning_content`, which templates
+without a reasoning channel drop, as Anthropic drops earlier thinking itself. Tools, tool_choice,
+thinking and output_config are translated in anthropic.tools.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,7 @@ from lmserve.core.errors import invalid, unsupported
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.anthropic.schema import (ContentBlock, MessageIn, MessageRequest,
                                                MessagesBase)
-
-_LATER_TOOLS = "tool use arrives in a later release"
+from lmserve.dialects.anthropic.tools import thinking, tool_fields
 
 
 @dataclass
@@ -29,28 +28,29 @@ class Conversation:
     prefill: str | None = None
 
 
-def message_request(body: MessageRequest, *, template_tools: bool
-                    ) -> tuple[GenerationRequest, str | None]:
+def message_request(body: MessageRequest) -> tuple[GenerationRequest, str | None]:
     """The generation and its prefill (see Conversation)."""
     _refuse_server_features(body)
-    conversation = _conversation(body, template_tools)
+    conversation = _conversation(body)
     chosen = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
     sampling = SamplingParams().replace(**{k: v for k, v in chosen.items() if v is not None})
     request = GenerationRequest(model=body.model, messages=conversation.messages,
                                 sampling=sampling, max_tokens=body.max_tokens,
-                                stop=list(body.stop_sequences or []))
+                                stop=list(body.stop_sequences or []),
+                                reasoning=thinking(body, body.max_tokens).reasoning,
+                                **tool_fields(body))
     return request, conversation.prefill
 
 
-def count_request(body: MessagesBase, *, template_tools: bool
-                  ) -> tuple[GenerationRequest, str | None]:
+def count_request(body: MessagesBase) -> tuple[GenerationRequest, str | None]:
     """The prompt alone, built exactly as message_request builds it."""
-    conversation = _conversation(body, template_tools)
-    return GenerationRequest(model=body.model, messages=conversation.messages), \
-        conversation.prefill
+    conversation = _conversation(body)
+    return GenerationRequest(model=body.model, messages=conversation.messages,
+                             reasoning=thinking(body, None).reasoning,
+                             **tool_fields(body)), conversation.prefill
 
 
-def _conversation(body: MessagesBase, template_tools: bool) -> Conversation:
+def _conversation(body: MessagesBase) -> Conversation:
     _refuse_unimplemented(body)
     messages: list[ChatMessage] = []
     system = _system_text(body.system)
@@ -62,21 +62,11 @@ def _conversation(body: MessagesBase, template_tools: bool) -> Conversation:
     if turns[-1].role == "assistant":
         prefill = _prefill_text(turns.pop(), len(turns))
     for i, turn in enumerate(turns):
-        messages.extend(_turn(turn, i, tool_names, template_tools))
+        messages.extend(_turn(turn, i, tool_names))
     return Conversation(_merge_adjacent(messages), prefill)
 
 
 def _refuse_unimplemented(body: MessagesBase) -> None:
-    if body.tools:
-        raise unsupported("tools", _LATER_TOOLS)
-    if body.tool_choice is not None and body.tool_choice.get("type") not in ("auto", "none"):
-        raise unsupported("tool_choice", _LATER_TOOLS)
-    if body.thinking is not None and body.thinking.get("type") != "disabled":
-        raise unsupported("thinking", "extended thinking arrives in a later release")
-    for key, value in (body.output_config or {}).items():
-        if value is not None:
-            raise unsupported(f"output_config.{key}",
-                              "structured output and effort arrive in a later release")
     if body.mcp_servers:
         raise unsupported("mcp_servers", "this server connects to no MCP servers")
     if body.context_management is not None:
@@ -109,11 +99,10 @@ def _prefill_text(turn: MessageIn, index: int) -> str:
     return "".join(texts)
 
 
-def _turn(turn: MessageIn, index: int, tool_names: dict[str, str],
-          template_tools: bool) -> list[ChatMessage]:
+def _turn(turn: MessageIn, index: int, tool_names: dict[str, str]) -> list[ChatMessage]:
     if isinstance(turn.content, str):
         return [ChatMessage(role=turn.role, content=turn.content)]
-    builder = _TurnBuilder(turn.role, tool_names, template_tools)
+    builder = _TurnBuilder(turn.role, tool_names)
     for j, block in enumerate(turn.content):
         builder.add(block, f"messages[{index}].content[{j}]")
     return builder.messages()
@@ -122,10 +111,9 @@ def _turn(turn: MessageIn, index: int, tool_names: dict[str, str],
 class _TurnBuilder:
     """Collects one turn's blocks into template messages (tool results become `tool` turns)."""
 
-    def __init__(self, role: str, tool_names: dict[str, str], template_tools: bool) -> None:
+    def __init__(self, role: str, tool_names: dict[str, str]) -> None:
         self.role = role
         self.tool_names = tool_names
-        self.template_tools = template_tools
         self.texts: list[str] = []
         self.reasoning: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
@@ -154,20 +142,14 @@ class _TurnBuilder:
         call_id, name = _string(block, "id", param), _string(block, "name", param)
         arguments = _field(block, "input", dict, param)
         self.tool_names[call_id] = name
-        if self.template_tools:
-            self.tool_calls.append({"id": call_id, "type": "function",
-                                    "function": {"name": name, "arguments": arguments}})
-        else:
-            self.texts.append(f"[tool call {call_id}] {name}({json.dumps(arguments)})")
+        self.tool_calls.append({"id": call_id, "type": "function",
+                                "function": {"name": name, "arguments": arguments}})
 
     def _tool_result(self, block: ContentBlock, param: str) -> None:
         call_id = _string(block, "tool_use_id", param)
         text = _tool_result_text(getattr(block, "content", None), f"{param}.content")
         if getattr(block, "is_error", False):
             text = f"Error: {text}"
-        if not self.template_tools:
-            self.texts.append(f"[tool result {call_id}] {text}")
-            return
         name = self.tool_names.get(call_id)
         self.tool_messages.append(ChatMessage(role="tool", content=text, name=name,
                                               extra={"tool_call_id": call_id}))

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import FINISH_ERROR, FINISH_LENGTH, TokenOutput, Usage
+from lmserve.core.events import (CHANNEL_OUTPUT, FINISH_ERROR, FINISH_LENGTH, ChatEvent,
+                                 ParsedTurn, TextDelta, TokenOutput, Usage)
+from lmserve.dialects.anthropic.blocks import BlockStream, content_blocks
 
 _ERROR_TYPES = {
     ErrorKind.INVALID_REQUEST: "invalid_request_error",
@@ -45,7 +47,8 @@ def usage_body(usage: Usage) -> dict[str, int]:
             "output_tokens": usage.completion_tokens}
 
 
-def stop_reason(out: TokenOutput, *, context_capped: bool) -> tuple[str, str | None]:
+def stop_reason(out: TokenOutput, *, context_capped: bool, made_calls: bool = False
+                ) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) of a finished output.
 
     `context_capped`: max_tokens was lowered to what the context had left, so running out
@@ -53,6 +56,8 @@ def stop_reason(out: TokenOutput, *, context_capped: bool) -> tuple[str, str | N
     """
     if out.finish_reason == FINISH_LENGTH:
         return ("model_context_window_exceeded" if context_capped else "max_tokens"), None
+    if made_calls:
+        return "tool_use", None
     if out.stop_match is not None:
         return "stop_sequence", out.stop_match
     return "end_turn", None
@@ -77,11 +82,15 @@ class Collected:
         return self.final.error if self.final.finish_reason == FINISH_ERROR else None
 
 
-def message(model: str, collected: Collected, *, context_capped: bool) -> dict[str, Any]:
+def message(model: str, collected: Collected, *, context_capped: bool,
+            turn: ParsedTurn | None = None, display: str | None = None) -> dict[str, Any]:
+    """`turn`: the text as the chat parser read it; `display`: see blocks.content_blocks."""
     assert collected.final is not None
-    reason, sequence = stop_reason(collected.final, context_capped=context_capped)
+    turn = turn or ParsedTurn(content="".join(collected.chunks))
+    reason, sequence = stop_reason(collected.final, context_capped=context_capped,
+                                   made_calls=bool(turn.tool_calls))
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": "".join(collected.chunks)}],
+            "content": content_blocks(turn, display),
             "stop_reason": reason, "stop_sequence": sequence,
             "usage": usage_body(collected.final.usage or Usage())}
 
@@ -99,34 +108,35 @@ class StreamEncoder:
     input_tokens and cache_read_input_tokens, which the official clients take as final.
     """
 
-    def __init__(self, model: str, prompt_tokens: int, *, context_capped: bool) -> None:
+    def __init__(self, model: str, prompt_tokens: int, *, context_capped: bool,
+                 display: str | None = None) -> None:
         self.model = model
         self.prompt_tokens = prompt_tokens
         self.context_capped = context_capped
+        # As Anthropic does, a ping follows the first content_block_start.
+        self.blocks = BlockStream(display, lambda: [("ping", {"type": "ping"})])
 
     def start(self) -> list[bytes]:
         message = {"id": new_message_id(), "type": "message", "role": "assistant",
                    "model": self.model, "content": [], "stop_reason": None,
                    "stop_sequence": None,
                    "usage": usage_body(Usage(prompt_tokens=self.prompt_tokens))}
-        return [sse("message_start", {"type": "message_start", "message": message}),
-                sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                            "content_block": {"type": "text", "text": ""}}),
-                sse("ping", {"type": "ping"})]
+        return [sse("message_start", {"type": "message_start", "message": message})]
 
-    def output(self, out: TokenOutput) -> list[bytes]:
-        frames = []
-        if out.text:
-            frames.append(sse("content_block_delta", {
-                "type": "content_block_delta", "index": 0,
-                "delta": {"type": "text_delta", "text": out.text}}))
+    def output(self, out: TokenOutput, events: list[ChatEvent] | None = None) -> list[bytes]:
+        """The frames of one step; `events`: its text as the chat parser read it."""
+        if events is None:
+            events = [TextDelta(CHANNEL_OUTPUT, out.text)]
+        frames = [sse(event, data) for event, data in self.blocks.events(events)]
         if out.finished:
             frames.extend(self._finish(out))
         return frames
 
     def _finish(self, out: TokenOutput) -> list[bytes]:
-        reason, sequence = stop_reason(out, context_capped=self.context_capped)
-        return [sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        reason, sequence = stop_reason(out, context_capped=self.context_capped,
+                                       made_calls=self.blocks.made_calls)
+        closing = [sse(event, data) for event, data in self.blocks.finish()]
+        return [*closing,
                 sse("message_delta", {"type": "message_delta",
                                       "delta": {"stop_reason": reason,
                                                 "stop_sequence": sequence},

@@ -10,11 +10,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lmserve.chat.parsing import parse_all
+from lmserve.chat.tools import StreamParser
+from lmserve.chat.turn import step_events
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_ERROR
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.anthropic import adapter, encoder
 from lmserve.dialects.anthropic.schema import CountTokensRequest, MessageRequest
+from lmserve.dialects.anthropic.tools import thinking
 from lmserve.engine.client import Generation
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
 from lmserve.models.registry import ModelRegistry
@@ -37,24 +41,30 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
         if isinstance(defaults.get("stop"), str):
             defaults["stop"] = [defaults["stop"]]
         body = with_defaults(body, defaults, {"stop": "stop_sequences"})
-        gen, prefill = adapter.message_request(body, template_tools=_template_tools(service))
+        gen, prefill = adapter.message_request(body)
+        display = thinking(body, body.max_tokens).display
         prepared = _prepare(service, gen, prefill)
         gen, capped = _fit_context(service, gen, len(prepared.tokens))
         generation = service.start(gen, prepared)  # refusals happen before a stream starts
+        parser = service.chat_parser(gen, prepared)
         if body.stream:
-            enc = encoder.StreamEncoder(body.model, len(prepared.tokens), context_capped=capped)
-            return StreamingResponse(_stream(generation, enc), media_type="text/event-stream",
+            enc = encoder.StreamEncoder(body.model, len(prepared.tokens), context_capped=capped,
+                                        display=display)
+            return StreamingResponse(_stream(generation, enc, parser),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
         collected = await unless_disconnected(request, _collect(generation))
         if collected.error:
             raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {collected.error}")
-        return JSONResponse(encoder.message(body.model, collected, context_capped=capped))
+        turn = parse_all(parser, "".join(collected.chunks))
+        return JSONResponse(encoder.message(body.model, collected, context_capped=capped,
+                                            turn=turn, display=display))
 
     @router.post("/v1/messages/count_tokens", summary="Count the tokens of a message request")
     async def count_tokens(body: CountTokensRequest) -> Any:
         service = models().get(body.model)
-        gen, prefill = adapter.count_request(body, template_tools=_template_tools(service))
+        gen, prefill = adapter.count_request(body)
         return {"input_tokens": len(_prepare(service, gen, prefill).tokens)}
 
     # Names differ from the OpenAI router's: both dialects own GET /v1/models at the root.
@@ -76,19 +86,14 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
     return router
 
 
-def _template_tools(service: ModelService) -> bool:
-    return service.template is not None and service.template.supports_tools
-
-
 def _prepare(service: ModelService, gen: GenerationRequest, prefill: str | None
              ) -> PreparedPrompt:
     """Tokens of the prompt; a prefill is appended after the template's assistant header."""
+    prepared = service.prepare(gen)
     if prefill is None:
-        return service.prepare(gen)
-    service.require_ready()
-    text = service.render_chat(gen.messages or [], add_generation_prompt=True,
-                               template_kwargs=gen.template_kwargs) + prefill
-    return PreparedPrompt(service.tokenize(text), text)
+        return prepared
+    text = (prepared.text or "") + prefill
+    return dataclasses.replace(prepared, tokens=service.tokenize(text), text=text)
 
 
 def _fit_context(service: ModelService, gen: GenerationRequest, n_prompt: int
@@ -109,7 +114,8 @@ async def _collect(generation: Generation) -> encoder.Collected:
     return collected
 
 
-async def _stream(generation: Generation, enc: encoder.StreamEncoder) -> AsyncIterator[bytes]:
+async def _stream(generation: Generation, enc: encoder.StreamEncoder, parser: StreamParser
+                  ) -> AsyncIterator[bytes]:
     try:
         for frame in enc.start():
             yield frame
@@ -117,7 +123,7 @@ async def _stream(generation: Generation, enc: encoder.StreamEncoder) -> AsyncIt
             for out in outs:
                 if out.finish_reason == FINISH_ERROR:
                     raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-                for frame in enc.output(out):
+                for frame in enc.output(out, step_events(parser, out.text, out.finished)):
                     yield frame
     except LmserveError as exc:  # the stream has started: the error travels inside it
         yield enc.error(exc)

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmserve.core.errors import invalid, unsupported
+from lmserve.core.errors import invalid
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.native.schema import GenerateBody
+from lmserve.dialects.native.tools import chat_message, tool_fields
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
              "frequency_penalty", "repetition_penalty")
@@ -29,8 +30,6 @@ class Native:
 def generation_request(body: GenerateBody, *, defaults: Mapping[str, Any],
                        default_transport: str, has_template: bool,
                        reasoning_default: bool) -> Native:
-    if body.tools:
-        raise unsupported("tools", "tool calling arrives with the tools release")
     params = {**defaults, **(body.params or {})}
     transport = body.transport or default_transport
     if transport != "raw" and not has_template:
@@ -41,7 +40,8 @@ def generation_request(body: GenerateBody, *, defaults: Mapping[str, Any],
         sampling=_sampling(params),
         max_tokens=_max_tokens(params.get("max_tokens")),
         stop=_stops(params.get("stop")),
-        template_kwargs={"enable_thinking": reasoning} if transport != "raw" else {},
+        reasoning=reasoning if transport != "raw" else None,
+        **tool_fields(body),
     )
     if transport == "raw":
         _forbid(body, transport, "system", "messages")
@@ -56,8 +56,7 @@ def generation_request(body: GenerateBody, *, defaults: Mapping[str, Any],
         if not body.messages:
             raise invalid("transport 'conversation' needs a non-empty 'messages' list",
                           param="messages")
-        request.messages = [ChatMessage("system" if m.role == "developer" else m.role, m.content,
-                                        name=m.name) for m in body.messages]
+        request.messages = [chat_message(m) for m in body.messages]
     return Native(request=request, transport=transport, reasoning=reasoning)
 
 

@@ -14,11 +14,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from lmserve.chat.reasoning import ReasoningParser, detect_reasoning_tags, \
-    generation_opens_reasoning
+from lmserve.chat.tools import StreamParser
+from lmserve.chat.turn import step_events
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import CHANNEL_OUTPUT, CHANNEL_REASONING, FINISH_CANCELLED, \
-    FINISH_ERROR, TextDelta, TokenOutput, Usage
+from lmserve.core.events import CHANNEL_REASONING, FINISH_CANCELLED, FINISH_ERROR, ChatEvent, \
+    TextDelta, TokenOutput, Usage
 from lmserve.dialects.native.encoder import Blocks, Frame, FrameEncoder
 from lmserve.engine.client import Generation
 from lmserve.stores import StreamState, StreamStore
@@ -28,47 +28,32 @@ log = logging.getLogger("lmserve.native")
 PROGRESS_EVERY = 32  # output tokens between message.delta usage frames
 
 
-class ChannelSplitter:
-    """Generated text -> (channel, text): reasoning tags parsed when the template has them.
+class ReplyParser:
+    """Generated text -> chat events (reasoning, text, tool calls) through the chat parser.
 
     Reasoning is always kept out of the answer; it is shown only when asked for."""
 
-    def __init__(self, template_source: str | None, prompt_text: str | None, show: bool) -> None:
-        tags = detect_reasoning_tags(template_source)
-        self.show = show
-        self.parser = None
-        if tags is not None:
-            opens = prompt_text is not None and generation_opens_reasoning(prompt_text, tags)
-            self.parser = ReasoningParser(*tags, starts_in_reasoning=opens)
+    def __init__(self, parser: StreamParser, show_reasoning: bool) -> None:
+        self.parser, self.show = parser, show_reasoning
 
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        if self.parser is None:
-            return [(CHANNEL_OUTPUT, text)] if text else []
-        return self._visible(self.parser.feed(text))
-
-    def finish(self) -> list[tuple[str, str]]:
-        return self._visible(self.parser.finish()) if self.parser is not None else []
-
-    def _visible(self, events: list) -> list[tuple[str, str]]:  # type: ignore[type-arg]
-        return [(e.channel, e.text) for e in events if isinstance(e, TextDelta) and e.text
-                and (self.show or e.channel != CHANNEL_REASONING)]
+    def step(self, text: str, finished: bool) -> list[ChatEvent]:
+        events = step_events(self.parser, text, finished)
+        return [e for e in events if self.show or not isinstance(e, TextDelta)
+                or e.channel != CHANNEL_REASONING]
 
 
-async def collect(generation: Generation, splitter: ChannelSplitter
+async def collect(generation: Generation, reply: ReplyParser
                   ) -> tuple[Blocks, str | None, Usage]:
-    """Run a generation to the end; blocks of channel text, the finish reason, usage."""
+    """Run a generation to the end; its blocks, the finish reason, usage."""
     blocks, finish, usage = Blocks(), None, Usage()
     try:
         async for outputs in generation:
             for out in outputs:
-                for channel, text in splitter.feed(out.text):
-                    blocks.add(channel, text)
+                if out.finish_reason == FINISH_ERROR:
+                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
+                blocks.add_events(reply.step(out.text, out.finished))
                 if out.finished:
-                    if out.finish_reason == FINISH_ERROR:
-                        raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
                     finish, usage = out.finish_reason, out.usage or usage
-        for channel, text in splitter.finish():
-            blocks.add(channel, text)
     finally:
         generation.close()
     return blocks, finish, usage
@@ -85,12 +70,12 @@ class StreamProducers:
     def store(self) -> StreamStore:
         return self._store()
 
-    async def start(self, generation: Generation, splitter: ChannelSplitter, model: str,
+    async def start(self, generation: Generation, reply: ReplyParser, model: str,
                     n_prompt: int) -> str:
         ident = str(uuid.uuid4())
         await self.store.create(ident, {"model": model})
         encoder = FrameEncoder(ident, model, int(time.time()))
-        task = asyncio.create_task(self._produce(ident, generation, splitter, encoder, n_prompt),
+        task = asyncio.create_task(self._produce(ident, generation, reply, encoder, n_prompt),
                                    name=f"native-stream-{ident}")
         self._tasks[ident] = (task, generation)
         task.add_done_callback(lambda _: self._tasks.pop(ident, None))
@@ -110,7 +95,7 @@ class StreamProducers:
             task.cancel()
         await asyncio.gather(*(t for t, _ in self._tasks.values()), return_exceptions=True)
 
-    async def _produce(self, ident: str, generation: Generation, splitter: ChannelSplitter,
+    async def _produce(self, ident: str, generation: Generation, reply: ReplyParser,
                        encoder: FrameEncoder, n_prompt: int) -> None:
         usage = Usage(prompt_tokens=n_prompt)
         state = StreamState.COMPLETED
@@ -118,7 +103,7 @@ class StreamProducers:
             await self._emit(ident, encoder.start())
             async for outputs in generation:
                 for out in outputs:
-                    usage = await self._on_output(ident, out, splitter, encoder, usage)
+                    usage = await self._on_output(ident, out, reply, encoder, usage)
                     if out.finish_reason == FINISH_CANCELLED:
                         state = StreamState.CANCELLED
         except LmserveError as exc:
@@ -138,17 +123,15 @@ class StreamProducers:
             generation.close()
             await asyncio.shield(self.store.finish(ident, state))
 
-    async def _on_output(self, ident: str, out: TokenOutput, splitter: ChannelSplitter,
+    async def _on_output(self, ident: str, out: TokenOutput, reply: ReplyParser,
                          encoder: FrameEncoder, usage: Usage) -> Usage:
-        frames: list[Frame] = []
-        for channel, text in splitter.feed(out.text):
-            frames += encoder.text(channel, text)
-        if out.finish_reason == FINISH_ERROR:
+        failed = out.finish_reason == FINISH_ERROR
+        frames: list[Frame] = encoder.events(reply.step(out.text, out.finished and not failed))
+        if failed:
+            await self._emit(ident, frames)
             raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
         if out.finished:
             usage = out.usage or usage
-            for channel, text in splitter.finish():
-                frames += encoder.text(channel, text)
             frames += encoder.finish(out.finish_reason, usage)
         else:
             before = usage.completion_tokens

@@ -12,8 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.dialects.native import adapter, encoder
-from lmserve.dialects.native.producer import ChannelSplitter, StreamProducers, collect, \
-    sse_frames
+from lmserve.dialects.native.producer import ReplyParser, StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
 from lmserve.http.routing import dialect_route, unless_disconnected
 from lmserve.models.resource import LLMResource, check_params
@@ -38,16 +37,16 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
     async def query(body: GenerateBody, request: Request) -> Any:
         service, native, prepared = _prepare(resource, body)
         generation = service.start(native.request, prepared)
-        splitter = ChannelSplitter(_template(service), prepared.text, native.reasoning)
-        blocks, finish, usage = await unless_disconnected(request, collect(generation, splitter))
+        reply = _reply(service, native, prepared)
+        blocks, finish, usage = await unless_disconnected(request, collect(generation, reply))
         return encoder.query_body(str(uuid.uuid4()), _now(), resource.name, blocks, finish, usage)
 
     @router.post("/stream/", status_code=201, summary="Start a generation; read it at stream/{id}/")
     async def start_stream(body: GenerateBody) -> Any:
         service, native, prepared = _prepare(resource, body)
         generation = service.start(native.request, prepared)
-        splitter = ChannelSplitter(_template(service), prepared.text, native.reasoning)
-        ident = await producers.start(generation, splitter, resource.name, len(prepared.tokens))
+        ident = await producers.start(generation, _reply(service, native, prepared),
+                                      resource.name, len(prepared.tokens))
         return JSONResponse({"id": ident}, status_code=201)
 
     @router.get("/stream/{stream_id}/", summary="Read a stream as Server-Sent Events",
@@ -136,8 +135,9 @@ def _prepare(resource: LLMResource, body: GenerateBody
     return service, native, service.prepare(native.request)
 
 
-def _template(service: ModelService) -> str | None:
-    return service.template.source if service.template is not None else None
+def _reply(service: ModelService, native: adapter.Native, prepared: PreparedPrompt
+           ) -> ReplyParser:
+    return ReplyParser(service.chat_parser(native.request, prepared), native.reasoning)
 
 
 def _stream_id(raw: str) -> str:

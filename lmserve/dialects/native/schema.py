@@ -9,12 +9,24 @@ from pydantic import BaseModel, ConfigDict, Field
 Transport = Literal["raw", "chat", "conversation"]
 
 
+class ToolCallIn(BaseModel):
+    """A call the assistant made, as a tool block reported it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str = Field(max_length=10_000_000)
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this result answers
 
 
 class GenerateBody(BaseModel):
@@ -27,6 +39,9 @@ class GenerateBody(BaseModel):
     system: str | None = None
     messages: list[Message] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    format: Literal["json"] | dict[str, Any] | None = None
     params: dict[str, Any] | None = None
 
 

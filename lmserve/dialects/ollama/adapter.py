@@ -31,6 +31,7 @@ from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.ollama.schema import (ChatRequest, GenerateRequest, GenerationFields,
                                             Message, OptionValues)
+from lmserve.dialects.ollama.tools import output_fields, shows_thinking, tool_specs
 
 OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.0,
                                  repetition_penalty=1.1, penalty_last_n=64)
@@ -64,6 +65,7 @@ class Job:
     request: GenerationRequest
     options: Options
     keep_alive: float | None  # seconds; negative: forever; None: not given
+    show_thinking: bool = True  # think: false drops the reasoning
 
 
 def parse_options(raw: Mapping[str, Any] | None) -> Options:
@@ -168,13 +170,12 @@ def notice(options: Options, loaded_ctx: int | None, keep_alive: float | None, *
 
 def chat_job(body: ChatRequest) -> Job:
     _refuse_unimplemented(body)
-    if body.tools:
-        raise unsupported("tools", "tool calling arrives in a later release")
     options = parse_options(body.options)
     request = GenerationRequest(model=body.model, sampling=options.sampling,
                                 stop=list(options.stop),
-                                messages=[_message(m, i) for i, m in enumerate(body.messages)])
-    return Job(request, options, keep_alive_seconds(body.keep_alive))
+                                messages=[_message(m, i) for i, m in enumerate(body.messages)],
+                                tools=tool_specs(body.tools), **output_fields(body))
+    return Job(request, options, keep_alive_seconds(body.keep_alive), shows_thinking(body))
 
 
 def generate_job(body: GenerateRequest) -> Job:
@@ -191,22 +192,16 @@ def generate_job(body: GenerateRequest) -> Job:
         raise unsupported("images", "lmserve has no vision support yet")
     options = parse_options(body.options)
     request = GenerationRequest(model=body.model, sampling=options.sampling,
-                                stop=list(options.stop))
+                                stop=list(options.stop), **output_fields(body))
     if body.raw:
         request.prompt = body.prompt
     else:
         system = [ChatMessage("system", body.system)] if body.system else []
         request.messages = [*system, ChatMessage("user", body.prompt)]
-    return Job(request, options, keep_alive_seconds(body.keep_alive))
+    return Job(request, options, keep_alive_seconds(body.keep_alive), shows_thinking(body))
 
 
 def _refuse_unimplemented(body: GenerationFields) -> None:
-    if body.format not in (None, ""):
-        raise unsupported("format", "structured output (JSON mode and JSON schemas) arrives "
-                          "in a later release")
-    if body.think not in (None, False):
-        raise unsupported("think", "reasoning output arrives in a later release; send "
-                          "think: false or leave it out")
     if body.logprobs or body.top_logprobs:
         raise unsupported("logprobs" if body.logprobs else "top_logprobs",
                           "logprobs arrive in a later release")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,7 +14,8 @@ import numpy as np
 from gguf import LlamaFileType
 
 from lmserve.core.errors import LmserveError
-from lmserve.core.events import FINISH_LENGTH, TokenOutput, Usage
+from lmserve.core.events import (CHANNEL_OUTPUT, CHANNEL_REASONING, FINISH_LENGTH, ChatEvent,
+                                 TextDelta, TokenOutput, ToolCallEnd, ToolCallStart, Usage)
 
 # lmserve keeps every model loaded while it runs; Ollama clients show a far-future expiry as
 # "Forever".
@@ -34,14 +36,31 @@ def done_reason(finish_reason: str | None) -> str:
     return "length" if finish_reason == FINISH_LENGTH else "stop"
 
 
-def _head(model: str, chat: bool, text: str, done: bool) -> dict[str, Any]:
+def _head(model: str, chat: bool, text: str, done: bool, thinking: str = "",
+          tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "created_at": timestamp()}
     if chat:
         body["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            body["message"]["thinking"] = thinking
+        if tool_calls:
+            body["message"]["tool_calls"] = tool_calls
     else:
         body["response"] = text
+        if thinking:
+            body["thinking"] = thinking
     body["done"] = done
     return body
+
+
+def tool_call(index: int, call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """A finished call as Ollama writes it: the arguments as an object."""
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        value = {}
+    return {"id": call_id, "function": {"index": index, "name": name,
+                                        "arguments": value if isinstance(value, dict) else {}}}
 
 
 def load_response(model: str, *, chat: bool) -> dict[str, Any]:
@@ -64,26 +83,53 @@ class Run:
     loaded_ns: int
     submitted_ns: int
     prompt_ids: list[int] | None = None  # set when the final frame carries `context`
+    show_thinking: bool = True  # False (think: false): reasoning is dropped
     text: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     first_ns: int | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
 
-    def add(self, out: TokenOutput, now_ns: int) -> dict[str, Any] | None:
-        """Record one step's output; returns the frame to stream when it carries text."""
+    _calls: dict[int, ToolCallStart] = field(default_factory=dict, repr=False)
+
+    def add(self, out: TokenOutput, now_ns: int, events: list[ChatEvent] | None = None
+            ) -> dict[str, Any] | None:
+        """Record one step's output (`events`: its text as the chat parser read it); returns
+        the frame to stream when it carries text, thinking or finished tool calls."""
         if self.first_ns is None and out.token_ids:
             self.first_ns = now_ns
         self.output_ids += out.token_ids
-        self.text += out.text
         if out.finished:
             self.finish_reason, self.usage, self.error = out.finish_reason, out.usage, out.error
-        return _head(self.model, self.chat, out.text, False) if out.text else None
+        text, thinking, calls = self._read(events if events is not None
+                                           else [TextDelta(CHANNEL_OUTPUT, out.text)])
+        if not (text or thinking or calls):
+            return None
+        return _head(self.model, self.chat, text, False, thinking, calls)
+
+    def _read(self, events: list[ChatEvent]) -> tuple[str, str, list[dict[str, Any]]]:
+        text, thinking, calls = "", "", []
+        for event in events:
+            if isinstance(event, TextDelta) and event.channel == CHANNEL_REASONING:
+                thinking += event.text if self.show_thinking else ""
+            elif isinstance(event, TextDelta):
+                text += event.text
+            elif isinstance(event, ToolCallStart):
+                self._calls[event.index] = event
+            elif isinstance(event, ToolCallEnd):
+                start = self._calls.pop(event.index)
+                calls.append(tool_call(event.index, start.id, start.name, event.arguments))
+        self.text, self.thinking = self.text + text, self.thinking + thinking
+        self.tool_calls += calls
+        return text, thinking, calls
 
     def final(self, now_ns: int, *, streamed: bool) -> dict[str, Any]:
         """The done frame; without streaming it is the whole response and holds all the text."""
-        body = _head(self.model, self.chat, "" if streamed else self.text, True)
+        body = _head(self.model, self.chat, "" if streamed else self.text, True,
+                     "" if streamed else self.thinking, None if streamed else self.tool_calls)
         body["done_reason"] = done_reason(self.finish_reason)
         if self.prompt_ids is not None:
             body["context"] = self.prompt_ids + self.output_ids

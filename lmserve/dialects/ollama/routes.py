@@ -19,8 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from lmserve import __version__
+from lmserve.chat.tools import StreamParser
+from lmserve.chat.turn import step_events
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import FINISH_ERROR
+from lmserve.core.events import FINISH_ERROR, ChatEvent, TokenOutput
 from lmserve.dialects.ollama import adapter, encoder
 from lmserve.dialects.ollama.schema import (ChatRequest, EmbeddingsRequest, EmbedRequest,
                                             GenerateRequest, PullRequest, ShowRequest)
@@ -255,14 +257,13 @@ async def _until_loaded(service: ModelService) -> None:
 def _prepare(service: ModelService, job: adapter.Job, context: list[int] | None
              ) -> PreparedPrompt:
     """Template and tokenize; a `context` from an earlier reply is continued token for token."""
+    prepared = service.prepare(job.request)
     if not context:
-        return service.prepare(job.request)
-    request = job.request
-    text = (request.prompt or "") if request.messages is None else \
-        service.render_chat(request.messages)
-    tokens = context + service.tokenize(text, add_special=False)
-    return service.prepare(dataclasses.replace(request, messages=None, prompt=None,
-                                               prompt_tokens=tokens))
+        return prepared
+    tokens = context + service.tokenize(prepared.text or "", add_special=False)
+    checked = service.prepare(dataclasses.replace(  # token ids checked against the vocabulary
+        job.request, messages=None, prompt=None, prompt_tokens=tokens, response_format=None))
+    return dataclasses.replace(prepared, tokens=checked.tokens)
 
 
 async def _respond(request: Request, service: ModelService, model: str, job: adapter.Job, *,
@@ -275,14 +276,18 @@ async def _respond(request: Request, service: ModelService, model: str, job: ada
     generation = service.start(gen, prepared)  # refusals are real statuses, even for streams
     run = encoder.Run(model=model, chat=chat, started_ns=started, loaded_ns=loaded,
                       submitted_ns=submitted,
-                      prompt_ids=list(prepared.tokens) if context is not None else None)
+                      prompt_ids=list(prepared.tokens) if context is not None else None,
+                      show_thinking=job.show_thinking)
+    # A raw prompt is the client's own text: its output is not parsed.
+    parser = service.chat_parser(gen, prepared) if gen.messages is not None else None
     headers = _notice(adapter.notice(job.options, service.n_ctx, job.keep_alive))
     if stream:
-        return StreamingResponse(_stream(generation, run), media_type="application/x-ndjson",
+        return StreamingResponse(_stream(generation, run, parser),
+                                 media_type="application/x-ndjson",
                                  headers={**headers, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
     try:
-        await unless_disconnected(request, _collect(generation, run))
+        await unless_disconnected(request, _collect(generation, run, parser))
     finally:
         generation.close()
     if run.error:
@@ -290,19 +295,21 @@ async def _respond(request: Request, service: ModelService, model: str, job: ada
     return JSONResponse(run.final(time.monotonic_ns(), streamed=False), headers=headers)
 
 
-async def _collect(generation: Generation, run: encoder.Run) -> None:
+async def _collect(generation: Generation, run: encoder.Run, parser: StreamParser | None
+                   ) -> None:
     async for outs in generation:
         for out in outs:
-            run.add(out, time.monotonic_ns())
+            run.add(out, time.monotonic_ns(), _events(parser, out))
 
 
-async def _stream(generation: Generation, run: encoder.Run) -> AsyncIterator[bytes]:
+async def _stream(generation: Generation, run: encoder.Run, parser: StreamParser | None
+                  ) -> AsyncIterator[bytes]:
     try:
         async for outs in generation:
             for out in outs:
                 if out.finish_reason == FINISH_ERROR:
                     raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-                frame = run.add(out, time.monotonic_ns())
+                frame = run.add(out, time.monotonic_ns(), _events(parser, out))
                 if frame is not None:
                     yield _line(frame)
         yield _line(run.final(time.monotonic_ns(), streamed=True))
@@ -310,6 +317,11 @@ async def _stream(generation: Generation, run: encoder.Run) -> AsyncIterator[byt
         yield _line(encoder.error_body(exc))
     finally:
         generation.close()  # a disconnect lands here too, and cancels the sequence
+
+
+def _events(parser: StreamParser | None, out: TokenOutput) -> list[ChatEvent] | None:
+    """The step's text as the chat parser reads it; None: take the text as it is."""
+    return step_events(parser, out.text, out.finished) if parser is not None else None
 
 
 def _line(frame: dict[str, Any]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.dialects.openai.chat_tools import effort_kwargs, tool_fields
 from lmserve.dialects.openai.schema import (ChatCompletionRequest, ChatMessageIn,
                                             CompletionRequest, PromptField, SamplingFields)
 
@@ -40,7 +41,6 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
-    _refuse_unimplemented_chat(body)
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise invalid("max_tokens and max_completion_tokens disagree; send one of them",
@@ -54,25 +54,20 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
         n=body.n,
+        logprobs=_chat_logprobs(body),
         add_generation_prompt=body.add_generation_prompt,
-        template_kwargs=dict(body.chat_template_kwargs or {}),
+        template_kwargs={**effort_kwargs(body), **(body.chat_template_kwargs or {})},
+        **tool_fields(body),
     )
 
 
-def _refuse_unimplemented_chat(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise unsupported("tools", "tool calling arrives in a later release")
-    if body.functions:
-        raise unsupported("functions", "tool calling arrives in a later release")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "tool calling arrives in a later release")
-    if body.function_call not in (None, "none", "auto"):
-        raise unsupported("function_call", "tool calling arrives in a later release")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise unsupported("response_format", "structured output arrives in a later release")
-    if body.logprobs or body.top_logprobs:
-        raise unsupported("logprobs" if body.logprobs else "top_logprobs",
-                          "logprobs arrive in a later release")
+def _chat_logprobs(body: ChatCompletionRequest) -> int | None:
+    """logprobs: true turns them on; top_logprobs (0-20) adds alternatives and needs it."""
+    if body.logprobs:
+        return body.top_logprobs or 0
+    if body.top_logprobs:
+        raise invalid("top_logprobs requires logprobs to be true", param="top_logprobs")
+    return None
 
 
 def _message(message: ChatMessageIn, index: int) -> ChatMessage:
@@ -118,8 +113,6 @@ def completion_prompts(prompt: PromptField) -> list[str | list[int]]:
 def completion_request(body: CompletionRequest, prompt: str | list[int]) -> GenerationRequest:
     if body.suffix:
         raise unsupported("suffix", "fill-in-the-middle is not available for this model")
-    if body.logprobs is not None:
-        raise unsupported("logprobs", "logprobs arrive in a later release")
     if body.best_of is not None and body.best_of != body.n:
         raise unsupported("best_of", "only best_of equal to n is supported")
     return GenerationRequest(
@@ -132,4 +125,6 @@ def completion_request(body: CompletionRequest, prompt: str | list[int]) -> Gene
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
         n=body.n,
+        logprobs=body.logprobs,
+        prompt_logprobs=body.logprobs if body.echo else None,  # echo shows the prompt's too
     )

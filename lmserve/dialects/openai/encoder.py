@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, TokenOutput, Usage
+from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, ParsedTurn,
+                                 TokenLogprob, TokenOutput, Usage)
+from lmserve.dialects.openai.chat_events import assistant_message, chat_finish_reason
+from lmserve.dialects.openai.logprobs import chat_logprobs, choice_completion_logprobs
 
 SYSTEM_FINGERPRINT = "lmserve"
 
@@ -67,6 +71,8 @@ class Choice:
     index: int
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # None: not asked for
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -80,6 +86,11 @@ class Collected:
     def add(self, out: TokenOutput, index: int, group: int = 0) -> None:
         choice = self.choices.setdefault(index, Choice(index))
         choice.text += out.text
+        if out.logprobs is not None:
+            choice.logprobs = choice.logprobs or []
+            choice.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             choice.finish_reason = finish_reason(out.finish_reason)
             if out.usage is not None:
@@ -96,23 +107,31 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def chat_completion(model: str, collected: Collected, usage: Usage) -> dict[str, Any]:
+def chat_completion(model: str, collected: Collected, usage: Usage,
+                    turns: Mapping[int, ParsedTurn] | None = None) -> dict[str, Any]:
+    """`turns`: each choice's text as the chat parser read it (reasoning, tool calls)."""
+    parsed = turns or {}
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
         "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": c.index,
-                     "message": {"role": "assistant", "content": c.text, "refusal": None},
-                     "logprobs": None, "finish_reason": c.finish_reason}
+        "choices": [_chat_choice(c, parsed.get(c.index, ParsedTurn(content=c.text)))
                     for c in sorted(collected.choices.values(), key=lambda c: c.index)],
         "usage": usage_body(usage),
     }
+
+
+def _chat_choice(choice: Choice, turn: ParsedTurn) -> dict[str, Any]:
+    return {"index": choice.index, "message": assistant_message(turn),
+            "logprobs": chat_logprobs(choice.logprobs),
+            "finish_reason": chat_finish_reason(choice.finish_reason, bool(turn.tool_calls))}
 
 
 def text_completion(model: str, collected: Collected, usage: Usage) -> dict[str, Any]:
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
         "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [{"index": c.index, "text": c.text, "logprobs": None,
+        "choices": [{"index": c.index, "text": c.text,
+                     "logprobs": choice_completion_logprobs(c.prompt_logprobs, c.logprobs, c.text),
                      "finish_reason": c.finish_reason}
                     for c in sorted(collected.choices.values(), key=lambda c: c.index)],
         "usage": usage_body(usage),
@@ -136,16 +155,23 @@ class ChunkEncoder:
             chunk["usage"] = None
         return chunk
 
+    def choice_chunk(self, index: int, delta: dict[str, Any], reason: str | None,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A chat chunk with a prepared delta and a wire finish reason."""
+        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
+                             "finish_reason": reason}])
+
     def role(self, index: int) -> dict[str, Any]:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}])
 
-    def delta(self, index: int, text: str, reason: str | None) -> dict[str, Any]:
+    def delta(self, index: int, text: str, reason: str | None,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.chat:
             delta = {"content": text} if text else {}
-            return self._chunk([{"index": index, "delta": delta, "logprobs": None,
+            return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": finish_reason(reason)}])
-        return self._chunk([{"index": index, "text": text, "logprobs": None,
+        return self._chunk([{"index": index, "text": text, "logprobs": logprobs,
                              "finish_reason": finish_reason(reason)}])
 
     def usage(self, usage: Usage) -> dict[str, Any]:

@@ -12,10 +12,15 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lmserve.chat.parsing import parse_all
+from lmserve.chat.tools import StreamParser
+from lmserve.chat.turn import step_events
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_ERROR, TokenOutput, Usage
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.openai import adapter, encoder
+from lmserve.dialects.openai.chat_events import ChoiceCalls, event_deltas
+from lmserve.dialects.openai.logprobs import StreamOffsets, chat_logprobs, with_logprobs
 from lmserve.dialects.openai.responses.routes import make_router as responses_router
 from lmserve.dialects.openai.schema import (ChatCompletionRequest, CompletionRequest,
                                             EmbeddingRequest)
@@ -25,6 +30,7 @@ from lmserve.engine.client import Generation
 from lmserve.service import ModelService, PreparedPrompt
 
 Job = tuple[GenerationRequest, PreparedPrompt]
+ParserFactory = Callable[[], StreamParser]
 
 
 def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None = None) -> APIRouter:
@@ -37,10 +43,11 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
         service = view.get(body.model)
         body = with_defaults(body, _chat_defaults(body, defaults_of(view)))
         gen = adapter.chat_request(body)
-        job = (gen, service.prepare(gen))
-        return await _respond(request, service, body.model, [job], chat=True, echo=[],
+        prepared = service.prepare(gen)
+        return await _respond(request, service, body.model, [(gen, prepared)], chat=True, echo=[],
                               stream=body.stream,
-                              include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                              include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                              new_parser=lambda: service.chat_parser(gen, prepared))
 
     @router.post("/v1/completions", summary="Create a text completion")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -163,11 +170,14 @@ def _start_all(service: ModelService, jobs: list[Job]) -> list[Generation]:
 
 
 async def _respond(request: Request, service: ModelService, model: str, jobs: list[Job], *,
-                   chat: bool, echo: list[str], stream: bool, include_usage: bool) -> Any:
+                   chat: bool, echo: list[str], stream: bool, include_usage: bool,
+                   new_parser: ParserFactory | None = None) -> Any:
+    """`new_parser` (chat): a fresh output parser per choice (reasoning, tool calls)."""
     n = jobs[0][0].n
     generations = _start_all(service, jobs)  # refusals (context, capacity) happen here
     if stream:
-        return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage),
+        return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,
+                                         new_parser),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     collected = await unless_disconnected(request, _collect(generations, n))
@@ -178,9 +188,11 @@ async def _respond(request: Request, service: ModelService, model: str, jobs: li
             choice = collected.choices.get(i * n + j)
             if choice is not None:
                 choice.text = text + choice.text
-    body = (encoder.chat_completion if chat else encoder.text_completion)(model, collected,
-                                                                          collected.usage)
-    return JSONResponse(body)
+    if chat:
+        turns = {i: parse_all(new_parser(), c.text) for i, c in collected.choices.items()} \
+            if new_parser else None
+        return JSONResponse(encoder.chat_completion(model, collected, collected.usage, turns))
+    return JSONResponse(encoder.text_completion(model, collected, collected.usage))
 
 
 async def _collect(generations: list[Generation], n: int) -> encoder.Collected:
@@ -198,13 +210,18 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 
 async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
-                  echo: list[str], include_usage: bool) -> AsyncIterator[bytes]:
+                  echo: list[str], include_usage: bool, new_parser: ParserFactory | None = None
+                  ) -> AsyncIterator[bytes]:
     enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage)
+    parsed = _ParsedChoices(enc, new_parser) if new_parser else None
     groups: list[list[Usage]] = [[] for _ in generations]
+    offsets = StreamOffsets()
+    # With logprobs, each choice's echo waits for its prompt logprobs (on its first output).
+    scored_echo = bool(echo) and generations[0].request.prompt_logprobs is not None
     if chat:
         for j in range(n):
             yield _sse(enc.role(j))
-    for i, text in enumerate(echo):
+    for i, text in enumerate([] if scored_echo else echo):
         for j in range(n):
             yield _sse(enc.delta(i * n + j, text, None))
     try:
@@ -214,10 +231,40 @@ async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
                     raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
                 if out.usage is not None:
                     groups[job_index].append(out.usage)
-                if out.text or out.finished:
-                    yield _sse(enc.delta(job_index * n + out.index, out.text, out.finish_reason))
+                if parsed is not None:
+                    for chunk in parsed.chunks(job_index * n + out.index, out):
+                        yield _sse(chunk)
+                    continue
+                index = job_index * n + out.index
+                if scored_echo and out.prompt_logprobs is not None:
+                    text = echo[job_index]
+                    yield _sse(enc.delta(index, text, None,
+                                         offsets.chunk(index, out.prompt_logprobs, text)))
+                if out.text or out.finished or out.logprobs:
+                    yield _sse(enc.delta(index, out.text, out.finish_reason,
+                                         offsets.chunk(index, out.logprobs)))
         if include_usage:
             yield _sse(enc.usage(encoder.total_usage(groups)))
     except LmserveError as exc:  # the stream has started: the error travels inside it
         yield _sse(encoder.error_body(exc))
     yield _sse("[DONE]")
+
+
+class _ParsedChoices:
+    """Chat stream chunks from each choice's parsed output (reasoning, text, tool calls)."""
+
+    def __init__(self, enc: encoder.ChunkEncoder, new_parser: ParserFactory) -> None:
+        self.enc, self.new_parser = enc, new_parser
+        self.parsers: dict[int, StreamParser] = {}
+        self.calls = ChoiceCalls()
+
+    def chunks(self, index: int, out: TokenOutput) -> list[dict[str, Any]]:
+        parser = self.parsers.get(index) or self.parsers.setdefault(index, self.new_parser())
+        events = step_events(parser, out.text, out.finished)
+        self.calls.note(index, events)
+        chunks = [self.enc.choice_chunk(index, delta, None) for delta in event_deltas(events)]
+        if out.finished:
+            reason = self.calls.finish_reason(index, encoder.finish_reason(out.finish_reason))
+            chunks.append(self.enc.choice_chunk(index, {}, reason))
+        return with_logprobs(chunks, chat_logprobs(out.logprobs) if out.logprobs else None,
+                             lambda: self.enc.choice_chunk(index, {}, None))

@@ -36,6 +36,7 @@ class StreamOptions(_Lenient):
 StopField = str | Annotated[list[str], Field(max_length=16)] | None
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # alternatives per token (vLLM's cap too)
 
 
 class SamplingFields(_Lenient):
@@ -63,13 +64,14 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
@@ -81,7 +83,7 @@ class CompletionRequest(SamplingFields):
     prompt: PromptField
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: TopLogprobs | None = None
     best_of: int | None = None
 
 
