@@ -8,9 +8,9 @@ is unified, so copying a prefix to another sequence id only tags cells, it copie
 
 Resident idle KV is not free: llama.cpp attends over every cell up to the highest one in
 use, masked or not, so idle prefixes slow every decode step (a single sequence decoding
-beside ~7000 idle cells ran 30% slower here), and every running sequence pays it. The pool
-therefore keeps at most `idle_tokens / running` idle tokens, besides the most recently
-released conversation, which is always kept whole because it is the likeliest to continue.
+beside ~7000 idle cells ran 30% slower here). The pool therefore keeps at most
+`idle_tokens` idle tokens, besides the most recently released conversation, which is
+always kept whole because it is the likeliest to continue.
 """
 
 from __future__ import annotations
@@ -160,23 +160,21 @@ class SlotPool:
         self.evict(min(idle, key=lambda s: s.last_used))
         return True
 
-    def release(self, slot: Slot, *, keep: bool = True, running: int = 0) -> None:
+    def release(self, slot: Slot, *, keep: bool = True) -> None:
         """A sequence is done with its slot; its KV stays resident for reuse unless keep=False."""
         owner = slot.owner
         slot.owner = None
         slot.last_used = time.monotonic()
         if keep and owner is not None:
             slot.cached = owner.tokens[: owner.n_computed]
-            self._enforce_budget(newest=slot, running=running)
+            self._enforce_budget(newest=slot)
         else:
             self.evict(slot)
 
-    def _enforce_budget(self, newest: Slot, running: int) -> None:
-        """Every decoding sequence attends over the idle cells too, so their cost grows with
-        the number running: the budget is shared out between them."""
+    def _enforce_budget(self, newest: Slot) -> None:
         if self.idle_tokens is None:
             return
-        budget = self.idle_tokens // max(1, running)
+        budget = self.idle_tokens
         others = sorted((s for s in self.slots if not s.busy and s.cached and s is not newest),
                         key=lambda s: s.last_used)
         excess = sum(len(s.cached) for s in others) - budget

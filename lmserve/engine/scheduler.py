@@ -275,7 +275,7 @@ class EngineCore:
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq.slot is not None:
-            self.pool.release(seq.slot, keep=reason != FINISH_ERROR, running=len(self.running))
+            self.pool.release(seq.slot, keep=reason != FINISH_ERROR)
             seq.slot = None
             self._kv_pressure = False
         if seq.sampler is not None:

@@ -233,23 +233,3 @@ def test_step_reports_whether_it_ran():
     h.submit(prompt(18, 4), max_tokens=1)
     assert h.core.step() is True
 
-
-def test_idle_budget_is_shared_out_between_running_sequences():
-    from lmserve.engine.prefix_cache import SlotPool
-    from lmserve.engine.sequence import Sequence
-
-    runner = FakeRunner()
-    pool = SlotPool(4, runner, idle_tokens=60)
-    slots = []
-    for seed in range(3):
-        req = EngineRequest(prompt_tokens=prompt(40 + seed, 20),
-                            sampling=SamplingParams(temperature=0), max_tokens=1)
-        seq = Sequence.for_request(req, 0)
-        seq.n_computed = 20
-        slots.append(pool.place(seq).slot)
-    pool.release(slots[0], running=0)
-    pool.release(slots[1], running=0)  # 20 idle besides the newest: fits 60
-    assert sum(1 for s in pool.slots if s.cached) == 2
-    pool.release(slots[2], running=3)  # 60 / 3 = 20: the two older ones (40) do not fit
-    assert [len(s.cached) for s in pool.slots if s.cached] == [20, 20] or \
-        sum(len(s.cached) for s in pool.slots if s.cached and s is not slots[2]) <= 20
