@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -24,6 +22,7 @@ from lmserve.dialects.openai.logprobs import StreamOffsets, chat_logprobs, with_
 from lmserve.dialects.openai.responses.routes import make_router as responses_router
 from lmserve.dialects.openai.schema import (ChatCompletionRequest, CompletionRequest,
                                             EmbeddingRequest)
+from lmserve.http.streaming import merge, sse, start_all
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
 from lmserve.models.registry import ModelRegistry
 from lmserve.engine.client import Generation
@@ -122,59 +121,12 @@ def _echo_text(service: ModelService, prepared: PreparedPrompt) -> str:
     return service.require_ready().detokenize(prepared.tokens)
 
 
-async def _merge(generations: list[Generation]) -> AsyncIterator[tuple[int, list[TokenOutput]]]:
-    """Iterate several submitted generations at once; yield (index, step outputs)."""
-    if len(generations) == 1:
-        async for outs in generations[0]:
-            yield 0, outs
-        return
-    queue: asyncio.Queue[tuple[int, list[TokenOutput]] | Exception | None] = asyncio.Queue()
-
-    async def pump(i: int, generation: Generation) -> None:
-        try:
-            async for outs in generation:
-                queue.put_nowait((i, outs))
-        except Exception as exc:  # re-raised in the consumer, not lost with the task
-            queue.put_nowait(exc)
-            return
-        queue.put_nowait(None)
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        for generation in generations:
-            generation.close()
-
-
-def _start_all(service: ModelService, jobs: list[Job]) -> list[Generation]:
-    started: list[Generation] = []
-    try:
-        for gen, prepared in jobs:
-            started.append(service.start(gen, prepared))
-    except BaseException:
-        for generation in started:
-            generation.close()
-        raise
-    return started
-
-
 async def _respond(request: Request, service: ModelService, model: str, jobs: list[Job], *,
                    chat: bool, echo: list[str], stream: bool, include_usage: bool,
                    new_parser: ParserFactory | None = None) -> Any:
     """`new_parser` (chat): a fresh output parser per choice (reasoning, tool calls)."""
     n = jobs[0][0].n
-    generations = _start_all(service, jobs)  # refusals (context, capacity) happen here
+    generations = start_all(service, jobs)  # refusals (context, capacity) happen here
     if stream:
         return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,
                                          new_parser),
@@ -197,16 +149,10 @@ async def _respond(request: Request, service: ModelService, model: str, jobs: li
 
 async def _collect(generations: list[Generation], n: int) -> encoder.Collected:
     collected = encoder.Collected()
-    async for job_index, outs in _merge(generations):
+    async for job_index, outs in merge(generations):
         for out in outs:
             collected.add(out, job_index * n + out.index, job_index)
     return collected
-
-
-def _sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False,
-                                                            separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
 
 
 async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
@@ -220,12 +166,12 @@ async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
     scored_echo = bool(echo) and generations[0].request.prompt_logprobs is not None
     if chat:
         for j in range(n):
-            yield _sse(enc.role(j))
+            yield sse(enc.role(j))
     for i, text in enumerate([] if scored_echo else echo):
         for j in range(n):
-            yield _sse(enc.delta(i * n + j, text, None))
+            yield sse(enc.delta(i * n + j, text, None))
     try:
-        async for job_index, outs in _merge(generations):
+        async for job_index, outs in merge(generations):
             for out in outs:
                 if out.finish_reason == FINISH_ERROR:
                     raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
@@ -233,21 +179,21 @@ async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
                     groups[job_index].append(out.usage)
                 if parsed is not None:
                     for chunk in parsed.chunks(job_index * n + out.index, out):
-                        yield _sse(chunk)
+                        yield sse(chunk)
                     continue
                 index = job_index * n + out.index
                 if scored_echo and out.prompt_logprobs is not None:
                     text = echo[job_index]
-                    yield _sse(enc.delta(index, text, None,
+                    yield sse(enc.delta(index, text, None,
                                          offsets.chunk(index, out.prompt_logprobs, text)))
                 if out.text or out.finished or out.logprobs:
-                    yield _sse(enc.delta(index, out.text, out.finish_reason,
+                    yield sse(enc.delta(index, out.text, out.finish_reason,
                                          offsets.chunk(index, out.logprobs)))
         if include_usage:
-            yield _sse(enc.usage(encoder.total_usage(groups)))
+            yield sse(enc.usage(encoder.total_usage(groups)))
     except LmserveError as exc:  # the stream has started: the error travels inside it
-        yield _sse(encoder.error_body(exc))
-    yield _sse("[DONE]")
+        yield sse(encoder.error_body(exc))
+    yield sse("[DONE]")
 
 
 class _ParsedChoices:
