@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 
 from tests.model.conftest import start_server, stop_server
@@ -136,9 +138,14 @@ def test_info_and_health(http):
 
 
 def test_refusals_and_errors_in_sglang_shape(http):
-    cases = [({"text": PROMPT, "return_logprob": True}, "return_logprob"),
+    cases = [({"text": PROMPT, "token_ids_logprob": [1]}, "token_ids_logprob"),
              ({"text": PROMPT, "lora_path": "x"}, "lora_path"),
-             ({"text": PROMPT, "sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
+             ({"text": PROMPT, "sampling_params": {"structural_tag": "{}"}},
+              "sampling_params.structural_tag"),
+             ({"text": PROMPT, "sampling_params": {"ebnf": "root ::= (("}},
+              "sampling_params.ebnf"),
+             ({"text": PROMPT, "return_logprob": True, "logprob_start_len": 99},
+              "logprob_start_len"),
              ({"text": PROMPT, "sampling_params": {"tempurature": 0}},
               "sampling_params.tempurature"),
              ({"text": PROMPT, "input_ids": [1]}, "input_ids")]
@@ -152,6 +159,55 @@ def test_refusals_and_errors_in_sglang_shape(http):
     r = http.post("/generate", json={"text": PROMPT, "stream": True,
                                      "sampling_params": {"max_new_tokens": 5000}})
     assert r.status_code == 400  # refused before the stream starts
+
+
+PERSON = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+
+
+def test_structured_output_json_schema_regex_and_ebnf(http):
+    params = {"temperature": 0, "max_new_tokens": 80}
+    person = generate(http, text="A person as JSON:", sampling_params={
+        **params, "json_schema": json.dumps(PERSON)})
+    assert person["meta_info"]["finish_reason"]["type"] == "stop", person
+    jsonschema.validate(json.loads(person["text"]), PERSON)
+    ids = generate(http, input_ids=person["output_ids"][:3], sampling_params={
+        **params, "json_schema": PERSON})  # token input gets the grammar too
+    jsonschema.validate(json.loads(ids["text"]), PERSON)
+    answer = generate(http, text="Is Paris in France? Answer:", sampling_params={
+        **params, "regex": "(yes|no), [a-z]{1,8}\\."})
+    assert re.fullmatch(r"(yes|no), [a-z]{1,8}\.", answer["text"]), answer["text"]
+    ebnf = generate(http, text="Pick a letter:", sampling_params={
+        **params, "ebnf": 'root ::= "A" | "B"'})
+    assert ebnf["text"] in {"A", "B"}
+    frames = stream_frames(http, {"text": "A person as JSON:", "sampling_params": {
+        **params, "json_schema": PERSON}})
+    assert frames[-2]["text"] == person["text"]
+
+
+def test_logprobs_of_prompt_and_output(http):
+    got = generate(http, text=PROMPT, return_logprob=True, top_logprobs_num=3,
+                   logprob_start_len=0, return_text_in_logprobs=True, sampling_params=GREEDY)
+    meta = got["meta_info"]
+    prompt, output = meta["input_token_logprobs"], meta["output_token_logprobs"]
+    assert len(prompt) == meta["prompt_tokens"] and prompt[0][0] is None
+    assert all(e[0] <= 0 for e in prompt[1:]) and meta["input_top_logprobs"][0] is None
+    assert [e[1] for e in output] == got["output_ids"]
+    assert "".join(e[2] for e in output) == got["text"]
+    for entry, top in zip(output, meta["output_top_logprobs"]):
+        assert len(top) == 3 and top[0][1] == entry[1]  # greedy: the likeliest was chosen
+        assert abs(top[0][0] - entry[0]) < 1e-4 and top[0][0] >= top[1][0] >= top[2][0]
+    tail = generate(http, text=PROMPT, return_logprob=True, logprob_start_len=2,
+                    sampling_params=GREEDY)["meta_info"]
+    assert [e[:2] for e in tail["input_token_logprobs"]] == \
+        [pytest.approx(e[:2], abs=1e-4) for e in prompt[2:]]
+    assert all(e[2] is None for e in tail["output_token_logprobs"])
+    assert "output_top_logprobs" not in tail
+    frames = stream_frames(http, {"text": PROMPT, "return_logprob": True,
+                                  "sampling_params": GREEDY})
+    assert [e[1] for e in frames[-2]["meta_info"]["output_token_logprobs"]] == got["output_ids"]
+    assert frames[-2]["meta_info"]["input_token_logprobs"] == []
 
 
 def test_server_info_redacts_the_api_key(tmp_path):

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP,
-                                 TokenOutput, Usage)
+                                 TokenLogprob, TokenOutput, TopLogprob, Usage)
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import GenerateRequest
 from lmserve.http.app import StoreSettings, create_app
@@ -94,6 +94,16 @@ def test_batches_of_text_and_ids_with_per_prompt_params():
     ({"text": "a", "sampling_params": {"stop": ["a", 3]}}, "sampling_params.stop[1]"),
     ({"text": "a", "sampling_params": {"temperature": -1}}, "sampling_params.temperature"),
     ({"text": "a", "sampling_params": {"logit_bias": {"x": 1}}}, "sampling_params.logit_bias"),
+    ({"text": "a", "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num"),
+    ({"text": "a", "return_logprob": True, "top_logprobs_num": -1}, "top_logprobs_num"),
+    ({"text": "a", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len"),
+    ({"text": "a", "top_logprobs_num": 5}, "top_logprobs_num"),  # needs return_logprob
+    ({"text": "a", "logprob_start_len": 0}, "logprob_start_len"),
+    ({"text": ["a", "b"], "return_logprob": [True]}, "return_logprob"),
+    ({"text": "a", "sampling_params": {"json_schema": "{nope"}}, "sampling_params.json_schema"),
+    ({"text": "a", "sampling_params": {"json_schema": "[1]"}}, "sampling_params.json_schema"),
+    ({"text": "a", "sampling_params": {"regex": "a", "ebnf": "root ::= \"a\""}},
+     "sampling_params.ebnf"),
 ])
 def test_invalid_requests_name_the_parameter(body, param):
     err = refusal(**body)
@@ -101,18 +111,13 @@ def test_invalid_requests_name_the_parameter(body, param):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"return_logprob": True}, "return_logprob"),
-    ({"return_logprob": [False, True]}, "return_logprob"),
-    ({"top_logprobs_num": 5}, "top_logprobs_num"),
-    ({"logprob_start_len": 0}, "logprob_start_len"),
     ({"token_ids_logprob": [1]}, "token_ids_logprob"),
     ({"lora_path": "adapter"}, "lora_path"),
     ({"image_data": "x.png"}, "image_data"),
     ({"session_params": {"id": "s"}}, "session_params"),
     ({"return_hidden_states": True}, "return_hidden_states"),
-    ({"sampling_params": {"json_schema": "{}"}}, "sampling_params.json_schema"),
-    ({"sampling_params": {"regex": "a+"}}, "sampling_params.regex"),
-    ({"sampling_params": {"ebnf": "root ::= x"}}, "sampling_params.ebnf"),
+    ({"sampling_params": {"structural_tag": "{}"}}, "sampling_params.structural_tag"),
+    ({"sampling_params": {"stop_regex": "a+"}}, "sampling_params.stop_regex"),
     ({"sampling_params": {"min_new_tokens": 2}}, "sampling_params.min_new_tokens"),
     ({"sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
     ({"sampling_params": {"skip_special_tokens": False}}, "sampling_params.skip_special_tokens"),
@@ -123,7 +128,34 @@ def test_unimplemented_fields_are_refused_by_name(body, param):
         err.message
     # Their neutral values pass, as SGLang clients send them by default.
     plan(text="a", return_logprob=False, top_logprobs_num=0, logprob_start_len=-1,
-         lora_path=None, return_hidden_states=False)
+         lora_path=None, return_hidden_states=False, return_text_in_logprobs=True)
+
+
+def test_structured_output_becomes_a_response_format():
+    def fmt(**params: Any) -> Any:
+        return plan(text="a", sampling_params=params).jobs[0].request.response_format
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for given in (json.dumps(schema), schema):
+        got = fmt(json_schema=given)
+        assert (got.type, got.schema, got.param) == ("json_schema", schema,
+                                                     "sampling_params.json_schema")
+    got = fmt(regex="[0-9]+")
+    assert (got.type, got.pattern, got.param) == ("regex", "[0-9]+", "sampling_params.regex")
+    got = fmt(ebnf='root ::= "yes" | "no"')
+    assert (got.type, got.grammar) == ("gbnf", 'root ::= "yes" | "no"')
+    assert fmt() is None
+
+
+def test_logprob_fields_map_per_prompt():
+    p = plan(text=["a", "b"], return_logprob=[True, False], top_logprobs_num=[3, 0],
+             logprob_start_len=[0, -1], return_text_in_logprobs=True)
+    first, second = (j.request for j in p.jobs)
+    assert (first.logprobs, first.prompt_logprobs) == (3, 3)
+    assert p.jobs[0].logprobs == encoder.LogprobShape(top=3, start=0, text=True)
+    assert (second.logprobs, second.prompt_logprobs, p.jobs[1].logprobs) == (None, None, None)
+    only_output = plan(text="a", return_logprob=True).jobs[0]
+    assert (only_output.request.logprobs, only_output.request.prompt_logprobs) == (0, None)
+    assert only_output.logprobs == encoder.LogprobShape()
 
 
 # -- encoder ----------------------------------------------------------------------------------
@@ -176,6 +208,35 @@ def test_no_stop_trim_keeps_the_matched_stop_string():
     trimmed.add(out("Hi", (5, 6), FINISH_STOP, match="END", usage=Usage(1, 2)))
     assert (kept.text, trimmed.text) == ("HiEND", "Hi")
     assert kept.finish == {"type": "stop", "matched": "END"}
+
+
+def lp(token: int, logprob: float | None, *top: tuple[int, float]) -> TokenLogprob:
+    return TokenLogprob(token, f"t{token}".encode(), logprob,
+                        tuple(TopLogprob(t, f"t{t}".encode(), v) for t, v in top))
+
+
+def test_logprobs_in_meta_info_follow_sglang():
+    prompt = [lp(1, None), lp(2, -1.5, (9, -0.5)), lp(3, -2.0, (3, -2.0))]
+    shape = encoder.LogprobShape(top=1, start=1, text=True)
+    sample = encoder.Sample(rid="r", position=0, prompt_tokens=3, logprobs=shape)
+    first = out("x", (5,))
+    first.prompt_logprobs, first.logprobs = prompt, [lp(5, -0.25, (5, -0.25))]
+    sample.add(first)
+    second = out("\ufffd", (6,), FINISH_LENGTH, usage=Usage(3, 2))
+    second.logprobs = [TokenLogprob(6, b"\xe2", -3.0, (TopLogprob(7, b"ok", -1.0),))]
+    sample.add(second)
+    meta = sample.body(indexed=False)["meta_info"]
+    assert meta["input_token_logprobs"] == [[-1.5, 2, "t2"], [-2.0, 3, "t3"]]
+    assert meta["input_top_logprobs"] == [[[-0.5, 9, "t9"]], [[-2.0, 3, "t3"]]]
+    assert meta["output_token_logprobs"] == [[-0.25, 5, "t5"], [-3.0, 6, "\ufffd"]]
+    assert meta["output_top_logprobs"] == [[[-0.25, 5, "t5"]], [[-1.0, 7, "ok"]]]
+    whole = encoder.logprob_meta(encoder.LogprobShape(top=0, start=0), prompt, [])
+    assert whole == {"input_token_logprobs": [[None, 1, None], [-1.5, 2, None], [-2.0, 3, None]],
+                     "output_token_logprobs": []}  # no top fields without top_logprobs_num
+    assert encoder.top_logprobs(prompt[:1], True) == [None]  # nothing precedes the first
+    plain = encoder.Sample(rid="r", position=0, prompt_tokens=3)
+    plain.add(first)
+    assert "output_token_logprobs" not in plain.body(indexed=False)["meta_info"]
 
 
 def test_error_body_and_model_info_shapes():
@@ -264,6 +325,22 @@ def test_generate_single_batch_and_stream():
         sampled = frames(c.post("/generate", json={"text": ["ab", "c"], "stream": True,
                                                    "sampling_params": {"max_new_tokens": 1}}))
         assert sorted(f["index"] for f in sampled[:-1]) == [0, 1]
+
+
+def test_generate_returns_logprobs_over_http():
+    with client(FakeRunner(n_ctx=512)) as c:
+        body = {"input_ids": [3, 4, 5], "return_logprob": True, "top_logprobs_num": 2,
+                "logprob_start_len": 1, "sampling_params": {"max_new_tokens": 3}}
+        meta = c.post("/generate", json=body).json()["meta_info"]
+        assert [e[1] for e in meta["input_token_logprobs"]] == [4, 5]
+        assert all(e[0] < 0 and e[2] is None for e in meta["input_token_logprobs"])
+        assert len(meta["output_token_logprobs"]) == 3 == len(meta["output_top_logprobs"])
+        assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+        got = frames(c.post("/generate", json={**body, "stream": True}))
+        assert [len(f["meta_info"]["output_token_logprobs"]) for f in got[:-1]] == [1, 2, 3]
+        assert got[-2]["meta_info"]["input_token_logprobs"] == meta["input_token_logprobs"]
+        r = c.post("/generate", json={**body, "logprob_start_len": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprob_start_len"
 
 
 def test_errors_info_flush_and_abort():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -9,15 +10,16 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from lmserve.core.errors import invalid, unsupported
-from lmserve.core.request import GenerationRequest
+from lmserve.core.request import GenerationRequest, ResponseFormat
 from lmserve.core.request import SamplingParams as CoreSampling
+from lmserve.dialects.sglang.encoder import LogprobShape
 from lmserve.dialects.sglang.schema import GenerateRequest, SamplingParams
 
 T = TypeVar("T")
 GREEDY_BELOW = 1e-6  # SGLang samples greedily under this temperature
 
-_LATER = {"return_logprob": "logprobs arrive in a later release",
-          "lora_path": "LoRA adapters are not supported yet",
+MAX_TOP_LOGPROBS = 20  # alternatives per position, the cap the OpenAI endpoints have too
+_LATER = {"lora_path": "LoRA adapters are not supported yet",
           "session_params": "SGLang sessions are not supported; use the /v1/sessions API",
           "custom_logit_processor": "custom logit processors are not supported",
           "return_hidden_states": "hidden states are not returned by this server",
@@ -25,7 +27,7 @@ _LATER = {"return_logprob": "logprobs arrive in a later release",
           "audio_data": "this server takes text input only",
           "video_data": "this server takes text input only",
           "input_embeds": "send text or input_ids"}
-_STRUCTURED = ("json_schema", "regex", "ebnf", "structural_tag", "stop_regex")
+_CONSTRAINTS = ("json_schema", "regex", "ebnf")  # at most one, as in SGLang
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Job:
     request: GenerationRequest
     stream_interval: int = 1
     no_stop_trim: bool = False
+    logprobs: LogprobShape | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,9 @@ def generate_plan(body: GenerateRequest, new_rid: Callable[[], str]) -> Generate
               for i, p in enumerate(_per_prompt(body.sampling_params, len(prompts),
                                                 "sampling_params") or [{}] * len(prompts))]
     rids = _rids(body.rid, len(prompts), batch, new_rid)
-    jobs = [_job(prompt, p, rid, body.model) for prompt, p, rid in zip(prompts, params, rids)]
+    logprobs = _logprob_plans(body, len(prompts))
+    jobs = [_job(prompt, p, rid, body.model, lp)
+            for prompt, p, rid, lp in zip(prompts, params, rids, logprobs)]
     return GeneratePlan(jobs, listed=batch or any(j.request.n > 1 for j in jobs))
 
 
@@ -69,18 +74,39 @@ def refuse_unsupported(body: GenerateRequest) -> None:
         value = getattr(body, name)
         if any(v not in (None, False) for v in _as_list(value)):
             raise unsupported(name, detail)
-    if any(v not in (None, 0) for v in _as_list(body.top_logprobs_num)):
-        raise unsupported("top_logprobs_num", _LATER["return_logprob"])
-    if any(v not in (None, -1) for v in _as_list(body.logprob_start_len)):
-        raise unsupported("logprob_start_len", _LATER["return_logprob"])
-    if body.token_ids_logprob is not None or body.return_text_in_logprobs:
-        name = "token_ids_logprob" if body.token_ids_logprob is not None \
-            else "return_text_in_logprobs"
-        raise unsupported(name, _LATER["return_logprob"])
+    if body.token_ids_logprob is not None:
+        raise unsupported("token_ids_logprob", "logprobs of chosen token ids are not returned; "
+                          "use top_logprobs_num")
 
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
+
+
+def _logprob_plans(body: GenerateRequest, n: int) -> list[LogprobShape | None]:
+    wanted = _per_prompt(body.return_logprob, n, "return_logprob") or [False] * n
+    tops = _per_prompt(body.top_logprobs_num, n, "top_logprobs_num") or [None] * n
+    starts = _per_prompt(body.logprob_start_len, n, "logprob_start_len") or [None] * n
+    return [_logprob_plan(bool(w), t, s, body.return_text_in_logprobs)
+            for w, t, s in zip(wanted, tops, starts)]
+
+
+def _logprob_plan(wanted: bool, top: int | None, start: int | None,
+                  text: bool) -> LogprobShape | None:
+    top, start = top or 0, -1 if start is None else start
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise invalid(f"top_logprobs_num must be between 0 and {MAX_TOP_LOGPROBS}",
+                      param="top_logprobs_num")
+    if start < -1:
+        raise invalid("logprob_start_len must be -1 (output tokens only) or a prompt position",
+                      param="logprob_start_len")
+    if not wanted:
+        for name, value, neutral in (("top_logprobs_num", top, 0),
+                                     ("logprob_start_len", start, -1)):
+            if value != neutral:
+                raise invalid(f"{name} needs return_logprob to be true", param=name)
+        return None
+    return LogprobShape(top=top, start=start, text=text)
 
 
 def _prompts(body: GenerateRequest) -> tuple[list[str | list[int]], bool]:
@@ -149,7 +175,8 @@ def _rids(rid: str | list[str] | None, n: int, batch: bool,
     return rids
 
 
-def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str | None) -> Job:
+def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str | None,
+         logprobs: LogprobShape | None) -> Job:
     _refuse_sampling(params)
     return Job(rid=rid, request=GenerationRequest(
         model=model,
@@ -162,18 +189,24 @@ def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str |
         ignore_eos=params.ignore_eos,
         n=params.n,
         request_id=rid,
-    ), stream_interval=params.stream_interval or 1, no_stop_trim=params.no_stop_trim)
+        logprobs=logprobs.top if logprobs else None,
+        prompt_logprobs=logprobs.top if logprobs and logprobs.start >= 0 else None,
+        response_format=response_format(params),
+    ), stream_interval=params.stream_interval or 1, no_stop_trim=params.no_stop_trim,
+        logprobs=logprobs)
 
 
 def _refuse_sampling(params: SamplingParams) -> None:
-    for name in _STRUCTURED:
-        if getattr(params, name) is not None:
-            raise unsupported(f"sampling_params.{name}",
-                              "constrained (structured) output arrives in a later release")
+    if params.structural_tag is not None:
+        raise unsupported("sampling_params.structural_tag", "use json_schema, regex or ebnf")
+    if params.stop_regex is not None:
+        raise unsupported("sampling_params.stop_regex", "stop on strings (stop) or token ids "
+                          "(stop_token_ids)")
     if params.max_new_tokens == 0:
         raise unsupported("sampling_params.max_new_tokens",
-                          "0 new tokens is only useful with return_logprob, which is not "
-                          "supported yet; ask for at least 1")
+                          "scoring a prompt without generating is not supported; ask for at "
+                          "least 1 token (return_logprob with logprob_start_len still scores "
+                          "the prompt)")
     if params.min_new_tokens:
         raise unsupported("sampling_params.min_new_tokens", "a minimum length is not supported")
     if not params.skip_special_tokens:
@@ -182,6 +215,36 @@ def _refuse_sampling(params: SamplingParams) -> None:
     if params.custom_params:
         raise unsupported("sampling_params.custom_params", "custom logit processors are not "
                           "supported")
+
+
+def response_format(params: SamplingParams) -> ResponseFormat | None:
+    """json_schema (JSON text or an object), regex or ebnf (taken as llama.cpp GBNF)."""
+    given = [name for name in _CONSTRAINTS if getattr(params, name) is not None]
+    if len(given) > 1:
+        raise invalid(f"only one of json_schema, regex and ebnf can be set, got {given}",
+                      param=f"sampling_params.{given[1]}")
+    if not given:
+        return None
+    name = given[0]
+    param = f"sampling_params.{name}"
+    if name == "regex":
+        return ResponseFormat("regex", pattern=params.regex, param=param)
+    if name == "ebnf":
+        return ResponseFormat("gbnf", grammar=params.ebnf, param=param)
+    return ResponseFormat("json_schema", schema=_schema(params.json_schema), param=param)
+
+
+def _schema(raw: str | dict[str, Any] | None) -> dict[str, Any] | bool:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise invalid(f"sampling_params.json_schema is not valid JSON: {exc}",
+                          param="sampling_params.json_schema") from None
+    if not isinstance(raw, (dict, bool)):
+        raise invalid("sampling_params.json_schema must be a JSON Schema object",
+                      param="sampling_params.json_schema")
+    return raw
 
 
 def sampling(params: SamplingParams) -> CoreSampling:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP,
-                                 TokenOutput)
+                                 TokenLogprob, TokenOutput)
 
 REDACTED = "<redacted>"
 _SECRET_KEY = re.compile(r"(^|_)(api_?keys?|passwords?|secrets?|token|credentials?)$", re.I)
@@ -42,6 +42,43 @@ def finish_reason(out: TokenOutput, stop_token_ids: frozenset[int]) -> dict[str,
     return {"type": "abort", "message": f"generation failed: {out.error}"}
 
 
+@dataclass(frozen=True)
+class LogprobShape:
+    """How a sample reports logprobs: prompt positions from `start` (-1: none), `top`
+    alternatives per position, token text or null."""
+
+    top: int = 0
+    start: int = -1
+    text: bool = False
+
+
+def _entry(logprob: float | None, token_id: int, piece: bytes, text: bool) -> list[Any]:
+    """SGLang's [logprob, token_id, text-or-null]; a token holding part of a UTF-8 character
+    shows U+FFFD, as a tokenizer's decode of that token alone does."""
+    return [logprob, token_id, piece.decode("utf-8", "replace") if text else None]
+
+
+def token_logprobs(entries: list[TokenLogprob], text: bool) -> list[list[Any]]:
+    return [_entry(e.logprob, e.token_id, e.piece, text) for e in entries]
+
+
+def top_logprobs(entries: list[TokenLogprob], text: bool) -> list[list[list[Any]] | None]:
+    """Alternatives per position; None where the token has no logprob (the first prompt one)."""
+    return [None if e.logprob is None else
+            [_entry(alt.logprob, alt.token_id, alt.piece, text) for alt in e.top]
+            for e in entries]
+
+
+def logprob_meta(shape: LogprobShape, prompt: list[TokenLogprob],
+                 output: list[TokenLogprob]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"input_token_logprobs": token_logprobs(prompt, shape.text),
+                            "output_token_logprobs": token_logprobs(output, shape.text)}
+    if shape.top > 0:
+        meta["input_top_logprobs"] = top_logprobs(prompt, shape.text)
+        meta["output_top_logprobs"] = top_logprobs(output, shape.text)
+    return meta
+
+
 @dataclass
 class Sample:
     """One output of /generate (a prompt, or one of its n samples), text and ids cumulative."""
@@ -58,6 +95,9 @@ class Sample:
     completion_tokens: int = 0
     e2e_latency: float | None = None  # seconds from arrival to the end, set by the route
     unsent: int = 0  # tokens since the last stream frame
+    logprobs: LogprobShape | None = None  # None: return_logprob is off
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # from logprobs.start
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -68,6 +108,8 @@ class Sample:
         self.output_ids.extend(out.token_ids)
         self.completion_tokens = len(self.output_ids)
         self.unsent += len(out.token_ids)
+        if self.logprobs is not None:
+            self._add_logprobs(out, self.logprobs.start)
         if out.finished:
             self.finish = finish_reason(out, self.stop_token_ids)
             if self.no_stop_trim and out.finish_reason == FINISH_STOP and \
@@ -76,6 +118,11 @@ class Sample:
             if out.usage is not None:
                 self.cached_tokens = out.usage.cached_tokens
                 self.completion_tokens = out.usage.completion_tokens
+
+    def _add_logprobs(self, out: TokenOutput, start: int) -> None:
+        if out.prompt_logprobs is not None and start >= 0:
+            self.prompt_logprobs = out.prompt_logprobs[start:]
+        self.output_logprobs.extend(out.logprobs or [])
 
     def due(self, interval: int) -> bool:
         """Whether a stream frame should go out now (every `interval` tokens, and the last)."""
@@ -91,6 +138,8 @@ class Sample:
             meta["cached_tokens"] = self.cached_tokens
         if self.finished and self.e2e_latency is not None:
             meta["e2e_latency"] = round(self.e2e_latency, 6)
+        if self.logprobs is not None:
+            meta.update(logprob_meta(self.logprobs, self.prompt_logprobs, self.output_logprobs))
         body: dict[str, Any] = {"text": self.text, "output_ids": list(self.output_ids),
                                 "meta_info": meta}
         if indexed:

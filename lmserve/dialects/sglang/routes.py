@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from lmserve import __version__
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_ERROR, TokenOutput
+from lmserve.chat.turn import format_grammar
 from lmserve.core.request import GenerationRequest, SamplingParams
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
@@ -58,7 +59,7 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
         service = models().get(body.model)
         plan = adapter.generate_plan(body, new_rid=lambda: uuid.uuid4().hex)
         live.check_free(job.rid for job in plan.jobs)
-        prepared = [service.prepare(job.request) for job in plan.jobs]
+        prepared = [_prepare(service, job) for job in plan.jobs]
         arrival = time.monotonic()
         generations = start_all(service, [(j.request, p) for j, p in zip(plan.jobs, prepared)])
         live.add(plan.jobs, generations)
@@ -147,10 +148,22 @@ def _services(models: Models, name: str | None) -> list[ModelService]:
     return [registry.get(name)] if name else list(registry)
 
 
+def _prepare(service: ModelService, job: adapter.Job) -> PreparedPrompt:
+    prepared = service.prepare(job.request)
+    fmt = job.request.response_format
+    if fmt is not None and prepared.grammar is None:  # input_ids skip the service's format step
+        prepared = dataclasses.replace(prepared, grammar=format_grammar(fmt))
+    start = job.logprobs.start if job.logprobs else -1
+    if start >= len(prepared.tokens):
+        raise invalid(f"logprob_start_len ({start}) must be less than the prompt's "
+                      f"{len(prepared.tokens)} tokens", param="logprob_start_len")
+    return prepared
+
+
 def _samples(plan: adapter.GeneratePlan, prepared: list[PreparedPrompt]) -> Samples:
     return [[encoder.Sample(rid=job.rid, position=offset + j, prompt_tokens=len(p.tokens),
                             stop_token_ids=frozenset(job.request.stop_token_ids),
-                            no_stop_trim=job.no_stop_trim)
+                            no_stop_trim=job.no_stop_trim, logprobs=job.logprobs)
              for j in range(job.request.n)]
             for job, p, offset in zip(plan.jobs, prepared, plan.offsets)]
 

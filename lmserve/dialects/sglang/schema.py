@@ -37,7 +37,7 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
-    json_schema: str | None = None
+    json_schema: str | dict[str, Any] | None = None  # JSON text, or the schema object
     regex: str | None = None
     ebnf: str | None = None
     structural_tag: str | None = None
