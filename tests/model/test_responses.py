@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from websockets.sync.client import connect
@@ -106,11 +107,72 @@ def test_store_false_cannot_be_chained(client):
 
 def test_unsupported_parameters_are_refused_by_name(client):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(input=ASK, text={"format": {"type": "json_object"}}, **KW)
-    assert caught.value.body["param"] == "text.format"
+        client.responses.create(input=ASK, reasoning={"effort": "high"}, **KW)
+    assert caught.value.body["param"] == "reasoning.effort"
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(input=ASK, metadata={f"k{i}": "v" for i in range(17)}, **KW)
     assert caught.value.body["param"] == "metadata"
+
+
+# ---- tools and structured output --------------------------------------------------------------
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"], "additionalProperties": False}}
+TIME = {"type": "function", "name": "get_time", "description": "Local time in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}
+TOOL_KW: dict[str, Any] = dict(KW, max_output_tokens=64, parallel_tool_calls=False,
+                               tools=[WEATHER, TIME])
+
+
+@pytest.mark.parametrize("choice, name", [
+    ("required", None), ({"type": "function", "name": "get_time"}, "get_time")])
+def test_a_forced_tool_call_is_a_function_call_item(client, choice, name):
+    r = client.responses.create(input="What is the weather in Paris?", tool_choice=choice,
+                                **TOOL_KW)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].id.startswith("fc_") and calls[0].call_id
+    assert calls[0].name == (name or calls[0].name) and calls[0].status == "completed"
+    tool = WEATHER if calls[0].name == "get_weather" else TIME
+    jsonschema.validate(json.loads(calls[0].arguments), tool["parameters"])
+    assert client.responses.retrieve(r.id).output[-1].arguments == calls[0].arguments
+    follow = client.responses.create(previous_response_id=r.id, tools=[WEATHER, TIME], input=[
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny, 21 C"}],
+        **{**KW, "max_output_tokens": 16})
+    assert follow.status in ("completed", "incomplete")
+
+
+def test_a_streamed_tool_call(client):
+    events = list(client.responses.create(input="Weather in Oslo?", tool_choice="required",
+                                          stream=True, **TOOL_KW))
+    added = [e for e in events if e.type == "response.output_item.added"
+             and e.item.type == "function_call"]
+    assert len(added) == 1 and added[0].item.arguments == ""
+    item_id = added[0].item.id
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert deltas and all(e.item_id == item_id for e in deltas)
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done.arguments == "".join(e.delta for e in deltas)
+    jsonschema.validate(json.loads(done.arguments), WEATHER["parameters"])
+    final = events[-1].response
+    assert final.output[-1].type == "function_call" and final.output[-1].arguments == \
+        done.arguments
+
+
+def test_json_schema_output_validates(client):
+    schema = {"type": "object", "properties": {"color": {"type": "string"},
+                                               "count": {"type": "integer"}},
+              "required": ["color", "count"], "additionalProperties": False}
+    r = client.responses.create(input="Give a color and a number as JSON.",
+                                text={"format": {"type": "json_schema", "name": "pick",
+                                                 "schema": schema, "strict": True}},
+                                **{**KW, "max_output_tokens": 64})
+    assert r.status == "completed" and r.text.format.type == "json_schema"
+    jsonschema.validate(json.loads(r.output_text), schema)
+    loose = client.responses.create(input="Any JSON object.", **{**KW, "max_output_tokens": 64},
+                                    text={"format": {"type": "json_object"}})
+    assert loose.output_text.lstrip().startswith("{")  # a tiny model may not close it in time
 
 
 # ---- WebSocket ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.request import ChatMessage
+from lmserve.core.request import ChatMessage, NamedTool, ResponseFormat, ToolSpec
 from lmserve.dialects.openai.responses import adapter, items
 from lmserve.dialects.openai.responses.schema import ResponseCreate
 
@@ -136,16 +136,43 @@ def test_metadata_limits():
         assert caught.value.param == param
 
 
+F_TOOL = {"type": "function", "name": "f", "description": "Find",
+          "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
+
+
+def test_tools_and_structured_output_reach_the_request():
+    req = body(tools=[F_TOOL], tool_choice={"type": "function", "name": "f"},
+               parallel_tool_calls=False,
+               text={"format": {"type": "json_schema", "name": "x", "strict": True,
+                                "schema": {"type": "object"}}})
+    adapter.check_request(req)
+    gen = adapter.generation_request(req, [])
+    assert gen.tools == [ToolSpec("f", "Find", F_TOOL["parameters"])]
+    assert gen.tool_choice == NamedTool("f") and gen.parallel_tool_calls is False
+    assert gen.response_format == ResponseFormat("json_schema", schema={"type": "object"},
+                                                 strict=True, param="text.format.schema")
+    plain = adapter.generation_request(body(tools=[F_TOOL], tool_choice="required",
+                                            text={"format": {"type": "json_object"}}), [])
+    assert plain.tool_choice == "required" and plain.parallel_tool_calls is True
+    assert plain.response_format == ResponseFormat("json_object", param="text.format")
+    assert adapter.generation_request(body(), []).tools is None
+
+
 @pytest.mark.parametrize("fields, param, kind", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools",
-     ErrorKind.UNSUPPORTED),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type", ErrorKind.INVALID_REQUEST),
     ({"tools": [{"type": "function"}]}, "tools[0].name", ErrorKind.INVALID_REQUEST),
-    ({"tool_choice": "required"}, "tool_choice", ErrorKind.UNSUPPORTED),
-    ({"tool_choice": {"type": "function", "name": "f"}}, "tool_choice", ErrorKind.UNSUPPORTED),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format",
+    ({"tools": [{"type": "function", "name": "f", "parameters": 3}]}, "tools[0].parameters",
+     ErrorKind.INVALID_REQUEST),
+    ({"tool_choice": "required"}, "tool_choice", ErrorKind.INVALID_REQUEST),
+    ({"tool_choice": {"type": "function", "name": "g"}, "tools": [F_TOOL]}, "tool_choice.name",
+     ErrorKind.INVALID_REQUEST),
+    ({"tool_choice": {"type": "allowed_tools", "tools": []}, "tools": [F_TOOL]}, "tool_choice",
      ErrorKind.UNSUPPORTED),
-    ({"text": {"format": {"type": "json_object"}}}, "text.format", ErrorKind.UNSUPPORTED),
+    ({"tool_choice": "sometimes"}, "tool_choice", ErrorKind.INVALID_REQUEST),
+    ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name",
+     ErrorKind.INVALID_REQUEST),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema",
+     ErrorKind.INVALID_REQUEST),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type", ErrorKind.INVALID_REQUEST),
     ({"text": {"verbosity": "low"}}, "text.verbosity", ErrorKind.UNSUPPORTED),
     ({"reasoning": {"effort": "high"}}, "reasoning.effort", ErrorKind.UNSUPPORTED),

@@ -11,7 +11,10 @@ from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses.responses_server_event import ResponsesServerEvent
 
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import Usage
+from lmserve.core.events import (
+    CHANNEL_OUTPUT, CHANNEL_REASONING, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart,
+    Usage,
+)
 from lmserve.dialects.openai.responses import encoder
 from lmserve.dialects.openai.responses.schema import ResponseCreate
 
@@ -151,3 +154,56 @@ def test_sse_frame_and_bodies():
         "message": "gone", "type": "invalid_request_error", "param": "previous_response_id",
         "code": "previous_response_not_found"}}
     WS_EVENT.validate_python(encoder.ws_error(error))
+
+
+def test_golden_event_sequence_of_a_function_call():
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    events = encoder.ResponseEvents(head(tools=tools, tool_choice="required"))
+    out = events.start()
+    out += events.chat([TextDelta(CHANNEL_REASONING, "hmm"), TextDelta(CHANNEL_OUTPUT, "Ok"),
+                        ToolCallStart(0, "call_1", "f"), ToolCallDelta(0, '{"q": '),
+                        ToolCallDelta(0, '"x"}'), ToolCallEnd(0, '{"q": "x"}')])
+    out += events.finish("stop", USAGE)
+    out.append(events.final_event())
+    mid = events.message_id
+    call = out[8]["item"]
+    fid = call["id"]
+    assert fid.startswith("fc_") and call == {
+        "id": fid, "type": "function_call", "status": "in_progress", "arguments": "",
+        "call_id": "call_1", "name": "f"}
+    done = {**call, "arguments": '{"q": "x"}', "status": "completed"}
+    msg = {"id": mid, "type": "message", "status": "completed", "role": "assistant",
+           "content": [{"type": "output_text", "text": "Ok", "annotations": [],
+                        "logprobs": []}]}
+    assert [(e["type"], e["sequence_number"]) for e in out] == [(kind, i) for i, kind in enumerate([
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"])]
+    assert out[7]["item"] == msg and out[7]["output_index"] == 0
+    assert out[8]["output_index"] == 1
+    assert out[9] == {"type": "response.function_call_arguments.delta", "item_id": fid,
+                      "output_index": 1, "delta": '{"q": ', "sequence_number": 9}
+    assert out[11] == {"type": "response.function_call_arguments.done", "item_id": fid,
+                       "output_index": 1, "name": "f", "arguments": '{"q": "x"}',
+                       "sequence_number": 11}
+    assert out[12]["item"] == done and out[12]["output_index"] == 1
+    final = out[-1]["response"]
+    assert final["output"] == [msg, done] and final["output_text"] == "Ok"
+    for event in out:
+        STREAM_EVENT.validate_python(event)
+    Response.model_validate(final)
+
+
+def test_a_cut_off_call_is_incomplete():
+    events = encoder.ResponseEvents(head())
+    events.start()
+    events.chat([ToolCallStart(0, "call_1", "f"), ToolCallDelta(0, '{"q"')])
+    out = events.finish("length", USAGE)
+    assert [e["type"] for e in out] == ["response.function_call_arguments.done",
+                                        "response.output_item.done"]
+    assert out[-1]["item"]["status"] == "incomplete" and out[-1]["item"]["arguments"] == '{"q"'
+    assert events.snapshot()["status"] == "incomplete"
+    Response.model_validate(events.snapshot())

@@ -13,8 +13,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from lmserve.chat.turn import plan_turn, turn_parser
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import TokenOutput
+from lmserve.core.events import TokenOutput, Usage
 from lmserve.dialects.openai.responses import turns
 from lmserve.dialects.openai.responses.routes import make_router
 from lmserve.dialects.openai.responses.schema import ResponseCreate
@@ -22,12 +23,24 @@ from lmserve.app import App
 from lmserve.http.app import AppState, StoreSettings, create_app
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resolve import resolve
-from lmserve.service import EngineSettings
+from lmserve.service import EngineSettings, PreparedPrompt
 from tests.unit.test_anthropic import STEPS, parse_sse
 from tests.unit.test_anthropic_routes import FakeRegistry, FakeService
 
 
 class Service(FakeService):
+    """Plans the turn as the real service does (tools, fallback prompt, call format)."""
+
+    def prepare(self, gen: Any) -> PreparedPrompt:
+        plan = plan_turn(gen, self.template)
+        text = self.template.render([m.as_template_dict() for m in plan.messages],
+                                    add_generation_prompt=True)
+        return PreparedPrompt(self.tokenize(text), text, plan.grammar, plan.tool_format)
+
+    def chat_parser(self, gen: Any, prepared: PreparedPrompt) -> Any:
+        return turn_parser(prepared.tool_format, None, prepared.text,
+                           parallel=gen.parallel_tool_calls)
+
     def check_context(self, n_prompt: int, max_tokens: int | None) -> int:
         if n_prompt >= self.n_ctx:
             raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED, "the prompt is too long",
@@ -374,3 +387,37 @@ def test_a_resource_serves_responses_under_its_openai_prefix():
         with client.websocket_connect("/llm/openai/v1/responses") as ws:
             ws.send_json({"type": "response.create", "model": "assistant", "input": "hi"})
             assert ws.receive_json()["status"] == 503
+
+
+CALL_STEPS = [[TokenOutput(0, '<tool_call>\n{"name": "f", "arguments": ')],
+              [TokenOutput(0, '{"q": "x"}}\n</tool_call>', finish_reason="stop",
+                           usage=Usage(prompt_tokens=5, completion_tokens=4))]]
+F_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+
+
+def test_a_function_call_is_an_output_item_and_chains():
+    service = Service(CALL_STEPS)
+    with TestClient(make_app(service)[0]) as client:
+        made = create(client, tools=[F_TOOL], tool_choice="required", parallel_tool_calls=False)
+        [call] = made["output"]
+        assert (call["type"], call["name"], call["arguments"], call["status"]) == \
+            ("function_call", "f", '{"q": "x"}', "completed")
+        assert call["id"].startswith("fc_") and made["output_text"] == ""
+        assert "# Tools" in service.prompts[0] and service.started[0][1].grammar
+        service.steps = STEPS
+        follow = create(client, previous_response_id=made["id"], tools=[F_TOOL], input=[
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}])
+        assert follow["output_text"] == "Hello"
+        assert '"q": "x"' in service.prompts[1] and "sunny" in service.prompts[1]
+
+
+def test_a_streamed_function_call():
+    with TestClient(make_app(Service(CALL_STEPS))[0]) as client:
+        with client.stream("POST", "/v1/responses", json={
+                "model": "m", "input": "hi", "stream": True, "tools": [F_TOOL]}) as r:
+            body = "".join(r.iter_text())
+    kinds = [line[len("event: "):] for line in body.splitlines() if line.startswith("event: ")]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta",
+                     "response.function_call_arguments.done", "response.output_item.done",
+                     "response.completed"]

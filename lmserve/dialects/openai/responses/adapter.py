@@ -1,9 +1,9 @@
 """Pure translation: a Responses request -> checks, then a core.GenerationRequest.
 
-Refused until their issues land, each with a 400 naming the parameter: tools (function tools
-are checked, then refused) and a forced tool_choice, structured output (text.format
-json_schema / json_object), reasoning controls, logprobs, background mode, conversations and
-prompt templates.
+Function tools (tool_choice, parallel_tool_calls) and structured output (text.format
+json_schema / json_object) become the neutral request's fields. Refused, each with a 400
+naming the parameter: hosted tools, allowed_tools, reasoning controls, logprobs, background
+mode, conversations and prompt templates.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from lmserve.core.errors import invalid, unsupported
-from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.core.request import (ChatMessage, GenerationRequest, NamedTool, ResponseFormat,
+                                  SamplingParams, ToolChoice, ToolSpec, function_tool)
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
 
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
-_LATER_TOOLS = "tool calling arrives in a later release"
 # include values that name items this server never produces, so they are honoured vacuously
 _INCLUDABLE = {"file_search_call.results", "web_search_call.results",
                "web_search_call.action.sources", "message.input_image.image_url",
@@ -56,28 +56,71 @@ def check_metadata(metadata: JSON | None) -> None:
 
 
 def _check_tools(body: ResponseCreate) -> None:
-    for i, tool in enumerate(body.tools or []):
+    tools = request_tools(body.tools)
+    tool_choice(body.tool_choice, tools)
+
+
+def request_tools(raw: list[JSON] | None) -> list[ToolSpec]:
+    """Function tools; the hosted tools (web search, file search, ...) do not run here."""
+    tools = []
+    for i, tool in enumerate(raw or []):
         if tool.get("type") != "function":
             raise invalid(f"tools[{i}].type: only function tools are supported, not "
                           f"{tool.get('type')!r}", param=f"tools[{i}].type")
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise invalid(f"tools[{i}].name is required", param=f"tools[{i}].name")
-    if body.tools:
-        raise unsupported("tools", _LATER_TOOLS)
-    if body.tool_choice not in (None, "none", "auto"):
-        raise unsupported("tool_choice", _LATER_TOOLS)
+        tools.append(function_tool(tool, f"tools[{i}]"))
+    return tools
+
+
+def tool_choice(raw: str | JSON | None, tools: list[ToolSpec]) -> ToolChoice:
+    if raw is None or raw == "auto":
+        return "auto"
+    if raw == "required" and not tools:
+        raise invalid("tool_choice 'required' asks for a tool call but no tools were given",
+                      param="tool_choice")
+    if raw in ("none", "required"):
+        return raw  # type: ignore[return-value]
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if isinstance(raw, dict) and kind == "function":
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise invalid("tool_choice.name is required", param="tool_choice.name")
+        if name not in {tool.name for tool in tools}:
+            raise invalid(f"tool_choice names the function '{name}', which is not among the "
+                          "tools", param="tool_choice.name")
+        return NamedTool(name)
+    if kind == "allowed_tools":
+        raise unsupported("tool_choice", "allowed_tools is not supported; send the tools to "
+                          "offer and tool_choice auto or required")
+    raise invalid("tool_choice must be 'none', 'auto', 'required' or "
+                  '{"type": "function", "name": ...}', param="tool_choice")
 
 
 def _check_text(text: JSON | None) -> None:
-    fmt = (text or {}).get("format") or {"type": "text"}
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind in ("json_schema", "json_object"):
-        raise unsupported("text.format", "structured output arrives in a later release")
-    if kind != "text":
-        raise invalid("text.format.type must be text, json_schema or json_object",
-                      param="text.format.type")
+    text_format(text)
     if (text or {}).get("verbosity") not in (None, "medium"):
         raise unsupported("text.verbosity", "the model's verbosity cannot be steered")
+
+
+def text_format(text: JSON | None) -> ResponseFormat | None:
+    """text.format: text (None), json_object, or json_schema {name, schema, strict}."""
+    fmt = (text or {}).get("format") or {"type": "text"}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object", param="text.format")
+    if kind != "json_schema":
+        raise invalid("text.format.type must be text, json_schema or json_object",
+                      param="text.format.type")
+    if not isinstance(fmt.get("name"), str) or not fmt["name"]:
+        raise invalid("text.format.name is required for type json_schema",
+                      param="text.format.name")
+    schema = fmt.get("schema")
+    if not isinstance(schema, (dict, bool)):
+        raise invalid("text.format.schema is required and must be a JSON Schema object",
+                      param="text.format.schema")
+    return ResponseFormat("json_schema", schema=schema, strict=bool(fmt.get("strict")),
+                          param="text.format.schema")
 
 
 def _check_reasoning(reasoning: JSON | None) -> None:
@@ -109,9 +152,13 @@ def _check_service_features(body: ResponseCreate) -> None:
 
 def generation_request(body: ResponseCreate, messages: list[ChatMessage]) -> GenerationRequest:
     stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
+    tools = request_tools(body.tools)
     return GenerationRequest(model=body.model, messages=messages, sampling=_sampling(body),
                              max_tokens=body.max_output_tokens, stop=stop,
-                             ignore_eos=body.ignore_eos)
+                             ignore_eos=body.ignore_eos, tools=tools or None,
+                             tool_choice=tool_choice(body.tool_choice, tools),
+                             parallel_tool_calls=body.parallel_tool_calls is not False,
+                             response_format=text_format(body.text))
 
 
 def _sampling(body: ResponseCreate) -> SamplingParams:

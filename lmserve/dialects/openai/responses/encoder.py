@@ -8,6 +8,10 @@ The event order of a text answer:
   response.content_part.added, response.output_text.delta..., response.output_text.done,
   response.content_part.done, response.output_item.done,
   response.completed | response.incomplete   (or: error, response.failed)
+
+A tool call is a function_call item: response.output_item.added (empty arguments),
+response.function_call_arguments.delta..., response.function_call_arguments.done,
+response.output_item.done.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import time
 from typing import Any
 
 from lmserve.core.errors import LmserveError
-from lmserve.core.events import FINISH_LENGTH, Usage
+from lmserve.core.events import (
+    CHANNEL_REASONING, FINISH_LENGTH, ChatEvent, TextDelta, ToolCallDelta, ToolCallEnd,
+    ToolCallStart, Usage,
+)
 from lmserve.dialects.openai.encoder import error_body
 from lmserve.dialects.openai.responses.items import output_text_part
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate, new_id
@@ -42,7 +49,8 @@ def response_head(body: ResponseCreate, *, response_id: str, created_at: int,
         "reasoning": {"effort": None, "summary": None},
         "safety_identifier": body.safety_identifier, "service_tier": "default",
         "store": stored, "temperature": _or(body.temperature, 1.0),
-        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "text": {"format": (body.text or {}).get("format") or {"type": "text"},
+                 "verbosity": "medium"},
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
         "top_logprobs": 0, "top_p": _or(body.top_p, 1.0),
         "truncation": body.truncation or "disabled", "usage": None, "user": body.user,
@@ -65,41 +73,60 @@ def usage_body(usage: Usage) -> JSON:
 
 class ResponseEvents:
     """The events of one response. `nested_errors`: the WebSocket shape of the error event
-    ({"type": "error", "error": {...}}) instead of the SSE one (fields at the top level)."""
+    ({"type": "error", "error": {...}}) instead of the SSE one (fields at the top level).
+
+    Output items come in the order the model writes them: answer text opens a message item,
+    a tool call closes it and adds a function_call item; text after a call opens a new
+    message. Reasoning text is not part of the output."""
 
     def __init__(self, head: JSON, *, nested_errors: bool = False) -> None:
         self.response = copy.deepcopy(head)
         self.nested_errors = nested_errors
         self.message_id = new_id("msg")
-        self.text = ""
+        self.text = ""  # the answer text of all messages (output_text)
         self.error: LmserveError | None = None
+        self.output: list[JSON] = []
         self._sequence = 0
-        self._opened = False
+        self._message: int | None = None  # output index of the open message
+        self._message_text = ""
+        self._calls: dict[int, int] = {}  # a call's index in the turn -> its output index
 
     def start(self) -> list[JSON]:
         return [self._event("response.created", response=self.snapshot()),
                 self._event("response.in_progress", response=self.snapshot())]
 
+    def chat(self, events: list[ChatEvent]) -> list[JSON]:
+        """The wire events of parsed output (answer text and tool calls)."""
+        out: list[JSON] = []
+        for event in events:
+            if isinstance(event, TextDelta):
+                if event.channel != CHANNEL_REASONING and event.text:
+                    out += self.delta(event.text)
+            elif isinstance(event, ToolCallStart):
+                out += self._call_start(event)
+            elif isinstance(event, ToolCallDelta):
+                out += self._call_delta(event)
+            elif isinstance(event, ToolCallEnd):
+                out += self._call_end(event)
+        return out
+
     def delta(self, text: str) -> list[JSON]:
         events = self._open()
         self.text += text
+        self._message_text += text
         events.append(self._event("response.output_text.delta", **self._where(), delta=text,
                                   logprobs=[]))
         return events
 
     def finish(self, finish_reason: str | None, usage: Usage) -> list[JSON]:
-        """Close the message; the response is then final (final_event() announces it)."""
+        """Close the output; the response is then final (final_event() announces it)."""
         status = "incomplete" if finish_reason == FINISH_LENGTH else "completed"
-        events = self._open()
-        part = output_text_part(self.text)
-        item = self._message(status, [part])
-        events += [
-            self._event("response.output_text.done", **self._where(), text=self.text,
-                        logprobs=[]),
-            self._event("response.content_part.done", **self._where(), part=part),
-            self._event("response.output_item.done", output_index=0, item=item)]
-        self.response.update(status=status, output=[item], output_text=self.text,
-                             usage=usage_body(usage))
+        events = self._open() if not self.output else []
+        events += self._close_message(status)
+        for index in list(self._calls):
+            events += self._call_end(ToolCallEnd(index, self._call(index)["arguments"], False))
+        self.response.update(status=status, output=copy.deepcopy(self.output),
+                             output_text=self.text, usage=usage_body(usage))
         if status == "completed":
             self.response["completed_at"] = int(time.time())
         else:
@@ -128,25 +155,81 @@ class ResponseEvents:
         return copy.deepcopy(self.response)
 
     def _settle(self, status: str) -> None:
-        output = [self._message("incomplete", [output_text_part(self.text)])] \
-            if self._opened else []
-        self.response.update(status=status, output=output, output_text=self.text)
+        """Items still being written end as incomplete."""
+        if self._message is not None:
+            self.output[self._message] = self._message_item(
+                "incomplete", [output_text_part(self._message_text)])
+        for index in self._calls.values():
+            self.output[index]["status"] = "incomplete"
+        self.response.update(status=status, output=copy.deepcopy(self.output),
+                             output_text=self.text)
+
+    # ---- message items ----
 
     def _open(self) -> list[JSON]:
-        if self._opened:
+        if self._message is not None:
             return []
-        self._opened = True
-        return [self._event("response.output_item.added", output_index=0,
-                            item=self._message("in_progress", [])),
+        if self.output:  # the first message keeps the id made up front
+            self.message_id = new_id("msg")
+        self._message, self._message_text = len(self.output), ""
+        self.output.append(self._message_item("in_progress", []))
+        return [self._event("response.output_item.added", output_index=self._message,
+                            item=self._message_item("in_progress", [])),
                 self._event("response.content_part.added", **self._where(),
                             part=output_text_part(""))]
 
-    def _message(self, status: str, content: list[JSON]) -> JSON:
+    def _close_message(self, status: str) -> list[JSON]:
+        if self._message is None:
+            return []
+        part = output_text_part(self._message_text)
+        item = self._message_item(status, [part])
+        events = [
+            self._event("response.output_text.done", **self._where(), text=self._message_text,
+                        logprobs=[]),
+            self._event("response.content_part.done", **self._where(), part=part),
+            self._event("response.output_item.done", output_index=self._message, item=item)]
+        self.output[self._message] = item
+        self._message = None
+        return events
+
+    def _message_item(self, status: str, content: list[JSON]) -> JSON:
         return {"id": self.message_id, "type": "message", "status": status,
                 "role": "assistant", "content": content}
 
     def _where(self) -> JSON:
-        return {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        return {"item_id": self.message_id, "output_index": self._message, "content_index": 0}
+
+    # ---- function_call items ----
+
+    def _call(self, index: int) -> JSON:
+        return self.output[self._calls[index]]
+
+    def _call_start(self, event: ToolCallStart) -> list[JSON]:
+        events = self._close_message("completed")
+        self._calls[event.index] = len(self.output)
+        item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
+                "arguments": "", "call_id": event.id, "name": event.name}
+        self.output.append(item)
+        events.append(self._event("response.output_item.added",
+                                  output_index=self._calls[event.index], item=dict(item)))
+        return events
+
+    def _call_delta(self, event: ToolCallDelta) -> list[JSON]:
+        item = self._call(event.index)
+        item["arguments"] += event.arguments
+        return [self._event("response.function_call_arguments.delta", item_id=item["id"],
+                            output_index=self._calls[event.index], delta=event.arguments)]
+
+    def _call_end(self, event: ToolCallEnd) -> list[JSON]:
+        output_index = self._calls.pop(event.index)
+        item = self.output[output_index]
+        item.update(arguments=event.arguments,
+                    status="completed" if event.complete else "incomplete")
+        return [self._event("response.function_call_arguments.done", item_id=item["id"],
+                            output_index=output_index, name=item["name"],
+                            arguments=event.arguments),
+                self._event("response.output_item.done", output_index=output_index,
+                            item=dict(item))]
 
     def _event(self, kind: str, **fields: Any) -> JSON:
         event = {"type": kind, **fields, "sequence_number": self._sequence}

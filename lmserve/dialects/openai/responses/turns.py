@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lmserve.chat.tools import apply_fallback_tool_prompt
+from lmserve.chat.tools import StreamParser
+from lmserve.chat.turn import step_events
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, Usage
 from lmserve.core.request import GenerationRequest
@@ -56,6 +57,7 @@ class Turn:
     body: ResponseCreate
     conversation: list[JSON]  # what the response is generated from: history + own input
     generation: Generation
+    parser: StreamParser  # generated text -> answer text and tool calls
     events: ResponseEvents
     store: ResponseStore | None  # where the response goes; None when it is not kept
 
@@ -72,12 +74,13 @@ async def begin(state: HasResponseStore, registry: ModelRegistry, body: Response
                     *items.own_items(body.input)]
     items.check_unique_ids(conversation)
     gen, prepared = _fit(service, body, conversation)
+    parser = service.chat_parser(gen, prepared)
     generation = service.start(gen, prepared)
     keep = store if body.store is not False else None
     head = response_head(body, response_id=new_id("resp"), created_at=int(time.time()),
                          stored=keep is not None)
-    return Turn(body, conversation, generation, ResponseEvents(head, nested_errors=nested_errors),
-                keep)
+    return Turn(body, conversation, generation, parser,
+                ResponseEvents(head, nested_errors=nested_errors), keep)
 
 
 async def _history(store: ResponseStore | None, previous_id: str | None) -> list[JSON]:
@@ -119,8 +122,6 @@ def _fit(service: ModelService, body: ResponseCreate, conversation: list[JSON]
 def _prepare(service: ModelService, body: ResponseCreate, conversation: list[JSON]
              ) -> tuple[GenerationRequest, PreparedPrompt]:
     messages = items.chat_messages(body.instructions, conversation)
-    if service.template is None or not service.template.supports_tools:
-        messages = apply_fallback_tool_prompt(messages)  # calls and results as plain text
     gen = adapter.generation_request(body, messages)
     prepared = service.prepare(gen)
     service.check_context(len(prepared.tokens), gen.max_tokens)
@@ -140,9 +141,8 @@ async def run(turn: Turn) -> AsyncIterator[JSON]:
                 if out.finish_reason in (FINISH_ERROR, FINISH_CANCELLED):
                     raise LmserveError(ErrorKind.INTERNAL, f"generation failed: "
                                        f"{out.error or out.finish_reason}")
-                if out.text:
-                    for event in events.delta(out.text):
-                        yield event
+                for event in events.chat(step_events(turn.parser, out.text, out.finished)):
+                    yield event
                 if out.finished:
                     finish, usage = out.finish_reason, out.usage or usage
         for event in events.finish(finish, usage):
