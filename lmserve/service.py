@@ -165,7 +165,9 @@ class ModelService:
             if bad:
                 raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
                               param="prompt")
-            return PreparedPrompt(list(request.prompt_tokens), None)
+            fmt = request.response_format
+            return PreparedPrompt(list(request.prompt_tokens), None,
+                                  format_grammar(fmt) if fmt is not None else None)
         if request.messages is None:
             if request.response_format is not None:
                 return self._prepare_raw(request.prompt or "", request.response_format)

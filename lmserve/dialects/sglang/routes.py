@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from lmserve import __version__
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_ERROR, TokenOutput
-from lmserve.chat.turn import format_grammar
 from lmserve.core.request import GenerationRequest, SamplingParams
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
@@ -150,9 +149,6 @@ def _services(models: Models, name: str | None) -> list[ModelService]:
 
 def _prepare(service: ModelService, job: adapter.Job) -> PreparedPrompt:
     prepared = service.prepare(job.request)
-    fmt = job.request.response_format
-    if fmt is not None and prepared.grammar is None:  # input_ids skip the service's format step
-        prepared = dataclasses.replace(prepared, grammar=format_grammar(fmt))
     start = job.logprobs.start if job.logprobs else -1
     if start >= len(prepared.tokens):
         raise invalid(f"logprob_start_len ({start}) must be less than the prompt's "
