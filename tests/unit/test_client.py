@@ -34,6 +34,15 @@ async def collect(client: EngineClient, req: EngineRequest) -> list[int]:
     return [t async for outs in client.submit(req) for o in outs for t in o.token_ids]
 
 
+async def assert_idle_soon(client: EngineClient) -> None:
+    """Within ~2 s nothing runs on the engine and no generation is counted active."""
+    for _ in range(200):
+        if not client.core.running and client.active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert not client.core.running and client.active == 0
+
+
 async def test_generations_stream_through_the_engine_thread():
     client = make_client()
     try:
@@ -66,11 +75,7 @@ async def test_a_generation_dropped_before_iterating_is_aborted():
         gen = client.submit(request(100_000))
         del gen
         gc.collect()
-        for _ in range(200):
-            if not client.core.running and client.active == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert not client.core.running and client.active == 0
+        await assert_idle_soon(client)
     finally:
         client.stop()
 
@@ -81,10 +86,6 @@ async def test_leaving_early_aborts_the_sequence():
         gen = client.submit(request(100_000))
         async for _ in gen:
             break
-        for _ in range(200):
-            if not client.core.running:
-                break
-            await asyncio.sleep(0.01)
-        assert not client.core.running and client.active == 0
+        await assert_idle_soon(client)
     finally:
         client.stop()
