@@ -52,6 +52,7 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # tokens in the KV while idle
     owner: "Sequence | None" = None
     last_used: float = 0.0
+    adapters: tuple[tuple[str, float], ...] = ()  # the LoRA set its KV was computed under
 
     @property
     def busy(self) -> bool:
@@ -94,6 +95,8 @@ class SlotPool:
         best: Slot | None = None
         best_len = 0
         for slot in self.slots:
+            if slot.adapters != seq.request.adapters:
+                continue
             n = common_prefix_len(slot.kv_tokens(), tokens)
             if n > best_len or (n == best_len and best is not None and best.busy and not slot.busy):
                 best, best_len = slot, n
@@ -128,7 +131,7 @@ class SlotPool:
         return self._assign(slot, seq, keep)
 
     def _assign(self, slot: Slot, seq: "Sequence", reused: int) -> Placement:
-        slot.owner, slot.cached = seq, []
+        slot.owner, slot.cached, slot.adapters = seq, [], seq.request.adapters
         if reused:
             self.hits += 1
             self.reused_tokens += reused

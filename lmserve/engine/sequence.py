@@ -38,6 +38,9 @@ class EngineRequest:
     prompt_logprobs: int | None = None  # the same for prompt tokens
     # Prompt logprobs computed so far, shared by the n choices (computed once, by choice 0).
     prompt_scores: list[TokenLogprob] | None = None
+    # LoRA adapters as ((path, scale), ...): KV computed under one set is useless to another,
+    # so prefix reuse, the disk cache and batching all key on it. () = the base model.
+    adapters: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.prompt_logprobs is not None and self.prompt_scores is None:
