@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 from lmserve.bench.inprocess import InProcessBackend
 from lmserve.bench.openai_http import OpenAIHTTPBackend
+from lmserve.bench.procs import free_port, start_process, stop, wait_ready
 from lmserve.bench.report import format_shared_prefix, format_table, plot, to_json
 from lmserve.bench.scenarios import shared_prefix, sweep
 from lmserve.service import EngineSettings
@@ -29,29 +26,13 @@ from lmserve.service import EngineSettings
 RESULTS = Path(__file__).parent / "results"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lmserve", "serve", args.model, "--port", str(port),
            "--parallel", str(args.parallel), "--threads", str(args.threads),
            "--ctx", str(args.ctx), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit("server exited during start-up")
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    proc = start_process(cmd)
+    wait_ready(proc, f"http://127.0.0.1:{port}/health")
+    return proc
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -66,8 +47,7 @@ async def run(args: argparse.Namespace) -> dict:
         prefix = await shared_prefix(http, prefix_len=1000, tail_len=32, output_len=16, n=4)
         await http.aclose()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
     settings = EngineSettings(n_ctx=args.ctx, parallel=args.parallel, threads=args.threads)
     engine = await InProcessBackend.start(args.model, settings)
     try:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from typing import Any
 
 from lmserve import __version__, config
+from lmserve.core.lora import assign as assign_loras
+from lmserve.engine.disk_cache import ByteSize
 from lmserve.models.resolve import DEFAULT_MODEL, resolve
 
 
@@ -33,9 +36,40 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-tokens", type=int,
                    help="idle KV tokens kept for prefix reuse besides the newest finished "
                         "conversation (default: a quarter of --ctx)")
+    p.add_argument("--lookup", type=int,
+                   help="prompt-lookup speculative decoding: most tokens drafted per sequence "
+                        "from its own context, verified in the batch (default 0: off; 8 is "
+                        "a good value)")
+    p.add_argument("--lookup-budget", type=int,
+                   help="most drafted tokens verified per engine step (default 16)")
+    p.add_argument("--context-overflow", choices=["error", "truncate"],
+                   help="a chat that does not fit the context: refuse it (error, the default) or "
+                        "drop its oldest turns after the system prompt (truncate); requests may "
+                        "choose for themselves")
+    p.add_argument("--disk-cache", dest="disk_cache_dir", metavar="DIR",
+                   help="save the KV state of long prefixes here, so a restarted server does "
+                        "not recompute them (default: off)")
+    p.add_argument("--disk-cache-max-bytes", type=ByteSize, metavar="SIZE",
+                   help="most bytes of saved states per model, e.g. 500M or 2G (default 4G); "
+                        "least recently used states go first")
+    p.add_argument("--disk-cache-min-tokens", type=int, metavar="N",
+                   help="shortest prefix saved or loaded (default 256)")
     p.add_argument("--embedding-ctx", type=int, help="context of the embedding context (2048)")
+    p.add_argument("--lora", action="append", dest="loras", metavar="ALIAS=PATH[:SCALE]",
+                   help="load a LoRA adapter GGUF for the first model, served as MODEL:ALIAS "
+                        "and by the requests' lora fields (scale default 1); repeatable")
     p.add_argument("--chat-template", help="override template: file (.jinja or "
                                            "tokenizer_config.json) or inline Jinja")
+    p.add_argument("--media-allowed-domain", action="append", dest="media_allowed_domains",
+                   metavar="HOST", help="host that image URLs may name (*.example.com: its "
+                                        "subdomains); repeatable (default: none, URLs refused)")
+    p.add_argument("--media-dir", help="directory whose files image paths and file:// URLs may "
+                                       "name (default: none, local files refused)")
+    p.add_argument("--media-max-bytes", type=int,
+                   help="largest image, decoded or downloaded, in bytes (default 20 MiB)")
+    p.add_argument("--media-timeout", type=float,
+                   help="seconds for one image download (default 10)")
+    p.add_argument("--media-max-images", type=int, help="most images per request (default 16)")
     p.add_argument("--api-key", action="append", dest="api_keys",
                    help="require this key (Authorization: Bearer or x-api-key); repeatable")
     p.add_argument("--store", help="where sessions, stored responses and resumable streams "
@@ -70,9 +104,11 @@ def serve(args: argparse.Namespace) -> int:
     registry = ModelRegistry()
     from lmserve.core.errors import LmserveError
     try:
-        for ref in cfg.models or (DEFAULT_MODEL,):
-            model = resolve(ref)
-            registry.add(model.name, model.path, cfg.engine, aliases=_aliases(model.name, model.path))
+        models = [resolve(ref) for ref in cfg.models or (DEFAULT_MODEL,)]
+        loras = assign_loras(cfg.engine.loras, [m.name for m in models])
+        for model in models:
+            registry.add(model.name, model.path, replace(cfg.engine, loras=loras[model.name]),
+                         aliases=_aliases(model.name, model.path))
     except (LmserveError, ValueError) as exc:
         print(f"lmserve: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2

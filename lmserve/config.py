@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmserve.chat.media import MEDIA_KEYS, media_policy
+from lmserve.chat.overflow import OVERFLOW_POLICIES
+from lmserve.engine.disk_cache import ByteSize
+from lmserve.core.lora import parse_specs
 from lmserve.service import EngineSettings
 
 
@@ -31,7 +35,9 @@ _SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_
                 "stream_ttl": float}
 _ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
                 "threads_batch": int, "max_queue": int, "cache_slots": int, "cache_tokens": int,
-                "embedding_ctx": int}
+                "lookup": int, "lookup_budget": int,
+                "embedding_ctx": int, "context_overflow": str,
+                "disk_cache_dir": str, "disk_cache_max_bytes": ByteSize, "disk_cache_min_tokens": int}
 # Aliases used by llama-cpp-python's config files (seed 003) and by our own flags.
 _ALIASES = {"ctx": "n_ctx", "n_seq_max": "parallel", "n_batch": "step_tokens", "batch": "step_tokens",
             "n_threads": "threads", "n_threads_batch": "threads_batch"}
@@ -67,7 +73,7 @@ def _model_entry(entry: dict[str, Any]) -> str:
 def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
-    for key in [*_SERVER_KEYS, *_ENGINE_KEYS, "chat_template"]:
+    for key in [*_SERVER_KEYS, *_ENGINE_KEYS, *MEDIA_KEYS, "chat_template"]:
         value = env.get(f"LMSERVE_{key.upper()}")
         if value is not None:
             out[key] = value
@@ -88,6 +94,7 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             merged[_ALIASES.get(key, key)] = value
     server: dict[str, Any] = {}
     engine: dict[str, Any] = {}
+    media: dict[str, Any] = {}
     for key, value in merged.items():
         if key in _SERVER_KEYS:
             server[key] = _coerce(key, value, _SERVER_KEYS[key])
@@ -95,13 +102,21 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             engine[key] = _coerce(key, value, _ENGINE_KEYS[key])
         elif key == "chat_template":
             engine[key] = _template_source(str(value))
+        elif key == "loras":
+            engine[key] = parse_specs(value)
+        elif key in MEDIA_KEYS:
+            media[key] = value
         elif key in ("models", "api_keys"):
             server[key] = tuple(str(v) for v in value)
         else:
             raise ValueError(f"unknown configuration key {key!r}")
-    for key in ("parallel", "step_tokens", "threads", "n_ctx", "max_queue"):
+    for key in ("parallel", "step_tokens", "threads", "n_ctx", "max_queue",
+                "disk_cache_max_bytes", "disk_cache_min_tokens"):
         if key in engine and engine[key] < 1:
             raise ValueError(f"{key} must be at least 1")
+    if engine.get("context_overflow", "error") not in OVERFLOW_POLICIES:
+        raise ValueError(f"context_overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+    engine["media"] = media_policy(media)
     return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
 
 

@@ -8,20 +8,26 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from lmserve.chat.media import MediaPolicy, check_images, no_projector
+from lmserve.chat.overflow import TRUNCATION_NOTE, fit_chat
 from lmserve.chat.reasoning import detect_reasoning_tags
 from lmserve.chat.templates import ChatTemplate, TemplateError
+from lmserve.chat.toolparsers import marker_texts
 from lmserve.chat.tools import StreamParser
 from lmserve.chat.turn import (format_grammar, plan_turn, reasoning_grammar, template_kwargs,
                                turn_parser)
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import TokenOutput
+from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, resolve as resolve_lora
 from lmserve.core.request import ChatMessage, GenerationRequest, ResponseFormat
 from lmserve.engine.client import EngineClient, Generation
+from lmserve.engine.disk_cache import DiskCache
+from lmserve.engine.lora import load_adapters
 from lmserve.engine.runner import (POOLING_MEAN, POOLING_NONE, POOLING_UNSPECIFIED, Context, Model,
                                    validate_grammar,
                                    default_threads)
@@ -41,8 +47,16 @@ class EngineSettings:
     max_queue: int = 256
     cache_slots: int | None = None  # idle sequences kept for prefix reuse; default = parallel
     cache_tokens: int | None = None  # idle KV tokens kept besides the newest; default n_ctx/4
+    disk_cache_dir: str | None = None  # saved sequence states of long prefixes; None: off
+    disk_cache_max_bytes: int = 4 << 30  # per model
+    disk_cache_min_tokens: int = 256  # shorter prefixes are not saved or loaded
     embedding_ctx: int = 2048
+    lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
+    lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
     chat_template: str | None = None  # override source
+    loras: tuple[LoraSpec, ...] = ()  # LoRA adapters loaded with the model (core.lora)
+    context_overflow: str = "error"  # a chat that does not fit: error | truncate
+    media: MediaPolicy = MediaPolicy()  # image input: sizes, hosts, directory (chat.media)
 
 
 @dataclass
@@ -51,6 +65,9 @@ class PreparedPrompt:
     text: str | None
     grammar: str | None = None  # forced tool call or response_format (see chat.turn)
     tool_format: str | None = None  # the tool-call format to parse; None: no calls parsed
+    dropped_messages: int = 0  # oldest messages dropped to fit the context (chat.overflow)
+    truncating: bool = False  # the chat was fitted under context_overflow "truncate"
+    markers: frozenset[int] = frozenset()  # control tokens the chat parser reads, rendered
 
 
 class ModelService:
@@ -97,6 +114,7 @@ class ModelService:
     def _start_engine(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.model is not None
         s, info = self.settings, self.model.info
+        load_adapters(self.model, s.loras)
         self.n_ctx = s.n_ctx or min(info.n_ctx_train or 4096, 8192)
         n_slots = s.parallel + (s.cache_slots if s.cache_slots is not None else s.parallel)
         threads = s.threads or default_threads()
@@ -109,9 +127,14 @@ class ModelService:
         def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
                               step_tokens=max(s.step_tokens, s.parallel), sink=sink,
-                              idle_tokens=idle_tokens)
+                              idle_tokens=idle_tokens, lookup_tokens=s.lookup,
+                              lookup_budget=s.lookup_budget)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue, name=self.name)
+        if s.disk_cache_dir:
+            self.client.core.pool.disk = DiskCache.open(
+                s.disk_cache_dir, ctx, model_path=self.path, max_bytes=s.disk_cache_max_bytes,
+                min_tokens=s.disk_cache_min_tokens)
         self.client.start()
 
     def _load_template(self) -> ChatTemplate | None:
@@ -126,6 +149,8 @@ class ModelService:
     def close(self) -> None:
         if self.client is not None:
             self.client.stop()
+            if self.client.core.pool.disk is not None:
+                self.client.core.pool.disk.close()  # finish the queued writes
 
     @property
     def ready(self) -> bool:
@@ -188,12 +213,30 @@ class ModelService:
         return self.template
 
     def _prepare_chat(self, request: GenerationRequest) -> PreparedPrompt:
-        """Render the turn's plan: tools, fallback prompt, grammar (see chat.turn)."""
+        """Render the turn's plan: tools, fallback prompt, grammar (see chat.turn); under
+        context_overflow "truncate", of the fewest oldest turns dropped (chat.overflow)."""
+        images = check_images(request.messages, self.settings.media)  # the policy's 400s first
+        if images and not self.vision:
+            raise no_projector(self.name, images[0])
+        if (request.context_overflow or self.settings.context_overflow) == "truncate":
+            prepared, dropped = fit_chat(request, self._render_turn, self.n_ctx)
+            return replace(prepared, dropped_messages=dropped, truncating=True)
+        return self._render_turn(request)
+
+    def _render_turn(self, request: GenerationRequest) -> PreparedPrompt:
         plan = plan_turn(request, self._chat_template(), self.require_ready().info.metadata)
         text = self.render_chat(plan.messages, add_generation_prompt=request.add_generation_prompt,
                                 template_kwargs=template_kwargs(request), tools=plan.template_tools)
         grammar = reasoning_grammar(plan, self.reasoning_tags, text, request.reasoning)
-        return PreparedPrompt(self.tokenize(text), text, grammar, plan.tool_format)
+        markers = self.require_ready().control_tokens(
+            marker_texts(plan.tool_format, self.reasoning_tags))
+        return PreparedPrompt(self.tokenize(text), text, grammar, plan.tool_format,
+                              markers=markers)
+
+    @property
+    def vision(self) -> bool:
+        """Whether a vision projector (mmproj) is loaded: never yet, as none can be loaded."""
+        return False
 
     @property
     def reasoning_tags(self) -> tuple[str, str] | None:
@@ -215,14 +258,16 @@ class ModelService:
             tokens = tokens[1:]
         return tokens
 
-    def check_context(self, n_prompt: int, max_tokens: int | None) -> int:
+    def check_context(self, n_prompt: int, max_tokens: int | None, *,
+                      truncating: bool = False) -> int:
         """Validate prompt length against the context; returns the effective max_tokens."""
+        note = TRUNCATION_NOTE if truncating else ""
         if n_prompt == 0:
             raise invalid("the prompt is empty", param="prompt")
         if n_prompt >= self.n_ctx:
             raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                                f"this model's maximum context length is {self.n_ctx} tokens, "
-                               f"but the prompt has {n_prompt} tokens", param="messages",
+                               f"but the prompt has {n_prompt} tokens{note}", param="messages",
                                code="context_length_exceeded")
         if max_tokens is None:
             return self.n_ctx - n_prompt
@@ -230,7 +275,7 @@ class ModelService:
             raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                                f"this model's maximum context length is {self.n_ctx} tokens; "
                                f"the prompt has {n_prompt} tokens and max_tokens asks for "
-                               f"{max_tokens} more", param="max_tokens",
+                               f"{max_tokens} more{note}", param="max_tokens",
                                code="context_length_exceeded")
         return max_tokens
 
@@ -238,8 +283,10 @@ class ModelService:
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
               ) -> Generation:
         """Validate and submit now, so every refusal happens before a response starts."""
+        adapters = self.adapters(request.model, request.lora)
         prepared = prepared or self.prepare(request)
-        max_tokens = self.check_context(len(prepared.tokens), request.max_tokens)
+        max_tokens = self.check_context(len(prepared.tokens), request.max_tokens,
+                                        truncating=prepared.truncating)
         if request.n > self.settings.parallel:
             raise invalid(f"n={request.n} is more than this server's parallel sequences "
                           f"({self.settings.parallel})", param="n")
@@ -256,10 +303,15 @@ class ModelService:
             prompt_tokens=prepared.tokens, sampling=sampling, max_tokens=max_tokens,
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
             ignore_eos=request.ignore_eos, n=request.n, logprobs=request.logprobs,
-            prompt_logprobs=request.prompt_logprobs)
+            prompt_logprobs=request.prompt_logprobs, render_special=prepared.markers,
+            adapters=adapters)
         if request.request_id:
             engine_request.request_id = request.request_id
         return self.client.submit(engine_request)
+
+    def adapters(self, model: str | None, selection: LoraSelection | None = None) -> AdapterSet:
+        """The LoRA set a request runs under: from "<model>:<alias>" or its lora field."""
+        return resolve_lora(self.settings.loras, model, selection, (self.name, *self.aliases))
 
     def check_grammar(self, gbnf: str, param: str = "grammar") -> None:
         """Refuse a grammar llama.cpp cannot parse before it reaches the engine thread."""
@@ -287,7 +339,7 @@ class ModelService:
         return await self.client.call(lambda core: None if core.has_work else core.pool.flush())
 
     # -- embeddings -------------------------------------------------------------------------
-    async def embed(self, inputs: list[list[int]]) -> list[np.ndarray]:
+    async def embed(self, inputs: list[list[int]], adapters: AdapterSet = ()) -> list[np.ndarray]:
         self.require_ready()
         limit = self.settings.embedding_ctx
         for i, tokens in enumerate(inputs):
@@ -297,11 +349,12 @@ class ModelService:
                 raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                                    f"input[{i}] has {len(tokens)} tokens; the embedding context "
                                    f"holds {limit}", param="input", code="context_length_exceeded")
-        return await asyncio.to_thread(self._embed_blocking, inputs)
+        return await asyncio.to_thread(self._embed_blocking, inputs, adapters)
 
-    def _embed_blocking(self, inputs: list[list[int]]) -> list[np.ndarray]:
+    def _embed_blocking(self, inputs: list[list[int]], adapters: AdapterSet) -> list[np.ndarray]:
         with self._embed_lock:
             ctx = self._embedding_context()
+            ctx.set_adapters(adapters)
             out: list[np.ndarray] = []
             for tokens in inputs:  # one sequence per decode: pooled output needs it whole
                 ctx.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal
 
 import httpx
@@ -37,8 +38,23 @@ class SSEDecoder:
         return data
 
 
+@dataclass(frozen=True)
+class StreamEvent:
+    """What one streamed JSON event carries for the benchmark."""
+
+    text: str
+    usage: dict[str, Any] | None
+    finish_reason: str | None
+
+
 def parse_event(data: str, endpoint: Endpoint) -> tuple[str, dict[str, Any] | None]:
     """Extract (delta text, usage or None) from one streamed JSON event."""
+    event = read_event(data, endpoint)
+    return event.text, event.usage
+
+
+def read_event(data: str, endpoint: Endpoint) -> StreamEvent:
+    """Decode one streamed JSON event: delta text, usage, and a choice's finish_reason."""
     try:
         event = json.loads(data)
     except json.JSONDecodeError as exc:
@@ -49,8 +65,9 @@ def parse_event(data: str, endpoint: Endpoint) -> tuple[str, dict[str, Any] | No
         err = event["error"]
         msg = err.get("message", err) if isinstance(err, dict) else err
         raise BackendError(f"error event: {msg}")
-    text = ""
+    text, finish = "", None
     for choice in event.get("choices") or []:
+        finish = choice.get("finish_reason") or finish
         if endpoint == "chat":
             delta = choice.get("delta") or {}
             # reasoning models stream their thinking separately; it is generated output too
@@ -58,7 +75,7 @@ def parse_event(data: str, endpoint: Endpoint) -> tuple[str, dict[str, Any] | No
         else:
             text += choice.get("text") or ""
     usage = event.get("usage")
-    return text, usage if isinstance(usage, dict) else None
+    return StreamEvent(text, usage if isinstance(usage, dict) else None, finish)
 
 
 def api_root(base_url: str) -> str:
@@ -73,6 +90,9 @@ class OpenAIHTTPBackend:
     Every event with non-empty text becomes one Chunk(n_tokens=1). When the server sends
     usage (requested with stream_options.include_usage), a final usage Chunk
     (Chunk.total_tokens = usage.completion_tokens) makes that the request's token count.
+    A server that sends no usage but ends with finish_reason "length" generated exactly
+    max_tokens tokens, so that becomes the count (some servers send several tokens' text in
+    one event, or hold text back, so counting events would undercount).
     `timeout` (seconds, None = never) applies to connect, each read, write and waiting for
     a pooled connection; the default never cuts a long generation.
     """
@@ -128,6 +148,24 @@ class OpenAIHTTPBackend:
 
     async def stream(self, req: BenchRequest) -> AsyncIterator[Chunk]:
         usage: dict[str, Any] | None = None
+        finish: str | None = None
+        async for event in self._events(req):
+            if event.text:
+                yield Chunk(n_tokens=1, text=event.text)
+            usage = event.usage or usage
+            finish = event.finish_reason or finish
+        if usage is not None and isinstance(usage.get("completion_tokens"), int):
+            prompt_tokens = usage.get("prompt_tokens")
+            yield Chunk(
+                n_tokens=0,
+                text="",
+                total_tokens=usage["completion_tokens"],
+                prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
+            )
+        elif finish == "length":
+            yield Chunk(n_tokens=0, text="", total_tokens=req.max_tokens)
+
+    async def _events(self, req: BenchRequest) -> AsyncIterator[StreamEvent]:
         decoder = SSEDecoder()
         async with self._client.stream("POST", self._path, json=self.body(req)) as resp:
             if resp.status_code >= 400:
@@ -138,27 +176,19 @@ class OpenAIHTTPBackend:
                 if data is None:
                     continue
                 if data.strip() == "[DONE]":
-                    break
-                text, event_usage = parse_event(data, self.endpoint)
-                if text:
-                    yield Chunk(n_tokens=1, text=text)
-                if event_usage is not None:
-                    usage = event_usage
-            else:
-                data = decoder.flush()  # stream ended without a blank line or [DONE]
-                if data is not None and data.strip() != "[DONE]":
-                    text, event_usage = parse_event(data, self.endpoint)
-                    if text:
-                        yield Chunk(n_tokens=1, text=text)
-                    usage = event_usage or usage
-        if usage is not None and isinstance(usage.get("completion_tokens"), int):
-            prompt_tokens = usage.get("prompt_tokens")
-            yield Chunk(
-                n_tokens=0,
-                text="",
-                total_tokens=usage["completion_tokens"],
-                prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
-            )
+                    return
+                yield read_event(data, self.endpoint)
+            data = decoder.flush()  # stream ended without a blank line or [DONE]
+            if data is not None and data.strip() != "[DONE]":
+                yield read_event(data, self.endpoint)
+
+    async def complete(self, req: BenchRequest) -> dict[str, Any]:
+        """Send `req` without streaming and return the response body (e.g. to read `usage`)."""
+        body = {k: v for k, v in self.body(req).items() if k != "stream_options"}
+        resp = await self._client.post(self._path, json={**body, "stream": False})
+        if resp.status_code >= 400:
+            raise BackendError(f"HTTP {resp.status_code}: {resp.text[:500]}", resp.status_code)
+        return resp.json()
 
     async def list_models(self) -> list[str]:
         """Model ids from GET /v1/models."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from lmserve.bench.base import Backend
 from lmserve.bench.prompts import make_prompts
@@ -12,6 +12,14 @@ from lmserve.bench.runner import run_level
 from lmserve.bench.stats import LevelResult
 
 DEFAULT_CONCURRENCIES: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+class LevelProbe(Protocol):
+    """Measures something around each level (e.g. engine_metrics.MetricsProbe)."""
+
+    async def start(self) -> None: ...
+
+    async def finish(self) -> dict[str, Any]: ...
 
 
 def default_requests_per_level(concurrency: int) -> int:
@@ -43,12 +51,15 @@ async def sweep(
     warmup: int = 1,
     seed: int = 0,
     on_level: Callable[[LevelResult], None] | None = None,
+    probe: LevelProbe | None = None,
 ) -> SweepResult:
     """Warm up with `warmup` requests, then run one closed-loop level per concurrency.
 
     requests_per_level defaults to max(4, 2 * concurrency). Every request of the whole
     sweep (warm-up included) has its own numbered prompt, so no level profits from the
     prompt cache of another. `on_level` is called after each level (e.g. to print progress).
+    `probe`, if given, is started before and finished after each level (not the warm-up);
+    what it returns becomes the level's `engine` entry.
     """
     counts = [requests_per_level or default_requests_per_level(c) for c in concurrencies]
     prompts = make_prompts(
@@ -59,7 +70,11 @@ async def sweep(
         await run_level(backend, prompts[:warmup], 1, warmup)
     offset = warmup
     for concurrency, count in zip(concurrencies, counts):
+        if probe is not None:
+            await probe.start()
         level = await run_level(backend, prompts[offset : offset + count], concurrency, count)
+        if probe is not None:
+            level.engine = await probe.finish()
         offset += count
         result.levels.append(level)
         if on_level is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from lmserve.bench.base import Chunk
 
@@ -57,6 +57,7 @@ class RequestRecord:
     end: float | None = None
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    streamed_tokens: int = 0  # tokens counted from the stream's chunks, before any usage report
     itl: list[float] = field(default_factory=list)
     error: str | None = None
     _last: float | None = field(default=None, repr=False)
@@ -82,6 +83,7 @@ class RequestRecord:
     def finish(self, now: float, error: str | None = None) -> None:
         self.end = now
         self.error = error
+        self.streamed_tokens = self.output_tokens
         if self._usage_total is not None:
             self.output_tokens = self._usage_total
 
@@ -110,6 +112,7 @@ class RequestRecord:
             "latency_ms": _ms(self.latency),
             "tpot_ms": _ms(self.tpot),
             "output_tokens": self.output_tokens,
+            "streamed_tokens": self.streamed_tokens,
             "prompt_tokens": self.prompt_tokens,
             "error": self.error,
         }
@@ -134,7 +137,10 @@ class LevelResult:
     itl: Stats
     tpot: Stats
     mean_prompt_tokens: float | None = None  # as reported by the server, when it does
+    mean_output_tokens: float | None = None  # per completed request
+    mean_streamed_tokens: float | None = None  # per completed request, counted from chunks
     errors: list[str] = field(default_factory=list)  # distinct messages, a few at most
+    engine: dict[str, Any] | None = None  # per-step engine timings (engine_metrics), if probed
     records: list[RequestRecord] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -163,6 +169,8 @@ class LevelResult:
             itl=Stats.of([g for r in ok for g in r.itl], 1000.0),
             tpot=Stats.of([t for r in ok if (t := r.tpot) is not None], 1000.0),
             mean_prompt_tokens=sum(prompts) / len(prompts) if prompts else None,
+            mean_output_tokens=tokens / len(ok) if ok else None,
+            mean_streamed_tokens=sum(r.streamed_tokens for r in ok) / len(ok) if ok else None,
             errors=errors,
             records=list(records),
         )

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from lmserve.core.errors import invalid
+from lmserve.core.images import ImageInput
+from lmserve.core.lora import LoraSelection
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ChatMessage:
     content: str | None = None
     name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # tool_calls, tool_call_id, ...
+    images: tuple[ImageInput, ...] = ()  # checked and loaded by chat.media
 
     def as_template_dict(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": self.role, "content": self.content}
@@ -132,3 +135,7 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     reasoning: bool | None = None  # enable thinking (template's enable_thinking); None: default
+    # A chat that does not fit the context: refuse it, or drop its oldest turns (chat.overflow).
+    context_overflow: Literal["error", "truncate"] | None = None  # None: the server's default
+    # LoRA adapters by alias (core.lora); a "<model>:<alias>" model name selects one too.
+    lora: LoraSelection | None = None

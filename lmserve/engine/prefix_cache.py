@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from lmserve.engine.disk_cache import DiskCache
     from lmserve.engine.sequence import Sequence
 
 
@@ -79,6 +80,7 @@ class SlotPool:
         self.idle_tokens = idle_tokens  # None: no budget, only LRU under KV pressure
         self.hits = 0
         self.reused_tokens = 0
+        self.disk: "DiskCache | None" = None  # saved states of long prefixes (disk_cache.py)
 
     @property
     def n_free(self) -> int:
@@ -88,8 +90,8 @@ class SlotPool:
     def resident_tokens(self) -> int:
         return sum(len(s.cached) for s in self.slots if not s.busy)
 
-    def place(self, seq: "Sequence") -> Placement | None:
-        """Give `seq` a slot, reusing the longest resident prefix of its tokens."""
+    def place(self, seq: "Sequence", *, use_disk: bool = True) -> Placement | None:
+        """Give `seq` a slot, reusing the longest resident (or, failing that, stored) prefix."""
         tokens = seq.tokens
         limit = seq.reuse_limit  # the last token is always recomputed to get its logits
         best: Slot | None = None
@@ -101,6 +103,8 @@ class SlotPool:
             if n > best_len or (n == best_len and best is not None and best.busy and not slot.busy):
                 best, best_len = slot, n
         best_len = min(best_len, limit)
+        if use_disk and self.disk is not None and (placed := self._place_from_disk(seq, best_len)):
+            return placed
         if best is not None and not best.busy and best_len > 0:
             empty = self._empty_slot()
             if empty is None or best_len >= len(best.cached):
@@ -115,6 +119,19 @@ class SlotPool:
             self.memory.seq_cp(best.seq_id, target.seq_id, 0, best_len)
             return self._assign(target, seq, best_len)
         return self._assign(target, seq, 0)
+
+    def _place_from_disk(self, seq: "Sequence", resident: int) -> Placement | None:
+        """Load a stored state that beats the resident prefix by min_tokens or more."""
+        assert self.disk is not None
+        hit = self.disk.find(seq.tokens, seq.request.adapters, limit=seq.reuse_limit,
+                             at_least=resident + self.disk.min_tokens)
+        target = self._free_slot() if hit is not None else None
+        if hit is None or target is None:
+            return None
+        loaded = self.disk.restore(hit, target.seq_id)
+        if not loaded:  # the target is empty now, and may have been the best resident slot
+            return self.place(seq, use_disk=False)
+        return self._assign(target, seq, loaded)
 
     def reserve(self, seq: "Sequence") -> Slot:
         """A slot with no reuse (for a sibling that will copy its KV from another slot)."""
@@ -170,6 +187,8 @@ class SlotPool:
         slot.last_used = time.monotonic()
         if keep and owner is not None:
             slot.cached = owner.tokens[: owner.n_computed]
+            if self.disk is not None:
+                self.disk.offer(slot.seq_id, slot.cached, slot.adapters)
             self._enforce_budget(newest=slot)
         else:
             self.evict(slot)

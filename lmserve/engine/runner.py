@@ -99,6 +99,7 @@ class Model:
         self.eog_tokens = frozenset(t for t in range(self.n_vocab)
                                     if ll.llama_vocab_is_eog(self.vocab, t))
         self.info = self._read_info()
+        self.loras: dict[str, ctypes.c_void_p] = {}  # path -> adapter, freed with the model
 
     # -- metadata ---------------------------------------------------------------------------
     def _meta(self) -> dict[str, str]:
@@ -176,8 +177,28 @@ class Model:
                 n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
             return buf.raw[:n]
 
+    def control_tokens(self, texts: set[str]) -> frozenset[int]:
+        """Ids of the tokens whose text is one of `texts` and that piece() would leave out
+        (control tokens), so a parser that reads them as markers can be shown them."""
+        found = set()
+        for text in texts:
+            ids = self.tokenize(text, add_special=False, parse_special=True)
+            if len(ids) == 1 and not self.piece(ids[0]) and self.token_bytes(ids[0]):
+                found.add(ids[0])
+        return frozenset(found)
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self._token_bytes(t, special=True) for t in tokens).decode("utf-8", "replace")
+
+    def load_lora(self, path: str) -> None:
+        """Load a LoRA adapter GGUF for this model; contexts apply it with set_adapters."""
+        if path not in self.loras:
+            adapter = ll.llama_adapter_lora_init(self.ptr, path.encode())
+            if not adapter:
+                raise RuntimeError(f"llama.cpp could not load {path!r} as a LoRA adapter of "
+                                   f"this model (its log above says why: not an adapter GGUF, "
+                                   f"or made for another base model)")
+            self.loras[path] = adapter
 
     def close(self) -> None:
         if self.ptr:
@@ -314,6 +335,14 @@ class Context:
     def make_sampler(self, params: SamplingParams, seed: int, banned: Sequence[int]) -> Sampler:
         return Sampler(self.model, params, seed=seed, banned=list(banned))
 
+    def set_adapters(self, adapters: Sequence[tuple[str, float]]) -> None:
+        """Apply loaded LoRA adapters ((path, scale), ...) to every following decode."""
+        n = len(adapters)
+        ptrs = (ll.llama_adapter_lora_p_ctypes * n)(*[self.model.loras[p] for p, _ in adapters])
+        scales = (ctypes.c_float * n)(*[scale for _, scale in adapters])
+        if ll.llama_set_adapters_lora(self.ptr, ptrs if n else None, n, scales if n else None):
+            raise RuntimeError("llama.cpp refused the LoRA adapters")
+
     def decode(self, batch: Batch) -> int:
         batch.struct.n_tokens = batch.n
         return ll.llama_decode(self.ptr, batch.struct)
@@ -335,6 +364,31 @@ class Context:
 
     def clear(self) -> None:
         ll.llama_memory_clear(self.memory, True)
+
+    # -- sequence states (the disk cache) ---------------------------------------------------
+    def state_seq_size(self, seq_id: int) -> int:
+        return int(ll.llama_state_seq_get_size(self.ptr, seq_id))
+
+    def state_seq_get(self, seq_id: int) -> bytearray:
+        """A copy of the sequence's KV cells (positions, data) as llama.cpp serialises them."""
+        size = self.state_seq_size(seq_id)
+        data = bytearray(size)
+        n = ll.llama_state_seq_get_data(self.ptr, (ctypes.c_uint8 * size).from_buffer(data),
+                                        size, seq_id) if size else 0
+        return data[:n] if n != size else data
+
+    def state_seq_set(self, seq_id: int, data: bytearray) -> int:
+        """Load a saved state into `seq_id`; 0 when llama.cpp refused it (no room, another
+        format), and then the sequence holds nothing."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        return int(ll.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
+
+    def state_format(self) -> str:
+        """What, besides the model file, decides whether a saved state loads here. The
+        context always uses the default KV types; change this if that changes."""
+        params = ll.llama_context_default_params()
+        return (f"llama-cpp-python {ll.__version__}; kv {params.type_k}/{params.type_v}; "
+                "unified; swa_full")
 
     # -- embeddings -------------------------------------------------------------------------
     def sequence_embedding(self, seq_id: int) -> np.ndarray:

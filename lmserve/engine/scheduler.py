@@ -16,6 +16,8 @@ from typing import Protocol
 from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, TokenOutput
 from lmserve.core.request import SamplingParams
 from lmserve.engine.logprobs import LogitsSource, LogprobScorer
+from lmserve.engine.lookup import DraftLength, NgramIndex
+from lmserve.engine.lora import AdapterRotation, AdapterTarget
 from lmserve.engine.prefix_cache import KVMemory, SlotPool
 from lmserve.engine.sequence import EngineRequest, SeqState, Sequence
 
@@ -37,7 +39,7 @@ class SamplerLike(Protocol):
     def free(self) -> None: ...
 
 
-class Runner(KVMemory, LogitsSource, Protocol):
+class Runner(KVMemory, LogitsSource, AdapterTarget, Protocol):
     """What the core needs from llama.cpp (runner.Context + runner.Model, or a fake)."""
 
     n_ctx: int
@@ -63,6 +65,9 @@ class StepStats:
     batch_tokens: int = 0
     decode_failures: int = 0
     preemptions: int = 0
+    draft_tokens: int = 0  # prompt-lookup tokens proposed and verified
+    accepted_tokens: int = 0  # of those, the ones the sampler agreed with
+    draft_steps: int = 0  # sequence-steps that carried a draft
     last_step_sequences: int = 0
     phases: tuple[str, ...] = field(default=("schedule", "batch_build", "decode", "sample",
                                               "detokenize"), repr=False)
@@ -70,9 +75,16 @@ class StepStats:
 
 class EngineCore:
     def __init__(self, runner: Runner, *, n_slots: int, max_running: int, step_tokens: int,
-                 sink: Callable[[StepOutputs], None], idle_tokens: int | None = None) -> None:
+                 sink: Callable[[StepOutputs], None], idle_tokens: int | None = None,
+                 lookup_tokens: int = 0, lookup_budget: int = 16) -> None:
         self.runner = runner
+        # Prompt-lookup speculation: at most lookup_tokens drafted per sequence and
+        # lookup_budget per step (0: off). Verifying a draft costs batch rows, so the step
+        # budget keeps a full batch of decoders from paying for many guesses at once.
+        self.lookup_tokens = lookup_tokens
+        self.lookup_budget = lookup_budget
         self.pool = SlotPool(n_slots, runner, idle_tokens=idle_tokens)
+        self.adapters = AdapterRotation()  # one LoRA group per step (adapters are per context)
         self.max_running = max_running
         self.step_tokens = step_tokens
         self.sink = sink
@@ -115,6 +127,7 @@ class EngineCore:
             return False
         sample_at = self._build_batch(plan)
         t2 = time.perf_counter()
+        self.adapters.apply(self.runner)
         status = self.runner.decode(self.runner.batch)
         t3 = time.perf_counter()
         if status != DECODE_OK:
@@ -180,8 +193,9 @@ class EngineCore:
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one per decoding sequence), then prompt chunks within budget."""
-        active = [s for s in self.running if s.state is SeqState.RUNNING]
-        plan = [(s, 1) for s in active if s.n_pending == 1]
+        active = self.adapters.select([s for s in self.running if s.state is SeqState.RUNNING])
+        decoding = [s for s in active if s.n_pending == 1]
+        plan = [(s, 1) for s in decoding]
         budget = self.step_tokens - len(plan)
         for seq in active:
             if seq.n_pending > 1 and budget > 0:
@@ -190,7 +204,31 @@ class EngineCore:
                     n = min(n, self.scorer.prompt_chunk)
                 plan.append((seq, n))
                 budget -= n
+        if self.lookup_tokens and decoding and budget > 0:
+            drafted = self._draft(decoding, min(budget, self.lookup_budget))
+            if drafted:
+                plan = [(s, n + len(s.draft)) for s, n in plan]
         return plan
+
+    def _draft(self, decoding: list[Sequence], budget: int) -> bool:
+        """Give decoding sequences prompt-lookup drafts within `budget` tokens in all."""
+        drafted = False
+        for seq in decoding:
+            if budget <= 0:
+                break
+            request = seq.request
+            if seq.n_output == 0 or request.logprobs is not None \
+                    or request.prompt_scores is not None:
+                continue  # fresh siblings fork this KV; logprobs are reported token by token
+            if seq.lookup is None:
+                seq.lookup, seq.draft_len = NgramIndex(), DraftLength(self.lookup_tokens)
+            assert seq.draft_len is not None
+            limit = min(seq.draft_len.current, budget, request.max_tokens - seq.n_output - 1,
+                        self.runner.n_ctx - len(seq.tokens) - 1)
+            seq.draft = seq.lookup.draft(seq.tokens, limit)
+            budget -= len(seq.draft)
+            drafted = drafted or bool(seq.draft)
+        return drafted
 
     def _build_batch(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         batch = self.runner.batch
@@ -199,8 +237,13 @@ class EngineCore:
         sample_at = []
         for seq, n in plan:
             start = seq.n_computed
-            completes = start + n == len(seq.tokens)
             assert seq.slot is not None
+            if seq.draft:  # the pending token, then the guesses: logits on every row
+                idx = batch.add([seq.tokens[start], *seq.draft], start, seq.slot.seq_id, True)
+                batch.request_logits(idx - len(seq.draft), idx + 1)
+                sample_at.append((seq, idx - len(seq.draft)))
+                continue
+            completes = start + n == len(seq.tokens)
             idx = batch.add(seq.tokens[start:start + n], start, seq.slot.seq_id, completes)
             if completes:
                 sample_at.append((seq, idx))
@@ -211,11 +254,39 @@ class EngineCore:
     def _sample(self, sample_at: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         sampled = []
         for seq, idx in sample_at:
+            if seq.draft:
+                sampled.extend((seq, token) for token in self._verify(seq, idx))
+                continue
             sampled.append((seq, self._sample_one(seq, idx)))
             if seq.n_output == 0:
                 for sib in self._fork_siblings(seq):
                     sampled.append((sib, self._sample_one(sib, idx)))
         return sampled
+
+    def _verify(self, seq: Sequence, first_row: int) -> list[int]:
+        """Sample row by row while the sampler agrees with the draft. Each token is drawn
+        from the model's distribution given the tokens actually kept, which is exactly what
+        plain decoding would draw, so output is unchanged (greedy) or correctly distributed
+        (sampling, with the same random draws per token). Rejected guesses leave the KV."""
+        draft, seq.draft = seq.draft, []
+        tokens: list[int] = []
+        for i in range(len(draft) + 1):
+            token = self._sample_one(seq, first_row + i)
+            tokens.append(token)
+            if i == len(draft) or token != draft[i]:
+                break
+        accepted = len(tokens) - 1
+        rejected = len(draft) - accepted
+        if rejected:
+            assert seq.slot is not None
+            seq.n_computed -= rejected
+            self.runner.seq_rm(seq.slot.seq_id, seq.n_computed, -1)
+        assert seq.draft_len is not None
+        seq.draft_len.update(len(draft), accepted)
+        self.stats.draft_steps += 1
+        self.stats.draft_tokens += len(draft)
+        self.stats.accepted_tokens += accepted
+        return tokens
 
     def _sample_one(self, seq: Sequence, idx: int) -> int:
         assert seq.sampler is not None
@@ -237,6 +308,8 @@ class EngineCore:
     def _postprocess(self, sampled: list[tuple[Sequence, int]]) -> None:
         now = time.monotonic()
         for seq, token in sampled:
+            if seq.finished:  # a verified draft ran past the end of its sequence
+                continue
             seq.tokens.append(token)
             self.stats.generated_tokens += 1
             if seq.first_token_at is None:
@@ -249,7 +322,9 @@ class EngineCore:
             self._finish(seq, FINISH_STOP, "", token=token,
                          stop_match=None if token not in request.stop_token_ids else str(token))
             return
-        text, matched = seq.stops.push(seq.decoder.push(self.runner.piece(token)))
+        piece = self.runner.token_bytes(token) if token in request.render_special \
+            else self.runner.piece(token)
+        text, matched = seq.stops.push(seq.decoder.push(piece))
         if matched is not None:
             self._finish(seq, FINISH_STOP, text, token=token, stop_match=matched, flush=False)
         elif seq.n_output >= request.max_tokens or len(seq.tokens) >= self.runner.n_ctx:
@@ -270,6 +345,10 @@ class EngineCore:
         out.finish_reason, out.stop_match, out.error = reason, stop_match, error
         out.usage = seq.usage()
         seq.finish_reason, seq.state = reason, SeqState.FINISHED
+        if seq.slot is not None and seq.n_computed > len(seq.tokens):
+            # Accepted guesses past a stop: their KV is not part of the kept conversation.
+            seq.n_computed = len(seq.tokens)
+            self.runner.seq_rm(seq.slot.seq_id, seq.n_computed, -1)
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:
@@ -295,6 +374,8 @@ class EngineCore:
     def _recover(self, status: int, plan: list[tuple[Sequence, int]]) -> None:
         """No KV room: drop idle prefixes, then preempt the newest sequence; else fail."""
         self.stats.decode_failures += 1
+        for seq, _ in plan:
+            seq.draft = []  # guesses are re-proposed, if still apt, at the next step
         if status == DECODE_NO_KV_SLOT:
             if self.pool.evict_lru_idle():
                 return

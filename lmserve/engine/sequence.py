@@ -13,6 +13,7 @@ from lmserve.core.request import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDecoder, StopMatcher
 
 if TYPE_CHECKING:
+    from lmserve.engine.lookup import DraftLength, NgramIndex
     from lmserve.engine.prefix_cache import Slot
     from lmserve.engine.runner import Sampler
 
@@ -41,6 +42,8 @@ class EngineRequest:
     # LoRA adapters as ((path, scale), ...): KV computed under one set is useless to another,
     # so prefix reuse, the disk cache and batching all key on it. () = the base model.
     adapters: tuple[tuple[str, float], ...] = ()
+    # Control tokens rendered as their text (markers a tool or reasoning parser reads).
+    render_special: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.prompt_logprobs is not None and self.prompt_scores is None:
@@ -77,6 +80,9 @@ class Sequence:
     first_token_at: float | None = None
     sampled_logprob: TokenLogprob | None = None  # this step's token, until output() takes it
     prompt_scores_sent: bool = False
+    lookup: "NgramIndex | None" = None  # prompt-lookup speculation, made on the first draft
+    draft_len: "DraftLength | None" = None
+    draft: list[int] = field(default_factory=list)  # this step's guesses, until verified
 
     @classmethod
     def for_request(cls, request: EngineRequest, index: int) -> "Sequence":

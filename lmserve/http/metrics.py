@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from lmserve.core.lora import describe
+
 if TYPE_CHECKING:
     from lmserve.models.registry import ModelRegistry
 
@@ -26,6 +28,10 @@ class EngineCollector:
             "batch_tokens": ("lmserve_batch_tokens", "Tokens submitted across all decode steps"),
             "preemptions": ("lmserve_preemptions", "Sequences preempted for lack of KV room"),
             "decode_failures": ("lmserve_decode_failures", "llama_decode calls that failed"),
+            "draft_tokens": ("lmserve_lookup_draft_tokens",
+                             "Prompt-lookup tokens drafted and verified"),
+            "accepted_tokens": ("lmserve_lookup_accepted_tokens",
+                                "Drafted tokens the sampler accepted"),
         }
         families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
         phase = CounterMetricFamily("lmserve_step_phase_seconds",
@@ -57,6 +63,48 @@ class EngineCollector:
             reused.add_metric([name], core.pool.reused_tokens)
         yield from families.values()
         yield from (phase, running, waiting, batch_seqs, hits, reused)
+        yield from _disk_cache_families(self.registry)
+        yield from _adapter_families(self.registry)
+
+
+_DISK_COUNTERS = {
+    "hits": ("lmserve_disk_cache_hits", "Sequence states loaded from the disk cache"),
+    "tokens_loaded": ("lmserve_disk_cache_tokens", "Prompt tokens loaded from the disk cache"),
+    "saves": ("lmserve_disk_cache_saves", "Sequence states written to the disk cache"),
+    "load_failures": ("lmserve_disk_cache_load_failures", "Disk cache loads that failed"),
+}
+
+
+def _disk_cache_families(registry: "ModelRegistry") -> Iterator[Metric]:
+    """Only models started with --disk-cache report these."""
+    families = {k: CounterMetricFamily(n, h, labels=["model"])
+                for k, (n, h) in _DISK_COUNTERS.items()}
+    size = GaugeMetricFamily("lmserve_disk_cache_bytes", "Bytes of saved states on disk",
+                             labels=["model"])
+    for service in registry:
+        disk = service.client.core.pool.disk if service.client is not None else None
+        if disk is not None:
+            for key, family in families.items():
+                family.add_metric([service.name], getattr(disk.stats, key))
+            size.add_metric([service.name], disk.stats.bytes)
+    yield from (*families.values(), size)
+
+
+def _adapter_families(registry: "ModelRegistry") -> Iterator[Metric]:
+    """Only models with LoRA adapters report these (see engine.lora.AdapterRotation)."""
+    steps = CounterMetricFamily("lmserve_adapter_steps", "Decode steps per LoRA adapter set "
+                                "(base: none)", labels=["model", "adapters"])
+    switches = CounterMetricFamily("lmserve_adapter_switches",
+                                   "Decode steps that changed the context's LoRA adapters",
+                                   labels=["model"])
+    for service in registry:
+        if service.client is None or not service.settings.loras:
+            continue
+        rotation = service.client.core.adapters
+        for adapters, count in list(rotation.steps.items()):
+            steps.add_metric([service.name, describe(adapters, service.settings.loras)], count)
+        switches.add_metric([service.name], rotation.switches)
+    yield from (steps, switches)
 
 
 def render(registry: "ModelRegistry") -> tuple[bytes, str]:

@@ -14,6 +14,12 @@ from lmserve.engine.client import Generation
 from lmserve.service import ModelService, PreparedPrompt
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+TRUNCATED_HEADER = "X-Lmserve-Truncated-Messages"
+
+
+def truncation_headers(dropped: int) -> dict[str, str]:
+    """Reports the oldest messages dropped to fit the context (chat.overflow); none: no header."""
+    return {TRUNCATED_HEADER: str(dropped)} if dropped else {}
 
 
 def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:

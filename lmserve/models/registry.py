@@ -50,13 +50,27 @@ class ModelRegistry:
                 return self._services[0]
             raise LmserveError(ErrorKind.INVALID_REQUEST, "the 'model' field is required",
                                param="model", code="missing_required_parameter")
-        service = self._by_key.get(name)
+        service = self._by_key.get(name) or self._adapter_model(name)
         if service is None:
-            known = ", ".join(sorted(self._by_key)) or "none"
+            adapters = [n for s in self._services for n in self.adapter_names(s)]
+            known = ", ".join(sorted([*self._by_key, *adapters])) or "none"
             raise LmserveError(ErrorKind.MODEL_NOT_FOUND,
                                f"the model '{name}' does not exist on this server (served: {known})",
                                param="model", code="model_not_found")
         return service
+
+    def _adapter_model(self, name: str) -> ModelService | None:
+        """"<model>:<alias>": a served model under one of its LoRA adapters."""
+        base, _, alias = name.rpartition(":")
+        service = self._by_key.get(base)
+        if service is not None and any(s.alias == alias for s in service.settings.loras):
+            return service
+        return None
+
+    @staticmethod
+    def adapter_names(service: ModelService) -> list[str]:
+        """The model names of a service's LoRA adapters, "<model>:<alias>"."""
+        return [f"{service.name}:{spec.alias}" for spec in service.settings.loras]
 
     @property
     def ready(self) -> bool:

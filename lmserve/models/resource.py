@@ -6,7 +6,9 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
+from lmserve.chat.overflow import OVERFLOW_POLICIES
 from lmserve.core.errors import invalid
+from lmserve.core.lora import selection_field
 from lmserve.models.gguf_header import GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
 from lmserve.service import ModelService
@@ -19,17 +21,27 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
     "max_tokens": (int,), "seed": (int,), "stop": (str, list), "presence_penalty": (int, float),
     "frequency_penalty": (int, float), "repetition_penalty": (int, float), "reasoning": (bool,),
+    "context_overflow": (str,),  # error | truncate (lmserve.chat.overflow)
+}
+# Only a request may carry these: a default would reach the dialects that have no such field.
+REQUEST_PARAMS: dict[str, tuple[type, ...]] = {
+    "lora": (str, list, dict),  # LoRA adapter alias(es), or {"name", "scale"} (core.lora)
 }
 RESERVED = ("reasoning",)  # lifted onto the resource, not a sampling parameter
 
 
-def check_params(params: Mapping[str, Any], *, where: str = "params") -> dict[str, Any]:
-    """Validate default/override generation parameters; unknown keys are errors, not ignored."""
+def check_params(params: Mapping[str, Any], *, where: str = "params",
+                 request: bool = False) -> dict[str, Any]:
+    """Validate default (or, with request=True, a request's) generation parameters; unknown
+    keys are errors, not ignored."""
     if not isinstance(params, Mapping):
         raise invalid(f"'{where}' must be an object", param=where)
     out: dict[str, Any] = {}
     for key, value in params.items():
-        types = PARAM_TYPES.get(key)
+        types = PARAM_TYPES.get(key) or (REQUEST_PARAMS.get(key) if request else None)
+        if key in REQUEST_PARAMS and not request:
+            raise invalid(f"'{key}' is chosen per request; it cannot be a default",
+                          param=f"{where}.{key}")
         if types is None:
             known = ", ".join(PARAM_TYPES)
             raise invalid(f"unknown generation parameter '{key}' (known: {known})",
@@ -42,6 +54,11 @@ def check_params(params: Mapping[str, Any], *, where: str = "params") -> dict[st
         if key == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
             raise invalid(f"'{where}.stop' must be a string or a list of strings",
                           param=f"{where}.stop")
+        if key == "lora":
+            selection_field(value, f"{where}.lora")  # its shape; the aliases at request time
+        if key == "context_overflow" and value not in OVERFLOW_POLICIES:
+            raise invalid(f"'{where}.context_overflow' must be 'error' or 'truncate'",
+                          param=f"{where}.context_overflow")
         out[key] = value
     return out
 

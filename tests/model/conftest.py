@@ -46,6 +46,13 @@ class Server:
         time.sleep(0.5)
         assert self.metric("lmserve_generated_tokens_total") == generated
 
+    def flush(self, timeout: float = 10.0) -> None:
+        """Empty the prefix cache (SGLang's /flush_cache), retrying while requests finish."""
+        deadline = time.monotonic() + timeout
+        while httpx.post(f"{self.url}/flush_cache", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the server stayed busy"
+            time.sleep(0.1)
+
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
         for line in text.splitlines():
@@ -64,6 +71,15 @@ def start_server(tmp_dir: str, *args: str, wait: bool = True) -> Server:
     if wait:
         wait_ready(server)
     return server
+
+
+def start_with_template(tmp_dir: str, template: str) -> Server:
+    """A server of a test module's own: SmolLM2 under a chat template override."""
+    path = os.path.join(tmp_dir, "template.jinja")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(template)
+    return start_server(tmp_dir, "smollm2", "--parallel", "2", "--ctx", "2048", "--threads", "2",
+                        "--chat-template", path, "--data-dir", tmp_dir)
 
 
 def wait_ready(server: Server, timeout: float = 120.0) -> None:
@@ -100,6 +116,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                        "--data-dir", tmp)
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(autouse=True)
+def empty_kv(request: pytest.FixtureRequest) -> None:
+    """Each test that uses the shared server starts with its KV pool empty. Greedy output is
+    a function of the KV layout as well as the tokens: float sums over cells laid out
+    differently by earlier tests' leftovers can break a near-tie another way, so a test that
+    compares two generations must not depend on which tests ran before it."""
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").flush()
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ the split in a real stream."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import anthropic
@@ -16,7 +15,7 @@ import ollama
 import openai
 import pytest
 
-from tests.model.conftest import Server, start_server, stop_server
+from tests.model.conftest import Server, start_with_template, stop_server
 from tests.model.sse import read_sse
 
 # Earlier replies lose their reasoning, as such templates do.
@@ -30,12 +29,7 @@ TAGS = ("<think>", "</think>")
 
 @pytest.fixture(scope="module")
 def think_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = str(tmp_path_factory.mktemp("think"))
-    path = os.path.join(tmp, "think.jinja")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(THINK_TEMPLATE)
-    server = start_server(tmp, "smollm2", "--parallel", "2", "--ctx", "2048", "--threads", "2",
-                          "--chat-template", path, "--data-dir", tmp)
+    server = start_with_template(str(tmp_path_factory.mktemp("think")), THINK_TEMPLATE)
     yield server
     stop_server(server)
 

@@ -107,7 +107,7 @@ def test_store_false_cannot_be_chained(client):
 
 def test_unsupported_parameters_are_refused_by_name(client):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(input=ASK, reasoning={"effort": "high"}, **KW)
+        client.responses.create(input=ASK, reasoning={"effort": "max"}, **KW)
     assert caught.value.body["param"] == "reasoning.effort"
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(input=ASK, metadata={f"k{i}": "v" for i in range(17)}, **KW)

@@ -46,6 +46,9 @@ class StubModel:
                  ) -> list[int]:
         return [ord(ch) for ch in text]
 
+    def control_tokens(self, texts: set[str]) -> frozenset[int]:
+        return frozenset()  # every character is plain text here
+
 
 class ScriptedGeneration:
     def __init__(self, steps: list[list[TokenOutput]]) -> None:

@@ -17,6 +17,11 @@ def next_token(last: int, pos: int) -> int:
     return 1 + (last * 7 + pos * 3) % (VOCAB - 1)
 
 
+def adapter_shift(adapters: tuple[tuple[str, float], ...]) -> int:
+    """The fake LoRA effect: an adapter set moves the fake model's positions by this much."""
+    return sum(len(path) + round(scale * 10) for path, scale in adapters)
+
+
 def fake_logits(last: int, pos: int) -> np.ndarray:
     """The fake model's logits row: next_token(last, pos) is the most likely token, and the
     others fall off with their distance from it (all distinct)."""
@@ -62,7 +67,7 @@ class FakeSampler:
         self.count += 1
         if self.eos_after is not None and self.count > self.eos_after and EOS not in self.banned:
             return EOS
-        tok = next_token(token, pos)
+        tok = next_token(token, pos + adapter_shift(ctx.adapters))
         return tok if tok not in self.banned else (tok % (VOCAB - 1)) + 1
 
     def free(self) -> None:
@@ -83,6 +88,12 @@ class FakeRunner:
         self.eos_after = eos_after
         self.decodes: list[list[tuple[int, int, int, bool]]] = []
         self.samplers: list[FakeSampler] = []
+        self.adapters: tuple[tuple[str, float], ...] = ()  # the LoRA set applied now
+        self.adapter_switches = 0
+
+    def set_adapters(self, adapters: tuple[tuple[str, float], ...]) -> None:
+        self.adapters = adapters
+        self.adapter_switches += 1
 
     def piece(self, token: int) -> bytes:
         return b"" if token == EOS else f"<{token}>".encode()
@@ -128,9 +139,10 @@ class FakeRunner:
         self.kv[dst] = list(cells[: (len(cells) if p1 < 0 else p1)])
 
 
-def reference_output(prompt: list[int], n: int) -> list[int]:
+def reference_output(prompt: list[int], n: int,
+                     adapters: tuple[tuple[str, float], ...] = ()) -> list[int]:
     """What the fake model generates for a prompt run alone (greedy, no EOS)."""
     tokens = list(prompt)
     for _ in range(n):
-        tokens.append(next_token(tokens[-1], len(tokens) - 1))
+        tokens.append(next_token(tokens[-1], len(tokens) - 1 + adapter_shift(adapters)))
     return tokens[len(prompt):]

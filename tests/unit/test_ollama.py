@@ -103,10 +103,10 @@ def test_keep_alive_durations():
 
 def test_chat_and_generate_refuse_what_is_not_implemented():
     chat = {"model": "m", "messages": USER}
-    for extra, param in (({"logprobs": True}, "logprobs"),
-                         ({"messages": [{**USER[0], "images": ["aGk="]}]}, "messages[0].images")):
+    for extra, param in (({"top_logprobs": 2}, "top_logprobs"),
+                         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")):
         err = refused(adapter.chat_job, ChatRequest(**{**chat, **extra}))
-        assert err.kind is ErrorKind.UNSUPPORTED and err.param == param
+        assert err.kind is ErrorKind.INVALID_REQUEST and err.param == param
     job = adapter.chat_job(ChatRequest(**chat, think=False, format="", keep_alive="10m"))
     assert job.keep_alive == 600 and job.request.messages[0].content == "hi"
     assert job.request.reasoning is False and not job.show_thinking
@@ -122,7 +122,7 @@ def test_chat_and_generate_refuse_what_is_not_implemented():
                         ({"raw": True, "context": [1]}, ErrorKind.INVALID_REQUEST),
                         ({"template": "{{ .Prompt }}"}, ErrorKind.UNSUPPORTED),
                         ({"suffix": "end"}, ErrorKind.UNSUPPORTED),
-                        ({"images": ["aGk="]}, ErrorKind.UNSUPPORTED)):
+                        ({"raw": True, "images": ["aGk="]}, ErrorKind.INVALID_REQUEST)):
         assert refused(adapter.generate_job, GenerateRequest(**gen, **extra)).kind is kind
     templated = adapter.generate_job(GenerateRequest(**gen, system="be brief")).request
     assert [(m.role, m.content) for m in templated.messages] == [("system", "be brief"),
@@ -192,6 +192,9 @@ class FakeModel:
                  ) -> list[int]:
         return [1 + ord(c) % (VOCAB - 1) for c in text]
 
+    def control_tokens(self, texts: set[str]) -> frozenset[int]:
+        return frozenset()
+
 
 async def make_ready(service: ModelService, runner: FakeRunner) -> None:
     service.model, service.n_ctx = FakeModel(), runner.n_ctx  # type: ignore[assignment]
@@ -202,7 +205,7 @@ async def make_ready(service: ModelService, runner: FakeRunner) -> None:
     service.client.start()
     service.state = "ready"
 
-    async def embed(inputs: list[list[int]]) -> list[np.ndarray]:
+    async def embed(inputs: list[list[int]], adapters: object = ()) -> list[np.ndarray]:
         return [np.array([float(len(t)), 1.0, 0.0, 0.0]) for t in inputs]
     service.embed = embed  # type: ignore[method-assign]
 

@@ -54,6 +54,8 @@ def test_items_are_normalised_and_keep_client_ids():
     ("text", "input[0]", ErrorKind.INVALID_REQUEST),
     ({"role": "tool", "content": "x"}, "input[0].role", ErrorKind.INVALID_REQUEST),
     ({"role": "user", "content": [{"type": "input_image", "image_url": "u"}]},
+     "input[0].content[0].image_url", ErrorKind.INVALID_REQUEST),
+    ({"role": "system", "content": [{"type": "input_image", "image_url": "data:,"}]},
      "input[0].content[0].type", ErrorKind.INVALID_REQUEST),
     ({"role": "assistant", "content": [{"type": "input_text", "text": "x"}]},
      "input[0].content[0].type", ErrorKind.INVALID_REQUEST),
@@ -115,11 +117,11 @@ def test_no_instructions_no_system_message():
     assert items.chat_messages(None, items.own_items("x")) == [ChatMessage("user", "x")]
 
 
-def test_truncation_may_start_at_the_beginning_or_any_user_message():
-    conversation = items.own_items([
-        {"role": "system", "content": "s"}, {"role": "user", "content": "1"},
-        {"role": "assistant", "content": "a"}, {"role": "user", "content": "2"}])
-    assert items.turn_starts(conversation) == [0, 1, 3]
+def test_truncation_maps_to_the_context_overflow_policy():
+    messages = [ChatMessage("user", "x")]
+    for truncation, policy in (("auto", "truncate"), ("disabled", "error"), (None, None)):
+        body = ResponseCreate(model="m", input="x", truncation=truncation)
+        assert adapter.generation_request(body, messages).context_overflow == policy
 
 
 # ---- request checks -------------------------------------------------------------------------
@@ -175,14 +177,13 @@ def test_tools_and_structured_output_reach_the_request():
      ErrorKind.INVALID_REQUEST),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type", ErrorKind.INVALID_REQUEST),
     ({"text": {"verbosity": "low"}}, "text.verbosity", ErrorKind.UNSUPPORTED),
-    ({"reasoning": {"effort": "high"}}, "reasoning.effort", ErrorKind.UNSUPPORTED),
-    ({"reasoning": {"summary": "auto"}}, "reasoning.summary", ErrorKind.UNSUPPORTED),
-    ({"include": ["message.output_text.logprobs"]}, "include", ErrorKind.UNSUPPORTED),
+    ({"reasoning": {"effort": "xhigh"}}, "reasoning.effort", ErrorKind.UNSUPPORTED),
+    ({"reasoning": {"summary": "brief"}}, "reasoning.summary", ErrorKind.INVALID_REQUEST),
     ({"include": ["everything"]}, "include", ErrorKind.INVALID_REQUEST),
     ({"background": True}, "background", ErrorKind.UNSUPPORTED),
     ({"conversation": "conv_1"}, "conversation", ErrorKind.UNSUPPORTED),
     ({"prompt": {"id": "pmpt_1"}}, "prompt", ErrorKind.UNSUPPORTED),
-    ({"top_logprobs": 2}, "top_logprobs", ErrorKind.UNSUPPORTED),
+    ({"top_logprobs": 2}, "top_logprobs", ErrorKind.INVALID_REQUEST),
     ({"service_tier": "flex"}, "service_tier", ErrorKind.UNSUPPORTED),
     ({"input": []}, "input", ErrorKind.INVALID_REQUEST),
     ({"metadata": {"k": "v" * 600}}, "metadata.k", ErrorKind.INVALID_REQUEST),

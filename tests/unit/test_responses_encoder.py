@@ -12,7 +12,7 @@ from openai.types.responses.responses_server_event import ResponsesServerEvent
 
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import (
-    CHANNEL_OUTPUT, CHANNEL_REASONING, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart,
+    CHANNEL_OUTPUT, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart,
     Usage,
 )
 from lmserve.dialects.openai.responses import encoder
@@ -160,7 +160,8 @@ def test_golden_event_sequence_of_a_function_call():
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
     events = encoder.ResponseEvents(head(tools=tools, tool_choice="required"))
     out = events.start()
-    out += events.chat([TextDelta(CHANNEL_REASONING, "hmm"), TextDelta(CHANNEL_OUTPUT, "Ok"),
+    # (reasoning before a call: tests/unit/test_responses_reasoning.py)
+    out += events.chat([TextDelta(CHANNEL_OUTPUT, "Ok"),
                         ToolCallStart(0, "call_1", "f"), ToolCallDelta(0, '{"q": '),
                         ToolCallDelta(0, '"x"}'), ToolCallEnd(0, '{"q": "x"}')])
     out += events.finish("stop", USAGE)

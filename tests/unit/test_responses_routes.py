@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from lmserve.chat.overflow import fit_chat
 from lmserve.chat.turn import plan_turn, turn_parser
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TokenOutput, Usage
@@ -32,6 +34,12 @@ class Service(FakeService):
     """Plans the turn as the real service does (tools, fallback prompt, call format)."""
 
     def prepare(self, gen: Any) -> PreparedPrompt:
+        if gen.context_overflow != "truncate":
+            return self._render(gen)
+        prepared, dropped = fit_chat(gen, self._render, self.n_ctx)
+        return dataclasses.replace(prepared, dropped_messages=dropped, truncating=True)
+
+    def _render(self, gen: Any) -> PreparedPrompt:
         plan = plan_turn(gen, self.template)
         text = self.template.render([m.as_template_dict() for m in plan.messages],
                                     add_generation_prompt=True)
@@ -40,6 +48,10 @@ class Service(FakeService):
     def chat_parser(self, gen: Any, prepared: PreparedPrompt) -> Any:
         return turn_parser(prepared.tool_format, None, prepared.text,
                            parallel=gen.parallel_tool_calls)
+
+    def start(self, gen: Any, prepared: PreparedPrompt) -> Any:
+        self.check_context(len(prepared.tokens), gen.max_tokens)
+        return super().start(gen, prepared)
 
     def check_context(self, n_prompt: int, max_tokens: int | None) -> int:
         if n_prompt >= self.n_ctx:
@@ -106,7 +118,7 @@ def test_create_retrieve_delete(client, service):
     assert client.get(f"/v1/responses/{made['id']}").json() == made
     assert client.get(f"/v1/responses/{made['id']}?include[]=reasoning.encrypted_content"
                       ).json() == made
-    r = client.get(f"/v1/responses/{made['id']}?include[]=message.output_text.logprobs")
+    r = client.get(f"/v1/responses/{made['id']}?include[]=everything")
     assert error_of(r, 400)["param"] == "include"
     assert error_of(client.get(f"/v1/responses/{made['id']}?stream=true"), 400)["param"] == \
         "stream"
@@ -264,11 +276,28 @@ def test_truncation_auto_drops_the_oldest_turns(service):
         kw = {"input": "nine", "previous_response_id": first["id"]}
         r = client.post("/v1/responses", json={"model": "m", **kw})
         assert error_of(r, 400)["code"] == "context_length_exceeded"
-        made = create(client, truncation="auto", **kw)
-        assert made["truncation"] == "auto"
+        r = client.post("/v1/responses", json={"model": "m", "truncation": "auto", **kw})
+        made = r.json()
+        assert r.status_code == 200 and made["truncation"] == "auto"
+        assert r.headers["X-Lmserve-Truncated-Messages"] == "2"
         assert "one two" not in service.prompts[-1] and "nine" in service.prompts[-1]
         items = client.get(f"/v1/responses/{made['id']}/input_items").json()["data"]
         assert len(items) == 3  # the stored conversation is whole; only the prompt is cut
+
+
+class TruncatingRegistry(FakeRegistry):
+    defaults = {"context_overflow": "truncate"}
+
+
+def test_truncation_follows_a_resource_default(service):
+    service.n_ctx = 8
+    with TestClient(make_app(service, registry=TruncatingRegistry)[0]) as client:
+        long = [{"role": "user", "content": "one two three four five six seven"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "nine"}]
+        assert create(client, input=long)["truncation"] == "auto"
+        r = client.post("/v1/responses", json={"model": "m", "input": long,
+                                               "truncation": "disabled"})
+        assert error_of(r, 400)["code"] == "context_length_exceeded"
 
 
 @pytest.mark.parametrize("fields, status, param", [
@@ -278,7 +307,7 @@ def test_truncation_auto_drops_the_oldest_turns(service):
     ({"temperature": 3}, 400, "temperature"),
     ({"tool_choice": "required"}, 400, "tool_choice"),
     ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, 400,
-     "input[0].content[0].type"),
+     "input[0].content[0].image_url"),
 ])
 def test_bad_requests_in_openai_shape(client, fields, status, param):
     payload = {k: v for k, v in {"model": "m", "input": "hi", **fields}.items() if v is not None}

@@ -16,7 +16,8 @@ from lmserve.chat.toolparsers.jsonformats import HermesParser, Llama3JsonParser,
 from lmserve.chat.toolparsers.pythonic import PythonicParser, ToolCodeParser
 from lmserve.core.events import ChatEvent
 
-__all__ = ["TOOL_FORMATS", "StreamParser", "canonical_tool_format", "make_tool_parser"]
+__all__ = ["TOOL_FORMATS", "StreamParser", "canonical_tool_format", "make_tool_parser",
+           "marker_texts"]
 
 
 class StreamParser(Protocol):
@@ -34,6 +35,18 @@ TOOL_FORMATS: dict[str, Callable[[], StreamParser]] = {
     "tool_code": ToolCodeParser,
     "harmony": HarmonyParser,
 }
+# The markers each format's parser reads. Many vocabularies make them control tokens, which
+# llama.cpp leaves out of the text unless asked, so the engine renders exactly these.
+FORMAT_MARKERS: dict[str, tuple[str, ...]] = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "llama3_json": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+    "pythonic": ("<|python_start|>", "<|python_end|>"),
+    "gemma": ("<start_function_call>", "<end_function_call>", "<escape>"),
+    "tool_code": (),
+    "harmony": ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>",
+                "<|call|>", "<|return|>"),
+}
 _ALIASES = {
     "qwen": "hermes", "qwen2": "hermes", "qwen2.5": "hermes", "qwen3": "hermes",
     "llama3": "llama3_json", "llama": "llama3_json", "llama4_pythonic": "pythonic",
@@ -49,6 +62,13 @@ def canonical_tool_format(name: str) -> str:
         known = ", ".join(sorted(TOOL_FORMATS))
         raise ValueError(f"unknown tool-call format {name!r}; known formats: {known}")
     return key
+
+
+def marker_texts(tool_format: str | None, reasoning_tags: tuple[str, str] | None) -> set[str]:
+    """The marker strings a chat parser for this format and these think tags must see."""
+    texts = set(FORMAT_MARKERS[canonical_tool_format(tool_format)]) if tool_format else set()
+    texts.update(reasoning_tags or ())
+    return texts
 
 
 def make_tool_parser(name: str) -> StreamParser:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmserve.core.errors import invalid, unsupported
+from lmserve.core.images import ImageInput, image_from_base64, image_from_url, joined_offset
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.anthropic.schema import (ContentBlock, MessageIn, MessageRequest,
                                                MessagesBase)
@@ -38,7 +39,7 @@ def message_request(body: MessageRequest) -> tuple[GenerationRequest, str | None
                                 sampling=sampling, max_tokens=body.max_tokens,
                                 stop=list(body.stop_sequences or []),
                                 reasoning=thinking(body, body.max_tokens).reasoning,
-                                **tool_fields(body))
+                                context_overflow=body.context_overflow, **tool_fields(body))
     return request, conversation.prefill
 
 
@@ -118,14 +119,15 @@ class _TurnBuilder:
         self.reasoning: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
         self.tool_messages: list[ChatMessage] = []
+        self.images: list[ImageInput] = []
 
     def add(self, block: ContentBlock, param: str) -> None:
         kind = block.type
         if kind == "text":
             self.texts.append(_string(block, "text", param))
-        elif kind == "image":
-            raise invalid(f"{param}: image input is not supported; the model has no vision "
-                          "support", param=param, code="unsupported_content")
+        elif kind == "image" and self.role == "user":
+            image = _image_source(getattr(block, "source", None), f"{param}.source")
+            self.images.append(image.at(joined_offset(self.texts)))
         elif kind == "tool_use" and self.role == "assistant":
             self._tool_use(block, param)
         elif kind == "tool_result" and self.role == "user":
@@ -147,12 +149,13 @@ class _TurnBuilder:
 
     def _tool_result(self, block: ContentBlock, param: str) -> None:
         call_id = _string(block, "tool_use_id", param)
-        text = _tool_result_text(getattr(block, "content", None), f"{param}.content")
+        text, images = _tool_result(getattr(block, "content", None), f"{param}.content")
         if getattr(block, "is_error", False):
             text = f"Error: {text}"
+            images = tuple(image.at(image.offset + len("Error: ")) for image in images)
         name = self.tool_names.get(call_id)
         self.tool_messages.append(ChatMessage(role="tool", content=text, name=name,
-                                              extra={"tool_call_id": call_id}))
+                                              extra={"tool_call_id": call_id}, images=images))
 
     def messages(self) -> list[ChatMessage]:
         extra: dict[str, Any] = {}
@@ -161,26 +164,47 @@ class _TurnBuilder:
         if self.reasoning:
             extra["reasoning_content"] = "\n".join(self.reasoning)
         out = list(self.tool_messages)
-        if self.texts or extra or not out:
-            out.append(ChatMessage(role=self.role, content="\n".join(self.texts), extra=extra))
+        if self.texts or extra or self.images or not out:
+            out.append(ChatMessage(role=self.role, content="\n".join(self.texts), extra=extra,
+                                   images=tuple(self.images)))
         return out
 
 
-def _tool_result_text(content: Any, param: str) -> str:
+def _tool_result(content: Any, param: str) -> tuple[str, tuple[ImageInput, ...]]:
+    """A tool_result's text blocks joined, and the images between them."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return content or "", ()
     if not isinstance(content, list):
         raise invalid(f"{param} must be a string or a list of content blocks", param=param)
-    texts = []
+    texts: list[str] = []
+    images: list[ImageInput] = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image":
-            raise invalid(f"{param}[{k}]: image input is not supported; the model has no "
-                          "vision support", param=f"{param}[{k}]", code="unsupported_content")
-        if kind != "text" or not isinstance(part.get("text"), str):
-            raise invalid(f"{param}[{k}] must be a text block", param=f"{param}[{k}]")
-        texts.append(part["text"])
-    return "\n".join(texts)
+            image = _image_source(part.get("source"), f"{param}[{k}].source")
+            images.append(image.at(joined_offset(texts)))
+        elif kind != "text" or not isinstance(part.get("text"), str):
+            raise invalid(f"{param}[{k}] must be a text or image block", param=f"{param}[{k}]")
+        else:
+            texts.append(part["text"])
+    return "\n".join(texts), tuple(images)
+
+
+def _image_source(source: Any, param: str) -> ImageInput:
+    """An image block's source: {"type": "base64", "media_type", "data"} or {"type": "url",
+    "url"}; `param` names the source."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        media_type = source.get("media_type")
+        if not isinstance(media_type, str):
+            raise invalid(f"{param}.media_type is required", param=f"{param}.media_type")
+        return image_from_base64(source.get("data"), param, media_type)
+    if kind == "url":
+        return image_from_url(source.get("url"), param)
+    if kind == "file":
+        raise unsupported(f"{param}.file_id", "this server keeps no uploaded files; send the "
+                          "image as base64 or a URL")
+    raise invalid(f"{param}.type must be 'base64' or 'url'", param=f"{param}.type")
 
 
 def _merge_adjacent(messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -191,7 +215,10 @@ def _merge_adjacent(messages: list[ChatMessage]) -> list[ChatMessage]:
         if last is not None and last.role == message.role and message.role in ("user",
                                                                                   "assistant") \
                 and not last.extra and not message.extra:
-            merged[-1] = ChatMessage(role=last.role, content=f"{last.content}\n\n{message.content}")
+            content = f"{last.content}\n\n{message.content}"
+            shift = len(content) - len(message.content or "")
+            images = (*last.images, *(image.at(image.offset + shift) for image in message.images))
+            merged[-1] = ChatMessage(role=last.role, content=content, images=images)
         else:
             merged.append(message)
     return merged

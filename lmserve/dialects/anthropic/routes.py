@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lmserve.chat.overflow import reply_room
 from lmserve.chat.parsing import parse_all
 from lmserve.chat.tools import StreamParser
 from lmserve.chat.turn import step_events
@@ -21,6 +22,7 @@ from lmserve.dialects.anthropic.schema import CountTokensRequest, MessageRequest
 from lmserve.dialects.anthropic.tools import thinking
 from lmserve.engine.client import Generation
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
+from lmserve.http.streaming import SSE_HEADERS, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.service import ModelService, PreparedPrompt
 
@@ -43,8 +45,11 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
         body = with_defaults(body, defaults, {"stop": "stop_sequences"})
         gen, prefill = adapter.message_request(body)
         display = thinking(body, body.max_tokens).display
-        prepared = _prepare(service, gen, prefill)
+        # max_tokens is capped to the room left (below), so truncation keeps only a reserve
+        room = reply_room(service.n_ctx, gen.max_tokens, capped=True)
+        prepared = _prepare(service, dataclasses.replace(gen, max_tokens=room), prefill)
         gen, capped = _fit_context(service, gen, len(prepared.tokens))
+        headers = truncation_headers(prepared.dropped_messages)
         generation = service.start(gen, prepared)  # refusals happen before a stream starts
         parser = service.chat_parser(gen, prepared)
         if body.stream:
@@ -52,14 +57,13 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
                                         display=display)
             return StreamingResponse(_stream(generation, enc, parser),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
+                                     headers={**headers, **SSE_HEADERS})
         collected = await unless_disconnected(request, _collect(generation))
         if collected.error:
             raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {collected.error}")
         turn = parse_all(parser, "".join(collected.chunks))
         return JSONResponse(encoder.message(body.model, collected, context_capped=capped,
-                                            turn=turn, display=display))
+                                            turn=turn, display=display), headers=headers)
 
     @router.post("/v1/messages/count_tokens", summary="Count the tokens of a message request")
     async def count_tokens(body: CountTokensRequest) -> Any:

@@ -72,6 +72,8 @@ class MessageRequest(MessagesBase):
     # Refused by the adapter: server-side features this server does not have.
     container: str | dict[str, Any] | None = None
     diagnostics: dict[str, Any] | None = None
+    # lmserve extension: a conversation that does not fit the context (see chat.overflow)
+    context_overflow: Literal["error", "truncate"] | None = None
 
 
 class CountTokensRequest(MessagesBase):

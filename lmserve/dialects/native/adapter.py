@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmserve.core.errors import invalid
+from lmserve.core.errors import invalid, unsupported
+from lmserve.core.images import ImageInput, image_from_base64, image_from_path, image_from_url
+from lmserve.core.lora import selection_field
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
-from lmserve.dialects.native.schema import GenerateBody
+from lmserve.dialects.native.schema import GenerateBody, ImageIn
 from lmserve.dialects.native.tools import chat_message, tool_fields
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -41,23 +44,57 @@ def generation_request(body: GenerateBody, *, defaults: Mapping[str, Any],
         max_tokens=_max_tokens(params.get("max_tokens")),
         stop=_stops(params.get("stop")),
         reasoning=reasoning if transport != "raw" else None,
+        context_overflow=_context_overflow(params, body, transport),
+        lora=selection_field(params.get("lora"), "params.lora"),
         **tool_fields(body),
     )
     if transport == "raw":
-        _forbid(body, transport, "system", "messages")
+        _forbid(body, transport, "system", "messages", "images")
         request.prompt = _required(body.prompt, "prompt", transport)
     elif transport == "chat":
         _forbid(body, transport, "messages")
         prompt = _required(body.prompt, "prompt", transport)
         system = [ChatMessage("system", body.system)] if body.system else []
-        request.messages = [*system, ChatMessage("user", prompt)]
+        request.messages = [*system, ChatMessage("user", prompt,
+                                                 images=_images(body.images, "images"))]
     else:
-        _forbid(body, transport, "prompt", "system")
+        _forbid(body, transport, "prompt", "system", "images")
         if not body.messages:
             raise invalid("transport 'conversation' needs a non-empty 'messages' list",
                           param="messages")
-        request.messages = [chat_message(m) for m in body.messages]
+        request.messages = [
+            dataclasses.replace(chat_message(m), images=_images(m.images, f"messages[{i}].images"))
+            for i, m in enumerate(body.messages)]
     return Native(request=request, transport=transport, reasoning=reasoning)
+
+
+def _context_overflow(params: Mapping[str, Any], body: GenerateBody, transport: str) -> Any:
+    """The chat's overflow policy. A raw prompt is never cut: a request asking for that is
+    refused, while a resource default applies to the chat transports only."""
+    if transport != "raw":
+        return params.get("context_overflow")
+    if (body.params or {}).get("context_overflow") == "truncate":
+        raise unsupported("params.context_overflow", "a raw prompt is sent verbatim and never "
+                          "cut; a prompt that does not fit the context is refused")
+    return None
+
+
+def _images(images: list[ImageIn] | None, param: str) -> tuple[ImageInput, ...]:
+    """The images of one message, placed before its text."""
+    return tuple(_image(image, f"{param}[{k}]") for k, image in enumerate(images or []))
+
+
+def _image(image: ImageIn, param: str) -> ImageInput:
+    given = [key for key in ("url", "data", "path") if getattr(image, key) is not None]
+    if len(given) != 1:
+        raise invalid(f"{param} needs exactly one of 'url', 'data' or 'path'", param=param)
+    if image.media_type is not None and image.data is None:
+        raise invalid(f"{param}.media_type goes with 'data'", param=f"{param}.media_type")
+    if image.url is not None:
+        return image_from_url(image.url, param)
+    if image.data is not None:
+        return image_from_base64(image.data, param, image.media_type)
+    return image_from_path(image.path, param)
 
 
 def _sampling(params: Mapping[str, Any]) -> SamplingParams:

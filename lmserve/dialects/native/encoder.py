@@ -81,19 +81,26 @@ class Blocks:
                 self.end_tool(event)
 
 
+def truncated_field(dropped: int) -> dict[str, int]:
+    """The oldest messages dropped to fit the context, when there were any."""
+    return {"truncated_messages": dropped} if dropped else {}
+
+
 def query_body(ident: str, created: int, model: str, blocks: Blocks, finish: str | None,
-               usage: Usage) -> dict[str, Any]:
+               usage: Usage, truncated: int = 0) -> dict[str, Any]:
     return {"id": ident, "created": created, "model": model, "blocks": blocks.blocks,
-            "stop_reason": stop_reason(finish, blocks.made_calls), "usage": usage_body(usage)}
+            "stop_reason": stop_reason(finish, blocks.made_calls), "usage": usage_body(usage),
+            **truncated_field(truncated)}
 
 
 class FrameEncoder:
     """Turns channel text and the finish into the stream's frames, in protocol order."""
 
-    def __init__(self, ident: str, model: str, created: int) -> None:
+    def __init__(self, ident: str, model: str, created: int, truncated: int = 0) -> None:
         self.blocks = Blocks()
         self._open: int | None = None
-        self._start: Frame = ("message.start", {"id": ident, "model": model, "created": created})
+        self._start: Frame = ("message.start", {"id": ident, "model": model, "created": created,
+                                                **truncated_field(truncated)})
 
     def start(self) -> list[Frame]:
         return [self._start]

@@ -71,10 +71,11 @@ class StreamProducers:
         return self._store()
 
     async def start(self, generation: Generation, reply: ReplyParser, model: str,
-                    n_prompt: int) -> str:
+                    n_prompt: int, truncated: int = 0) -> str:
+        """`truncated`: the oldest messages dropped to fit the context (in message.start)."""
         ident = str(uuid.uuid4())
         await self.store.create(ident, {"model": model})
-        encoder = FrameEncoder(ident, model, int(time.time()))
+        encoder = FrameEncoder(ident, model, int(time.time()), truncated)
         task = asyncio.create_task(self._produce(ident, generation, reply, encoder, n_prompt),
                                    name=f"native-stream-{ident}")
         self._tasks[ident] = (task, generation)

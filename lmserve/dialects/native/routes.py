@@ -15,6 +15,7 @@ from lmserve.dialects.native import adapter, encoder
 from lmserve.dialects.native.producer import ReplyParser, StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
 from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.streaming import truncation_headers
 from lmserve.models.resource import LLMResource, check_params
 from lmserve.service import ModelService, PreparedPrompt
 from lmserve import web
@@ -39,15 +40,20 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
         generation = service.start(native.request, prepared)
         reply = _reply(service, native, prepared)
         blocks, finish, usage = await unless_disconnected(request, collect(generation, reply))
-        return encoder.query_body(str(uuid.uuid4()), _now(), resource.name, blocks, finish, usage)
+        dropped = prepared.dropped_messages
+        return JSONResponse(encoder.query_body(str(uuid.uuid4()), _now(), resource.name, blocks,
+                                               finish, usage, dropped),
+                            headers=truncation_headers(dropped))
 
     @router.post("/stream/", status_code=201, summary="Start a generation; read it at stream/{id}/")
     async def start_stream(body: GenerateBody) -> Any:
         service, native, prepared = _prepare(resource, body)
         generation = service.start(native.request, prepared)
         ident = await producers.start(generation, _reply(service, native, prepared),
-                                      resource.name, len(prepared.tokens))
-        return JSONResponse({"id": ident}, status_code=201)
+                                      resource.name, len(prepared.tokens),
+                                      prepared.dropped_messages)
+        return JSONResponse({"id": ident}, status_code=201,
+                            headers=truncation_headers(prepared.dropped_messages))
 
     @router.get("/stream/{stream_id}/", summary="Read a stream as Server-Sent Events",
                 response_class=StreamingResponse)
@@ -127,7 +133,7 @@ def _prepare(resource: LLMResource, body: GenerateBody
     assert resource.service is not None
     service = resource.service
     service.require_ready()
-    overrides = check_params(body.params or {})
+    overrides = check_params(body.params or {}, request=True)
     native = adapter.generation_request(
         body.model_copy(update={"params": overrides}), defaults=resource.defaults,
         default_transport=resource.default_transport, has_template=service.template is not None,

@@ -19,6 +19,18 @@ class ToolCallIn(BaseModel):
     arguments: dict[str, Any] | str = Field(default_factory=dict)
 
 
+class ImageIn(BaseModel):
+    """One image: exactly one of `url` (a data:, http(s) or file:// URL), `data` (base64,
+    with an optional `media_type`) or `path` (a file under the server's media directory)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    data: str | None = None
+    media_type: str | None = None
+    path: str | None = None
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +39,7 @@ class Message(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # tool turns: the call this result answers
+    images: list[ImageIn] | None = None
 
 
 class GenerateBody(BaseModel):
@@ -38,6 +51,7 @@ class GenerateBody(BaseModel):
     prompt: str | None = None
     system: str | None = None
     messages: list[Message] | None = None
+    images: list[ImageIn] | None = None  # transport chat: images for the prompt
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True

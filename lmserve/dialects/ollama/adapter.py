@@ -10,6 +10,9 @@ Choices where Ollama and lmserve differ, so that nothing is silently ignored:
   at the loaded context (clients such as editors send their own num_ctx on every request), and
   the header says so. A prompt that does not fit the window is a 400.
 - num_predict -1, -2 and 0 all mean "until the window is full", as in Ollama.
+- `truncate` true drops the oldest turns of a chat that does not fit (lmserve.chat.overflow);
+  absent, the server's --context-overflow decides (Ollama's own server truncates then, but its
+  API docs do not document the field). A raw generate prompt is never cut.
 - Unset options take Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9, repeat 1.1/64).
 - keep_alive is validated and accepted; models stay loaded while the server runs, so an unload
   request (empty prompt with keep_alive 0) is refused rather than answered "unload".
@@ -23,14 +26,14 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
+from lmserve.core.images import ImageInput, image_from_base64
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
-from lmserve.dialects.ollama.schema import (ChatRequest, GenerateRequest, GenerationFields,
-                                            Message, OptionValues)
+from lmserve.dialects.ollama.schema import ChatRequest, GenerateRequest, Message, OptionValues
 from lmserve.dialects.ollama.tools import output_fields, shows_thinking, tool_specs
 
 OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.0,
@@ -169,18 +172,17 @@ def notice(options: Options, loaded_ctx: int | None, keep_alive: float | None, *
 # -- requests -------------------------------------------------------------------------------
 
 def chat_job(body: ChatRequest) -> Job:
-    _refuse_unimplemented(body)
     options = parse_options(body.options)
     request = GenerationRequest(model=body.model, sampling=options.sampling,
                                 stop=list(options.stop),
                                 messages=[_message(m, i) for i, m in enumerate(body.messages)],
-                                tools=tool_specs(body.tools), **output_fields(body))
+                                tools=tool_specs(body.tools), **output_fields(body),
+                                context_overflow=overflow_policy(body.truncate))
     return Job(request, options, keep_alive_seconds(body.keep_alive), shows_thinking(body))
 
 
 def generate_job(body: GenerateRequest) -> Job:
     """Raw mode sends the prompt verbatim; otherwise system + prompt go through the template."""
-    _refuse_unimplemented(body)
     if body.raw and (body.template or body.system or body.context):
         raise invalid("raw mode does not support template, system, or context", param="raw")
     if body.template:
@@ -188,35 +190,48 @@ def generate_job(body: GenerateRequest) -> Job:
                           "render the prompt yourself and send it with raw: true")
     if body.suffix:
         raise unsupported("suffix", "fill-in-the-middle is not available for this model")
-    if body.images:
-        raise unsupported("images", "lmserve has no vision support yet")
+    if body.images and body.raw:
+        raise invalid("raw mode sends the prompt verbatim, with no place for images; send "
+                      "them without raw", param="images")
+    if body.raw and body.truncate:
+        raise unsupported("truncate", "a raw prompt is sent verbatim and never cut; a prompt "
+                          "that does not fit the context is refused")
     options = parse_options(body.options)
     request = GenerationRequest(model=body.model, sampling=options.sampling,
-                                stop=list(options.stop), **output_fields(body))
+                                stop=list(options.stop), **output_fields(body),
+                                context_overflow=overflow_policy(body.truncate))
     if body.raw:
         request.prompt = body.prompt
     else:
         system = [ChatMessage("system", body.system)] if body.system else []
-        request.messages = [*system, ChatMessage("user", body.prompt)]
+        request.messages = [*system, ChatMessage("user", body.prompt,
+                                                 images=_images(body.images, "images"))]
     return Job(request, options, keep_alive_seconds(body.keep_alive), shows_thinking(body))
 
 
-def _refuse_unimplemented(body: GenerationFields) -> None:
-    if body.logprobs or body.top_logprobs:
-        raise unsupported("logprobs" if body.logprobs else "top_logprobs",
-                          "logprobs arrive in a later release")
+def overflow_policy(truncate: bool | None) -> Literal["error", "truncate"] | None:
+    """`truncate`: drop the oldest turns of a chat that does not fit (true) or refuse it
+    (false). Ollama's server truncates when it is absent, but its API docs do not say so, so
+    an absent one takes lmserve's server default (--context-overflow)."""
+    if truncate is None:
+        return None
+    return "truncate" if truncate else "error"
 
 
 def _message(message: Message, index: int) -> ChatMessage:
-    if message.images:
-        raise unsupported(f"messages[{index}].images", "lmserve has no vision support yet")
     extra: dict[str, Any] = {}
     if message.tool_calls:
         extra["tool_calls"] = [dict(call) for call in message.tool_calls]
     if message.thinking:
         extra["reasoning_content"] = message.thinking  # the Hugging Face templates' name
     return ChatMessage(role=message.role, content=message.content or "",
-                       name=message.tool_name, extra=extra)
+                       name=message.tool_name, extra=extra,
+                       images=_images(message.images, f"messages[{index}].images"))
+
+
+def _images(images: list[str] | None, param: str) -> tuple[ImageInput, ...]:
+    """Ollama's images: base64 strings, placed before the message's text."""
+    return tuple(image_from_base64(data, f"{param}[{k}]") for k, data in enumerate(images or []))
 
 
 # -- keep_alive -----------------------------------------------------------------------------
@@ -251,6 +266,9 @@ def without_template(job: Job, body: GenerateRequest) -> Job:
     if body.system:
         raise invalid("this model has no chat template, so 'system' has nowhere to go; put it "
                       "in the prompt", param="system")
+    if body.images:
+        raise invalid("this model has no chat template, so 'images' have nowhere to go",
+                      param="images")
     request = dataclasses.replace(job.request, messages=None, prompt=body.prompt)
     return dataclasses.replace(job, request=request)
 

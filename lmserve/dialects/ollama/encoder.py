@@ -16,6 +16,7 @@ from gguf import LlamaFileType
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import (CHANNEL_OUTPUT, CHANNEL_REASONING, FINISH_LENGTH, ChatEvent,
                                  TextDelta, TokenOutput, ToolCallEnd, ToolCallStart, Usage)
+from lmserve.dialects.ollama.logprobs import logprob_entries
 
 # lmserve keeps every model loaded while it runs; Ollama clients show a far-future expiry as
 # "Forever".
@@ -75,6 +76,8 @@ class Run:
     Timings come from time.monotonic_ns() readings taken by the route: started (request in),
     loaded (model ready), submitted (sent to the engine), the first token, and the end.
     prompt_eval_duration is the time to the first token; eval_duration the rest.
+    With logprobs asked for, each frame carries its step's (a step whose text a parser holds
+    back still sends them, as Ollama does) and a non-streamed body carries them all.
     """
 
     model: str
@@ -92,6 +95,7 @@ class Run:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # None: not asked for
 
     _calls: dict[int, ToolCallStart] = field(default_factory=dict, repr=False)
 
@@ -106,9 +110,13 @@ class Run:
             self.finish_reason, self.usage, self.error = out.finish_reason, out.usage, out.error
         text, thinking, calls = self._read(events if events is not None
                                            else [TextDelta(CHANNEL_OUTPUT, out.text)])
-        if not (text or thinking or calls):
+        logprobs = logprob_entries(out.logprobs) if out.logprobs is not None else None
+        if logprobs is not None:
+            self.logprobs = (self.logprobs or []) + logprobs
+        if not (text or thinking or calls or logprobs):
             return None
-        return _head(self.model, self.chat, text, False, thinking, calls)
+        frame = _head(self.model, self.chat, text, False, thinking, calls)
+        return {**frame, "logprobs": logprobs} if logprobs else frame
 
     def _read(self, events: list[ChatEvent]) -> tuple[str, str, list[dict[str, Any]]]:
         text, thinking, calls = "", "", []
@@ -133,6 +141,8 @@ class Run:
         body["done_reason"] = done_reason(self.finish_reason)
         if self.prompt_ids is not None:
             body["context"] = self.prompt_ids + self.output_ids
+        if self.logprobs is not None and not streamed:
+            body["logprobs"] = self.logprobs
         return {**body, **self.metrics(now_ns)}
 
     def metrics(self, now_ns: int) -> dict[str, int]:

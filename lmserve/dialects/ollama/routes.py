@@ -19,15 +19,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from lmserve import __version__
+from lmserve.chat.overflow import reply_room
 from lmserve.chat.tools import StreamParser
 from lmserve.chat.turn import step_events
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import FINISH_ERROR, ChatEvent, TokenOutput
+from lmserve.core.request import GenerationRequest
 from lmserve.dialects.ollama import adapter, encoder
 from lmserve.dialects.ollama.schema import (ChatRequest, EmbeddingsRequest, EmbedRequest,
                                             GenerateRequest, PullRequest, ShowRequest)
 from lmserve.engine.client import Generation
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected
+from lmserve.http.streaming import truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.service import ModelService, PreparedPrompt
 
@@ -73,7 +76,7 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
                                "for this model", param="dimensions")
         inputs = [_embedding_input(service, text, options, body.truncate is not False, i)
                   for i, text in enumerate(texts)]
-        vectors = await service.embed(inputs) if inputs else []
+        vectors = await service.embed(inputs, service.adapters(body.model)) if inputs else []
         return JSONResponse(encoder.embed_response(
             body.model, vectors, body.dimensions, sum(len(t) for t in inputs),
             started_ns=started, loaded_ns=loaded, now_ns=time.monotonic_ns()), headers=headers)
@@ -85,7 +88,8 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
         vector: list[float] = []
         if body.prompt:
             tokens = _embedding_input(service, body.prompt, options, False, 0)
-            vector = [float(x) for x in (await service.embed([tokens]))[0]]
+            adapters = service.adapters(body.model)  # "<model>:<alias>" picks a LoRA adapter
+            vector = [float(x) for x in (await service.embed([tokens], adapters))[0]]
         return JSONResponse({"embedding": vector}, headers=headers)
 
     async def list_models() -> Any:
@@ -232,9 +236,12 @@ def _with_resource_defaults(body: ChatRequest | GenerateRequest, defaults: Mappi
                             ) -> ChatRequest | GenerateRequest:
     """A resource's defaults for the options this request left unset."""
     given = dict(body.options or {})
-    merged = {**{_OPTION_NAMES.get(k, k): v for k, v in defaults.items() if k != "reasoning"},
-              **given}
-    return body.model_copy(update={"options": merged}) if merged != given else body
+    merged = {**{_OPTION_NAMES.get(k, k): v for k, v in defaults.items()
+                 if k not in ("reasoning", "context_overflow")}, **given}
+    update: dict[str, Any] = {"options": merged} if merged != given else {}
+    if body.truncate is None and defaults.get("context_overflow") is not None:
+        update["truncate"] = defaults["context_overflow"] == "truncate"
+    return body.model_copy(update=update) if update else body
 
 
 async def _load(request: Request, service: ModelService, model: str, job: adapter.Job, *,
@@ -257,13 +264,22 @@ async def _until_loaded(service: ModelService) -> None:
 def _prepare(service: ModelService, job: adapter.Job, context: list[int] | None
              ) -> PreparedPrompt:
     """Template and tokenize; a `context` from an earlier reply is continued token for token."""
-    prepared = service.prepare(job.request)
+    prepared = service.prepare(_truncation_target(job, service.n_ctx))
     if not context:
         return prepared
     tokens = context + service.tokenize(prepared.text or "", add_special=False)
     checked = service.prepare(dataclasses.replace(  # token ids checked against the vocabulary
         job.request, messages=None, prompt=None, prompt_tokens=tokens, response_format=None))
     return dataclasses.replace(prepared, tokens=checked.tokens)
+
+
+def _truncation_target(job: adapter.Job, loaded_ctx: int) -> GenerationRequest:
+    """The request as truncation sees it (chat.overflow): room for num_predict (capped to what
+    is left, so at most the reserve) inside the num_ctx window. The service fits prompts to the
+    loaded context, so the part of it outside the window counts as room too."""
+    window = adapter.window(job.options, loaded_ctx)
+    room = reply_room(window, job.options.num_predict, capped=True)
+    return dataclasses.replace(job.request, max_tokens=loaded_ctx - window + room)
 
 
 async def _respond(request: Request, service: ModelService, model: str, job: adapter.Job, *,
@@ -280,7 +296,8 @@ async def _respond(request: Request, service: ModelService, model: str, job: ada
                       show_thinking=job.show_thinking)
     # A raw prompt is the client's own text: its output is not parsed.
     parser = service.chat_parser(gen, prepared) if gen.messages is not None else None
-    headers = _notice(adapter.notice(job.options, service.n_ctx, job.keep_alive))
+    headers = {**_notice(adapter.notice(job.options, service.n_ctx, job.keep_alive)),
+               **truncation_headers(prepared.dropped_messages)}
     if stream:
         return StreamingResponse(_stream(generation, run, parser),
                                  media_type="application/x-ndjson",

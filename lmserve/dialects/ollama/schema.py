@@ -37,6 +37,8 @@ class GenerationFields(_Lenient):
     think: Think = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # Drop the oldest turns when the prompt overflows (null: the server's --context-overflow).
+    truncate: bool | None = None
 
 
 class ChatRequest(GenerationFields):

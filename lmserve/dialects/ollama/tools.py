@@ -1,10 +1,12 @@
-"""Pure translation of Ollama's tools, format and think fields.
+"""Pure translation of Ollama's tools, format, think and logprobs fields.
 
 tools (OpenAI-style function tools) -> ToolSpec list; the model calls them when it chooses
 (Ollama has no tool_choice). format "json" -> any JSON object, a JSON Schema object -> that
 schema. think true/false turns the model's thinking on or off; "low"/"medium"/"high" turn it on
 and reach the template as `reasoning_effort` (the variable gpt-oss templates read). Thinking
 is returned in `thinking`, never in the content; with think false it is dropped.
+logprobs true returns each generated token's logprob (thinking tokens too, as Ollama does)
+with top_logprobs (0-20) alternatives; top_logprobs above 0 without logprobs is refused.
 """
 
 from __future__ import annotations
@@ -33,13 +35,25 @@ def _tool(tool: Mapping[str, Any], index: int) -> ToolSpec:
 
 
 def output_fields(body: GenerationFields) -> dict[str, Any]:
-    """GenerationRequest fields for format and think."""
-    fields: dict[str, Any] = {"response_format": _format(body.format)}
+    """GenerationRequest fields for format, think and logprobs."""
+    fields: dict[str, Any] = {"response_format": _format(body.format),
+                              "logprobs": _logprobs(body)}
     if body.think is not None:
         fields["reasoning"] = body.think is not False
     if isinstance(body.think, str):
         fields["template_kwargs"] = {"reasoning_effort": body.think}
     return fields
+
+
+def _logprobs(body: GenerationFields) -> int | None:
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= 20:
+        raise invalid("top_logprobs must be between 0 and 20", param="top_logprobs")
+    if body.logprobs:
+        return top or 0
+    if top:
+        raise invalid("top_logprobs needs logprobs: true", param="top_logprobs")
+    return None
 
 
 def shows_thinking(body: GenerationFields) -> bool:

@@ -26,7 +26,7 @@ from lmserve.dialects.ollm.schema import (GenerationIn, PlanRequest, PromptReque
 from lmserve.dialects.ollm.turns import PromptJob, SessionTurn, Turns
 from lmserve.engine.runner import default_threads
 from lmserve.http.routing import dialect_route, unless_disconnected
-from lmserve.http.streaming import SSE_HEADERS
+from lmserve.http.streaming import SSE_HEADERS, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.service import EngineSettings, ModelService
 from lmserve.stores import NotFoundError, SessionStore
@@ -188,10 +188,11 @@ async def _one_shot(request: Request, models: Models, body: PromptRequest, *,
     service, name = _served(models, body.runtime)
     messages = adapter.prompt_messages(body.system_prompt, [], body.prompt)
     job = _start(service, name, messages, body.generation, body.prompt, body.runtime.quiet)
+    headers = truncation_headers(job.truncated_messages)
     if stream:
         return StreamingResponse(job.events(), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
-    return JSONResponse(await unless_disconnected(request, job.collect()))
+                                 headers={**headers, **SSE_HEADERS})
+    return JSONResponse(await unless_disconnected(request, job.collect()), headers=headers)
 
 
 async def _turn(request: Request, models: Models, turns: Turns, session_id: str,
@@ -211,13 +212,15 @@ async def _turn(request: Request, models: Models, turns: Turns, session_id: str,
         job = _start(service, name, messages, generation, body.prompt, None)
         job.sessions, job.session_id = sessions, session_id
         claim.generation = job.generation
+        headers = truncation_headers(job.truncated_messages)
         if stream:
             job.on_end = lambda: turns.release(session_id, claim)
             handed_over = True
             return StreamingResponse(job.events(on_start=lambda: _own(claim)),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+                                     media_type="text/event-stream",
+                                     headers={**headers, **SSE_HEADERS})
         claim.owned = True
-        return JSONResponse(await unless_disconnected(request, job.collect()))
+        return JSONResponse(await unless_disconnected(request, job.collect()), headers=headers)
     finally:
         if not handed_over:
             turns.release(session_id, claim)
@@ -235,4 +238,5 @@ def _start(service: ModelService, name: str, messages: list[ChatMessage], gen: G
     generation = service.start(request, prepared)  # refusals are real statuses, even streamed
     status = None if quiet else (f"generating with {name} (llama.cpp): "
                                  f"{len(prepared.tokens)} prompt tokens")
-    return PromptJob(generation, name, prompt, started, status=status)
+    return PromptJob(generation, name, prompt, started, status=status,
+                     truncated_messages=prepared.dropped_messages)

@@ -2,12 +2,12 @@
 runtime fields that make no sense for llama.cpp on this server are refused by the adapter.
 
 lmserve additions: `context_length`, `threads`, `threads_batch` and `parallel` in `runtime`
-(planned by /v1/plan; a prompt must match the served runtime), `stop` in `generation`, and an
-optional per-turn `generation` on a session prompt."""
+(planned by /v1/plan; a prompt must match the served runtime), `stop` and `context_overflow`
+in `generation`, and an optional per-turn `generation` on a session prompt."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,8 @@ class GenerationIn(_Strict):
     top_k: Positive | None = None
     seed: int | None = None
     stop: Annotated[list[str], Field(max_length=16)] | None = None
+    # a transcript that outgrows the context: refuse (error) or drop its oldest turns
+    context_overflow: Literal["error", "truncate"] | None = None
 
 
 class PlanRequest(_Strict):

@@ -63,6 +63,7 @@ class PromptJob:
     prompt: str
     started: float  # monotonic time of submission
     status: str | None = None  # the stream's opening status message (None: quiet)
+    truncated_messages: int = 0  # the oldest transcript messages dropped to fit the context
     sessions: SessionStore | None = None
     session_id: str | None = None
     on_end: Callable[[], None] = lambda: None  # called once the stream is over

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from lmserve.core.errors import invalid, unsupported
+from lmserve.core.images import ImageInput, image_from_url, joined_offset
+from lmserve.core.lora import selection_field
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.openai.chat_tools import effort_kwargs, tool_fields
 from lmserve.dialects.openai.schema import (ChatCompletionRequest, ChatMessageIn,
-                                            CompletionRequest, PromptField, SamplingFields)
+                                            CompletionRequest, OtherPart, PromptField,
+                                            SamplingFields, TextPart)
 
 
 def sampling_from(body: SamplingFields) -> SamplingParams:
@@ -57,6 +60,8 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         logprobs=_chat_logprobs(body),
         add_generation_prompt=body.add_generation_prompt,
         template_kwargs={**effort_kwargs(body), **(body.chat_template_kwargs or {})},
+        context_overflow=body.context_overflow,
+        lora=selection_field(body.lora, "lora"),
         **tool_fields(body),
     )
 
@@ -72,17 +77,7 @@ def _chat_logprobs(body: ChatCompletionRequest) -> int | None:
 
 def _message(message: ChatMessageIn, index: int) -> ChatMessage:
     role = "system" if message.role == "developer" else message.role
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if part.type != "text":
-                raise invalid(f"content part type '{part.type}' is not supported by this "
-                              "model; send text parts",
-                              param=f"messages[{index}].content[{j}].type",
-                              code="unsupported_content")
-            texts.append(getattr(part, "text", ""))
-        content = "\n".join(texts)
+    content, images = _content(message, role, index)
     if content is None and role != "assistant":
         raise invalid(f"messages[{index}] ({role}) has no content", param=f"messages[{index}].content")
     extra = {}
@@ -91,7 +86,36 @@ def _message(message: ChatMessageIn, index: int) -> ChatMessage:
     if message.tool_call_id:
         extra["tool_call_id"] = message.tool_call_id
     return ChatMessage(role=role, content=content if content is not None else "",
-                       name=message.name, extra=extra)
+                       name=message.name, extra=extra, images=images)
+
+
+def _content(message: ChatMessageIn, role: str, index: int
+             ) -> tuple[str | None, tuple[ImageInput, ...]]:
+    """The text of the content parts, joined, and the images between them."""
+    if not isinstance(message.content, list):
+        return message.content, ()
+    texts: list[str] = []
+    images: list[ImageInput] = []
+    for j, part in enumerate(message.content):
+        param = f"messages[{index}].content[{j}]"
+        if part.type == "text":
+            texts.append(getattr(part, "text", ""))
+        elif part.type == "image_url" and role == "user":
+            images.append(_image(part, param).at(joined_offset(texts)))
+        else:
+            allowed = "text or image_url" if role == "user" else "text"
+            raise invalid(f"content part type '{part.type}' is not supported in a {role} "
+                          f"message; send {allowed} parts", param=f"{param}.type",
+                          code="unsupported_content")
+    return "\n".join(texts), tuple(images)
+
+
+def _image(part: OtherPart | TextPart, param: str) -> ImageInput:
+    value = getattr(part, "image_url", None)
+    if not isinstance(value, dict):
+        raise invalid(f"{param}.image_url must be an object with a 'url'",
+                      param=f"{param}.image_url")
+    return image_from_url(value.get("url"), f"{param}.image_url", detail=value.get("detail"))
 
 
 def completion_prompts(prompt: PromptField) -> list[str | list[int]]:
@@ -115,6 +139,9 @@ def completion_request(body: CompletionRequest, prompt: str | list[int]) -> Gene
         raise unsupported("suffix", "fill-in-the-middle is not available for this model")
     if body.best_of is not None and body.best_of != body.n:
         raise unsupported("best_of", "only best_of equal to n is supported")
+    if (body.model_extra or {}).get("context_overflow") not in (None, "error"):
+        raise unsupported("context_overflow", "a raw prompt has no turns to drop; a prompt "
+                          "that does not fit the context is refused")
     return GenerationRequest(
         model=body.model,
         prompt=prompt if isinstance(prompt, str) else None,
@@ -127,4 +154,5 @@ def completion_request(body: CompletionRequest, prompt: str | list[int]) -> Gene
         n=body.n,
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,  # echo shows the prompt's too
+        lora=selection_field(body.lora, "lora"),
     )

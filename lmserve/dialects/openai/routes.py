@@ -15,6 +15,7 @@ from lmserve.chat.tools import StreamParser
 from lmserve.chat.turn import step_events
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_ERROR, TokenOutput, Usage
+from lmserve.core.lora import model_spec, selection_field
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.openai import adapter, encoder
 from lmserve.dialects.openai.chat_events import ChoiceCalls, event_deltas
@@ -22,7 +23,7 @@ from lmserve.dialects.openai.logprobs import StreamOffsets, chat_logprobs, with_
 from lmserve.dialects.openai.responses.routes import make_router as responses_router
 from lmserve.dialects.openai.schema import (ChatCompletionRequest, CompletionRequest,
                                             EmbeddingRequest)
-from lmserve.http.streaming import merge, sse, start_all
+from lmserve.http.streaming import merge, sse, start_all, truncation_headers
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
 from lmserve.models.registry import ModelRegistry
 from lmserve.engine.client import Generation
@@ -65,12 +66,13 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
     @router.post("/v1/embeddings", summary="Create embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
         service = models().get(body.model)
+        adapters = service.adapters(body.model, selection_field(body.lora, "lora"))
         inputs = [p if isinstance(p, list) else service.tokenize(p)
                   for p in adapter.completion_prompts(body.input)]
         n_embd = service.require_ready().info.n_embd
         if body.dimensions is not None and body.dimensions > n_embd:
             raise invalid(f"dimensions must be at most {n_embd} for this model", param="dimensions")
-        vectors = await service.embed(inputs)
+        vectors = await service.embed(inputs, adapters)
         data = []
         for i, vec in enumerate(vectors):
             vec = vec[: body.dimensions] if body.dimensions else vec
@@ -86,7 +88,7 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
     async def list_models() -> Any:
         registry = models()
         return {"object": "list",
-                "data": [_model_card(s, name) for s in registry for name in registry.names(s)]}
+                "data": [_model_card(s, name) for s in registry for name in _names(registry, s)]}
 
     @router.get("/v1/models/{model_id:path}", summary="Retrieve a model")
     async def get_model(model_id: str) -> Any:
@@ -103,6 +105,12 @@ def _chat_defaults(body: ChatCompletionRequest, defaults: Mapping[str, Any]) -> 
     return dict(defaults)
 
 
+def _names(registry: ModelRegistry, service: ModelService) -> list[str]:
+    """A model's names, then "<name>:<alias>" for each of its LoRA adapters."""
+    names = registry.names(service)
+    return [*names, *(f"{names[0]}:{spec.alias}" for spec in service.settings.loras)]
+
+
 def _model_card(service: ModelService, name: str) -> dict[str, Any]:
     card: dict[str, Any] = {"id": name, "object": "model", "created": service.created,
                             "owned_by": "lmserve", "status": service.state}
@@ -112,6 +120,10 @@ def _model_card(service: ModelService, name: str) -> dict[str, Any]:
                         "n_ctx_train": info.n_ctx_train, "n_params": info.n_params,
                         "size": info.size_bytes, "n_vocab": info.n_vocab,
                         "chat_template": info.chat_template is not None}
+    lora = model_spec(name, service.settings.loras, (service.name, *service.aliases))
+    if lora is not None:  # vLLM's shape for an adapter: root is its file, parent the base
+        card.update(root=lora.path, parent=name.rpartition(":")[0],
+                    lora={"alias": lora.alias, "scale": lora.scale})
     return card
 
 
@@ -127,11 +139,13 @@ async def _respond(request: Request, service: ModelService, model: str, jobs: li
     """`new_parser` (chat): a fresh output parser per choice (reasoning, tool calls)."""
     n = jobs[0][0].n
     generations = start_all(service, jobs)  # refusals (context, capacity) happen here
+    headers = truncation_headers(max(prepared.dropped_messages for _, prepared in jobs))
     if stream:
         return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,
                                          new_parser),
                                  media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={**headers, "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
     collected = await unless_disconnected(request, _collect(generations, n))
     if collected.error:
         raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {collected.error}")
@@ -143,7 +157,8 @@ async def _respond(request: Request, service: ModelService, model: str, jobs: li
     if chat:
         turns = {i: parse_all(new_parser(), c.text) for i, c in collected.choices.items()} \
             if new_parser else None
-        return JSONResponse(encoder.chat_completion(model, collected, collected.usage, turns))
+        return JSONResponse(encoder.chat_completion(model, collected, collected.usage, turns),
+                            headers=headers)
     return JSONResponse(encoder.text_completion(model, collected, collected.usage))
 
 

@@ -39,6 +39,10 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # alternatives per token (vLLM's cap too)
 
 
+# lmserve: LoRA adapter(s) by alias, or [{"name", "scale"}] (core.lora)
+LoraField = str | dict[str, Any] | list[str | dict[str, Any]] | None
+
+
 class SamplingFields(_Lenient):
     model: str
     stream: bool = False
@@ -58,6 +62,7 @@ class SamplingFields(_Lenient):
     user: str | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    lora: LoraField = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -74,6 +79,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    context_overflow: Literal["error", "truncate"] | None = None  # lmserve: see chat.overflow
 
 
 PromptField = str | list[str] | list[int] | list[list[int]]
@@ -93,3 +99,4 @@ class EmbeddingRequest(_Lenient):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+    lora: LoraField = None

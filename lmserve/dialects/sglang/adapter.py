@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from lmserve.core.errors import invalid, unsupported
+from lmserve.core.lora import selection_field
 from lmserve.core.request import GenerationRequest, ResponseFormat
 from lmserve.core.request import SamplingParams as CoreSampling
 from lmserve.dialects.sglang.encoder import LogprobShape
@@ -19,8 +20,7 @@ T = TypeVar("T")
 GREEDY_BELOW = 1e-6  # SGLang samples greedily under this temperature
 
 MAX_TOP_LOGPROBS = 20  # alternatives per position, the cap the OpenAI endpoints have too
-_LATER = {"lora_path": "LoRA adapters are not supported yet",
-          "session_params": "SGLang sessions are not supported; use the /v1/sessions API",
+_LATER = {"session_params": "SGLang sessions are not supported; use the /v1/sessions API",
           "custom_logit_processor": "custom logit processors are not supported",
           "return_hidden_states": "hidden states are not returned by this server",
           "image_data": "this server takes text input only",
@@ -64,8 +64,9 @@ def generate_plan(body: GenerateRequest, new_rid: Callable[[], str]) -> Generate
                                                 "sampling_params") or [{}] * len(prompts))]
     rids = _rids(body.rid, len(prompts), batch, new_rid)
     logprobs = _logprob_plans(body, len(prompts))
-    jobs = [_job(prompt, p, rid, body.model, lp)
-            for prompt, p, rid, lp in zip(prompts, params, rids, logprobs)]
+    loras = _per_prompt(body.lora_path, len(prompts), "lora_path") or [None] * len(prompts)
+    jobs = [_job(prompt, p, rid, body.model, lp, lora)
+            for prompt, p, rid, lp, lora in zip(prompts, params, rids, logprobs, loras)]
     return GeneratePlan(jobs, listed=batch or any(j.request.n > 1 for j in jobs))
 
 
@@ -176,7 +177,7 @@ def _rids(rid: str | list[str] | None, n: int, batch: bool,
 
 
 def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str | None,
-         logprobs: LogprobShape | None) -> Job:
+         logprobs: LogprobShape | None, lora: str | None = None) -> Job:
     _refuse_sampling(params)
     return Job(rid=rid, request=GenerationRequest(
         model=model,
@@ -192,6 +193,7 @@ def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str |
         logprobs=logprobs.top if logprobs else None,
         prompt_logprobs=logprobs.top if logprobs and logprobs.start >= 0 else None,
         response_format=response_format(params),
+        lora=selection_field(lora, "lora_path"),
     ), stream_interval=params.stream_interval or 1, no_stop_trim=params.no_stop_trim,
         logprobs=logprobs)
 

@@ -1,14 +1,15 @@
 """Pure translation: a Responses request -> checks, then a core.GenerationRequest.
 
-Function tools (tool_choice, parallel_tool_calls) and structured output (text.format
-json_schema / json_object) become the neutral request's fields. Refused, each with a 400
-naming the parameter: hosted tools, allowed_tools, reasoning controls, logprobs, background
+Function tools (tool_choice, parallel_tool_calls), structured output (text.format
+json_schema / json_object), reasoning.effort and output logprobs (include
+message.output_text.logprobs, top_logprobs) become the neutral request's fields. Refused, each
+with a 400 naming the parameter: hosted tools, allowed_tools, efforts beyond on/off, background
 mode, conversations and prompt templates.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.request import (ChatMessage, GenerationRequest, NamedTool, ResponseFormat,
@@ -16,9 +17,18 @@ from lmserve.core.request import (ChatMessage, GenerationRequest, NamedTool, Res
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
 
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+# truncation -> the neutral context overflow policy ("auto" drops the oldest turns)
+OVERFLOW: dict[str, Literal["error", "truncate"]] = {"auto": "truncate", "disabled": "error"}
 
-# include values that name items this server never produces, so they are honoured vacuously
-_INCLUDABLE = {"file_search_call.results", "web_search_call.results",
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# reasoning.effort -> thinking on or off; the "on" efforts also reach the template
+_EFFORT_OFF, _EFFORT_ON = ("none", "minimal"), ("low", "medium", "high")
+_SUMMARIES = ("auto", "concise", "detailed")
+# other reasoning keys, and the one value each may take here
+_REASONING_ONLY = {"context": "auto", "mode": "standard"}
+# include values that name items this server never produces, so they are honoured vacuously;
+# logprobs are part of a stored response already when it was created with them
+_INCLUDABLE = {LOGPROBS_INCLUDE, "file_search_call.results", "web_search_call.results",
                "web_search_call.action.sources", "message.input_image.image_url",
                "computer_call_output.output.image_url", "code_interpreter_call.outputs",
                "reasoning.encrypted_content"}
@@ -29,8 +39,9 @@ def check_request(body: ResponseCreate) -> None:
     check_metadata(body.metadata)
     _check_tools(body)
     _check_text(body.text)
-    _check_reasoning(body.reasoning)
+    reasoning_fields(body.reasoning)
     check_include(body.include)
+    logprobs_count(body)
     _check_service_features(body)
     if isinstance(body.input, list) and not body.input and body.previous_response_id is None:
         raise invalid("input must not be empty", param="input")
@@ -123,16 +134,57 @@ def text_format(text: JSON | None) -> ResponseFormat | None:
                           param="text.format.schema")
 
 
-def _check_reasoning(reasoning: JSON | None) -> None:
-    for key, value in (reasoning or {}).items():
-        if value is not None:
-            raise unsupported(f"reasoning.{key}", "reasoning controls arrive in a later release")
+def reasoning_fields(reasoning: JSON | None) -> dict[str, Any]:
+    """reasoning.effort none/minimal turns thinking off; low/medium/high turn it on and reach
+    the template as `reasoning_effort` (what gpt-oss templates read). Summaries are accepted,
+    but none is written: the reasoning itself comes back as reasoning_text."""
+    raw = reasoning or {}
+    for key, value in raw.items():
+        if key in ("effort", "summary", "generate_summary") or value is None:
+            continue
+        if value != _REASONING_ONLY.get(key):
+            raise unsupported(f"reasoning.{key}", "only reasoning.effort and reasoning.summary "
+                              "apply to the models this server runs")
+    for key in ("summary", "generate_summary"):
+        if raw.get(key) not in (None, *_SUMMARIES):
+            raise invalid(f"reasoning.{key} must be one of {', '.join(_SUMMARIES)}",
+                          param=f"reasoning.{key}")
+    return _effort_fields(raw.get("effort"))
+
+
+def _effort_fields(effort: Any) -> dict[str, Any]:
+    if effort is None:
+        return {}
+    if effort in _EFFORT_OFF:
+        return {"reasoning": False}
+    if effort in _EFFORT_ON:
+        return {"reasoning": True, "template_kwargs": {"reasoning_effort": effort}}
+    if effort in ("xhigh", "max"):
+        raise unsupported("reasoning.effort", f"effort {effort!r} is not available: the "
+                          "models here reason or not; use none, minimal, low, medium or high")
+    raise invalid("reasoning.effort must be one of none, minimal, low, medium or high",
+                  param="reasoning.effort")
+
+
+def reasoning_echo(reasoning: JSON | None) -> JSON:
+    """The response's reasoning field: the effort and summary the request chose."""
+    raw = reasoning or {}
+    return {"effort": raw.get("effort"),
+            "summary": raw.get("summary") or raw.get("generate_summary")}
+
+
+def logprobs_count(body: ResponseCreate) -> int | None:
+    """include message.output_text.logprobs turns them on, with top_logprobs alternatives."""
+    if LOGPROBS_INCLUDE in (body.include or []):
+        return body.top_logprobs or 0
+    if body.top_logprobs:
+        raise invalid(f"top_logprobs needs include: [\"{LOGPROBS_INCLUDE}\"]",
+                      param="top_logprobs")
+    return None
 
 
 def check_include(include: list[str] | None) -> None:
     for value in include or []:
-        if value == "message.output_text.logprobs":
-            raise unsupported("include", "logprobs arrive in a later release")
         if value not in _INCLUDABLE:
             raise invalid(f"include: unknown value {value!r}", param="include")
 
@@ -144,8 +196,6 @@ def _check_service_features(body: ResponseCreate) -> None:
         raise unsupported("conversation", "chain responses with previous_response_id")
     if body.prompt is not None:
         raise unsupported("prompt", "this server keeps no prompt templates")
-    if body.top_logprobs:
-        raise unsupported("top_logprobs", "logprobs arrive in a later release")
     if body.service_tier not in (None, "auto", "default"):
         raise unsupported("service_tier", "this server has one service tier")
 
@@ -158,7 +208,10 @@ def generation_request(body: ResponseCreate, messages: list[ChatMessage]) -> Gen
                              ignore_eos=body.ignore_eos, tools=tools or None,
                              tool_choice=tool_choice(body.tool_choice, tools),
                              parallel_tool_calls=body.parallel_tool_calls is not False,
-                             response_format=text_format(body.text))
+                             response_format=text_format(body.text),
+                             context_overflow=OVERFLOW[body.truncation] if body.truncation
+                             else None, logprobs=logprobs_count(body),
+                             **reasoning_fields(body.reasoning))
 
 
 def _sampling(body: ResponseCreate) -> SamplingParams:

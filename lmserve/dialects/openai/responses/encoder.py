@@ -11,7 +11,9 @@ The event order of a text answer:
 
 A tool call is a function_call item: response.output_item.added (empty arguments),
 response.function_call_arguments.delta..., response.function_call_arguments.done,
-response.output_item.done.
+response.output_item.done. Reasoning is a reasoning item, before the message it leads to
+(see steps.ReasoningWriter for its events). With logprobs asked for, each output_text delta
+carries those of the tokens it shows, and the part and output_text.done carry them all.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Any
 
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import (
-    CHANNEL_REASONING, FINISH_LENGTH, ChatEvent, TextDelta, ToolCallDelta, ToolCallEnd,
-    ToolCallStart, Usage,
+    CHANNEL_REASONING, FINISH_LENGTH, ChatEvent, TextDelta, TokenOutput, ToolCallDelta,
+    ToolCallEnd, ToolCallStart, Usage,
 )
 from lmserve.dialects.openai.encoder import error_body
+from lmserve.dialects.openai.responses.adapter import reasoning_echo
 from lmserve.dialects.openai.responses.items import output_text_part
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate, new_id
+from lmserve.dialects.openai.responses.steps import ReasoningWriter, StepTokens, part_done
 
 _FINAL_EVENTS = {"completed": "response.completed", "incomplete": "response.incomplete",
                  "failed": "response.failed"}
@@ -46,13 +50,13 @@ def response_head(body: ResponseCreate, *, response_id: str, created_at: int,
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": body.previous_response_id,
         "prompt_cache_key": body.prompt_cache_key,
-        "reasoning": {"effort": None, "summary": None},
+        "reasoning": reasoning_echo(body.reasoning),
         "safety_identifier": body.safety_identifier, "service_tier": "default",
         "store": stored, "temperature": _or(body.temperature, 1.0),
         "text": {"format": (body.text or {}).get("format") or {"type": "text"},
                  "verbosity": "medium"},
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
-        "top_logprobs": 0, "top_p": _or(body.top_p, 1.0),
+        "top_logprobs": body.top_logprobs or 0, "top_p": _or(body.top_p, 1.0),
         "truncation": body.truncation or "disabled", "usage": None, "user": body.user,
         "metadata": body.metadata or {},
     }
@@ -62,12 +66,13 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-def usage_body(usage: Usage) -> JSON:
+def usage_body(usage: Usage, reasoning_tokens: int = 0) -> JSON:
     return {"input_tokens": usage.prompt_tokens,
             "input_tokens_details": {"cached_tokens": usage.cached_tokens,
                                      "cache_write_tokens": 0},
             "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {
+                "reasoning_tokens": min(reasoning_tokens, usage.completion_tokens)},
             "total_tokens": usage.total_tokens}
 
 
@@ -77,7 +82,7 @@ class ResponseEvents:
 
     Output items come in the order the model writes them: answer text opens a message item,
     a tool call closes it and adds a function_call item; text after a call opens a new
-    message. Reasoning text is not part of the output."""
+    message; reasoning text opens a reasoning item, which what follows it closes."""
 
     def __init__(self, head: JSON, *, nested_errors: bool = False) -> None:
         self.response = copy.deepcopy(head)
@@ -89,44 +94,56 @@ class ResponseEvents:
         self._sequence = 0
         self._message: int | None = None  # output index of the open message
         self._message_text = ""
+        self._message_logprobs: list[JSON] = []
         self._calls: dict[int, int] = {}  # a call's index in the turn -> its output index
+        self.tokens = StepTokens()
+        self._reasoning = ReasoningWriter(self.output, self._event)
 
     def start(self) -> list[JSON]:
         return [self._event("response.created", response=self.snapshot()),
                 self._event("response.in_progress", response=self.snapshot())]
 
-    def chat(self, events: list[ChatEvent]) -> list[JSON]:
-        """The wire events of parsed output (answer text and tool calls)."""
+    def chat(self, events: list[ChatEvent], step: TokenOutput | None = None) -> list[JSON]:
+        """The wire events of one step's parsed output (reasoning, answer text, tool calls);
+        `step`: the engine output it came from (its tokens and their logprobs)."""
+        if step is not None:
+            self.tokens.step(step, events)
         out: list[JSON] = []
         for event in events:
-            if isinstance(event, TextDelta):
-                if event.channel != CHANNEL_REASONING and event.text:
-                    out += self.delta(event.text)
+            if isinstance(event, TextDelta) and event.text:
+                if event.channel == CHANNEL_REASONING:
+                    out += self._close_message("completed") + self._reasoning.delta(event.text)
+                else:
+                    out += self.delta(event.text, self.tokens.take())
             elif isinstance(event, ToolCallStart):
-                out += self._call_start(event)
+                self.tokens.drop()
+                out += self._reasoning.close() + self._call_start(event)
             elif isinstance(event, ToolCallDelta):
                 out += self._call_delta(event)
             elif isinstance(event, ToolCallEnd):
                 out += self._call_end(event)
         return out
 
-    def delta(self, text: str) -> list[JSON]:
-        events = self._open()
+    def delta(self, text: str, logprobs: list[JSON] | None = None) -> list[JSON]:
+        events = self._reasoning.close() + self._open()
         self.text += text
         self._message_text += text
+        self._message_logprobs += logprobs or []
         events.append(self._event("response.output_text.delta", **self._where(), delta=text,
-                                  logprobs=[]))
+                                  logprobs=logprobs or []))
         return events
 
     def finish(self, finish_reason: str | None, usage: Usage) -> list[JSON]:
         """Close the output; the response is then final (final_event() announces it)."""
         status = "incomplete" if finish_reason == FINISH_LENGTH else "completed"
-        events = self._open() if not self.output else []
+        events = self._reasoning.close(status)
+        events += self._open() if not self.output else []
         events += self._close_message(status)
         for index in list(self._calls):
             events += self._call_end(ToolCallEnd(index, self._call(index)["arguments"], False))
         self.response.update(status=status, output=copy.deepcopy(self.output),
-                             output_text=self.text, usage=usage_body(usage))
+                             output_text=self.text,
+                             usage=usage_body(usage, self.tokens.reasoning_tokens))
         if status == "completed":
             self.response["completed_at"] = int(time.time())
         else:
@@ -156,9 +173,9 @@ class ResponseEvents:
 
     def _settle(self, status: str) -> None:
         """Items still being written end as incomplete."""
+        self._reasoning.settle()
         if self._message is not None:
-            self.output[self._message] = self._message_item(
-                "incomplete", [output_text_part(self._message_text)])
+            self.output[self._message] = self._message_item("incomplete", [self._part()])
         for index in self._calls.values():
             self.output[index]["status"] = "incomplete"
         self.response.update(status=status, output=copy.deepcopy(self.output),
@@ -171,7 +188,7 @@ class ResponseEvents:
             return []
         if self.output:  # the first message keeps the id made up front
             self.message_id = new_id("msg")
-        self._message, self._message_text = len(self.output), ""
+        self._message, self._message_text, self._message_logprobs = len(self.output), "", []
         self.output.append(self._message_item("in_progress", []))
         return [self._event("response.output_item.added", output_index=self._message,
                             item=self._message_item("in_progress", [])),
@@ -181,16 +198,16 @@ class ResponseEvents:
     def _close_message(self, status: str) -> list[JSON]:
         if self._message is None:
             return []
-        part = output_text_part(self._message_text)
+        part = self._part()
         item = self._message_item(status, [part])
-        events = [
-            self._event("response.output_text.done", **self._where(), text=self._message_text,
-                        logprobs=[]),
-            self._event("response.content_part.done", **self._where(), part=part),
-            self._event("response.output_item.done", output_index=self._message, item=item)]
+        events = part_done(self._event, "output_text", self._where(), part, item,
+                           text=self._message_text, logprobs=part["logprobs"])
         self.output[self._message] = item
         self._message = None
         return events
+
+    def _part(self) -> JSON:
+        return output_text_part(self._message_text, self._message_logprobs)
 
     def _message_item(self, status: str, content: list[JSON]) -> JSON:
         return {"id": self.message_id, "type": "message", "status": status,

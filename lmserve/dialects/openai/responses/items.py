@@ -4,7 +4,9 @@ messages a conversation of items becomes.
 A string input is one user message. Every item gets an id (the client's, or a new one) and a
 status, and message content becomes a list of parts, as OpenAI lists input items. Function
 calls join the assistant turn they follow (one message with `tool_calls`, which is how chat
-templates expect them); their outputs become `tool` messages.
+templates expect them); their outputs become `tool` messages. A reasoning item (this
+server's own, given back) becomes the `reasoning_content` of the assistant turn it precedes,
+which Hugging Face templates that render reasoning read; the others ignore it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
+from lmserve.core.images import ImageInput, image_from_url, joined_offset
 from lmserve.core.request import ChatMessage
 from lmserve.dialects.openai.responses.schema import JSON, new_id
 
@@ -22,8 +25,15 @@ _STATUSES = ("in_progress", "completed", "incomplete")
 _MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 
 
-def output_text_part(text: str) -> JSON:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text_part(text: str, logprobs: list[JSON] | None = None) -> JSON:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def reasoning_item(item_id: str, status: str, text: str | None) -> JSON:
+    """A reasoning output item: the model's reasoning text; never a summary (none is made)."""
+    content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content,
+            "status": status}
 
 
 def text_part(kind: str, text: str) -> JSON:
@@ -60,7 +70,8 @@ def _item(item: Any, param: str) -> JSON:
                            "send the item itself, or chain with previous_response_id",
                            param=f"{param}.type", code="unsupported_value")
     raise invalid(f"{param}.type: input items of type {kind!r} are not supported; send "
-                  "message, function_call or function_call_output items", param=f"{param}.type")
+                  "message, reasoning, function_call or function_call_output items",
+                  param=f"{param}.type")
 
 
 def _message(item: JSON, param: str) -> JSON:
@@ -84,8 +95,11 @@ def _parts(content: Any, role: str, param: str) -> list[JSON]:
 
 def _part(part: Any, role: str, kind: str, param: str) -> JSON:
     part_type = part.get("type") if isinstance(part, dict) else None
+    if part_type == "input_image" and role == "user":
+        return _image_part(part, param)
     if part_type in _MEDIA_PARTS:
-        raise invalid(f"{param}: {part_type} is not supported; this model reads text only",
+        where = "outside user messages" if part_type == "input_image" else "by this server"
+        raise invalid(f"{param}: {part_type} is not supported {where}",
                       param=f"{param}.type", code="unsupported_content")
     if role == "assistant" and part_type == "refusal":
         return {"type": "refusal", "refusal": _string(part, "refusal", param)}
@@ -94,6 +108,16 @@ def _part(part: Any, role: str, kind: str, param: str) -> JSON:
         raise invalid(f"{param}.type: {part_type!r} parts are not allowed here; use {allowed}",
                       param=f"{param}.type")
     return text_part(kind, _string(part, "text", param))
+
+
+def _image_part(part: JSON, param: str) -> JSON:
+    """Stored as sent; the media policy judges the URL when the turn is prepared."""
+    if part.get("file_id") is not None:
+        raise unsupported(f"{param}.file_id", "this server keeps no uploaded files; send "
+                          "image_url (a data: URL or an allowed http(s) URL)")
+    url, detail = part.get("image_url"), part.get("detail")
+    image_from_url(url, f"{param}.image_url", detail=detail, detail_param=f"{param}.detail")
+    return {"type": "input_image", "image_url": url, "file_id": None, "detail": detail or "auto"}
 
 
 def _function_call(item: JSON, param: str) -> JSON:
@@ -115,9 +139,30 @@ def _function_call_output(item: JSON, param: str) -> JSON:
             "status": _status(item, param)}
 
 
+def _reasoning(item: JSON, param: str) -> JSON:
+    if item.get("encrypted_content") is not None:
+        raise unsupported(f"{param}.encrypted_content", "this server writes no encrypted "
+                          "reasoning and cannot read another's; send the item's content")
+    summary = _texts(item.get("summary", []), "summary_text", f"{param}.summary")
+    content = _texts(item.get("content") or [], "reasoning_text", f"{param}.content")
+    return {"id": _id(item, "rs", param), "type": "reasoning", "summary": summary,
+            "content": content, "status": _status(item, param)}
+
+
+def _texts(parts: Any, kind: str, param: str) -> list[JSON]:
+    """A reasoning item's summary or content: a list of {"type": kind, "text"} parts."""
+    if not isinstance(parts, list):
+        raise invalid(f"{param} must be a list of {kind} parts", param=param)
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != kind:
+            raise invalid(f"{param}[{j}] must be a {kind} part", param=f"{param}[{j}].type")
+        _string(part, "text", f"{param}[{j}]")
+    return [{"type": kind, "text": part["text"]} for part in parts]
+
+
 _BUILDERS: dict[str, Callable[[JSON, str], JSON]] = {
     "message": _message, "function_call": _function_call,
-    "function_call_output": _function_call_output}
+    "function_call_output": _function_call_output, "reasoning": _reasoning}
 
 
 def _string(item: JSON, key: str, param: str) -> str:
@@ -152,40 +197,69 @@ def chat_messages(instructions: str | None, items: list[JSON]) -> list[ChatMessa
     """The conversation as chat messages; instructions first, as the system message."""
     messages = [ChatMessage("system", instructions)] if instructions else []
     names: dict[str, str] = {}  # call_id -> function name, for the tool messages
-    for item in items:
+    reasoning: list[str] = []  # reasoning items waiting for the assistant turn they precede
+    for i, item in enumerate(items):
         kind = item["type"]
+        if kind == "reasoning":
+            reasoning.append(_reasoning_text(item))
+            continue
         if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
-            messages.append(ChatMessage(role, _text(item["content"])))
+            text, images = _content(item["content"], f"input[{i}].content")
+            extra = _reasoning_extra(reasoning) if role == "assistant" else {}
+            messages.append(ChatMessage(role, text, images=images, extra=extra))
         elif kind == "function_call":
             names[item["call_id"]] = item["name"]
             _add_call(messages, {"id": item["call_id"], "type": "function",
                                  "function": {"name": item["name"],
-                                              "arguments": item["arguments"]}})
+                                              "arguments": item["arguments"]}},
+                      _reasoning_extra(reasoning))
         elif kind == "function_call_output":
             output = item["output"]
             messages.append(ChatMessage("tool", output if isinstance(output, str)
-                                        else _text(output), name=names.get(item["call_id"]),
+                                        else _content(output, "")[0],
+                                        name=names.get(item["call_id"]),
                                         extra={"tool_call_id": item["call_id"]}))
+        reasoning.clear()  # reasoning before a user or tool message has no turn to join
     return messages
 
 
-def _add_call(messages: list[ChatMessage], call: JSON) -> None:
+def _reasoning_text(item: JSON) -> str:
+    """The reasoning itself, or its summary when only that was given back."""
+    parts = item["content"] or item["summary"]
+    return "\n".join(part["text"] for part in parts)
+
+
+def _reasoning_extra(reasoning: list[str]) -> dict[str, Any]:
+    text = "\n".join(t for t in reasoning if t)
+    return {"reasoning_content": text} if text else {}
+
+
+def _add_call(messages: list[ChatMessage], call: JSON, extra: dict[str, Any]) -> None:
+    """`extra`: the reasoning that precedes the call, for a turn that starts with it."""
     last = messages[-1] if messages else None
     if last is None or last.role != "assistant":
-        messages.append(ChatMessage("assistant", "", extra={"tool_calls": [call]}))
+        messages.append(ChatMessage("assistant", "", extra={**extra, "tool_calls": [call]}))
         return
     calls = [*last.extra.get("tool_calls", []), call]
-    messages[-1] = ChatMessage("assistant", last.content, last.name,
-                               {**last.extra, "tool_calls": calls})
+    merged = {**last.extra, "tool_calls": calls}
+    if extra:  # reasoning between the turn's text and its call joins the turn's reasoning
+        merged.update(_reasoning_extra([last.extra.get("reasoning_content", ""),
+                                        extra["reasoning_content"]]))
+    messages[-1] = ChatMessage("assistant", last.content, last.name, merged)
 
 
-def _text(parts: list[JSON]) -> str:
-    return "\n".join(part["refusal"] if part["type"] == "refusal" else part["text"]
-                     for part in parts)
+def _content(parts: list[JSON], param: str) -> tuple[str, tuple[ImageInput, ...]]:
+    """The text parts joined, and the images between them; `param` names the parts (the
+    index is the item's place in the conversation, history included)."""
+    texts: list[str] = []
+    images: list[ImageInput] = []
+    for j, part in enumerate(parts):
+        if part["type"] == "input_image":
+            image = image_from_url(part["image_url"], f"{param}[{j}].image_url",
+                                   detail=part["detail"])
+            images.append(image.at(joined_offset(texts)))
+        else:
+            texts.append(part["refusal"] if part["type"] == "refusal" else part["text"])
+    return "\n".join(texts), tuple(images)
 
-
-def turn_starts(items: list[JSON]) -> list[int]:
-    """Where a truncated conversation may begin: the start, or any user message."""
-    return [0, *(i for i, item in enumerate(items)
-                 if i > 0 and item["type"] == "message" and item["role"] == "user")]

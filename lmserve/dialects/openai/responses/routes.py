@@ -21,6 +21,7 @@ from lmserve.dialects.openai.responses import adapter, encoder, turns
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
 from lmserve.http.routing import check_api_key, dialect_route, error_response, \
     unless_disconnected, validation_error
+from lmserve.http.streaming import SSE_HEADERS, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.stores import NotFoundError, PageQuery, ResponseStore
 
@@ -33,11 +34,12 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
     @router.post("/v1/responses", summary="Create a model response")
     async def create_response(body: ResponseCreate, request: Request) -> Any:
         turn = await turns.begin(request.app.state.lmserve, models(), body)
+        headers = truncation_headers(turn.truncated_messages)
         if body.stream:
             return StreamingResponse(_sse(turns.run(turn)), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        return JSONResponse(await unless_disconnected(request, turns.collect(turn)))
+                                     headers={**headers, **SSE_HEADERS})
+        return JSONResponse(await unless_disconnected(request, turns.collect(turn)),
+                            headers=headers)
 
     @router.get("/v1/responses/{response_id}", summary="Retrieve a stored model response")
     async def retrieve_response(response_id: str, request: Request, stream: bool = False

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,27 +60,34 @@ class Turn:
     parser: StreamParser  # generated text -> answer text and tool calls
     events: ResponseEvents
     store: ResponseStore | None  # where the response goes; None when it is not kept
+    truncated_messages: int = 0  # the oldest messages dropped to fit the context
 
 
 async def begin(state: HasResponseStore, registry: ModelRegistry, body: ResponseCreate, *,
                 nested_errors: bool = False) -> Turn:
     """Check, resolve and submit; every refusal happens here, before any event. A resource's
     default parameters fill what the request left unset."""
-    body = with_defaults(body, defaults_of(registry), {"max_tokens": "max_output_tokens"})
+    defaults = defaults_of(registry)
+    body = with_defaults(body, defaults, {"max_tokens": "max_output_tokens"})
+    body = _truncation_default(body, defaults)
     adapter.check_request(body)
     store = state.responses()
     service = registry.get(body.model)
     conversation = [*await _history(store, body.previous_response_id),
                     *items.own_items(body.input)]
     items.check_unique_ids(conversation)
-    gen, prepared = _fit(service, body, conversation)
+    gen, prepared = _prepare(service, body, conversation)
     parser = service.chat_parser(gen, prepared)
     generation = service.start(gen, prepared)
+    if body.truncation is None:  # the server's default decided: the response says which
+        body = body.model_copy(update={"truncation": "auto" if prepared.truncating
+                                       else "disabled"})
     keep = store if body.store is not False else None
     head = response_head(body, response_id=new_id("resp"), created_at=int(time.time()),
                          stored=keep is not None)
     return Turn(body, conversation, generation, parser,
-                ResponseEvents(head, nested_errors=nested_errors), keep)
+                ResponseEvents(head, nested_errors=nested_errors), keep,
+                prepared.dropped_messages)
 
 
 async def _history(store: ResponseStore | None, previous_id: str | None) -> list[JSON]:
@@ -94,38 +101,21 @@ async def _history(store: ResponseStore | None, previous_id: str | None) -> list
     return record.conversation()
 
 
-def _fit(service: ModelService, body: ResponseCreate, conversation: list[JSON]
-         ) -> tuple[GenerationRequest, PreparedPrompt]:
-    """The prompt of the whole conversation; with truncation "auto", of the longest tail that
-    starts at a user message and fits the context (found by bisection)."""
-    starts = items.turn_starts(conversation) if body.truncation == "auto" else [0]
-    try:
-        return _prepare(service, body, conversation)
-    except LmserveError as exc:
-        if exc.kind is not ErrorKind.CONTEXT_LENGTH_EXCEEDED or len(starts) == 1:
-            raise
-        error = exc
-    lo, hi, best = 1, len(starts) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        try:
-            best, hi = _prepare(service, body, conversation[starts[mid]:]), mid - 1
-        except LmserveError as exc:
-            if exc.kind is not ErrorKind.CONTEXT_LENGTH_EXCEEDED:
-                raise
-            error, lo = exc, mid + 1
-    if best is None:
-        raise error
-    return best
+def _truncation_default(body: ResponseCreate, defaults: Mapping[str, Any]) -> ResponseCreate:
+    """A resource's context_overflow default, as this dialect's truncation field."""
+    policy = defaults.get("context_overflow")
+    if body.truncation is not None or policy is None:
+        return body
+    return body.model_copy(update={"truncation": "auto" if policy == "truncate" else "disabled"})
 
 
 def _prepare(service: ModelService, body: ResponseCreate, conversation: list[JSON]
              ) -> tuple[GenerationRequest, PreparedPrompt]:
+    """The prompt of the conversation; truncation "auto" drops its oldest turns to fit the
+    context (the service does it, see chat.overflow); the stored conversation stays whole."""
     messages = items.chat_messages(body.instructions, conversation)
     gen = adapter.generation_request(body, messages)
-    prepared = service.prepare(gen)
-    service.check_context(len(prepared.tokens), gen.max_tokens)
-    return gen, prepared
+    return gen, service.prepare(gen)
 
 
 async def run(turn: Turn) -> AsyncIterator[JSON]:
@@ -141,7 +131,8 @@ async def run(turn: Turn) -> AsyncIterator[JSON]:
                 if out.finish_reason in (FINISH_ERROR, FINISH_CANCELLED):
                     raise LmserveError(ErrorKind.INTERNAL, f"generation failed: "
                                        f"{out.error or out.finish_reason}")
-                for event in events.chat(step_events(turn.parser, out.text, out.finished)):
+                for event in events.chat(step_events(turn.parser, out.text, out.finished),
+                                         out):
                     yield event
                 if out.finished:
                     finish, usage = out.finish_reason, out.usage or usage

@@ -1,0 +1,128 @@
+"""Prompt-lookup speculation on an edit-this-text workload: speed and identical output.
+
+    python benchmarks/lookup_bench.py [--model smollm2] [--threads 2] [--rounds 3]
+
+Starts `lmserve serve` twice on the same model, with speculation off (--lookup 0) and on
+(--lookup N), sends the same temperature-0 edit requests one at a time to each (the output
+mostly repeats the input, as when a user asks for a document to be corrected), and reports
+single-stream output tokens/s, the ratio on/off, the acceptance rate from /metrics, and
+whether every output was identical (each request starts from an empty KV cache). Results go to benchmarks/results/lookup-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from lmserve.bench.procs import free_port, start_process, stop, wait_ready
+
+
+RESULTS = Path(__file__).parent / "results"
+
+DOCUMENTS = [
+    "The comittee met on tuesday to discuss the new budjet. Several members argued that the "
+    "proposed cuts to the library would hurt students who depend on it for quiet study space, "
+    "while others said the savings were neccessary to keep the swimming pool open through the "
+    "winter. After a long debate the chair proposed a compromise: the library would close one "
+    "hour earlier on weekdays, and the pool would raise its entry fee by fifty cents. The "
+    "motion passed by seven votes to three, and the minutes were aproved without changes.",
+    "To install the package, first create a virtual enviroment and activate it. Then run the "
+    "install command with the version you need, and check that the import works by starting "
+    "a Python shell. If the build fails, make sure a compiler is available and that the "
+    "headers for your Python version are installed. On some systems you must also upgrade "
+    "pip befor the build can find the right wheel. Once everything works, run the test suite "
+    "to confirm that the instalation is complete and that no files are missing.",
+    "Our garden had a good year. The tomatos ripened early in July, the beans climbed higher "
+    "than the fence, and the pumpkins grew so large that we could barely lift them. The only "
+    "problem was the slugs, which ate most of the lettuce before we noticed them. Next year we "
+    "plan to build raised beds, add more compost to the soil, and plant marigolds along the "
+    "edges, because neighbours say the flowers keep pests away from the vegtables.",
+]
+
+
+def edit_prompt(document: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You correct spelling. Reply with the corrected text "
+             "only, unchanged otherwise."},
+            {"role": "user", "content": f"Correct the spelling in this text:\n\n{document}"}]
+
+
+def start(model: str, threads: int, lookup: int, port: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "lmserve", "serve", model, "--port", str(port), "--threads",
+           str(threads), "--parallel", "4", "--ctx", "4096", "--lookup", str(lookup),
+           "--log-level", "warning", "--store", "memory"]
+    proc = start_process(cmd)
+    wait_ready(proc, f"http://127.0.0.1:{port}/health")
+    return proc
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def measure(base: str, model: str, rounds: int, max_tokens: int) -> dict:
+    outputs, tokens, seconds = [], 0, 0.0
+    with httpx.Client(base_url=base, timeout=600) as client:
+        client.post("/v1/chat/completions", json={  # warm-up, not measured
+            "model": model, "messages": edit_prompt("Helo world."), "max_tokens": 8})
+        for _ in range(rounds):
+            for document in DOCUMENTS:
+                body = {"model": model, "messages": edit_prompt(document), "temperature": 0,
+                        "max_tokens": max_tokens}
+                # Each request starts from an empty KV, so both runs do the same arithmetic
+                # (see docs/architecture.md, "Identical output, and its one caveat").
+                assert client.post("/flush_cache").status_code == 200
+                t0 = time.perf_counter()
+                reply = client.post("/v1/chat/completions", json=body).json()
+                seconds += time.perf_counter() - t0
+                tokens += reply["usage"]["completion_tokens"]
+                outputs.append(reply["choices"][0]["message"]["content"])
+        text = client.get("/metrics").text
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "drafted": metric(text, "lmserve_lookup_draft_tokens"),
+            "accepted": metric(text, "lmserve_lookup_accepted_tokens"), "outputs": outputs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lookup", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--tag", default="lookup")
+    args = ap.parse_args()
+    results = {}
+    for label, lookup in (("off", 0), ("on", args.lookup)):
+        port = free_port()
+        proc = start(args.model, args.threads, lookup, port)
+        try:
+            results[label] = measure(f"http://127.0.0.1:{port}", args.model, args.rounds,
+                                     args.max_tokens)
+        finally:
+            stop(proc)
+    on, off = results["on"], results["off"]
+    summary = {
+        "model": args.model, "threads": args.threads, "lookup": args.lookup,
+        "tokens_per_s_off": round(off["tokens_per_s"], 2),
+        "tokens_per_s_on": round(on["tokens_per_s"], 2),
+        "speedup": round(on["tokens_per_s"] / off["tokens_per_s"], 3),
+        "acceptance": round(on["accepted"] / on["drafted"], 3) if on["drafted"] else None,
+        "identical_outputs": on["outputs"] == off["outputs"],
+        "requests": len(on["outputs"]),
+    }
+    print(json.dumps(summary, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.tag}-{args.model}.json").write_text(
+        json.dumps({"summary": summary, "runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
