@@ -1,12 +1,15 @@
-"""Prompt-lookup speculation on an edit-this-text workload: speed and identical output.
+"""Prompt-lookup speculation on edit-this-text workloads: speed and identical output.
 
-    python benchmarks/lookup_bench.py [--model smollm2] [--threads 2] [--rounds 3]
+    python benchmarks/lookup_bench.py [--workload prose|code] [--model smollm2] [--rounds 3]
 
 Starts `lmserve serve` twice on the same model, with speculation off (--lookup 0) and on
-(--lookup N), sends the same temperature-0 edit requests one at a time to each (the output
-mostly repeats the input, as when a user asks for a document to be corrected), and reports
-single-stream output tokens/s, the ratio on/off, the acceptance rate from /metrics, and
-whether every output was identical (each request starts from an empty KV cache). Results go to benchmarks/results/lookup-*.json.
+(--lookup N), and sends the same temperature-0 edit requests one at a time to each: correct
+the spelling of a paragraph (prose) or rename a symbol in a short Python file (code), tasks
+whose answer should mostly repeat the input. Each request starts from an empty KV cache.
+Reports single-stream output tokens/s (request start to last token), the ratio on/off, the
+acceptance rate from /metrics, the fraction of output tokens that were guessed right (how much
+the model's answer really repeated its context), and whether every output was identical.
+Results go to benchmarks/results/lookup-<workload>-<model>.json.
 """
 
 from __future__ import annotations
@@ -47,10 +50,40 @@ DOCUMENTS = [
 ]
 
 
+CODE = [
+    "def compute_total(prices, tax_rate):\n    total = 0\n    for price in prices:\n"
+    "        total += price\n    tax = total * tax_rate\n    return total + tax\n\n\n"
+    "def print_receipt(items, tax_rate):\n    prices = [item['price'] for item in items]\n"
+    "    for item in items:\n        print(item['name'], item['price'])\n"
+    "    print('Total:', compute_total(prices, tax_rate))\n",
+    "class Counter:\n    def __init__(self):\n        self.count = 0\n\n"
+    "    def increment(self, step=1):\n        self.count += step\n        return self.count\n\n"
+    "    def reset(self):\n        self.count = 0\n\n\ncounter = Counter()\n"
+    "for i in range(10):\n    counter.increment()\nprint(counter.count)\n",
+    "import json\n\n\ndef load_config(path):\n    with open(path) as f:\n"
+    "        config = json.load(f)\n    if 'name' not in config:\n"
+    "        raise ValueError('config needs a name')\n    return config\n\n\n"
+    "def save_config(path, config):\n    with open(path, 'w') as f:\n"
+    "        json.dump(config, f, indent=2)\n",
+]
+CODE_TASKS = ["Rename the function compute_total to sum_prices.", "Rename the class Counter to "
+              "Tally.", "Rename the function load_config to read_config."]
+
+
 def edit_prompt(document: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": "You correct spelling. Reply with the corrected text "
              "only, unchanged otherwise."},
             {"role": "user", "content": f"Correct the spelling in this text:\n\n{document}"}]
+
+
+def code_prompt(index: int) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You edit code. Reply with the whole edited code "
+             "only."},
+            {"role": "user", "content": f"{CODE_TASKS[index]}\n\n```python\n{CODE[index]}```"}]
+
+
+WORKLOADS = {"prose": [edit_prompt(d) for d in DOCUMENTS],
+             "code": [code_prompt(i) for i in range(len(CODE))]}
 
 
 def start(model: str, threads: int, lookup: int, port: int) -> subprocess.Popen[bytes]:
@@ -67,14 +100,14 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def measure(base: str, model: str, rounds: int, max_tokens: int) -> dict:
+def measure(base: str, model: str, rounds: int, max_tokens: int, prompts: list) -> dict:
     outputs, tokens, seconds = [], 0, 0.0
     with httpx.Client(base_url=base, timeout=600) as client:
         client.post("/v1/chat/completions", json={  # warm-up, not measured
             "model": model, "messages": edit_prompt("Helo world."), "max_tokens": 8})
         for _ in range(rounds):
-            for document in DOCUMENTS:
-                body = {"model": model, "messages": edit_prompt(document), "temperature": 0,
+            for messages in prompts:
+                body = {"model": model, "messages": messages, "temperature": 0,
                         "max_tokens": max_tokens}
                 # Each request starts from an empty KV, so both runs do the same arithmetic
                 # (see docs/architecture.md, "Identical output, and its one caveat").
@@ -97,6 +130,9 @@ def main() -> None:
     ap.add_argument("--lookup", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="prose",
+                    help="prose: correct the spelling of a paragraph; code: rename a "
+                         "symbol in a short Python file")
     ap.add_argument("--tag", default="lookup")
     args = ap.parse_args()
     results = {}
@@ -105,22 +141,25 @@ def main() -> None:
         proc = start(args.model, args.threads, lookup, port)
         try:
             results[label] = measure(f"http://127.0.0.1:{port}", args.model, args.rounds,
-                                     args.max_tokens)
+                                     args.max_tokens, WORKLOADS[args.workload])
         finally:
             stop(proc)
     on, off = results["on"], results["off"]
     summary = {
         "model": args.model, "threads": args.threads, "lookup": args.lookup,
+        "workload": args.workload,
         "tokens_per_s_off": round(off["tokens_per_s"], 2),
         "tokens_per_s_on": round(on["tokens_per_s"], 2),
         "speedup": round(on["tokens_per_s"] / off["tokens_per_s"], 3),
         "acceptance": round(on["accepted"] / on["drafted"], 3) if on["drafted"] else None,
+        # Output tokens that were guessed right from the context: how much the output repeats.
+        "guessed_fraction": round(on["accepted"] / on["tokens"], 3),
         "identical_outputs": on["outputs"] == off["outputs"],
         "requests": len(on["outputs"]),
     }
     print(json.dumps(summary, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}-{args.model}.json").write_text(
+    (RESULTS / f"{args.tag}-{args.workload}-{args.model}.json").write_text(
         json.dumps({"summary": summary, "runs": results}, indent=2))
 
 

@@ -36,6 +36,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-tokens", type=int,
                    help="idle KV tokens kept for prefix reuse besides the newest finished "
                         "conversation (default: a quarter of --ctx)")
+    p.add_argument("--kv-split", action="store_true", default=None,
+                   help="give every slot (--parallel + --cache-slots) its own KV stream of "
+                        "--ctx cells instead of one shared pool of --ctx cells: faster "
+                        "decoding of many sequences, more memory")
     p.add_argument("--lookup", type=int,
                    help="prompt-lookup speculative decoding: most tokens drafted per sequence "
                         "from its own context, verified in the batch (default 0: off; 8 is "

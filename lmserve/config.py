@@ -17,6 +17,20 @@ from lmserve.core.lora import parse_specs
 from lmserve.service import EngineSettings
 
 
+class Flag(int):
+    """A boolean setting from a flag, a config file or the environment ("true"/"1"/"yes")."""
+
+    def __new__(cls, value: Any) -> "Flag":
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                raise ValueError(value)
+            value = text in ("true", "1", "yes", "on")
+        elif not isinstance(value, (bool, int)):
+            raise TypeError(value)
+        return super().__new__(cls, bool(value))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -35,7 +49,7 @@ _SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_
                 "stream_ttl": float}
 _ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
                 "threads_batch": int, "max_queue": int, "cache_slots": int, "cache_tokens": int,
-                "lookup": int, "lookup_budget": int,
+                "lookup": int, "lookup_budget": int, "kv_split": Flag,
                 "embedding_ctx": int, "context_overflow": str,
                 "disk_cache_dir": str, "disk_cache_max_bytes": ByteSize, "disk_cache_min_tokens": int}
 # Aliases used by llama-cpp-python's config files (seed 003) and by our own flags.

@@ -51,6 +51,7 @@ class EngineSettings:
     disk_cache_max_bytes: int = 4 << 30  # per model
     disk_cache_min_tokens: int = 256  # shorter prefixes are not saved or loaded
     embedding_ctx: int = 2048
+    kv_split: bool = False  # one KV stream of n_ctx cells per slot instead of one shared pool
     lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
     chat_template: str | None = None  # override source
@@ -118,11 +119,14 @@ class ModelService:
         self.n_ctx = s.n_ctx or min(info.n_ctx_train or 4096, 8192)
         n_slots = s.parallel + (s.cache_slots if s.cache_slots is not None else s.parallel)
         threads = s.threads or default_threads()
-        ctx = Context(self.model, n_ctx=self.n_ctx, n_seq_max=n_slots,
-                      n_batch=max(s.step_tokens, s.parallel), n_threads=threads,
-                      n_threads_batch=s.threads_batch or threads)
+        ctx = Context(self.model, n_ctx=self.n_ctx * (n_slots if s.kv_split else 1),
+                      n_seq_max=n_slots, n_batch=max(s.step_tokens, s.parallel),
+                      n_threads=threads, n_threads_batch=s.threads_batch or threads,
+                      kv_unified=not s.kv_split)
         self.n_ctx = ctx.n_ctx
-        idle_tokens = s.cache_tokens if s.cache_tokens is not None else self.n_ctx // 4
+        # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
+        idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
+            (None if s.kv_split else self.n_ctx // 4)
 
         def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,

@@ -21,6 +21,8 @@ llama_cpp.server, which only has on/off (default off) and gets on.
 "lmserve" runs with its defaults, which draft nothing, like every peer as configured: the
 like-for-like engine comparison. "lmserve-lookup" adds prompt-lookup speculation (--lookup 8);
 greedy output of a small model repeats itself, so this can pay off a lot here.
+"lmserve-split" gives each slot its own KV stream of C cells (--kv-split --ctx C), the layout
+llama-server uses with an explicit -np.
 
 ignore_eos: lmserve and llama-server honour the request field. Both llama-cpp-python servers
 drop unknown fields, so they get a logit_bias of -1000 on every end-of-generation token of the
@@ -42,7 +44,7 @@ PEER_PY = PEERS / "venv" / "bin" / "python"
 EXAMPLE_SERVER = PEERS / "example-server" / "server.py"
 EOS_BIAS = -1000.0
 
-SERVERS: tuple[str, ...] = ("lmserve", "lmserve-lookup", "llama-server",
+SERVERS: tuple[str, ...] = ("lmserve", "lmserve-lookup", "lmserve-split", "llama-server",
                             "llama-cpp-python-batched", "llama-cpp-python")
 
 
@@ -143,6 +145,8 @@ def build(name: str, model: str, port: int, s: Settings, workdir: Path) -> Serve
         return lmserve(model, port, s)
     if name == "lmserve-lookup":
         return lmserve(model, port, s, name, ("--lookup", "8"))
+    if name == "lmserve-split":  # a KV stream of C cells per slot, as llama-server's -np
+        return lmserve(model, port, s, name, ("--kv-split", "--ctx", str(s.ctx_per_seq)))
     if name == "llama-server":
         return llama_server(model, port, s, llama_server_binary())
     if name == "llama-cpp-python-batched":

@@ -300,11 +300,13 @@ class Batch:
 
 
 class Context:
-    """A llama.cpp context with a unified KV pool shared by n_seq_max sequences."""
+    """A llama.cpp context for n_seq_max sequences: one KV pool of n_ctx cells they all share
+    (unified), or one stream of n_ctx / n_seq_max cells each (kv_unified=False)."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_seq_max: int, n_batch: int,
                  n_threads: int, n_threads_batch: int | None = None,
-                 embeddings: bool = False, pooling_type: int | None = None) -> None:
+                 embeddings: bool = False, pooling_type: int | None = None,
+                 kv_unified: bool = True) -> None:
         params = ll.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -312,7 +314,10 @@ class Context:
         params.n_seq_max = n_seq_max
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch or n_threads
-        params.kv_unified = True  # sequences share cells, so seq_cp of a prefix costs no memory
+        # Unified: sequences share cells, so seq_cp of a prefix costs no memory, but every
+        # sequence's attention walks the whole pool's used span. Split: each sequence attends
+        # over its own stream only, and copying a prefix copies a stream's data.
+        params.kv_unified = kv_unified
         params.swa_full = True  # sliding-window layers keep full KV, so prefixes can be trimmed
         params.no_perf = True
         params.embeddings = embeddings
@@ -323,7 +328,8 @@ class Context:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self.ptr = ctx
         self.model = model
-        self.n_ctx = ll.llama_n_ctx(ctx)
+        self.unified = kv_unified
+        self.n_ctx = ll.llama_n_ctx_seq(ctx)  # the room of one sequence (all of it if unified)
         self.n_batch = n_batch
         self.memory = ll.llama_get_memory(ctx)
         self.batch = Batch(n_batch)
@@ -360,7 +366,14 @@ class Context:
         return bool(ll.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        ll.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+        if self.unified:
+            ll.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+            return
+        # Between streams llama.cpp copies only whole sequences (it asserts otherwise): copy
+        # all of src (the data moves at the next decode), then drop what is past p1.
+        ll.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        if p1 >= 0:
+            ll.llama_memory_seq_rm(self.memory, dst, p1, -1)
 
     def clear(self) -> None:
         ll.llama_memory_clear(self.memory, True)

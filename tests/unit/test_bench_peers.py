@@ -104,6 +104,8 @@ def test_lmserve_shares_one_pool_of_parallel_times_room() -> None:
     assert flag(cmd, "--batch") == "512" and spec.engine_metrics and spec.extra_body == {}
     lookup = servers.build("lmserve-lookup", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
     assert lookup.name == "lmserve-lookup" and lookup.command[-2:] == ["--lookup", "8"]
+    split = servers.build("lmserve-split", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
+    assert split.command[-3:] == ["--kv-split", "--ctx", str(SETTINGS.ctx_per_seq)]
 
 
 def test_llama_server_gets_slots_of_the_same_room() -> None:

@@ -1,0 +1,57 @@
+"""--kv-split: one KV stream per slot. Prefix sharing copies whole streams and trims them, n > 1
+forks copy the prompt, and the answers are the shared-pool server's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.model.conftest import Server, start_server, stop_server
+
+SYSTEM = "You are a terse assistant. Answer in one short sentence. " * 12
+
+
+@pytest.fixture(scope="module")
+def split_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = str(tmp_path_factory.mktemp("split"))
+    srv = start_server(tmp, "smollm2", "--parallel", "4", "--ctx", "1024", "--threads", "2",
+                       "--kv-split", "--store", "memory")
+    yield srv
+    stop_server(srv)
+
+
+def ask(server: Server, question: str, **extra) -> dict:
+    body = {"model": "smollm2", "temperature": 0, "max_tokens": 24, **extra,
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": question}]}
+    reply = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def texts(reply: dict) -> list[str]:
+    return [c["message"]["content"] for c in reply["choices"]]
+
+
+def test_split_streams_share_prefixes_and_answer_like_the_shared_pool(split_server, server):
+    first = ask(split_server, "Name a fruit.")
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    second = ask(split_server, "Name a river.")  # copies the first stream, trims the copy
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 100
+    split_server.flush()
+    for question in ("Name a fruit.", "Name a river."):
+        server.flush()
+        split_server.flush()
+        assert texts(ask(split_server, question)) == texts(ask(server, question))
+
+
+def test_split_streams_fork_n_choices_and_bound_each_sequence(split_server):
+    reply = ask(split_server, "Name a colour.", n=3, temperature=0.9, seed=5)
+    assert len(reply["choices"]) == 3 and all(texts(reply))
+    # Each slot holds --ctx cells: a prompt plus max_tokens beyond them is refused.
+    too_long = httpx.post(f"{split_server.base_url}/completions", timeout=60, json={
+        "model": "smollm2", "prompt": "word " * 900, "max_tokens": 200})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
