@@ -107,6 +107,19 @@ def test_memory_matches_what_llama_cpp_allocates():
     assert plan.memory(f, knobs, available=None)["fits"] is None
 
 
+def test_split_streams_need_a_stream_per_slot():
+    """llama.cpp reports, for SmolLM2 with kv_unified false, 8 sequences of 1024 cells:
+    KV 180.00 MiB (1024 cells x 8 seqs)."""
+    f = smollm2()
+    knobs = plan.choose(f, {"n_ctx": 1024, "parallel": 4, "kv_split": True}, {}, cpu_count=2)
+    mem = plan.memory(f, knobs, available=None)
+    assert knobs.n_seq_max == 8 and mem["kv_cache_bytes"] == 180 * MIB
+    assert knobs.cache_tokens.value == 0  # no idle budget: idle streams cost others nothing
+    body = plan.plan_body(plan.Target("smollm2", "smollm2", "bundled", "/m.gguf"), f, knobs, mem)
+    assert body["runtime_config"]["kv_unified"] is False
+    assert "8 x 1024 cells" in body["runtime_plan"]["details"]["kv_cache"]
+
+
 def test_choices_say_where_they_came_from():
     f = smollm2()
     default = plan.choose(f, {}, {}, cpu_count=16)

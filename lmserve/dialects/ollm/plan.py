@@ -79,6 +79,8 @@ class Knobs:
     step_tokens: Choice
     cache_slots: Choice
     cache_tokens: Choice
+    kv_split: bool = False  # --kv-split: one stream of `context` cells per slot
+    disk_cache: bool = False  # --disk-cache is set
 
     @property
     def n_ubatch(self) -> int:
@@ -102,11 +104,15 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
                           batch_default.value, "--threads-batch", batch_default.reason)
     parallel = _pick(requested.get("parallel"), configured.get("parallel"), 8, "--parallel",
                      "lmserve's default")
-    parallel = Choice(parallel.value, parallel.reason + "; the sequences decoded together share "
-                      "one unified KV pool of the whole context, so one of them may use all of it")
+    split = bool(configured.get("kv_split"))
+    parallel = Choice(parallel.value, parallel.reason + (
+        "; every slot has its own KV stream of the whole context (--kv-split)" if split else
+        "; the sequences decoded together share one unified KV pool of the whole context, so "
+        "one of them may use all of it"))
     step = int(configured.get("step_tokens") or 512)
     cache_slots = configured.get("cache_slots")
     cache_tokens = configured.get("cache_tokens")
+    idle_default = 0 if split else context.value // 4  # split: no budget, idle KV is free
     return Knobs(
         context=context, threads=threads, threads_batch=threads_batch, parallel=parallel,
         step_tokens=Choice(step, "tokens per engine step (--batch): decode tokens first, then "
@@ -114,10 +120,12 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
         cache_slots=Choice(parallel.value if cache_slots is None else int(cache_slots),
                            "finished sequences kept resident for prefix reuse (--cache-slots, "
                            "default: as many as --parallel)"),
-        cache_tokens=Choice(context.value // 4 if cache_tokens is None else int(cache_tokens),
+        cache_tokens=Choice(idle_default if cache_tokens is None else int(cache_tokens),
                             "idle KV tokens kept besides the newest finished conversation "
-                            "(--cache-tokens, default a quarter of the context): idle cells "
-                            "slow every decode step"))
+                            "(--cache-tokens; default a quarter of the context, as idle cells "
+                            "slow every decode step of a shared pool; 0 = no budget with "
+                            "--kv-split, where they do not)"),
+        kv_split=split, disk_cache=bool(configured.get("disk_cache_dir")))
 
 
 def _pick(requested: Any, configured: Any, default: int, flag: str, why_default: str) -> Choice:
@@ -149,7 +157,8 @@ def _context(facts: ModelFacts, configured: Any, requested: Any, running: int | 
 
 
 def memory(facts: ModelFacts, knobs: Knobs, *, available: int | None) -> dict[str, Any]:
-    kv = facts.kv_bytes_per_token * knobs.context.value
+    cells = knobs.context.value * (knobs.n_seq_max if knobs.kv_split else 1)
+    kv = facts.kv_bytes_per_token * cells
     compute = knobs.n_ubatch * (facts.n_vocab + 2 * facts.n_embd) * F32_BYTES
     output = knobs.n_seq_max * facts.n_vocab * F32_BYTES
     total = facts.size_bytes + kv + compute + output
@@ -178,9 +187,11 @@ def reasons(facts: ModelFacts, knobs: Knobs, mem: dict[str, Any]) -> dict[str, s
                    "and buffers stay in system memory",
         "weights": f"{_mib(f.size_bytes)}: the GGUF file is memory-mapped, so its size is what "
                    f"the weights take ({f.quantization or 'unknown'} quantization)",
-        "kv_cache": f"{_mib(mem['kv_cache_bytes'])} = {f.n_layer} layers x {k.context.value} "
-                    f"cells x {f.n_head_kv} KV heads x ({f.key_length} + {f.value_length}) "
-                    f"x {F16_BYTES} bytes (f16), one unified pool for all sequences",
+        "kv_cache": f"{_mib(mem['kv_cache_bytes'])} = {f.n_layer} layers x "
+                    f"{_cells(k)} cells x {f.n_head_kv} KV heads x ({f.key_length} + "
+                    f"{f.value_length}) x {F16_BYTES} bytes (f16), " +
+                    (f"one stream per slot ({k.n_seq_max} slots)" if k.kv_split else
+                     "one unified pool for all sequences"),
         "compute_buffer": f"about {_mib(mem['compute_buffer_bytes'])}: one micro-batch of "
                           f"{k.n_ubatch} tokens, mostly its logits ({f.n_vocab} x f32 per "
                           "token); an estimate",
@@ -191,6 +202,10 @@ def reasons(facts: ModelFacts, knobs: Knobs, mem: dict[str, Any]) -> dict[str, s
                  f"{k.cache_tokens.reason}",
         "memory": f"{_mib(mem['total_bytes'])} in total, which {fit}",
     }
+
+
+def _cells(k: Knobs) -> str:
+    return f"{k.n_seq_max} x {k.context.value}" if k.kv_split else str(k.context.value)
 
 
 def _mib(n: int | None) -> str:
@@ -224,7 +239,8 @@ def plan_body(target: Target, facts: ModelFacts, knobs: Knobs,
             "context_length": knobs.context.value, "threads": knobs.threads.value,
             "threads_batch": knobs.threads_batch.value, "parallel": knobs.parallel.value,
             "step_tokens": knobs.step_tokens.value, "cache_slots": knobs.cache_slots.value,
-            "cache_tokens": knobs.cache_tokens.value, "use_cache": True, "kv_unified": True,
+            "cache_tokens": knobs.cache_tokens.value, "use_cache": True,
+            "kv_unified": not knobs.kv_split, "disk_cache": knobs.disk_cache,
             "offload_gpu_layers": 0},
         "resolved_model": {
             "model_reference": target.reference, "normalized_name": target.name,
@@ -237,7 +253,7 @@ def plan_body(target: Target, facts: ModelFacts, knobs: Knobs,
             "served_as": target.served_as, "loaded": target.loaded,
             "resolution_message": _resolution(target)},
         "runtime_plan": {
-            "backend_id": "llama.cpp", "offload": "none", "supports_disk_cache": False,
+            "backend_id": "llama.cpp", "offload": "none", "supports_disk_cache": True,
             "supports_cpu_offload": False, "supports_gpu_offload": False, "memory": mem,
             "reason": summary, "details": details},
     }
