@@ -39,6 +39,19 @@ def test_toml_and_errors(tmp_path):
         config.build({"port": "eighty"})
 
 
+def test_speculation_and_kv_split_settings(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("lookup = 6\nlookup_budget = 12\nkv_split = true\n")
+    cfg = config.build(config.load_file(str(f)))
+    assert cfg.engine.lookup == 6 and cfg.engine.lookup_budget == 12 and cfg.engine.kv_split
+    env = config.from_env({"LMSERVE_KV_SPLIT": "false", "LMSERVE_LOOKUP": "8"})
+    cfg = config.build(config.load_file(str(f)), env)
+    assert not cfg.engine.kv_split and cfg.engine.lookup == 8
+    assert not config.build({}).engine.kv_split and config.build({}).engine.lookup == 0
+    with pytest.raises(ValueError, match="kv_split"):
+        config.build({"kv_split": "sometimes"})
+
+
 def test_env_keys_and_template_file(tmp_path):
     tpl = tmp_path / "t.jinja"
     tpl.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
