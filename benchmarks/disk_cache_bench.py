@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from lmserve.bench.procs import free_port, start_process, stop, wait_ready
+from lmserve.bench.engine_metrics import counter_total
+from lmserve.bench.procs import free_port, start_lmserve, stop
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -37,15 +36,6 @@ def document(n_words: int, seed: int) -> str:
                                      k=(i * 11 + seed) % 89, m=(i * 5 + seed) % 17))
         i += 1
     return "".join(parts)
-
-
-def start(model: str, threads: int, cache_dir: str, port: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "lmserve", "serve", model, "--port", str(port), "--threads",
-           str(threads), "--parallel", "4", "--ctx", "8192", "--disk-cache", cache_dir,
-           "--store", "memory", "--log-level", "warning"]
-    proc = start_process(cmd)
-    wait_ready(proc, f"http://127.0.0.1:{port}/health")
-    return proc
 
 
 def ttft(base: str, model: str, prompt: str) -> tuple[float, int, int]:
@@ -65,16 +55,14 @@ def ttft(base: str, model: str, prompt: str) -> tuple[float, int, int]:
 
 
 def saves(base: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith("lmserve_disk_cache_saves_total{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return counter_total(httpx.get(f"{base}/metrics").text, "lmserve_disk_cache_saves")
 
 
 def run_phase(args: argparse.Namespace, cache_dir: str, question: str, wait_saves: bool) -> list:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start(args.model, args.threads, cache_dir, port)
+    proc = start_lmserve(args.model, port, "--threads", str(args.threads), "--parallel", "4",
+                         "--ctx", "8192", "--disk-cache", cache_dir, "--store", "memory")
     try:
         rows = []
         for seed in range(args.docs):

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from lmserve.bench.procs import free_port, start_process, stop, wait_ready
+from lmserve.bench.engine_metrics import counter_total
+from lmserve.bench.procs import free_port, start_lmserve, stop
 
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,20 +84,6 @@ WORKLOADS = {"prose": [edit_prompt(d) for d in DOCUMENTS],
              "code": [code_prompt(i) for i in range(len(CODE))]}
 
 
-def start(model: str, threads: int, lookup: int, port: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "lmserve", "serve", model, "--port", str(port), "--threads",
-           str(threads), "--parallel", "4", "--ctx", "4096", "--lookup", str(lookup),
-           "--log-level", "warning", "--store", "memory"]
-    proc = start_process(cmd)
-    wait_ready(proc, f"http://127.0.0.1:{port}/health")
-    return proc
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{name}_total{{[^}}]*}} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
 def measure(base: str, model: str, rounds: int, max_tokens: int, prompts: list) -> dict:
     outputs, tokens, seconds = [], 0, 0.0
     with httpx.Client(base_url=base, timeout=600) as client:
@@ -110,7 +94,7 @@ def measure(base: str, model: str, rounds: int, max_tokens: int, prompts: list) 
                 body = {"model": model, "messages": messages, "temperature": 0,
                         "max_tokens": max_tokens}
                 # Each request starts from an empty KV, so both runs do the same arithmetic
-                # (see docs/architecture.md, "Identical output, and its one caveat").
+                # (see docs/architecture.md, "Identical output, up to float rounding").
                 assert client.post("/flush_cache").status_code == 200
                 t0 = time.perf_counter()
                 reply = client.post("/v1/chat/completions", json=body).json()
@@ -119,8 +103,8 @@ def measure(base: str, model: str, rounds: int, max_tokens: int, prompts: list) 
                 outputs.append(reply["choices"][0]["message"]["content"])
         text = client.get("/metrics").text
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "drafted": metric(text, "lmserve_lookup_draft_tokens"),
-            "accepted": metric(text, "lmserve_lookup_accepted_tokens"), "outputs": outputs}
+            "drafted": counter_total(text, "lmserve_lookup_draft_tokens"),
+            "accepted": counter_total(text, "lmserve_lookup_accepted_tokens"), "outputs": outputs}
 
 
 def main() -> None:
@@ -138,7 +122,8 @@ def main() -> None:
     results = {}
     for label, lookup in (("off", 0), ("on", args.lookup)):
         port = free_port()
-        proc = start(args.model, args.threads, lookup, port)
+        proc = start_lmserve(args.model, port, "--threads", str(args.threads), "--parallel",
+                             "4", "--ctx", "4096", "--lookup", str(lookup), "--store", "memory")
         try:
             results[label] = measure(f"http://127.0.0.1:{port}", args.model, args.rounds,
                                      args.max_tokens, WORKLOADS[args.workload])

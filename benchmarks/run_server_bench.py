@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmserve.bench.inprocess import InProcessBackend
 from lmserve.bench.openai_http import OpenAIHTTPBackend
-from lmserve.bench.procs import free_port, start_process, stop, wait_ready
+from lmserve.bench.procs import free_port, start_lmserve, stop
 from lmserve.bench.report import format_shared_prefix, format_table, plot, to_json
 from lmserve.bench.scenarios import shared_prefix, sweep
 from lmserve.service import EngineSettings
@@ -26,13 +26,9 @@ from lmserve.service import EngineSettings
 RESULTS = Path(__file__).parent / "results"
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lmserve", "serve", args.model, "--port", str(port),
-           "--parallel", str(args.parallel), "--threads", str(args.threads),
-           "--ctx", str(args.ctx), "--log-level", "warning"]
-    proc = start_process(cmd)
-    wait_ready(proc, f"http://127.0.0.1:{port}/health")
-    return proc
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+    return start_lmserve(args.model, port, "--parallel", str(args.parallel), "--threads",
+                         str(args.threads), "--ctx", str(args.ctx))
 
 
 async def run(args: argparse.Namespace) -> dict:

@@ -22,6 +22,12 @@ PHASE_SECONDS = "lmserve_step_phase_seconds"
 Counters = dict[str, float]
 
 
+def counter_total(text: str, name: str) -> float:
+    """The counter `name` (without _total) from a /metrics text, summed over its labels."""
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == f"{name}_total")
+
+
 def parse_counters(text: str) -> Counters:
     """Engine counters summed over models: steps, batch_tokens, generated_tokens, phases."""
     out: Counters = {**{k: 0.0 for k in COUNTERS.values()}, **{p: 0.0 for p in PHASES}}

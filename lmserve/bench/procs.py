@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -64,6 +65,14 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 300.0) 
         time.sleep(0.3)
     stop(proc)
     raise ServerStartError(f"no 200 from {url} within {timeout:.0f} s")
+
+
+def start_lmserve(model: str, port: int, *flags: str) -> subprocess.Popen[bytes]:
+    """`lmserve serve MODEL` on 127.0.0.1:`port` with `flags`, returned once /health is 200."""
+    proc = start_process([sys.executable, "-m", "lmserve", "serve", model, "--port", str(port),
+                          "--log-level", "warning", *flags])
+    wait_ready(proc, f"http://127.0.0.1:{port}/health")
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:

@@ -12,7 +12,8 @@ import pytest
 from lmserve.bench import (BenchRequest, Chunk, OpenAIHTTPBackend, from_json, run_level,
                            sweep, to_json)
 from lmserve.bench.compare import markdown, ratios
-from lmserve.bench.engine_metrics import MetricsProbe, parse_counters, step_timings
+from lmserve.bench.engine_metrics import (MetricsProbe, counter_total, parse_counters,
+                                          step_timings)
 
 
 def exposition(steps: int, batch: int, generated: int, decode_s: float, sample_s: float) -> str:
@@ -38,6 +39,16 @@ def test_parse_counters_reads_steps_tokens_and_phases() -> None:
     assert counters["generated_tokens"] == 40
     assert counters["decode"] == 2.0 and counters["sample"] == 0.05
     assert counters["schedule"] == 0.001
+
+
+def test_counter_total_sums_one_counter_over_its_labels() -> None:
+    text = exposition(10, 300, 40, 2.0, 0.05) + (
+        "# TYPE lmserve_lookup_draft_tokens counter\n"
+        'lmserve_lookup_draft_tokens_total{model="a"} 7\n'
+        'lmserve_lookup_draft_tokens_total{model="b"} 5\n')
+    assert counter_total(text, "lmserve_lookup_draft_tokens") == 12
+    assert counter_total(text, "lmserve_decode_steps") == 10
+    assert counter_total(text, "lmserve_disk_cache_saves") == 0  # absent: nothing counted
 
 
 def test_step_timings_are_per_step_deltas() -> None:
