@@ -96,6 +96,7 @@ class Model:
         self._shown: list[bytes | None] = [None] * self.n_vocab
         self._piece_buf = ctypes.create_string_buffer(256)
         self._tok_lock = threading.Lock()
+        self._control_tokens: dict[frozenset[str], frozenset[int]] = {}  # control_tokens()
         self.eog_tokens = frozenset(t for t in range(self.n_vocab)
                                     if ll.llama_vocab_is_eog(self.vocab, t))
         self.info = self._read_info()
@@ -179,13 +180,16 @@ class Model:
 
     def control_tokens(self, texts: set[str]) -> frozenset[int]:
         """Ids of the tokens whose text is one of `texts` and that piece() would leave out
-        (control tokens), so a parser that reads them as markers can be shown them."""
-        found = set()
-        for text in texts:
-            ids = self.tokenize(text, add_special=False, parse_special=True)
-            if len(ids) == 1 and not self.piece(ids[0]) and self.token_bytes(ids[0]):
-                found.add(ids[0])
-        return frozenset(found)
+        (control tokens), so a parser that reads them as markers can be shown them. Every chat
+        request asks, for one of a few marker sets per model, so each set is looked up once."""
+        key = frozenset(texts)
+        found = self._control_tokens.get(key)
+        if found is None:
+            ids = [self.tokenize(text, add_special=False, parse_special=True) for text in key]
+            found = frozenset(t[0] for t in ids
+                              if len(t) == 1 and not self.piece(t[0]) and self.token_bytes(t[0]))
+            self._control_tokens[key] = found
+        return found
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self._token_bytes(t, special=True) for t in tokens).decode("utf-8", "replace")
