@@ -132,7 +132,7 @@ class ModelService:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
                               step_tokens=max(s.step_tokens, s.parallel), sink=sink,
                               idle_tokens=idle_tokens, lookup_tokens=s.lookup,
-                              lookup_budget=s.lookup_budget)
+                              lookup_budget=s.lookup_budget, packed=s.kv_split)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue, name=self.name)
         if s.disk_cache_dir:

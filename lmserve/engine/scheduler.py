@@ -76,14 +76,14 @@ class StepStats:
 class EngineCore:
     def __init__(self, runner: Runner, *, n_slots: int, max_running: int, step_tokens: int,
                  sink: Callable[[StepOutputs], None], idle_tokens: int | None = None,
-                 lookup_tokens: int = 0, lookup_budget: int = 16) -> None:
+                 lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False) -> None:
         self.runner = runner
         # Prompt-lookup speculation: at most lookup_tokens drafted per sequence and
         # lookup_budget per step (0: off). Verifying a draft costs batch rows, so the step
         # budget keeps a full batch of decoders from paying for many guesses at once.
         self.lookup_tokens = lookup_tokens
         self.lookup_budget = lookup_budget
-        self.pool = SlotPool(n_slots, runner, idle_tokens=idle_tokens)
+        self.pool = SlotPool(n_slots, runner, idle_tokens=idle_tokens, packed=packed)
         self.adapters = AdapterRotation()  # one LoRA group per step (adapters are per context)
         self.max_running = max_running
         self.step_tokens = step_tokens
@@ -235,7 +235,9 @@ class EngineCore:
         batch.clear()
         self.scorer.reset()
         sample_at = []
-        for seq, n in plan:
+        # Rows by ascending sequence id: with split KV, llama.cpp only puts consecutive ids
+        # in one micro-batch (prefix_cache.py), and the order means nothing otherwise.
+        for seq, n in sorted(plan, key=lambda item: item[0].slot.seq_id):  # type: ignore[union-attr]
             start = seq.n_computed
             assert seq.slot is not None
             if seq.draft:  # the pending token, then the guesses: logits on every row

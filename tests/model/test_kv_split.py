@@ -55,3 +55,19 @@ def test_split_streams_fork_n_choices_and_bound_each_sequence(split_server):
         "model": "smollm2", "prompt": "word " * 900, "max_tokens": 200})
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_concurrent_split_streams_answer_as_each_alone(split_server):
+    """Requests that overlap run in packed slots (new ones copy the shared system prompt next
+    to the running block) and each gets exactly its answer from a run on its own."""
+    from concurrent.futures import ThreadPoolExecutor
+    questions = ["Name a fruit.", "Name a river.", "Name a planet.", "Name a metal.",
+                 "Name a bird.", "Name a tree."]
+    alone = {}
+    for q in questions:
+        split_server.flush()
+        alone[q] = texts(ask(split_server, q))
+    split_server.flush()
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = dict(zip(questions, pool.map(lambda q: texts(ask(split_server, q)), questions)))
+    assert together == alone
