@@ -226,6 +226,8 @@ class EngineCore:
             limit = min(seq.draft_len.current, budget, request.max_tokens - seq.n_output - 1,
                         self.runner.n_ctx - len(seq.tokens) - 1)
             seq.draft = seq.lookup.draft(seq.tokens, limit)
+            if not seq.draft:
+                seq.draft_len.skipped()
             budget -= len(seq.draft)
             drafted = drafted or bool(seq.draft)
         return drafted

@@ -91,16 +91,45 @@ def test_index_grows_incrementally_like_a_fresh_one():
         assert grown.draft(tokens, 3) == NgramIndex().draft(tokens, 3)
 
 
-def test_draft_length_adapts():
+def test_draft_length_grows_with_right_guesses_up_to_the_maximum():
     size = DraftLength(8)
-    size.update(8, 8)
+    assert size.current == 2  # prior p = 0.75: 0.75**2 > 0.5 > 0.75**3
+    seen = []
+    for _ in range(6):
+        n = size.current
+        size.update(n, n)
+        seen.append(size.current)
+    assert seen == sorted(seen) and seen[-1] == 8
+
+
+def test_draft_length_keeps_only_guesses_worth_a_row():
+    size = DraftLength(16, row_cost=0.5)
+    for _ in range(30):  # steady evidence: 9 right guesses in 10
+        size.update(10, 9)
+    p = size.rate
+    assert 0.85 < p < 0.95
+    k = size.current
+    assert p ** k > 0.5 >= p ** (k + 1)
+
+
+def test_draft_length_stops_after_misses_and_retries_later():
+    size = DraftLength(8)
+    for _ in range(8):
+        size.update(8, 8)
     assert size.current == 8
-    size.update(8, 2)
-    assert size.current == 3
-    size.update(3, 3)
-    assert size.current == 5
-    size.update(5, 0)
-    assert size.current == 2
+    size.update(8, 0)
+    assert size.current == 8  # one miss after 64 right guesses: still worth 8 rows
+    wrong = 0
+    while size.current:
+        size.update(size.current, 0)
+        wrong += 1
+    assert wrong <= 6  # a sequence that stopped repeating its context soon stops drafting
+    misses = 0
+    while size.current == 0:  # no drafts: the evidence fades toward the prior
+        size.skipped()
+        misses += 1
+        assert misses < 20
+    assert misses >= 2 and size.current >= 1
 
 
 @pytest.mark.parametrize("budget", [64, 6])
