@@ -13,7 +13,6 @@ whatever the length of the sequence.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 
@@ -52,27 +51,30 @@ class NgramIndex:
 
 
 class DraftLength:
-    """How many tokens to draft for one sequence: as many as are expected to pay for
-    themselves.
+    """How many tokens to draft for one sequence.
 
-    Verifying a guess costs a batch row, about `row_cost` of a plain decode step on the CPUs
-    measured (SmolLM2, 2 threads: 4.5 ms a row against 9 ms a step; Gemma 3 270M: 6 against
-    13 ms, its 262k-entry vocabulary makes every row's logits dear). The i-th guess only
-    counts when the i-1 before it were right, so with a per-guess acceptance rate p it pays
-    while p**i > row_cost. p is estimated from the sequence's recent drafts (older ones
-    weigh less); once it is too low to draft at all, the evidence fades back toward the
-    prior with every undrafted step, so drafting is retried a few steps later.
+    The size follows the drafts: it grows by 2 while they are taken whole and drops to what
+    was accepted + 1 when one is cut short, so copying stretches (long, clustered runs of
+    right guesses) soon draft the maximum again after a miss. Whether to draft at all
+    follows the acceptance rate p: a guessed row costs about `row_cost` of a plain decode
+    step on the CPUs measured (SmolLM2, 2 threads: 4.5 ms a row against 9 ms a step; Gemma 3
+    270M: 6 against 13 ms), so a sequence whose guesses are right less often than that
+    loses time by drafting and stops. p is estimated from its recent drafts (each older one
+    weighs `decay` as much); while it does not draft, the evidence fades back toward the
+    prior with every step, so drafting is retried a few steps later.
     """
 
-    def __init__(self, maximum: int, *, row_cost: float = 0.5,
+    def __init__(self, maximum: int, minimum: int = 2, *, row_cost: float = 0.5,
                  prior: tuple[float, float] = (3.0, 4.0), decay: float = 0.6,
                  fade: float = 0.95) -> None:
         self.maximum = maximum
+        self.minimum = min(minimum, maximum)
+        self.size = maximum
         self.row_cost = row_cost
         self.prior = prior  # (right guesses, judged guesses): p = 0.75 before any evidence
         self.hits, self.tries = prior
-        self.decay = decay  # weight of older drafts at each new one
-        self.fade = fade  # pull toward the prior at each step without a draft
+        self.decay = decay
+        self.fade = fade
 
     @property
     def rate(self) -> float:
@@ -80,17 +82,16 @@ class DraftLength:
 
     @property
     def current(self) -> int:
-        p = self.rate
-        if p >= 1.0:
-            return self.maximum
-        if p <= self.row_cost:
-            return 0
-        return min(self.maximum, int(math.log(self.row_cost) / math.log(p)))
+        return self.size if self.rate > self.row_cost else 0
 
     def update(self, drafted: int, accepted: int) -> None:
         """A verified draft: `accepted` right guesses, then a wrong one unless all were."""
         if drafted == 0:
             return
+        if accepted == drafted:
+            self.size = min(self.maximum, self.size + 2)
+        else:
+            self.size = max(self.minimum, accepted + 1)
         judged = accepted + (1 if accepted < drafted else 0)
         self.hits = self.hits * self.decay + accepted
         self.tries = self.tries * self.decay + judged
