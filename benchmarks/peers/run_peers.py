@@ -3,15 +3,16 @@
     benchmarks/peers/install_peers.sh            # once: peers into benchmarks/.peers/
     .venv/bin/python benchmarks/peers/run_peers.py [--models smollm2,gemma3-270m]
 
-For each model and each server (lmserve, lmserve --lookup 8, llama.cpp's llama-server,
-llama-cpp-python's batched example server, python -m llama_cpp.server; settings made equal in
-servers.py, which says how): start it on a
+For each model and each server (lmserve as is, with --lookup 8, with --kv-split, with both;
+llama.cpp's llama-server with a KV stream per slot, as -np gives, and with one shared pool,
+-kvu; llama-cpp-python's batched example server; python -m llama_cpp.server; settings made
+equal in servers.py, which says how): start it on a
 free loopback port, wait until it is ready, check with one non-streamed request that a request
 really generates --output-len tokens (ignore_eos or its stand-in), sweep concurrency with the
 closed-loop harness, run the shared-prefix scenario (TTFT of later requests against the first),
 stop it. lmserve's /metrics is scraped around each level for per-step engine timings. Writes
-<out-dir>/<tag>.json (updated after every server) and <tag>.md: absolute numbers, lmserve/peer
-ratios, lmserve's per-step timings. Server logs go to benchmarks/results/tmp/peers/.
+<out-dir>/<tag>.json (updated after every server) and <tag>.md: absolute numbers, the ratios
+of each lmserve configuration to each peer, lmserve's per-step timings. Server logs go to benchmarks/results/tmp/peers/.
 """
 
 from __future__ import annotations

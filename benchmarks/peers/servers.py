@@ -44,8 +44,9 @@ PEER_PY = PEERS / "venv" / "bin" / "python"
 EXAMPLE_SERVER = PEERS / "example-server" / "server.py"
 EOS_BIAS = -1000.0
 
-SERVERS: tuple[str, ...] = ("lmserve", "lmserve-lookup", "lmserve-split", "llama-server",
-                            "llama-cpp-python-batched", "llama-cpp-python")
+SERVERS: tuple[str, ...] = ("lmserve", "lmserve-lookup", "lmserve-split", "lmserve-split-lookup",
+                            "llama-server", "llama-server-unified", "llama-cpp-python-batched",
+                            "llama-cpp-python")
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,15 @@ def lmserve(model: str, port: int, s: Settings, name: str = "lmserve",
     return ServerSpec(name, cmd, "/health", engine_metrics=True)
 
 
-def llama_server(model: str, port: int, s: Settings, binary: str) -> ServerSpec:
+def llama_server(model: str, port: int, s: Settings, binary: str,
+                 unified: bool = False) -> ServerSpec:
+    # With -np, llama-server gives each slot its own KV stream of c / np cells; -kvu makes
+    # them share one pool, the layout of lmserve's default.
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
            "-t", str(s.threads), "-tb", str(s.threads), "-np", str(s.parallel),
            "-c", str(s.ctx_total), "--cont-batching", "-b", str(s.batch), "-ub", str(s.batch),
-           "--no-webui"]
-    return ServerSpec("llama-server", cmd, "/health")
+           "--no-webui", *(["-kvu"] if unified else [])]
+    return ServerSpec("llama-server-unified" if unified else "llama-server", cmd, "/health")
 
 
 def batched_example(model: str, port: int, s: Settings, eog: list[int],
@@ -147,8 +151,12 @@ def build(name: str, model: str, port: int, s: Settings, workdir: Path) -> Serve
         return lmserve(model, port, s, name, ("--lookup", "8"))
     if name == "lmserve-split":  # a KV stream of C cells per slot, as llama-server's -np
         return lmserve(model, port, s, name, ("--kv-split", "--ctx", str(s.ctx_per_seq)))
-    if name == "llama-server":
-        return llama_server(model, port, s, llama_server_binary())
+    if name == "lmserve-split-lookup":
+        return lmserve(model, port, s, name,
+                       ("--kv-split", "--ctx", str(s.ctx_per_seq), "--lookup", "8"))
+    if name in ("llama-server", "llama-server-unified"):
+        return llama_server(model, port, s, llama_server_binary(),
+                            unified=name == "llama-server-unified")
     if name == "llama-cpp-python-batched":
         return batched_example(model, port, s, eog_tokens(model), workdir)
     if name == "llama-cpp-python":

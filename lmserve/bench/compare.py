@@ -139,14 +139,20 @@ def engine_table(run: Run) -> list[str]:
     return _table(header, rows) if rows else []
 
 
-def markdown(model: str, runs: Mapping[str, Run], base: str = "lmserve",
+def markdown(model: str, runs: Mapping[str, Run], bases: Sequence[str] | None = None,
              ttft_concurrency: int = 8) -> str:
-    """One model's section: absolute numbers, base/peer ratios, per-step engine timings."""
+    """One model's section: absolute numbers, ratios of each lmserve configuration (`bases`,
+    default: every server named lmserve*) to each peer, per-step engine timings."""
     lines = [f"## {model}", "", "Output tokens/s per concurrency, latencies in ms.", ""]
     lines += absolute_table(runs, ttft_concurrency)
-    lines += ["", f"Ratios {base} / peer (tok/s above 1: {base} faster; "
-              f"TTFT below 1: {base} answers sooner).", ""]
-    lines += ratio_table(runs, base, ttft_concurrency)
+    if bases is None:
+        bases = [name for name in runs if name.startswith("lmserve") and "error" not in runs[name]]
+    for base in bases:
+        compared = {name: run for name, run in runs.items()
+                    if name == base or name not in bases}
+        lines += ["", f"Ratios {base} / peer (tok/s above 1: {base} faster; "
+                  f"TTFT below 1: {base} answers sooner).", ""]
+        lines += ratio_table(compared, base, ttft_concurrency)
     for name, run in runs.items():
         engine = engine_table(run)
         if engine:

@@ -228,3 +228,13 @@ def test_markdown_has_absolute_ratio_and_engine_tables() -> None:
     assert "| broken | **failed**: ServerStartError: exited |" in text
     assert "1000 / 100 (10.0x)" in text
     assert "| 1 | 10 | 8.0 | 8.00 | 1.000 |" in text and "peer: engine" not in text
+
+
+def test_markdown_compares_each_lmserve_configuration_with_the_peers_only() -> None:
+    runs = {"lmserve": run_json({1: 100.0, 8: 200.0}, 400.0),
+            "lmserve-split": run_json({1: 100.0, 8: 400.0}, 400.0),
+            "peer": run_json({1: 50.0, 8: 400.0}, 800.0)}
+    text = markdown("smollm2", runs)
+    default, split = text.split("Ratios lmserve / peer")[1].split("Ratios lmserve-split / peer")
+    assert "| peer | 2.00 | 0.50 | 0.50 |" in default and "| lmserve-split |" not in default
+    assert "| peer | 2.00 | 1.00 | 0.50 |" in split and "| lmserve |" not in split

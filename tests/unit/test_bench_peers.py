@@ -106,6 +106,9 @@ def test_lmserve_shares_one_pool_of_parallel_times_room() -> None:
     assert lookup.name == "lmserve-lookup" and lookup.command[-2:] == ["--lookup", "8"]
     split = servers.build("lmserve-split", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
     assert split.command[-3:] == ["--kv-split", "--ctx", str(SETTINGS.ctx_per_seq)]
+    both = servers.build("lmserve-split-lookup", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
+    assert both.command[-5:] == ["--kv-split", "--ctx", str(SETTINGS.ctx_per_seq),
+                                 "--lookup", "8"]
 
 
 def test_llama_server_gets_slots_of_the_same_room() -> None:
@@ -116,6 +119,9 @@ def test_llama_server_gets_slots_of_the_same_room() -> None:
     assert flag(cmd, "-t") == flag(cmd, "-tb") == "2" and "--cont-batching" in cmd
     assert flag(cmd, "-b") == flag(cmd, "-ub") == "512"
     assert spec.ready_path == "/health" and spec.extra_body == {}  # ignore_eos is native
+    assert "-kvu" not in cmd  # with -np: a KV stream per slot
+    unified = servers.llama_server("/m.gguf", 99, SETTINGS, "/bin/llama-server", unified=True)
+    assert unified.name == "llama-server-unified" and unified.command[-1] == "-kvu"
 
 
 def test_batched_example_config_and_eos_bias(tmp_path: Path) -> None:
