@@ -1,6 +1,7 @@
 """Server vs in-process ceiling, in one run: throughput sweep + shared-prefix TTFT.
 
     python benchmarks/run_server_bench.py [--model smollm2] [--parallel 8] [--threads 2]
+                                          [--ctx 8192] [--kv-split] [--tag NAME]
 
 Starts `lmserve serve` on a free loopback port, sweeps concurrency through HTTP with
 `lmserve bench`'s harness, stops it, then drives the same model and settings in-process
@@ -28,7 +29,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
     return start_lmserve(args.model, port, "--parallel", str(args.parallel), "--threads",
-                         str(args.threads), "--ctx", str(args.ctx))
+                         str(args.threads), "--ctx", str(args.ctx),
+                         *(["--kv-split"] if args.kv_split else []))
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -44,7 +46,8 @@ async def run(args: argparse.Namespace) -> dict:
         await http.aclose()
     finally:
         stop(proc)
-    settings = EngineSettings(n_ctx=args.ctx, parallel=args.parallel, threads=args.threads)
+    settings = EngineSettings(n_ctx=args.ctx, parallel=args.parallel, threads=args.threads,
+                              kv_split=args.kv_split)
     engine = await InProcessBackend.start(args.model, settings)
     try:
         ceiling = await sweep(engine, **kw)
@@ -58,7 +61,9 @@ def main() -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ctx", type=int, default=8192)
+    p.add_argument("--ctx", type=int, default=8192,
+                   help="context: the shared pool, or each slot's stream with --kv-split")
+    p.add_argument("--kv-split", action="store_true", help="a KV stream per slot (both runs)")
     p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
