@@ -75,8 +75,10 @@ def check_api_key(request: Request) -> None:
                            code="invalid_api_key")
 
 
-def dialect_route(body: ErrorBody) -> type[APIRoute]:
-    """An APIRoute class whose errors come out as `body(error)` with the error's status."""
+def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
+    """An APIRoute class whose errors come out as `body(error)` with the error's status. Its
+    routes need an API key when the server has keys, unless `public` (the chat page and its
+    assets: static files that hold no data and must load before the page can send a key)."""
 
     class DialectRoute(APIRoute):
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -84,7 +86,8 @@ def dialect_route(body: ErrorBody) -> type[APIRoute]:
 
             async def guarded(request: Request) -> Response:
                 try:
-                    check_api_key(request)
+                    if not public:
+                        check_api_key(request)
                     return await handler(request)
                 except LmserveError as exc:
                     return error_response(exc, body)

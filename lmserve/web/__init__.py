@@ -29,6 +29,7 @@ ASSETS: tuple[str, ...] = (
     "markdown.js",
     "server.js",
     "settings.js",
+    "sse.js",
     "store.js",
     "ui.js",
     "view.js",

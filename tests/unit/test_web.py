@@ -1,7 +1,8 @@
-"""The chat page's Python side: the HTML with its injected config, and the packaged assets.
+"""The chat page's Python side: the HTML with its injected config, the packaged assets, and the
+page's routes on a server with API keys.
 
-The page's behaviour (Markdown, streaming, resume) is tested in a browser:
-tests/model/test_chat_page.py.
+The page's JavaScript modules are tested under Node (tests/unit/test_web_js.py) and its
+behaviour (Markdown, streaming, resume, the API key) in a browser: tests/model/test_chat_page.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from lmserve import web
+from tests.unit.fakes import FakeRunner
+from tests.unit.test_sglang import client as app_client
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = resources.files("lmserve.web")
@@ -133,3 +136,45 @@ def test_assets_are_package_data():
     files = ["chat.html", *(f"static/{name}" for name in web.ASSETS)]
     for path in files:
         assert any(fnmatch(path, pattern) for pattern in patterns), path
+
+
+def sse_frames(text: str) -> list[tuple[int, str]]:
+    """(id, event) of every frame in an event stream's text."""
+    frames, fields = [], {}
+    for line in text.splitlines():
+        if line == "" and fields:
+            frames.append((int(fields["id"]), fields["event"]))
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+    return frames
+
+
+def test_with_api_keys_the_page_is_open_and_its_requests_need_the_key():
+    key = {"Authorization": "Bearer sekret"}
+    with app_client(FakeRunner(n_ctx=512), api_keys=("sekret",)) as c:
+        base = "/models/tiny/"
+        page = c.get(f"{base}chat/")
+        assert page.status_code == 200 and config_of(page.text)["base"] == base
+        for name in web.ASSETS:
+            assert c.get(f"{base}{web.ASSET_PREFIX}{name}").content == web.asset(name)[0]
+        r = c.get(f"{base}{web.ASSET_PREFIX}nope.js")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+        assert c.get("/chat/", follow_redirects=False).headers["location"] == f"{base}chat/"
+
+        r = c.get(base)  # what the page shows as "API key needed"
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication"
+        assert c.get(base, headers=key).json()["status"] == "ready"
+        body = {"transport": "chat", "prompt": "hi", "params": {"max_tokens": 3}}
+        assert c.post(f"{base}stream/", json=body).status_code == 401
+        ident = c.post(f"{base}stream/", json=body, headers=key).json()["id"]
+        url = f"{base}stream/{ident}/"
+        assert c.get(url).status_code == 401
+        assert c.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        frames = sse_frames(c.get(url, headers=key).text)
+        assert frames[0][1] == "message.start" and frames[-1][1] == "message.stop"
+        resumed = sse_frames(c.get(url, headers={**key, "Last-Event-ID": "2"}).text)
+        assert resumed == [f for f in frames if f[0] > 2]
+        assert c.delete(url).status_code == 401
+        assert c.delete(url, headers=key).json()["id"] == ident

@@ -80,6 +80,15 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
         raise invalid("this stream's generation runs in another server process; send the "
                       "cancel to that replica", code="stream_elsewhere")
 
+    router.include_router(_page_router(resource), tags=router.tags)
+    return router
+
+
+def _page_router(resource: LLMResource) -> APIRouter:
+    """The chat page and its assets, open without an API key: the page asks for the key and
+    sends it with its own requests."""
+    router = APIRouter(route_class=dialect_route(encoder.error_body, public=True))
+
     @router.get("/chat/", summary="The chat page", response_class=HTMLResponse)
     async def chat_page() -> Any:
         return HTMLResponse(web.chat_page(resource.path, resource.title),

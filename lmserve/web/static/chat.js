@@ -12,9 +12,9 @@ import {
 import { copyText, drawAssistant, messageView, outputText } from "./view.js";
 
 const config = JSON.parse(document.body.dataset.config);
-const api = createApi(config.base);
 const store = createStore(config.base);
 const state = store.load();
+const api = createApi(config.base, () => state.settings.apiKey);
 const server = createServer(api, state.settings);
 let active = null; // the answer being generated: {index, message, id, reader, cancelRequested}
 let drawQueued = false;
@@ -109,7 +109,7 @@ async function startStream(run, body) {
       if (active !== run) return null;
       if (error.type !== "loading" || run.cancelRequested) {
         finish(run, run.cancelRequested ? { stop_reason: "cancelled" } : { error });
-        if (error.status === 0) server.watch();
+        if (error.status === 0 || error.status === 401) server.watch();
         return null;
       }
       server.loading();
@@ -131,7 +131,7 @@ function follow(run) {
     connection: (how) => {
       setBanner("stream", how === "reconnecting" ? "Connection lost; reconnecting…" : "");
     },
-    failed: () => { if (active === run) streamLost(run); },
+    failed: (error) => { if (active === run) streamLost(run, error); },
   });
 }
 
@@ -146,20 +146,12 @@ function onFrame(run, name, data, id) {
   persistSoon();
 }
 
-/** The browser gave up on the stream: reopen it if it still exists, else say why. */
-async function streamLost(run) {
-  run.reader.close();
-  const error = await api.probe(run.id);
-  if (active !== run) return;
-  run.retries = (run.retries ?? 0) + 1;
-  if (!error && run.retries <= 3) {
-    follow(run);
-    return;
-  }
-  const gone = error?.status === 404;
-  finish(run, { stop_reason: "interrupted", error: gone
+/** The stream answered an error status the reader does not retry: say why the answer stopped. */
+function streamLost(run, error) {
+  if (error.status === 401) server.watch(); // the header and the settings ask for the key
+  finish(run, { stop_reason: "interrupted", error: error.status === 404
     ? new ApiError(404, "not_found", "This answer can no longer be resumed: its stream expired.")
-    : error ?? new ApiError(0, "network", "The answer's stream could not be read.") });
+    : error });
 }
 
 function finish(run, { stop_reason = "error", usage, error } = {}) {
@@ -270,6 +262,7 @@ function onMessagesClick(event) {
 
 function wire() {
   bindSettings(state.settings, persistSoon);
+  ui.apiKey.addEventListener("change", () => server.refresh()); // try a new key at once
   ui.form.addEventListener("submit", (event) => { event.preventDefault(); send(); });
   ui.prompt.addEventListener("input", autosize);
   ui.prompt.addEventListener("keydown", (event) => {

@@ -1,26 +1,39 @@
 // The resource's state from GET P: shown in the header, and polled until the model is ready.
 
-import { showDefaults } from "./settings.js";
+import { markKey, showDefaults } from "./settings.js";
 import { setBanner, ui } from "./ui.js";
 
 const STATUS_TEXT = { ready: "Ready", loading: "Loading model…", pending: "Loading model…",
-  failed: "Model failed", offline: "Offline", error: "Unavailable", unknown: "Connecting…" };
+  failed: "Model failed", offline: "Offline", error: "Unavailable", unauthorized: "API key needed",
+  unknown: "Connecting…" };
 const LOADING = "The model is loading. Messages you send now go out as soon as it is ready.";
 const BANNERS = { loading: LOADING, pending: LOADING, offline: "Cannot reach the server. Retrying…",
   failed: "The model failed to load; see the server log." };
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** The state GET P's failure leaves: offline, unauthorized (a 401: the key) or error. */
+function failedStatus(error) {
+  if (error.status === 0) return "offline";
+  return error.status === 401 ? "unauthorized" : "error";
+}
+
+function bannerText({ status, error }) {
+  if (status === "unauthorized") return error.message; // api.js says what to do about the key
+  if (status === "error" && error) return `The server answered: ${error.message}`;
+  return BANNERS[status] ?? "";
+}
+
 export function createServer(api, settings) {
   const server = { status: "unknown", info: null, error: null };
   let watching = false;
 
   function show() {
-    const { status, info, error } = server;
+    const { status, info } = server;
     ui.status.textContent = STATUS_TEXT[status] ?? status;
     ui.status.dataset.state = status;
-    const problem = status === "error" && error ? `The server answered: ${error.message}` : "";
-    setBanner("server", BANNERS[status] ?? problem);
+    setBanner("server", bannerText(server));
+    if (status !== "offline") markKey(status === "unauthorized");
     if (!info) return;
     const model = info.model ?? {};
     ui.model.textContent = [model.name || info.verbose_name || info.name, model.quantization,
@@ -34,7 +47,7 @@ export function createServer(api, settings) {
       server.status = server.info.status;
       server.error = null;
     } catch (error) {
-      server.status = error.status === 0 ? "offline" : "error";
+      server.status = failedStatus(error);
       server.error = error;
     }
     show();

@@ -1,4 +1,5 @@
-// The settings panel: system prompt, temperature, max tokens and reasoning, kept in the state.
+// The settings panel: system prompt, temperature, max tokens, reasoning and the API key, kept in
+// the state.
 
 import { toggleSettings, ui } from "./ui.js";
 
@@ -9,11 +10,13 @@ export function bindSettings(settings, changed) {
     [ui.temperature, "temperature", () => ui.temperature.value],
     [ui.maxTokens, "maxTokens", () => ui.maxTokens.value],
     [ui.reasoning, "reasoning", () => ui.reasoning.checked],
+    [ui.apiKey, "apiKey", () => ui.apiKey.value.trim()],
   ];
   ui.system.value = settings.system;
   ui.temperature.value = settings.temperature;
   ui.maxTokens.value = settings.maxTokens;
   ui.reasoning.checked = settings.reasoning === true;
+  ui.apiKey.value = settings.apiKey;
   for (const [input, key, read] of fields) {
     input.addEventListener("input", () => {
       settings[key] = read();
@@ -53,4 +56,14 @@ export function settingsValid() {
     }
   }
   return true;
+}
+
+/**
+ * Marks the API key field while the server refuses the key (or wants one), opening the settings
+ * when that starts; unmarks it once a key is accepted.
+ */
+export function markKey(refused) {
+  if (refused && ui.apiKey.getAttribute("aria-invalid") !== "true") toggleSettings(true);
+  if (refused) ui.apiKey.setAttribute("aria-invalid", "true");
+  else ui.apiKey.removeAttribute("aria-invalid");
 }

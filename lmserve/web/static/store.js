@@ -4,8 +4,8 @@
 //   messages: [{role: "user", content} |
 //              {role: "assistant", blocks: [{channel, text, done}], stop_reason, usage,
 //               error: {type, message}, timing: {sent, first, end}, resumed}]
-//   settings: {system, temperature, maxTokens} (strings, "" = the server's default) and
-//             reasoning (true, false, or null for the server's default)
+//   settings: {system, temperature, maxTokens} (strings, "" = the server's default),
+//             reasoning (true, false, or null for the server's default) and apiKey ("": none)
 //   pending:  {id, index, last} while an answer streams, so a reload can resume it.
 
 const VERSION = 1;
@@ -50,6 +50,7 @@ function normalize(saved) {
       temperature: str(settings.temperature),
       maxTokens: str(settings.maxTokens),
       reasoning: typeof settings.reasoning === "boolean" ? settings.reasoning : null,
+      apiKey: str(settings.apiKey),
     },
     pending: resumable ? { id: pending.id, index, last: Number.isFinite(pending.last) ? pending.last : -1 } : null,
   };
