@@ -1,0 +1,219 @@
+"""Paired peer comparison: the servers take turns level by level, round after round.
+
+    .venv/bin/python benchmarks/peers/paired.py [--models smollm2,gemma3-270m]
+        [--servers lmserve,lmserve-split,llama-server,llama-cpp-python-batched]
+        [--rounds 2] [--concurrency 1,4,8,16]
+
+run_peers.py measures one server after another, a few minutes each, and this VM's speed
+drifts by up to about 30% over minutes (the same raw decode loop measured 35 and 47 ms a
+step half an hour apart). Here all servers of a model are started at once (an idle one uses
+no CPU; each is checked), and every concurrency level is run by each server in turn, the
+order rotated by one every round, so a slow spell hits them alike. Every request has its own
+numbered prompt (no prompt-cache reuse across servers, rounds or levels). Reports, per
+server and level, the median over rounds of output tok/s and TTFT p50, and for each lmserve
+configuration the median over rounds of its per-round ratio to each peer, measured minutes
+apart at most. Same settings as run_peers.py (servers.py). Writes <out-dir>/<tag>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import servers  # noqa: E402 - beside this script
+
+from lmserve.bench.openai_http import OpenAIHTTPBackend  # noqa: E402
+from lmserve.bench.procs import free_port, start_process, stop, wait_ready  # noqa: E402
+from lmserve.bench.prompts import make_prompts  # noqa: E402
+from lmserve.bench.runner import run_level  # noqa: E402
+from lmserve.bench.scenarios import default_requests_per_level  # noqa: E402
+from lmserve.models.resolve import resolve  # noqa: E402
+
+RESULTS = servers.ROOT / "benchmarks" / "results"
+WORKDIR = RESULTS / "tmp" / "peers"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads (children not included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0
+
+
+def idle_load(procs: dict[str, Any], seconds: float = 3.0) -> dict[str, float]:
+    """Fraction of a core each started server uses while nobody asks it anything."""
+    before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+    time.sleep(seconds)
+    return {name: round((cpu_seconds(p.pid) - before[name]) / seconds, 3)
+            for name, p in procs.items()}
+
+
+def rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
+async def run_round(backends: dict[str, OpenAIHTTPBackend], args: argparse.Namespace,
+                    round_no: int, first_index: int) -> tuple[dict, int]:
+    """One round: each level, by each server in turn. Returns {server: {c: level}}."""
+    out: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in backends}
+    for i, c in enumerate(args.concurrency):
+        count = args.requests_per_level or default_requests_per_level(c)
+        for name in rotated(list(backends), round_no + i):
+            prompts = make_prompts(count, args.input_len, max_tokens=args.output_len,
+                                   first_index=first_index)
+            first_index += count
+            level = await run_level(backends[name], prompts, c, count)
+            out[name][c] = {"output_tok_s": level.output_throughput,
+                            "ttft_p50_ms": level.ttft.p50, "tpot_p50_ms": level.tpot.p50,
+                            "failed": level.failed,
+                            "mean_output_tokens": level.mean_output_tokens}
+            log(f"  round {round_no + 1} c={c} {name}: {level.output_throughput:.1f} tok/s, "
+                f"{level.failed} failed")
+    return out, first_index
+
+
+async def measure_model(model_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    procs, backends, specs = {}, {}, {}
+    try:
+        for name in args.servers:
+            port = free_port()
+            spec = servers.build(name, model_path, port, args.settings, WORKDIR)
+            spec.write_config()
+            procs[name] = start_process(spec.command, log_path=WORKDIR / f"paired-{name}.log")
+            wait_ready(procs[name], f"http://127.0.0.1:{port}{spec.ready_path}",
+                       args.ready_timeout)
+            backend = OpenAIHTTPBackend(f"http://127.0.0.1:{port}", None,
+                                        max_connections=max(args.concurrency),
+                                        timeout=args.timeout, extra_body=spec.extra_body)
+            backend.model = (await backend.list_models() or [None])[0]
+            backends[name], specs[name] = backend, spec.command
+        idle = idle_load(procs)
+        log(f"  idle CPU (cores): {idle}")
+        warm = make_prompts(len(backends), args.input_len, max_tokens=args.output_len,
+                            first_index=10**6)
+        for prompt, backend in zip(warm, backends.values(), strict=True):
+            await run_level(backend, [prompt], 1, 1)
+        rounds, first_index = [], 0
+        for r in range(args.rounds):
+            result, first_index = await run_round(backends, args, r, first_index)
+            rounds.append(result)
+        return {"commands": specs, "idle_cores": idle, "rounds": rounds,
+                "summary": summarize(rounds, list(backends))}
+    finally:
+        for backend in backends.values():
+            await backend.aclose()
+        for proc in procs.values():
+            stop(proc)
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(rounds: list[dict], names: list[str]) -> dict[str, Any]:
+    levels = sorted(rounds[0][names[0]])
+    absolute = {name: {c: {key: _median([r[name][c][key] for r in rounds])
+                           for key in ("output_tok_s", "ttft_p50_ms", "tpot_p50_ms")}
+                       for c in levels} for name in names}
+    ratios: dict[str, dict[str, Any]] = {}
+    for base in (n for n in names if n.startswith("lmserve")):
+        for peer in (n for n in names if not n.startswith("lmserve")):
+            ratios.setdefault(base, {})[peer] = {
+                c: {"tok_s": _median([r[base][c]["output_tok_s"] / r[peer][c]["output_tok_s"]
+                                      for r in rounds if r[peer][c]["output_tok_s"]]),
+                    "ttft_p50": _median([r[base][c]["ttft_p50_ms"] / r[peer][c]["ttft_p50_ms"]
+                                         for r in rounds
+                                         if r[base][c]["ttft_p50_ms"]
+                                         and r[peer][c]["ttft_p50_ms"]])}
+                for c in levels}
+    return {"levels": levels, "absolute": absolute, "ratios": ratios}
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [f"# Paired peer comparison ({data['started']}, {data['rounds']} rounds)", ""]
+    for model, entry in data["models"].items():
+        summary = entry["summary"]
+        levels = summary["levels"]
+        lines += [f"## {model}", "", "Output tok/s per concurrency, median over rounds; the "
+                  "CPU each server used while idle, in cores.", "",
+                  "| server | " + " | ".join(f"c={c}" for c in levels) + " | idle cores |",
+                  "|---|" + "---:|" * (len(levels) + 1)]
+        for name, by_c in summary["absolute"].items():
+            cells = [f"{by_c[c]['output_tok_s']:.1f}" for c in levels]
+            lines.append(f"| {name} | " + " | ".join(cells) +
+                         f" | {entry['idle_cores'][name]} |")
+        for base, peers in summary["ratios"].items():
+            lines += ["", f"{base} / peer, median of per-round ratios (tok/s; TTFT p50 in "
+                      "brackets, below 1 is sooner):", "",
+                      "| peer | " + " | ".join(f"c={c}" for c in levels) + " |",
+                      "|---|" + "---:|" * len(levels)]
+            for peer, by_c in peers.items():
+                cells = [f"{by_c[c]['tok_s']:.2f} ({by_c[c]['ttft_p50']:.2f})"
+                         if by_c[c]["tok_s"] is not None and by_c[c]["ttft_p50"] is not None
+                         else "-" for c in levels]
+                lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="smollm2,gemma3-270m")
+    p.add_argument("--servers",
+                   default="lmserve,lmserve-split,llama-server,llama-cpp-python-batched")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--ctx-per-seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--concurrency", default="1,4,8,16")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--requests-per-level", type=int, default=None,
+                   help="default max(4, 2 x concurrency)")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--ready-timeout", type=float, default=600.0)
+    p.add_argument("--tag", default="peers-paired")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.servers = [s for s in args.servers.split(",") if s]
+    unknown = set(args.servers) - set(servers.SERVERS)
+    if unknown:
+        p.error(f"unknown servers: {', '.join(sorted(unknown))}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.settings = servers.Settings(args.threads, args.parallel, args.ctx_per_seq, args.batch)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "rounds": args.rounds, "settings": vars(args.settings),
+                            "concurrency": args.concurrency, "models": {}}
+    for ref in args.models:
+        log(f"== {ref}")
+        data["models"][ref] = asyncio.run(measure_model(resolve(ref).path, args))
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"{args.tag}.json").write_text(json.dumps(data, indent=1))
+        (args.out_dir / f"{args.tag}.md").write_text(markdown(data))
+    log((args.out_dir / f"{args.tag}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
