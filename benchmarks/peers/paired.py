@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers  # noqa: E402 - beside this script
+from common import WORKDIR, add_arguments, log, parse  # noqa: E402
 
 from lmserve.bench.openai_http import OpenAIHTTPBackend  # noqa: E402
 from lmserve.bench.procs import free_port, start_process, stop, wait_ready  # noqa: E402
@@ -35,14 +36,6 @@ from lmserve.bench.prompts import make_prompts  # noqa: E402
 from lmserve.bench.runner import run_level  # noqa: E402
 from lmserve.bench.scenarios import default_requests_per_level  # noqa: E402
 from lmserve.models.resolve import resolve  # noqa: E402
-
-RESULTS = servers.ROOT / "benchmarks" / "results"
-WORKDIR = RESULTS / "tmp" / "peers"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its threads (children not included)."""
@@ -171,32 +164,10 @@ def markdown(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="smollm2,gemma3-270m")
-    p.add_argument("--servers",
-                   default="lmserve,lmserve-split,llama-server,llama-cpp-python-batched")
+    add_arguments(p, servers_default="lmserve,lmserve-split,llama-server,"
+                  "llama-cpp-python-batched", tag="peers-paired")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parallel", type=int, default=8)
-    p.add_argument("--ctx-per-seq", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--concurrency", default="1,4,8,16")
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--requests-per-level", type=int, default=None,
-                   help="default max(4, 2 x concurrency)")
-    p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--ready-timeout", type=float, default=600.0)
-    p.add_argument("--tag", default="peers-paired")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    args.servers = [s for s in args.servers.split(",") if s]
-    unknown = set(args.servers) - set(servers.SERVERS)
-    if unknown:
-        p.error(f"unknown servers: {', '.join(sorted(unknown))}")
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    args.settings = servers.Settings(args.threads, args.parallel, args.ctx_per_seq, args.batch)
-    return args
+    return parse(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

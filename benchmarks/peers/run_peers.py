@@ -29,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import servers  # noqa: E402 - beside this script
+from common import WORKDIR, add_arguments, log, parse  # noqa: E402
 
 from lmserve.bench.compare import markdown, ratios  # noqa: E402
 from lmserve.bench.engine_metrics import MetricsProbe  # noqa: E402
@@ -39,14 +40,6 @@ from lmserve.bench.report import format_shared_prefix, format_table, to_json  # 
 from lmserve.bench.scenarios import shared_prefix, sweep  # noqa: E402
 from lmserve.bench.stats import LevelResult  # noqa: E402
 from lmserve.models.resolve import resolve  # noqa: E402
-
-RESULTS = servers.ROOT / "benchmarks" / "results"
-WORKDIR = RESULTS / "tmp" / "peers"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
 
 def _progress(level: LevelResult) -> None:
     log(f"    c={level.concurrency}: {level.completed}/{level.num_requests} ok, "
@@ -156,42 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="smollm2,gemma3-270m",
-                   help="comma-separated model references (bundled names or GGUF paths)")
-    p.add_argument("--servers", default=",".join(servers.SERVERS),
-                   help=f"comma-separated subset of {','.join(servers.SERVERS)}")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parallel", type=int, default=8)
-    p.add_argument("--ctx-per-seq", type=int, default=2048, help="context tokens per sequence")
-    p.add_argument("--batch", type=int, default=512, help="tokens per decode call")
-    p.add_argument("--concurrency", type=_ints, default=[1, 4, 8, 16])
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--requests-per-level", type=int, default=None,
-                   help="default max(4, 2 x concurrency)")
+    add_arguments(p, servers_default=",".join(servers.SERVERS), tag="peers")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prefix-len", type=int, default=1000,
                    help="shared-prefix scenario's prefix, ~tokens (0: skip it)")
     p.add_argument("--ttft-concurrency", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=600.0, help="per-read timeout, s")
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="start-up limit, s")
-    p.add_argument("--tag", default="peers", help="result file name (without extension)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    args.servers = [s for s in args.servers.split(",") if s]
-    unknown = set(args.servers) - set(servers.SERVERS)
-    if unknown:
-        p.error(f"unknown servers: {', '.join(sorted(unknown))}")
-    args.settings = servers.Settings(args.threads, args.parallel, args.ctx_per_seq, args.batch)
-    return args
+    return parse(p, argv)
 
 
 if __name__ == "__main__":

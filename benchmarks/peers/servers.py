@@ -22,7 +22,9 @@ llama_cpp.server, which only has on/off (default off) and gets on.
 like-for-like engine comparison. "lmserve-lookup" adds prompt-lookup speculation (--lookup 8);
 greedy output of a small model repeats itself, so this can pay off a lot here.
 "lmserve-split" gives each slot its own KV stream of C cells (--kv-split --ctx C), the layout
-llama-server uses with an explicit -np.
+llama-server uses with an explicit -np; "lmserve-split-lookup" adds --lookup 8 to it.
+"llama-server-unified" adds -kvu: one pool of P*C cells shared by all slots, the layout of
+lmserve's default.
 
 ignore_eos: lmserve and llama-server honour the request field. Both llama-cpp-python servers
 drop unknown fields, so they get a logit_bias of -1000 on every end-of-generation token of the

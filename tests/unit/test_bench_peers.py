@@ -3,6 +3,7 @@ the command lines of benchmarks/peers/servers.py."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -161,3 +162,19 @@ def test_eog_tokens_of_smollm2_are_llama_cpps() -> None:
     eog = servers.eog_tokens(resolve("smollm2").path)
     assert 2 in eog  # <|im_end|>, the EOS of SmolLM2-Instruct
     assert all(isinstance(t, int) for t in eog) and eog == sorted(eog)
+
+
+def test_peer_scripts_parse_their_shared_options() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    p = argparse.ArgumentParser()
+    common.add_arguments(p, servers_default="lmserve,llama-server", tag="t")
+    args = common.parse(p, ["--concurrency", "1,8", "--ctx-per-seq", "1024", "--models", "a,b"])
+    assert args.servers == ["lmserve", "llama-server"] and args.models == ["a", "b"]
+    assert args.concurrency == [1, 8] and args.tag == "t"
+    assert args.settings.ctx_per_seq == 1024 and args.settings.ctx_total == 8 * 1024
+    with pytest.raises(SystemExit):
+        common.parse(p, ["--servers", "lmserve,nginx"])
