@@ -16,7 +16,11 @@ With split KV (`packed`), each sequence id is its own stream, and llama.cpp cuts
 into micro-batches of consecutive sequence ids only: running sequences on ids 0, 2, 4, ...
 cost one graph each (8 decoding sequences took 62 ms a step on even ids against 35 ms on
 0..7). A packed pool therefore puts new sequences where they extend or join a run of busy
-ids, and copies a reusable prefix to such a slot rather than running where it lies.
+ids, and copies a reusable prefix to such a slot rather than running where it lies. Among
+slots that add no run, it fills a hole inside the busy span before it widens the span: when
+several sequences end in one step, their replacements then close the hole they left
+instead of growing a second run beside the first (Gemma 3 at 16 clients: 377 of 750 full
+decode steps ran as two graphs before).
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ class SlotPool:
             # Taking runs in place and drops what the resident conversation has past the
             # shared prefix; fine when that is nothing, or when no empty slot is left anyway.
             loses_nothing = target is best or best_len >= len(best.cached) or bool(target.cached)
-            if loses_nothing and self._gap(best) <= self._gap(target):
+            bounds = self._busy_bounds()
+            if loses_nothing and self._layout(best, bounds) <= self._layout(target, bounds):
                 return self._take(best, seq, best_len)
         # Sharing copies the prefix to `target`: free in a unified pool (cells are tagged), a
         # stream copy with split KV, so short prefixes are not worth it there.
@@ -164,23 +169,33 @@ class SlotPool:
             self.reused_tokens += reused
         return Placement(slot, reused)
 
-    def _gap(self, slot: Slot) -> int:
-        """How many more runs of consecutive busy ids there are once `slot` is busy: 1 alone,
-        0 beside one busy neighbour, -1 when it joins two runs. Always 0 unless packed."""
+    def _busy_bounds(self) -> tuple[int, int] | None:
+        """The lowest and highest busy sequence ids; None when none is busy."""
+        busy = [s.seq_id for s in self.slots if s.busy]
+        return (busy[0], busy[-1]) if busy else None
+
+    def _layout(self, slot: Slot, bounds: tuple[int, int] | None) -> tuple[int, int]:
+        """What making `slot` busy does to the layout of busy ids, smaller is better: how many
+        more runs of consecutive ids there are (1 alone, 0 beside one busy neighbour, -1 when
+        it joins two runs), then the span from the lowest busy id to the highest. Always
+        (0, 0) unless packed."""
         if not self.packed:
-            return 0
+            return (0, 0)
         i = slot.seq_id
         left = i > 0 and self.slots[i - 1].busy
         right = i + 1 < len(self.slots) and self.slots[i + 1].busy
-        return 1 - left - right
+        span = 1 if bounds is None else max(bounds[1], i) - min(bounds[0], i) + 1
+        return (1 - left - right, span)
 
     def _pick_free(self) -> Slot | None:
-        """The slot a new sequence should use: packed, the one that adds fewest runs; then an
-        empty slot before an idle one, and the least recently used idle one first."""
+        """The slot a new sequence should use: packed, the one that adds fewest runs and then
+        widens the busy span least; then an empty slot before an idle one, and the least
+        recently used idle one first."""
         free = [s for s in self.slots if not s.busy]
         if not free:
             return None
-        return min(free, key=lambda s: (self._gap(s), bool(s.cached),
+        bounds = self._busy_bounds()
+        return min(free, key=lambda s: (self._layout(s, bounds), bool(s.cached),
                                         s.last_used if s.cached else 0.0, s.seq_id))
 
     def _free_slot(self) -> Slot | None:
