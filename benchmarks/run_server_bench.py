@@ -1,11 +1,15 @@
 """Server vs in-process ceiling, in one run: throughput sweep + shared-prefix TTFT.
 
     python benchmarks/run_server_bench.py [--model smollm2] [--parallel 8] [--threads 2]
-                                          [--ctx 8192] [--kv-split] [--tag NAME]
+                                          [--ctx 8192] [--kv-split] [--rounds 3] [--tag NAME]
 
-Starts `lmserve serve` on a free loopback port, sweeps concurrency through HTTP with
-`lmserve bench`'s harness, stops it, then drives the same model and settings in-process
-(no HTTP) and reports server/ceiling ratios. Results go to benchmarks/results/.
+Starts `lmserve serve` on a free loopback port and loads the same model with the same
+settings in this process (no HTTP), both at once: an idle one uses no CPU. Then, round after
+round, every concurrency level is run by both in turn, the order swapped each level and each
+round. This VM's speed drifts by up to about 30% over minutes, so ratios are taken within a
+round (server/ceiling at a level, and each one's level against its own c=1), and reported as
+medians over rounds. The server's per-step engine timings come from its /metrics. Results go
+to benchmarks/results/<tag>.json and .png (the plot shows each level's median round).
 """
 
 from __future__ import annotations
@@ -13,18 +17,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from lmserve.bench.engine_metrics import MetricsProbe
 from lmserve.bench.inprocess import InProcessBackend
 from lmserve.bench.openai_http import OpenAIHTTPBackend
 from lmserve.bench.procs import free_port, start_lmserve, stop
+from lmserve.bench.prompts import make_prompts
 from lmserve.bench.report import format_shared_prefix, format_table, plot, to_json
-from lmserve.bench.scenarios import shared_prefix, sweep
+from lmserve.bench.runner import run_level
+from lmserve.bench.scenarios import SweepResult, default_requests_per_level, shared_prefix
+from lmserve.bench.stats import LevelResult
 from lmserve.service import EngineSettings
 
 RESULTS = Path(__file__).parent / "results"
+BACKENDS = ("server", "ceiling")
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
@@ -33,64 +44,123 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]
                          *(["--kv-split"] if args.kv_split else []))
 
 
-async def run(args: argparse.Namespace) -> dict:
+async def run_rounds(backends: dict[str, Any], probe: MetricsProbe,
+                     args: argparse.Namespace) -> list[dict[str, dict[int, LevelResult]]]:
+    """Every level by both backends in turn, round after round; each request its own prompt."""
     levels = [int(c) for c in args.concurrency.split(",")]
-    kw = dict(concurrencies=levels, input_len=args.input_len, output_len=args.output_len,
-              requests_per_level=args.requests_per_level)
+    rounds: list[dict[str, dict[int, LevelResult]]] = []
+    first_index = 0
+    for r in range(args.rounds):
+        result: dict[str, dict[int, LevelResult]] = {name: {} for name in BACKENDS}
+        for i, c in enumerate(levels):
+            count = args.requests_per_level or default_requests_per_level(c)
+            for name in (BACKENDS if (r + i) % 2 == 0 else BACKENDS[::-1]):
+                prompts = make_prompts(count, args.input_len, max_tokens=args.output_len,
+                                       first_index=first_index)
+                first_index += count
+                if name == "server":
+                    await probe.start()
+                level = await run_level(backends[name], prompts, c, count)
+                if name == "server":
+                    level.engine = await probe.finish()
+                result[name][c] = level
+                print(f"round {r + 1} c={c:<2} {name:7s} {level.output_throughput:6.1f} tok/s"
+                      f"  {level.failed} failed", flush=True)
+        rounds.append(result)
+    return rounds
+
+
+def summarize(rounds: list[dict[str, dict[int, LevelResult]]]) -> list[dict[str, Any]]:
+    """Per level: medians over rounds of tok/s, server/ceiling and each one's scaling."""
+    rows = []
+    for c in rounds[0]["server"]:
+        def tok_s(r: dict[str, dict[int, LevelResult]], name: str, level: int = c) -> float:
+            return r[name][level].output_throughput
+        rows.append({
+            "concurrency": c,
+            "server": statistics.median(tok_s(r, "server") for r in rounds),
+            "ceiling": statistics.median(tok_s(r, "ceiling") for r in rounds),
+            "ratio": statistics.median(tok_s(r, "server") / tok_s(r, "ceiling") for r in rounds),
+            "ratios": [tok_s(r, "server") / tok_s(r, "ceiling") for r in rounds],
+            "scaling": statistics.median(tok_s(r, "server") / tok_s(r, "server", 1)
+                                         for r in rounds),
+            "ceiling_scaling": statistics.median(tok_s(r, "ceiling") / tok_s(r, "ceiling", 1)
+                                                 for r in rounds),
+        })
+    return rows
+
+
+def median_sweep(rounds: list[dict[str, dict[int, LevelResult]]], name: str,
+                 args: argparse.Namespace) -> SweepResult:
+    """A sweep made of each level's median round (by tok/s), for the tables and the plot."""
+    sweep = SweepResult(backend=name, input_len=args.input_len, output_len=args.output_len)
+    for c in rounds[0][name]:
+        ranked = sorted((r[name][c] for r in rounds), key=lambda lvl: lvl.output_throughput)
+        sweep.levels.append(ranked[len(ranked) // 2])
+    return sweep
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     proc = start_server(args, port)
-    try:
-        http = OpenAIHTTPBackend(f"http://127.0.0.1:{port}", args.model, max_connections=max(levels))
-        server = await sweep(http, **kw)
-        prefix = await shared_prefix(http, prefix_len=1000, tail_len=32, output_len=16, n=4)
-        await http.aclose()
-    finally:
-        stop(proc)
     settings = EngineSettings(n_ctx=args.ctx, parallel=args.parallel, threads=args.threads,
                               kv_split=args.kv_split)
     engine = await InProcessBackend.start(args.model, settings)
+    http = OpenAIHTTPBackend(f"http://127.0.0.1:{port}", args.model, max_connections=64)
+    probe = MetricsProbe(f"http://127.0.0.1:{port}")
     try:
-        ceiling = await sweep(engine, **kw)
+        warm = make_prompts(2, args.input_len, max_tokens=args.output_len, first_index=10**6)
+        await run_level(http, warm[:1], 1, 1)
+        await run_level(engine, warm[1:], 1, 1)
+        rounds = await run_rounds({"server": http, "ceiling": engine}, probe, args)
+        prefix = await shared_prefix(http, prefix_len=1000, tail_len=32, output_len=16, n=4)
     finally:
+        await probe.aclose()
+        await http.aclose()
+        stop(proc)
         await engine.aclose()
-    return {"server": server, "ceiling": ceiling, "shared_prefix": prefix}
+    return {"rounds": rounds, "shared_prefix": prefix}
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=8192,
                    help="context: the shared pool, or each slot's stream with --kv-split")
     p.add_argument("--kv-split", action="store_true", help="a KV stream per slot (both runs)")
-    p.add_argument("--concurrency", default="1,2,4,8,16")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="must include 1")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--requests-per-level", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tag", default="smollm2")
     args = p.parse_args()
+    if "1" not in args.concurrency.split(","):
+        p.error("--concurrency must include 1 (the scaling baseline)")
     out = asyncio.run(run(args))
-    server, ceiling, prefix = out["server"], out["ceiling"], out["shared_prefix"]
-    print("== server (HTTP, /v1/completions, streaming)")
+    rounds, prefix = out["rounds"], out["shared_prefix"]
+    server, ceiling = (median_sweep(rounds, name, args) for name in BACKENDS)
+    print("== server (HTTP, /v1/completions, streaming; each level's median round)")
     print(format_table(server))
     print("== in-process ceiling (same engine settings, no HTTP)")
     print(format_table(ceiling))
     print("== shared 1000-token prefix (server)")
     print(format_shared_prefix(prefix))
-    rows = []
-    by_c = {lvl.concurrency: lvl for lvl in ceiling.levels}
-    base = server.levels[0].output_throughput
-    print("\nconcurrency  server tok/s  ceiling tok/s  server/ceiling  vs c=1")
-    for lvl in server.levels:
-        ref = by_c[lvl.concurrency].output_throughput
-        ratio = lvl.output_throughput / ref if ref else 0.0
-        rows.append({"concurrency": lvl.concurrency, "server": lvl.output_throughput,
-                     "ceiling": ref, "ratio": ratio, "scaling": lvl.output_throughput / base})
-        print(f"{lvl.concurrency:>11}  {lvl.output_throughput:>12.1f}  {ref:>13.1f}  "
-              f"{ratio:>14.2f}  {lvl.output_throughput / base:>6.2f}x")
+    rows = summarize(rounds)
+    print(f"\nmedians over {args.rounds} rounds of per-round figures")
+    print("concurrency  server tok/s  ceiling tok/s  server/ceiling  server vs c=1  "
+          "ceiling vs c=1")
+    for row in rows:
+        print(f"{row['concurrency']:>11}  {row['server']:>12.1f}  {row['ceiling']:>13.1f}  "
+              f"{row['ratio']:>14.2f}  {row['scaling']:>12.2f}x  {row['ceiling_scaling']:>13.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = {"args": vars(args), "server": to_json(server), "ceiling": to_json(ceiling),
+            "rounds": [{name: to_json(SweepResult(name, args.input_len, args.output_len,
+                                                  list(r[name].values())))
+                        for name in BACKENDS} for r in rounds],
             "shared_prefix": prefix, "ratios": rows}
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(data, indent=1))
     plot({"server": server, "in-process ceiling": ceiling}, RESULTS / f"{args.tag}.png")
