@@ -4,7 +4,9 @@ When a slot is released with at least `min_tokens` tokens of KV, its sequence st
 cells of that sequence id) is copied out on the engine thread, a memcpy, and written by a
 background thread, so decoding never waits for the disk. At admission, if a stored state
 shares a longer prefix with the prompt than any resident slot does (by `min_tokens` at least),
-it is loaded into the slot on the engine thread and the tail past the shared part is removed.
+its file is read and checked by a reader thread while the running sequences keep decoding
+(the request waits at the head of the queue meanwhile), then loaded into the slot on the
+engine thread, a memcpy, and the tail past the shared part is removed.
 
 Entries are keyed by a compatibility key (model file identity and the state format of this
 llama.cpp build and context) and by the LoRA set; a file made under another key is ignored.
@@ -22,6 +24,8 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +40,8 @@ log = logging.getLogger("lmserve.disk_cache")
 Adapters = tuple[tuple[str, float], ...]
 _MAX_LOAD_FAILURES = 3
 _MAX_PENDING_BYTES = 1 << 30  # states copied out, not yet written, beyond the first
+_MAX_READS = 2  # states read ahead of their load; the oldest is dropped beyond this
+_READ_WAIT = 0.002  # seconds the engine waits for a read before it defers the admission
 
 
 class StateIO(Protocol):
@@ -103,6 +109,8 @@ class DiskCache:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="lmserve-disk-cache",
                                         daemon=True)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-disk-read")
+        self._reads: dict[str, Future[tuple[object, bytearray]]] = {}  # engine thread only
         self._closed = False
 
     @classmethod
@@ -146,12 +154,29 @@ class DiskCache:
                     best = DiskHit(entry, usable)
         return best
 
+    def ready(self, hit: DiskHit, wait: float = _READ_WAIT) -> bool:
+        """Whether `hit`'s file has been read and checked, so `restore` is only a memcpy.
+        Starts the read on the reader thread if it is not under way, and waits `wait` seconds
+        at most: a small state is ready at once, a large or cold one is not, and the caller
+        tries again at a later step instead of stalling every running sequence."""
+        path = hit.entry.path
+        future = self._reads.get(path)
+        if future is None:
+            while len(self._reads) >= _MAX_READS:  # read for a request that went elsewhere
+                self._reads.pop(next(iter(self._reads))).cancel()
+            future = self._reads[path] = self._reader.submit(read_state, path)
+        if wait > 0:
+            wait_for([future], timeout=wait)
+        return future.done()
+
     def restore(self, hit: DiskHit, seq_id: int) -> int:
         """Load the entry into `seq_id` (which must be empty) and keep its first `usable`
-        tokens; returns the tokens now in the KV, 0 when the load failed (nothing kept)."""
+        tokens; returns the tokens now in the KV, 0 when the load failed (nothing kept).
+        Uses the read `ready` started, or reads the file here if there was none."""
         entry = hit.entry
+        future = self._reads.pop(entry.path, None)
         try:
-            _header, blob = read_state(entry.path)
+            _header, blob = future.result() if future is not None else read_state(entry.path)
         except (CorruptStateFile, IncompatibleStateFile, OSError) as exc:
             return self._load_failed(entry, f"cannot read it: {exc}", drop=True)
         if not self.states.state_seq_set(seq_id, blob) or \
@@ -277,6 +302,8 @@ class DiskCache:
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued writes (up to `timeout` seconds), then stop the writer."""
         self._closed = True
+        self._reads.clear()
+        self._reader.shutdown(wait=False, cancel_futures=True)
         if self._writer.is_alive():
             self._queue.put(None)
             self._writer.join(timeout)

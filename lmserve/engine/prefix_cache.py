@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from lmserve.engine.disk_cache import DiskCache
+    from lmserve.engine.disk_cache import DiskCache, DiskHit
     from lmserve.engine.sequence import Sequence
 
 
@@ -113,8 +113,11 @@ class SlotPool:
             if n > best_len or (n == best_len and best is not None and best.busy and not slot.busy):
                 best, best_len = slot, n
         best_len = min(best_len, seq.reuse_limit)  # the last token is recomputed for its logits
-        if use_disk and self.disk is not None and (placed := self._place_from_disk(seq, best_len)):
-            return placed
+        if use_disk and self.disk is not None and (hit := self._disk_hit(seq, best_len)):
+            if not self.disk.ready(hit):
+                return None  # its file is still being read: admit it at a later step
+            if placed := self._place_from_disk(seq, hit):
+                return placed
         target = self._pick_free()
         if target is None:
             return None
@@ -135,13 +138,17 @@ class SlotPool:
             return self._assign(target, seq, best_len)
         return self._assign(target, seq, 0)
 
-    def _place_from_disk(self, seq: "Sequence", resident: int) -> Placement | None:
-        """Load a stored state that beats the resident prefix by min_tokens or more."""
+    def _disk_hit(self, seq: "Sequence", resident: int) -> "DiskHit | None":
+        """A stored state that beats the resident prefix by min_tokens or more."""
         assert self.disk is not None
-        hit = self.disk.find(seq.tokens, seq.request.adapters, limit=seq.reuse_limit,
-                             at_least=resident + self.disk.min_tokens)
-        target = self._free_slot() if hit is not None else None
-        if hit is None or target is None:
+        return self.disk.find(seq.tokens, seq.request.adapters, limit=seq.reuse_limit,
+                              at_least=resident + self.disk.min_tokens)
+
+    def _place_from_disk(self, seq: "Sequence", hit: "DiskHit") -> Placement | None:
+        """Load `hit` into a free slot (its file already read, see DiskCache.ready)."""
+        assert self.disk is not None
+        target = self._free_slot()
+        if target is None:
             return None
         loaded = self.disk.restore(hit, target.seq_id)
         if not loaded:  # the target is empty now, and may have been the best resident slot

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from lmserve import config
 from lmserve.cli import build_parser
-from lmserve.engine import state_file
+from lmserve.engine import disk_cache, state_file
 from lmserve.engine.disk_cache import ByteSize, DiskCache
 from lmserve.engine.state_file import SUFFIX
 from lmserve.http.metrics import _disk_cache_families
@@ -94,6 +95,38 @@ def test_a_refused_load_into_an_evicted_slot_places_again_without_stale_reuse(ca
     h.run()  # the fake decode asserts positions: stale reuse of the wiped slot would fail
     assert h.final(req).usage.cached_tokens == 0 and cache.stats.load_failures == 1
     assert h.tokens(req) == reference_output(question, 4)
+
+
+def test_running_sequences_keep_decoding_while_a_state_file_is_read(cache_dir, model,
+                                                                     monkeypatch):
+    p = prompt(13, 40)
+    h1, _, cache1 = harness(cache_dir, model)
+    h1.submit(p, max_tokens=4)
+    h1.run()
+    cache1.close()
+    h2, runner2, cache2 = harness(cache_dir, model)
+    released, reader = threading.Event(), []
+    slow_read = state_file.read_state
+
+    def read_state(path: str):  # a cold disk: the read takes as long as the test says
+        reader.append(threading.current_thread().name)
+        assert released.wait(10)
+        return slow_read(path)
+
+    monkeypatch.setattr(disk_cache, "read_state", read_state)
+    busy = h2.submit(prompt(14, 12), max_tokens=30)
+    h2.core.step()
+    waiting = h2.submit(p + [9, 9], max_tokens=5)
+    for _ in range(5):  # the read is under way: the running sequence is not held up by it
+        h2.core.step()
+    assert len(h2.tokens(busy)) == 6 and h2.core.waiting and runner2.loads == []
+    assert reader and reader[0].startswith("lmserve-disk-read")
+    released.set()
+    h2.run()
+    assert h2.final(waiting).usage.cached_tokens == 40 and len(runner2.loads) == 1
+    assert h2.tokens(waiting) == reference_output(p + [9, 9], 5)
+    assert h2.tokens(busy) == reference_output(prompt(14, 12), 30)
+    cache2.close()
 
 
 # -- lookup ----------------------------------------------------------------------------------
