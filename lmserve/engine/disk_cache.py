@@ -156,17 +156,18 @@ class DiskCache:
 
     def ready(self, hit: DiskHit, wait: float = _READ_WAIT) -> bool:
         """Whether `hit`'s file has been read and checked, so `restore` is only a memcpy.
-        Starts the read on the reader thread if it is not under way, and waits `wait` seconds
-        at most: a small state is ready at once, a large or cold one is not, and the caller
-        tries again at a later step instead of stalling every running sequence."""
+        Starts the read on the reader thread if it is not under way, and then waits `wait`
+        seconds at most: a small state is ready at once, a large or cold one is not, and the
+        caller asks again at a later step (without waiting) instead of stalling every running
+        sequence."""
         path = hit.entry.path
         future = self._reads.get(path)
         if future is None:
             while len(self._reads) >= _MAX_READS:  # read for a request that went elsewhere
                 self._reads.pop(next(iter(self._reads))).cancel()
             future = self._reads[path] = self._reader.submit(read_state, path)
-        if wait > 0:
-            wait_for([future], timeout=wait)
+            if wait > 0:
+                wait_for([future], timeout=wait)
         return future.done()
 
     def restore(self, hit: DiskHit, seq_id: int) -> int:
