@@ -92,6 +92,7 @@ class SlotPool:
         self.hits = 0
         self.reused_tokens = 0
         self.disk: "DiskCache | None" = None  # saved states of long prefixes (disk_cache.py)
+        self.deferred = False  # the last place() returned None because a state file is read
 
     @property
     def n_free(self) -> int:
@@ -102,7 +103,9 @@ class SlotPool:
         return sum(len(s.cached) for s in self.slots if not s.busy)
 
     def place(self, seq: "Sequence", *, use_disk: bool = True) -> Placement | None:
-        """Give `seq` a slot, reusing the longest resident (or, failing that, stored) prefix."""
+        """Give `seq` a slot, reusing the longest resident (or, failing that, stored) prefix.
+        None: no slot, or (`deferred`) its stored prefix is still being read from disk."""
+        self.deferred = False
         tokens = seq.tokens
         best: Slot | None = None
         best_len = 0
@@ -115,7 +118,8 @@ class SlotPool:
         best_len = min(best_len, seq.reuse_limit)  # the last token is recomputed for its logits
         if use_disk and self.disk is not None and (hit := self._disk_hit(seq, best_len)):
             if not self.disk.ready(hit):
-                return None  # its file is still being read: admit it at a later step
+                self.deferred = True  # its file is still being read: admit it at a later step
+                return None
             if placed := self._place_from_disk(seq, hit):
                 return placed
         target = self._pick_free()

@@ -156,8 +156,13 @@ class EngineCore:
         if self._kv_pressure and any(s.state is SeqState.RUNNING for s in self.running):
             return
         self._kv_pressure = False
-        while self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting[0]
+        i = 0  # the waiting sequences before i wait for a stored prefix to be read (deferred)
+        deferred: EngineRequest | None = None
+        while i < len(self.waiting) and len(self.running) < self.max_running:
+            seq = self.waiting[i]
+            if seq.request is deferred:
+                i += 1  # its n > 1 siblings wait with it
+                continue
             siblings = self._unforked_siblings(seq)
             if len(self.running) + 1 + len(siblings) > self.max_running:
                 break
@@ -165,8 +170,11 @@ class EngineCore:
                 break
             placement = self.pool.place(seq)
             if placement is None:
-                break
-            self.waiting.popleft()
+                if not self.pool.deferred or deferred is not None:
+                    break  # no room; or a second read under way: no more than two at a time
+                deferred, i = seq.request, i + 1  # the ones behind it need not wait for the disk
+                continue
+            del self.waiting[i]
             first_admission = seq.sampler is None
             seq.slot, seq.n_computed, seq.state = placement.slot, placement.n_reused, SeqState.RUNNING
             if first_admission:

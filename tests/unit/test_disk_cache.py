@@ -129,6 +129,37 @@ def test_running_sequences_keep_decoding_while_a_state_file_is_read(cache_dir, m
     cache2.close()
 
 
+def test_requests_behind_one_waiting_for_its_read_are_admitted(cache_dir, model, monkeypatch):
+    p = prompt(15, 40)
+    h1, _, cache1 = harness(cache_dir, model)
+    h1.submit(p, max_tokens=4)
+    h1.run()
+    cache1.close()
+    h2, runner2, cache2 = harness(cache_dir, model)
+    released = threading.Event()
+    slow_read = state_file.read_state
+
+    def read_state(path: str):
+        assert released.wait(10)
+        return slow_read(path)
+
+    monkeypatch.setattr(disk_cache, "read_state", read_state)
+    stored = h2.submit(p + [4, 4], max_tokens=3)  # first in the queue, its prefix on disk
+    behind = [h2.submit(prompt(16 + i, 10), max_tokens=8) for i in range(2)]
+    for _ in range(4):
+        h2.core.step()
+    # The two behind it run while the read is under way; the stored one keeps its place.
+    assert [len(h2.tokens(r)) for r in behind] == [4, 4]
+    assert h2.core.waiting and h2.core.waiting[0].request is stored and runner2.loads == []
+    released.set()
+    h2.run()
+    assert h2.final(stored).usage.cached_tokens == 40
+    assert h2.tokens(stored) == reference_output(p + [4, 4], 3)
+    for i, r in enumerate(behind):
+        assert h2.tokens(r) == reference_output(prompt(16 + i, 10), 8)
+    cache2.close()
+
+
 # -- lookup ----------------------------------------------------------------------------------
 def test_lookup_takes_the_longest_shared_prefix_of_the_same_lora_set(cache_dir, model):
     cache = open_cache(cache_dir, StateRunner(), model)
