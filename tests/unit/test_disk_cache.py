@@ -32,6 +32,32 @@ def cache_dir(tmp_path: Path) -> str:
     return str(tmp_path / "states")
 
 
+def restarted_after_saving(cache_dir: str, model: str, tokens: list[int], **kw: object
+                           ) -> tuple[Harness, StateRunner, DiskCache]:
+    """Run `tokens` through one engine (its state is saved), then start a fresh one on the
+    same directory, as after a restart."""
+    h1, _, cache1 = harness(cache_dir, model)
+    h1.submit(tokens, max_tokens=4)
+    h1.run()
+    cache1.close()
+    return harness(cache_dir, model, **kw)
+
+
+def block_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[str]]:
+    """State file reads wait until the returned event is set (a cold disk, as slow as the
+    test says); the list collects the names of the threads that read."""
+    released, readers = threading.Event(), []
+    read_state = state_file.read_state
+
+    def slow_read(path: str):
+        readers.append(threading.current_thread().name)
+        assert released.wait(10)
+        return read_state(path)
+
+    monkeypatch.setattr(disk_cache, "read_state", slow_read)
+    return released, readers
+
+
 # -- a restart, end to end through the scheduler ---------------------------------------------
 def test_a_restarted_engine_loads_the_saved_prefix_and_output_matches(cache_dir, model):
     p = prompt(1, 40)
@@ -66,11 +92,7 @@ def test_a_resident_prefix_is_preferred_to_the_disk(cache_dir, model):
 
 def test_a_refused_load_falls_back_to_computing(cache_dir, model, caplog):
     p = prompt(3, 40)
-    h1, _, cache1 = harness(cache_dir, model)
-    h1.submit(p, max_tokens=4)
-    h1.run()
-    cache1.close()
-    h2, runner2, cache2 = harness(cache_dir, model, refuse=True)
+    h2, runner2, cache2 = restarted_after_saving(cache_dir, model, p, refuse=True)
     with caplog.at_level(logging.WARNING, "lmserve.disk_cache"):
         req = h2.submit(p + [5], max_tokens=6)
         h2.run()
@@ -100,20 +122,8 @@ def test_a_refused_load_into_an_evicted_slot_places_again_without_stale_reuse(ca
 def test_running_sequences_keep_decoding_while_a_state_file_is_read(cache_dir, model,
                                                                      monkeypatch):
     p = prompt(13, 40)
-    h1, _, cache1 = harness(cache_dir, model)
-    h1.submit(p, max_tokens=4)
-    h1.run()
-    cache1.close()
-    h2, runner2, cache2 = harness(cache_dir, model)
-    released, reader = threading.Event(), []
-    slow_read = state_file.read_state
-
-    def read_state(path: str):  # a cold disk: the read takes as long as the test says
-        reader.append(threading.current_thread().name)
-        assert released.wait(10)
-        return slow_read(path)
-
-    monkeypatch.setattr(disk_cache, "read_state", read_state)
+    h2, runner2, cache2 = restarted_after_saving(cache_dir, model, p)
+    released, reader = block_reads(monkeypatch)
     busy = h2.submit(prompt(14, 12), max_tokens=30)
     h2.core.step()
     waiting = h2.submit(p + [9, 9], max_tokens=5)
@@ -131,19 +141,8 @@ def test_running_sequences_keep_decoding_while_a_state_file_is_read(cache_dir, m
 
 def test_requests_behind_one_waiting_for_its_read_are_admitted(cache_dir, model, monkeypatch):
     p = prompt(15, 40)
-    h1, _, cache1 = harness(cache_dir, model)
-    h1.submit(p, max_tokens=4)
-    h1.run()
-    cache1.close()
-    h2, runner2, cache2 = harness(cache_dir, model)
-    released = threading.Event()
-    slow_read = state_file.read_state
-
-    def read_state(path: str):
-        assert released.wait(10)
-        return slow_read(path)
-
-    monkeypatch.setattr(disk_cache, "read_state", read_state)
+    h2, runner2, cache2 = restarted_after_saving(cache_dir, model, p)
+    released, _ = block_reads(monkeypatch)
     stored = h2.submit(p + [4, 4], max_tokens=3)  # first in the queue, its prefix on disk
     behind = [h2.submit(prompt(16 + i, 10), max_tokens=8) for i in range(2)]
     for _ in range(4):
