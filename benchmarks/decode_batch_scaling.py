@@ -9,8 +9,8 @@ Shows how much batching can give on this CPU: each sequence gets a 128-token pro
 from __future__ import annotations
 
 import sys
-import time
 
+from lmserve.bench.raw import decode_step_ms, prefill
 from lmserve.engine.runner import Context, Model
 from lmserve.models.resolve import resolve
 
@@ -22,17 +22,9 @@ def main() -> None:
     for n_seq in (1, 2, 4, 8, 16):
         ctx.clear()
         for s in range(n_seq):
-            ctx.batch.clear()
-            ctx.batch.add([100 + s + i for i in range(128)], 0, s, True)
-            ctx.decode(ctx.batch)
-        start = time.perf_counter()
-        for step in range(30):
-            ctx.batch.clear()
-            for s in range(n_seq):
-                ctx.batch.add([200 + step], 128 + step, s, True)
-            ctx.decode(ctx.batch)
-        per_step = (time.perf_counter() - start) / 30
-        print(f"{n_seq:>2} sequences: {per_step * 1000:6.1f} ms/step, {n_seq / per_step:6.0f} tok/s")
+            prefill(ctx, s, [100 + s + i for i in range(128)])
+        ms = decode_step_ms(ctx, range(n_seq), 128, 30)
+        print(f"{n_seq:>2} sequences: {ms:6.1f} ms/step, {n_seq * 1000 / ms:6.0f} tok/s")
 
 
 if __name__ == "__main__":

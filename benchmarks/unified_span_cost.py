@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
+from lmserve.bench.raw import decode_step_ms, prefill
 from lmserve.engine.runner import Context, Model
 from lmserve.models.resolve import resolve
 
@@ -24,20 +24,10 @@ IDLE_CELLS = 2400
 def step_ms(ctx: Context, idle_cells: int) -> float:
     ctx.clear()
     for s in range(8, 8 + idle_cells // 300):  # idle sequences, 300 cells each, first
-        ctx.batch.clear()
-        ctx.batch.add([300 + (s * 7 + i) % 900 for i in range(300)], 0, s, True)
-        ctx.decode(ctx.batch)
+        prefill(ctx, s, [300 + (s * 7 + i) % 900 for i in range(300)])
     for s in range(8):
-        ctx.batch.clear()
-        ctx.batch.add([100 + s + i for i in range(128)], 0, s, True)
-        ctx.decode(ctx.batch)
-    start = time.perf_counter()
-    for step in range(40):
-        ctx.batch.clear()
-        for s in range(8):
-            ctx.batch.add([200 + step], 128 + step, s, True)
-        ctx.decode(ctx.batch)
-    return (time.perf_counter() - start) / 40 * 1000
+        prefill(ctx, s, [100 + s + i for i in range(128)])
+    return decode_step_ms(ctx, range(8), 128, 40)
 
 
 def main() -> None:
