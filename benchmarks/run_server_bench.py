@@ -6,7 +6,7 @@
 Starts `lmserve serve` on a free loopback port and loads the same model with the same
 settings in this process (no HTTP), both at once: an idle one uses no CPU. Then, round after
 round, every concurrency level is run by both in turn, the order swapped each level and each
-round. This VM's speed drifts by up to about 30% over minutes, so ratios are taken within a
+round (lmserve.bench.paired). This VM's speed drifts by up to about 30% over minutes, so ratios are taken within a
 round (server/ceiling at a level, and each one's level against its own c=1), and reported as
 medians over rounds. The server's per-step engine timings come from its /metrics. Results go
 to benchmarks/results/<tag>.json and .png (the plot shows each level's median round).
@@ -26,12 +26,12 @@ from typing import Any
 from lmserve.bench.engine_metrics import MetricsProbe
 from lmserve.bench.inprocess import InProcessBackend
 from lmserve.bench.openai_http import OpenAIHTTPBackend
+from lmserve.bench.paired import Round, take_turns
 from lmserve.bench.procs import free_port, start_lmserve, stop
 from lmserve.bench.prompts import make_prompts
 from lmserve.bench.report import format_shared_prefix, format_table, plot, to_json
 from lmserve.bench.runner import run_level
-from lmserve.bench.scenarios import SweepResult, default_requests_per_level, shared_prefix
-from lmserve.bench.stats import LevelResult
+from lmserve.bench.scenarios import SweepResult, shared_prefix
 from lmserve.service import EngineSettings
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,37 +44,11 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]
                          *(["--kv-split"] if args.kv_split else []))
 
 
-async def run_rounds(backends: dict[str, Any], probe: MetricsProbe,
-                     args: argparse.Namespace) -> list[dict[str, dict[int, LevelResult]]]:
-    """Every level by both backends in turn, round after round; each request its own prompt."""
-    levels = [int(c) for c in args.concurrency.split(",")]
-    rounds: list[dict[str, dict[int, LevelResult]]] = []
-    first_index = 0
-    for r in range(args.rounds):
-        result: dict[str, dict[int, LevelResult]] = {name: {} for name in BACKENDS}
-        for i, c in enumerate(levels):
-            count = args.requests_per_level or default_requests_per_level(c)
-            for name in (BACKENDS if (r + i) % 2 == 0 else BACKENDS[::-1]):
-                prompts = make_prompts(count, args.input_len, max_tokens=args.output_len,
-                                       first_index=first_index)
-                first_index += count
-                if name == "server":
-                    await probe.start()
-                level = await run_level(backends[name], prompts, c, count)
-                if name == "server":
-                    level.engine = await probe.finish()
-                result[name][c] = level
-                print(f"round {r + 1} c={c:<2} {name:7s} {level.output_throughput:6.1f} tok/s"
-                      f"  {level.failed} failed", flush=True)
-        rounds.append(result)
-    return rounds
-
-
-def summarize(rounds: list[dict[str, dict[int, LevelResult]]]) -> list[dict[str, Any]]:
+def summarize(rounds: list[Round]) -> list[dict[str, Any]]:
     """Per level: medians over rounds of tok/s, server/ceiling and each one's scaling."""
     rows = []
     for c in rounds[0]["server"]:
-        def tok_s(r: dict[str, dict[int, LevelResult]], name: str, level: int = c) -> float:
+        def tok_s(r: Round, name: str, level: int = c) -> float:
             return r[name][level].output_throughput
         rows.append({
             "concurrency": c,
@@ -90,7 +64,7 @@ def summarize(rounds: list[dict[str, dict[int, LevelResult]]]) -> list[dict[str,
     return rows
 
 
-def median_sweep(rounds: list[dict[str, dict[int, LevelResult]]], name: str,
+def median_sweep(rounds: list[Round], name: str,
                  args: argparse.Namespace) -> SweepResult:
     """A sweep made of each level's median round (by tok/s), for the tables and the plot."""
     sweep = SweepResult(backend=name, input_len=args.input_len, output_len=args.output_len)
@@ -112,7 +86,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         warm = make_prompts(2, args.input_len, max_tokens=args.output_len, first_index=10**6)
         await run_level(http, warm[:1], 1, 1)
         await run_level(engine, warm[1:], 1, 1)
-        rounds = await run_rounds({"server": http, "ceiling": engine}, probe, args)
+        rounds = await take_turns(
+            {"server": http, "ceiling": engine}, [int(c) for c in args.concurrency.split(",")],
+            rounds=args.rounds, input_len=args.input_len, output_len=args.output_len,
+            requests_per_level=args.requests_per_level, probes={"server": probe},
+            on_level=lambda r, name, level: print(
+                f"round {r + 1} c={level.concurrency:<2} {name:7s} "
+                f"{level.output_throughput:6.1f} tok/s  {level.failed} failed", flush=True))
         prefix = await shared_prefix(http, prefix_len=1000, tail_len=32, output_len=16, n=4)
     finally:
         await probe.aclose()

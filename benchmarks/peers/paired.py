@@ -9,7 +9,8 @@ drifts by up to about 30% over minutes (the same raw decode loop measured 35 and
 step half an hour apart). Here all servers of a model are started at once (an idle one uses
 no CPU; each is checked), and every concurrency level is run by each server in turn, the
 order rotated by one every round, so a slow spell hits them alike. Every request has its own
-numbered prompt (no prompt-cache reuse across servers, rounds or levels). Reports, per
+numbered prompt (no prompt-cache reuse across servers, rounds or levels; the turns are
+lmserve.bench.paired's). Reports, per
 server and level, the median over rounds of output tok/s and TTFT p50, and for each lmserve
 configuration the median over rounds of its per-round ratio to each peer, measured minutes
 apart at most. Same settings as run_peers.py (servers.py). Writes <out-dir>/<tag>.{json,md}.
@@ -31,11 +32,13 @@ import servers  # noqa: E402 - beside this script
 from common import WORKDIR, add_arguments, log, parse  # noqa: E402
 
 from lmserve.bench.openai_http import OpenAIHTTPBackend  # noqa: E402
+from lmserve.bench.paired import take_turns  # noqa: E402
 from lmserve.bench.procs import free_port, start_process, stop, wait_ready  # noqa: E402
 from lmserve.bench.prompts import make_prompts  # noqa: E402
 from lmserve.bench.runner import run_level  # noqa: E402
-from lmserve.bench.scenarios import default_requests_per_level  # noqa: E402
+from lmserve.bench.stats import LevelResult  # noqa: E402
 from lmserve.models.resolve import resolve  # noqa: E402
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its threads (children not included)."""
@@ -51,29 +54,10 @@ def idle_load(procs: dict[str, Any], seconds: float = 3.0) -> dict[str, float]:
             for name, p in procs.items()}
 
 
-def rotated(names: list[str], k: int) -> list[str]:
-    k %= len(names)
-    return names[k:] + names[:k]
-
-
-async def run_round(backends: dict[str, OpenAIHTTPBackend], args: argparse.Namespace,
-                    round_no: int, first_index: int) -> tuple[dict, int]:
-    """One round: each level, by each server in turn. Returns {server: {c: level}}."""
-    out: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in backends}
-    for i, c in enumerate(args.concurrency):
-        count = args.requests_per_level or default_requests_per_level(c)
-        for name in rotated(list(backends), round_no + i):
-            prompts = make_prompts(count, args.input_len, max_tokens=args.output_len,
-                                   first_index=first_index)
-            first_index += count
-            level = await run_level(backends[name], prompts, c, count)
-            out[name][c] = {"output_tok_s": level.output_throughput,
-                            "ttft_p50_ms": level.ttft.p50, "tpot_p50_ms": level.tpot.p50,
-                            "failed": level.failed,
-                            "mean_output_tokens": level.mean_output_tokens}
-            log(f"  round {round_no + 1} c={c} {name}: {level.output_throughput:.1f} tok/s, "
-                f"{level.failed} failed")
-    return out, first_index
+def level_summary(level: LevelResult) -> dict[str, Any]:
+    return {"output_tok_s": level.output_throughput, "ttft_p50_ms": level.ttft.p50,
+            "tpot_p50_ms": level.tpot.p50, "failed": level.failed,
+            "mean_output_tokens": level.mean_output_tokens}
 
 
 async def measure_model(model_path: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -97,10 +81,14 @@ async def measure_model(model_path: str, args: argparse.Namespace) -> dict[str, 
                             first_index=10**6)
         for prompt, backend in zip(warm, backends.values(), strict=True):
             await run_level(backend, [prompt], 1, 1)
-        rounds, first_index = [], 0
-        for r in range(args.rounds):
-            result, first_index = await run_round(backends, args, r, first_index)
-            rounds.append(result)
+        turns = await take_turns(
+            backends, args.concurrency, rounds=args.rounds, input_len=args.input_len,
+            output_len=args.output_len, requests_per_level=args.requests_per_level,
+            on_level=lambda r, name, level: log(
+                f"  round {r + 1} c={level.concurrency} {name}: "
+                f"{level.output_throughput:.1f} tok/s, {level.failed} failed"))
+        rounds = [{name: {c: level_summary(level) for c, level in by_c.items()}
+                   for name, by_c in turn.items()} for turn in turns]
         return {"commands": specs, "idle_cores": idle, "rounds": rounds,
                 "summary": summarize(rounds, list(backends))}
     finally:
