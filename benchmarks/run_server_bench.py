@@ -1,7 +1,8 @@
 """Server vs in-process ceiling, in one run: throughput sweep + shared-prefix TTFT.
 
     python benchmarks/run_server_bench.py [--model smollm2] [--parallel 8] [--threads 2]
-                                          [--ctx 8192] [--kv-split] [--rounds 3] [--tag NAME]
+                                          [--ctx 8192] [--kv-layout auto|split|shared]
+                                          [--rounds 3] [--tag NAME]
 
 Starts `lmserve serve` on a free loopback port and loads the same model with the same
 settings in this process (no HTTP), both at once: an idle one uses no CPU. Then, round after
@@ -41,7 +42,7 @@ BACKENDS = ("server", "ceiling")
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
     return start_lmserve(args.model, port, "--parallel", str(args.parallel), "--threads",
                          str(args.threads), "--ctx", str(args.ctx),
-                         *(["--kv-split"] if args.kv_split else []))
+                         "--kv-layout", args.kv_layout)
 
 
 def summarize(rounds: list[Round]) -> list[dict[str, Any]]:
@@ -78,8 +79,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     proc = start_server(args, port)
     settings = EngineSettings(n_ctx=args.ctx, parallel=args.parallel, threads=args.threads,
-                              kv_split=args.kv_split)
+                              kv_layout=args.kv_layout)
     engine = await InProcessBackend.start(args.model, settings)
+    layout = engine.service.kv_layout_reason
+    print(f"KV layout: {layout}", flush=True)
     http = OpenAIHTTPBackend(f"http://127.0.0.1:{port}", args.model, max_connections=64)
     probe = MetricsProbe(f"http://127.0.0.1:{port}")
     try:
@@ -99,7 +102,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await http.aclose()
         stop(proc)
         await engine.aclose()
-    return {"rounds": rounds, "shared_prefix": prefix}
+    return {"rounds": rounds, "shared_prefix": prefix, "kv_layout": layout}
 
 
 def main() -> int:
@@ -109,8 +112,11 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx", type=int, default=8192,
-                   help="context: the shared pool, or each slot's stream with --kv-split")
-    p.add_argument("--kv-split", action="store_true", help="a KV stream per slot (both runs)")
+                   help="context: the shared pool, or each slot's stream when split")
+    p.add_argument("--kv-layout", choices=["auto", "split", "shared"], default="auto",
+                   help="the KV layout of both runs (lmserve serve --kv-layout)")
+    p.add_argument("--kv-split", dest="kv_layout", action="store_const", const="split",
+                   help="the same as --kv-layout split")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="must include 1")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -141,7 +147,7 @@ def main() -> int:
             "rounds": [{name: to_json(SweepResult(name, args.input_len, args.output_len,
                                                   list(r[name].values())))
                         for name in BACKENDS} for r in rounds],
-            "shared_prefix": prefix, "ratios": rows}
+            "shared_prefix": prefix, "kv_layout": out["kv_layout"], "ratios": rows}
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(data, indent=1))
     plot({"server": server, "in-process ceiling": ceiling}, RESULTS / f"{args.tag}.png")
     print(f"\nwrote {RESULTS / (args.tag + '.json')} and .png")

@@ -23,8 +23,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--parallel", "-np", type=int, help="sequences decoded together (default 8)")
     p.add_argument("--ctx", "-c", type=int, dest="n_ctx",
-                   help="context size: KV pool shared by all sequences and the longest "
-                        "prompt + output (default: model's, at most 8192)")
+                   help="context size: the longest prompt + output of one sequence, and the "
+                        "cells of each KV stream (see --kv-layout) (default: model's, at most "
+                        "8192)")
     p.add_argument("--threads", "-t", type=int, help="CPU threads for decoding (default: all cores)")
     p.add_argument("--threads-batch", type=int, help="CPU threads for prompt processing")
     p.add_argument("--batch", "-b", type=int, dest="step_tokens",
@@ -36,10 +37,13 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-tokens", type=int,
                    help="idle KV tokens kept for prefix reuse besides the newest finished "
                         "conversation (default: a quarter of --ctx)")
+    p.add_argument("--kv-layout", choices=["auto", "split", "shared"],
+                   help="KV cache layout: split gives every slot (--parallel + --cache-slots) "
+                        "its own stream of --ctx cells (fastest decoding of many sequences, "
+                        "the most memory); shared gives them one pool of --ctx cells; auto "
+                        "(the default) splits when that takes at most 1/8 of the memory")
     p.add_argument("--kv-split", action="store_true", default=None,
-                   help="give every slot (--parallel + --cache-slots) its own KV stream of "
-                        "--ctx cells instead of one shared pool of --ctx cells: faster "
-                        "decoding of many sequences, more memory")
+                   help="the same as --kv-layout split")
     p.add_argument("--lookup", type=int,
                    help="prompt-lookup speculative decoding: most tokens drafted per sequence "
                         "from its own context, verified in the batch (default 0: off; 8 is "

@@ -13,6 +13,7 @@ from typing import Any
 from lmserve.chat.media import MEDIA_KEYS, media_policy
 from lmserve.chat.overflow import OVERFLOW_POLICIES
 from lmserve.engine.disk_cache import ByteSize
+from lmserve.engine.kv_layout import LAYOUTS
 from lmserve.core.lora import parse_specs
 from lmserve.service import EngineSettings
 
@@ -49,7 +50,7 @@ _SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_
                 "stream_ttl": float}
 _ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
                 "threads_batch": int, "max_queue": int, "cache_slots": int, "cache_tokens": int,
-                "lookup": int, "lookup_budget": int, "kv_split": Flag,
+                "lookup": int, "lookup_budget": int, "kv_layout": str,
                 "embedding_ctx": int, "context_overflow": str,
                 "disk_cache_dir": str, "disk_cache_max_bytes": ByteSize, "disk_cache_min_tokens": int}
 # Aliases used by llama-cpp-python's config files (seed 003) and by our own flags.
@@ -87,7 +88,7 @@ def _model_entry(entry: dict[str, Any]) -> str:
 def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
-    for key in [*_SERVER_KEYS, *_ENGINE_KEYS, *MEDIA_KEYS, "chat_template"]:
+    for key in [*_SERVER_KEYS, *_ENGINE_KEYS, "kv_split", *MEDIA_KEYS, "chat_template"]:
         value = env.get(f"LMSERVE_{key.upper()}")
         if value is not None:
             out[key] = value
@@ -105,6 +106,8 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
         for key, value in layer.items():
             if value is None or (key in ("models", "api_keys") and not value):
                 continue
+            if key == "kv_split":  # the --kv-split flag: kv_layout split (or shared if false)
+                key, value = "kv_layout", "split" if _coerce(key, value, Flag) else "shared"
             merged[_ALIASES.get(key, key)] = value
     server: dict[str, Any] = {}
     engine: dict[str, Any] = {}
@@ -130,6 +133,8 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             raise ValueError(f"{key} must be at least 1")
     if engine.get("context_overflow", "error") not in OVERFLOW_POLICIES:
         raise ValueError(f"context_overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+    if engine.get("kv_layout", "auto") not in LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {', '.join(LAYOUTS)}")
     engine["media"] = media_policy(media)
     return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
 

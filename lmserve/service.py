@@ -27,6 +27,7 @@ from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, resolve as re
 from lmserve.core.request import ChatMessage, GenerationRequest, ResponseFormat
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.disk_cache import DiskCache
+from lmserve.engine import kv_layout
 from lmserve.engine.lora import load_adapters
 from lmserve.engine.runner import (POOLING_MEAN, POOLING_NONE, POOLING_UNSPECIFIED, Context, Model,
                                    validate_grammar,
@@ -51,7 +52,8 @@ class EngineSettings:
     disk_cache_max_bytes: int = 4 << 30  # per model
     disk_cache_min_tokens: int = 256  # shorter prefixes are not saved or loaded
     embedding_ctx: int = 2048
-    kv_split: bool = False  # one KV stream of n_ctx cells per slot instead of one shared pool
+    kv_layout: str = "auto"  # split: a KV stream of n_ctx cells per slot; shared: one pool
+    #                          of n_ctx cells; auto: split when that fits (engine.kv_layout)
     lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
     chat_template: str | None = None  # override source
@@ -88,6 +90,8 @@ class ModelService:
         self.client: EngineClient | None = None
         self.template: ChatTemplate | None = None
         self.n_ctx = 0
+        self.kv_split = False  # the layout the engine was given (engine.kv_layout)
+        self.kv_layout_reason = ""
         self._embed_ctx: Context | None = None
         self._embed_lock = threading.Lock()
 
@@ -119,20 +123,37 @@ class ModelService:
         self.n_ctx = s.n_ctx or min(info.n_ctx_train or 4096, 8192)
         n_slots = s.parallel + (s.cache_slots if s.cache_slots is not None else s.parallel)
         threads = s.threads or default_threads()
-        ctx = Context(self.model, n_ctx=self.n_ctx * (n_slots if s.kv_split else 1),
-                      n_seq_max=n_slots, n_batch=max(s.step_tokens, s.parallel),
-                      n_threads=threads, n_threads_batch=s.threads_batch or threads,
-                      kv_unified=not s.kv_split)
-        self.n_ctx = ctx.n_ctx
+        layout = kv_layout.choose(
+            s.kv_layout, n_ctx=self.n_ctx, n_slots=n_slots, memory=kv_layout.machine_memory(),
+            bytes_per_token=kv_layout.bytes_per_token_from_metadata(self.model.info.metadata))
+
+        def context(split: bool) -> Context:
+            return Context(self.model, n_ctx=self.n_ctx * (n_slots if split else 1),
+                           n_seq_max=n_slots, n_batch=max(s.step_tokens, s.parallel),
+                           n_threads=threads, n_threads_batch=s.threads_batch or threads,
+                           kv_unified=not split)
+
+        try:
+            ctx = context(layout.split)
+        except RuntimeError as exc:
+            if not (layout.split and s.kv_layout == "auto"):
+                raise
+            layout = kv_layout.Layout(False, f"one KV pool of {self.n_ctx} cells shared by all "
+                                             f"{n_slots} slots (auto: a stream per slot could "
+                                             f"not be made: {exc})")
+            ctx = context(False)
+        self.kv_split, self.kv_layout_reason = layout.split, layout.reason
+        log.info("model %s: %s", self.name, layout.reason)
+        self.n_ctx = ctx.n_ctx  # one sequence's room
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
-            (None if s.kv_split else self.n_ctx // 4)
+            (None if layout.split else self.n_ctx // 4)
 
         def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
                               step_tokens=max(s.step_tokens, s.parallel), sink=sink,
                               idle_tokens=idle_tokens, lookup_tokens=s.lookup,
-                              lookup_budget=s.lookup_budget, packed=s.kv_split)
+                              lookup_budget=s.lookup_budget, packed=layout.split)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue, name=self.name)
         if s.disk_cache_dir:

@@ -1,7 +1,7 @@
 """Paired peer comparison: the servers take turns level by level, round after round.
 
     .venv/bin/python benchmarks/peers/paired.py [--models smollm2,gemma3-270m]
-        [--servers lmserve,lmserve-split,llama-server,llama-cpp-python-batched]
+        [--servers lmserve,llama-server,llama-cpp-python-batched]
         [--rounds 2] [--concurrency 1,4,8,16]
 
 run_peers.py measures one server after another, a few minutes each, and this VM's speed
@@ -152,8 +152,8 @@ def markdown(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, servers_default="lmserve,lmserve-split,llama-server,"
-                  "llama-cpp-python-batched", tag="peers-paired")
+    add_arguments(p, servers_default="lmserve,llama-server,llama-cpp-python-batched",
+                  tag="peers-paired")
     p.add_argument("--rounds", type=int, default=2)
     return parse(p, argv)
 

@@ -7,24 +7,25 @@ of sequences decoded together, the same room per sequence and the same tokens pe
   threads/threads_batch T; llama_cpp.server --n_threads/--n_threads_batch T.
 - parallel sequences P: lmserve --parallel P; llama-server -np P --cont-batching; batched
   example n_seq_max P; llama_cpp.server 1 (it serialises requests).
-- context: lmserve --ctx P*C (one shared pool); llama-server -c P*C (P slots of C); batched
-  example n_ctx P*C (kv_unified); llama_cpp.server --n_ctx C.
+- context: lmserve --ctx C (the room of one sequence; its auto KV layout gives each slot a
+  stream of C cells when they fit in an eighth of the memory, as they do for both test
+  models); llama-server -c P*C (P slots of C); batched example n_ctx P*C (kv_unified);
+  llama_cpp.server --n_ctx C.
 - tokens per decode call B: lmserve --batch B; llama-server -b B -ub B; batched example
   n_batch/n_ubatch B; llama_cpp.server --n_batch/--n_ubatch B.
 
 C is the room per sequence (default 2048: the shared-prefix scenario's 1000-word prompt needs
-about 1050 tokens). lmserve and the batched example share one KV pool of P*C cells, any
-sequence may use more than C; llama-server with an explicit -np splits -c into P slots of C.
+about 1050 tokens). The batched example shares one KV pool of P*C cells, any sequence may use
+more than C; llama-server with an explicit -np splits -c into P slots of C.
 Flash attention: llama.cpp's auto choice everywhere (it picks "on" for the CPU backend), except
 llama_cpp.server, which only has on/off (default off) and gets on.
 
 "lmserve" runs with its defaults, which draft nothing, like every peer as configured: the
 like-for-like engine comparison. "lmserve-lookup" adds prompt-lookup speculation (--lookup 8);
 greedy output of a small model repeats itself, so this can pay off a lot here.
-"lmserve-split" gives each slot its own KV stream of C cells (--kv-split --ctx C), the layout
-llama-server uses with an explicit -np; "lmserve-split-lookup" adds --lookup 8 to it.
-"llama-server-unified" adds -kvu: one pool of P*C cells shared by all slots, the layout of
-lmserve's default.
+"lmserve-split" pins that layout (--kv-split --ctx C) whatever the memory;
+"lmserve-shared" gives all slots one pool of P*C cells (--kv-layout shared --ctx P*C), the
+layout of the batched example and of "llama-server-unified" (-kvu).
 
 ignore_eos: lmserve and llama-server honour the request field. Both llama-cpp-python servers
 drop unknown fields, so they get a logit_bias of -1000 on every end-of-generation token of the
@@ -46,7 +47,7 @@ PEER_PY = PEERS / "venv" / "bin" / "python"
 EXAMPLE_SERVER = PEERS / "example-server" / "server.py"
 EOS_BIAS = -1000.0
 
-SERVERS: tuple[str, ...] = ("lmserve", "lmserve-lookup", "lmserve-split", "lmserve-split-lookup",
+SERVERS: tuple[str, ...] = ("lmserve", "lmserve-lookup", "lmserve-split", "lmserve-shared",
                             "llama-server", "llama-server-unified", "llama-cpp-python-batched",
                             "llama-cpp-python")
 
@@ -99,7 +100,7 @@ def lmserve(model: str, port: int, s: Settings, name: str = "lmserve",
             extra: tuple[str, ...] = ()) -> ServerSpec:
     cmd = [sys.executable, "-m", "lmserve", "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--threads", str(s.threads), "--threads-batch", str(s.threads),
-           "--parallel", str(s.parallel), "--ctx", str(s.ctx_total), "--batch", str(s.batch),
+           "--parallel", str(s.parallel), "--ctx", str(s.ctx_per_seq), "--batch", str(s.batch),
            "--log-level", "warning", *extra]
     return ServerSpec(name, cmd, "/health", engine_metrics=True)
 
@@ -107,7 +108,7 @@ def lmserve(model: str, port: int, s: Settings, name: str = "lmserve",
 def llama_server(model: str, port: int, s: Settings, binary: str,
                  unified: bool = False) -> ServerSpec:
     # With -np, llama-server gives each slot its own KV stream of c / np cells; -kvu makes
-    # them share one pool, the layout of lmserve's default.
+    # them share one pool, the layout of lmserve --kv-layout shared.
     cmd = [binary, "-m", model, "--host", "127.0.0.1", "--port", str(port),
            "-t", str(s.threads), "-tb", str(s.threads), "-np", str(s.parallel),
            "-c", str(s.ctx_total), "--cont-batching", "-b", str(s.batch), "-ub", str(s.batch),
@@ -152,10 +153,10 @@ def build(name: str, model: str, port: int, s: Settings, workdir: Path) -> Serve
     if name == "lmserve-lookup":
         return lmserve(model, port, s, name, ("--lookup", "8"))
     if name == "lmserve-split":  # a KV stream of C cells per slot, as llama-server's -np
-        return lmserve(model, port, s, name, ("--kv-split", "--ctx", str(s.ctx_per_seq)))
-    if name == "lmserve-split-lookup":
+        return lmserve(model, port, s, name, ("--kv-split",))
+    if name == "lmserve-shared":  # one pool of P*C cells, as the batched example
         return lmserve(model, port, s, name,
-                       ("--kv-split", "--ctx", str(s.ctx_per_seq), "--lookup", "8"))
+                       ("--kv-layout", "shared", "--ctx", str(s.ctx_total)))
     if name in ("llama-server", "llama-server-unified"):
         return llama_server(model, port, s, llama_server_binary(),
                             unified=name == "llama-server-unified")

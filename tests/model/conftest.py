@@ -73,6 +73,14 @@ def start_server(tmp_dir: str, *args: str, wait: bool = True) -> Server:
     return server
 
 
+def own_server(tmp_path_factory: pytest.TempPathFactory, name: str,
+               *args: str) -> Iterator[Server]:
+    """A test module's own server, for a module-scoped fixture to `yield from`."""
+    srv = start_server(str(tmp_path_factory.mktemp(name)), *args)
+    yield srv
+    stop_server(srv)
+
+
 def start_with_template(tmp_dir: str, template: str) -> Server:
     """A server of a test module's own: SmolLM2 under a chat template override."""
     path = os.path.join(tmp_dir, "template.jinja")

@@ -1,5 +1,6 @@
 """--kv-split: one KV stream per slot. Prefix sharing copies whole streams and trims them, n > 1
-forks copy the prompt, and the answers are the shared-pool server's."""
+forks copy the prompt, and the answers are the shared-pool server's. The default (auto)
+layout splits SmolLM2's small streams."""
 
 from __future__ import annotations
 
@@ -8,18 +9,33 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.model.conftest import Server, start_server, stop_server
+from tests.model.conftest import Server, own_server
 
 SYSTEM = "You are a terse assistant. Answer in one short sentence. " * 12
 
 
 @pytest.fixture(scope="module")
 def split_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = str(tmp_path_factory.mktemp("split"))
-    srv = start_server(tmp, "smollm2", "--parallel", "4", "--ctx", "1024", "--threads", "2",
-                       "--kv-split", "--store", "memory")
-    yield srv
-    stop_server(srv)
+    yield from own_server(tmp_path_factory, "split", "smollm2", "--parallel", "4", "--ctx",
+                          "1024", "--threads", "2", "--kv-split", "--store", "memory")
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from own_server(tmp_path_factory, "shared", "smollm2", "--parallel", "4", "--ctx",
+                          "1024", "--threads", "2", "--kv-layout", "shared", "--store", "memory")
+
+
+def layout(server: Server) -> str:
+    return httpx.get(f"{server.base_url}/models/smollm2", timeout=10).json()["meta"]["kv_layout"]
+
+
+def test_layout_is_reported_and_auto_splits_a_small_model(split_server, shared_server, server):
+    assert (layout(split_server), layout(shared_server)) == ("split", "shared")
+    assert layout(server) == "split"  # auto: 8 slots x 4096 cells of SmolLM2 are 0.7 GiB
+    with open(server.log_path, encoding="utf-8") as f:
+        log = f.read()
+    assert "a KV stream of 4096 cells per slot (auto: 8 x 4096 cells would take 0.70 GiB" in log
 
 
 def ask(server: Server, question: str, **extra) -> dict:
@@ -35,16 +51,17 @@ def texts(reply: dict) -> list[str]:
     return [c["message"]["content"] for c in reply["choices"]]
 
 
-def test_split_streams_share_prefixes_and_answer_like_the_shared_pool(split_server, server):
+def test_split_streams_share_prefixes_and_answer_like_the_shared_pool(split_server,
+                                                                     shared_server):
     first = ask(split_server, "Name a fruit.")
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     second = ask(split_server, "Name a river.")  # copies the first stream, trims the copy
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 100
     split_server.flush()
     for question in ("Name a fruit.", "Name a river."):
-        server.flush()
+        shared_server.flush()
         split_server.flush()
-        assert texts(ask(split_server, question)) == texts(ask(server, question))
+        assert texts(ask(split_server, question)) == texts(ask(shared_server, question))
 
 
 def test_split_streams_fork_n_choices_and_bound_each_sequence(split_server):

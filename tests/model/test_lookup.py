@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.model.conftest import Server, start_server, stop_server
+from tests.model.conftest import Server, own_server
 
 TEXT = ("The comittee met on tuesday to discuss the new budjet. Several members argued that the "
         "proposed cuts to the library would hurt students who depend on it for quiet study "
@@ -24,11 +24,8 @@ TEXT = ("The comittee met on tuesday to discuss the new budjet. Several members 
 
 @pytest.fixture(scope="module")
 def lookup_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = str(tmp_path_factory.mktemp("lookup"))
-    srv = start_server(tmp, "smollm2", "--parallel", "4", "--ctx", "4096", "--threads", "2",
-                       "--lookup", "8", "--store", "memory")
-    yield srv
-    stop_server(srv)
+    yield from own_server(tmp_path_factory, "lookup", "smollm2", "--parallel", "4", "--ctx",
+                          "4096", "--threads", "2", "--lookup", "8", "--store", "memory")
 
 
 def chat(server: Server, body: dict) -> dict:

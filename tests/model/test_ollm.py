@@ -65,7 +65,8 @@ def test_plan_for_the_served_model_and_others(http):
     assert (config["context_length"], config["parallel"], config["threads"]) == (4096, 4, 2)
     assert config["backend"] == "llama.cpp" and p["runtime_plan"]["offload"] == "none"
     assert p["resolved_model"]["loaded"] and p["resolved_model"]["n_layer"] == 30
-    assert memory["kv_cache_bytes"] == 4096 * 30 * 3 * 128 * 2
+    assert config["kv_unified"] is False  # auto: 8 slots x 4096 cells fit in 1/8 of memory
+    assert memory["kv_cache_bytes"] == 8 * 4096 * 30 * 3 * 128 * 2
     assert memory["total_bytes"] > memory["weights_bytes"] + memory["kv_cache_bytes"]
     assert memory["available_bytes"] > 0 and isinstance(memory["fits"], bool)
     assert "serving this model now" in p["runtime_plan"]["details"]["context"]

@@ -96,20 +96,20 @@ def flag(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
 
 
-def test_lmserve_shares_one_pool_of_parallel_times_room() -> None:
+def test_lmserve_gets_the_same_room_per_sequence_and_its_layouts() -> None:
     spec = servers.build("lmserve", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
     cmd = spec.command
     assert cmd[1:5] == ["-m", "lmserve", "serve", "/m.gguf"]
-    assert flag(cmd, "--ctx") == "16384" and flag(cmd, "--parallel") == "8"
+    assert flag(cmd, "--ctx") == "2048" and flag(cmd, "--parallel") == "8"
     assert flag(cmd, "--threads") == flag(cmd, "--threads-batch") == "2"
     assert flag(cmd, "--batch") == "512" and spec.engine_metrics and spec.extra_body == {}
+    assert "--kv-layout" not in cmd and "--kv-split" not in cmd  # the default: auto
     lookup = servers.build("lmserve-lookup", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
     assert lookup.name == "lmserve-lookup" and lookup.command[-2:] == ["--lookup", "8"]
     split = servers.build("lmserve-split", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
-    assert split.command[-3:] == ["--kv-split", "--ctx", str(SETTINGS.ctx_per_seq)]
-    both = servers.build("lmserve-split-lookup", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
-    assert both.command[-5:] == ["--kv-split", "--ctx", str(SETTINGS.ctx_per_seq),
-                                 "--lookup", "8"]
+    assert split.command[-1] == "--kv-split" and flag(split.command, "--ctx") == "2048"
+    shared = servers.build("lmserve-shared", "/m.gguf", 1234, SETTINGS, Path("/tmp"))
+    assert shared.command[-4:] == ["--kv-layout", "shared", "--ctx", "16384"]  # one pool P*C
 
 
 def test_llama_server_gets_slots_of_the_same_room() -> None:

@@ -39,17 +39,23 @@ def test_toml_and_errors(tmp_path):
         config.build({"port": "eighty"})
 
 
-def test_speculation_and_kv_split_settings(tmp_path):
+def test_speculation_and_kv_layout_settings(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("lookup = 6\nlookup_budget = 12\nkv_split = true\n")
     cfg = config.build(config.load_file(str(f)))
-    assert cfg.engine.lookup == 6 and cfg.engine.lookup_budget == 12 and cfg.engine.kv_split
+    assert cfg.engine.lookup == 6 and cfg.engine.lookup_budget == 12
+    assert cfg.engine.kv_layout == "split"  # kv_split = true is kv_layout = "split"
     env = config.from_env({"LMSERVE_KV_SPLIT": "false", "LMSERVE_LOOKUP": "8"})
     cfg = config.build(config.load_file(str(f)), env)
-    assert not cfg.engine.kv_split and cfg.engine.lookup == 8
-    assert not config.build({}).engine.kv_split and config.build({}).engine.lookup == 0
+    assert cfg.engine.kv_layout == "shared" and cfg.engine.lookup == 8
+    env = config.from_env({"LMSERVE_KV_LAYOUT": "shared"})
+    assert config.build(config.load_file(str(f)), env).engine.kv_layout == "shared"
+    assert config.build({}).engine.kv_layout == "auto" and config.build({}).engine.lookup == 0
+    assert config.build({"kv_layout": "split", "kv_split": None}).engine.kv_layout == "split"
     with pytest.raises(ValueError, match="kv_split"):
         config.build({"kv_split": "sometimes"})
+    with pytest.raises(ValueError, match="kv_layout must be one of auto, split, shared"):
+        config.build({"kv_layout": "sometimes"})
 
 
 def test_env_keys_and_template_file(tmp_path):

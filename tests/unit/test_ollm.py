@@ -111,7 +111,7 @@ def test_split_streams_need_a_stream_per_slot():
     """llama.cpp reports, for SmolLM2 with kv_unified false, 8 sequences of 1024 cells:
     KV 180.00 MiB (1024 cells x 8 seqs)."""
     f = smollm2()
-    knobs = plan.choose(f, {"n_ctx": 1024, "parallel": 4, "kv_split": True}, {}, cpu_count=2)
+    knobs = plan.choose(f, {"n_ctx": 1024, "parallel": 4, "kv_layout": "split"}, {}, cpu_count=2)
     mem = plan.memory(f, knobs, available=None)
     assert knobs.n_seq_max == 8 and mem["kv_cache_bytes"] == 180 * MIB
     assert knobs.cache_tokens.value == 0  # no idle budget: idle streams cost others nothing
@@ -274,7 +274,10 @@ def test_health_models_plan_and_errors():
         p = c.post("/v1/plan", json={"runtime": {"model_reference": "smollm2",
                                                  "context_length": 1024}}).json()
         assert p["runtime_config"]["context_length"] == 1024 and p["runtime_config"]["parallel"] == 2
-        assert p["runtime_plan"]["memory"]["kv_cache_bytes"] == 1024 * 23040
+        # auto layout: 4 slots x 1024 cells (90 MiB) fit in an eighth of any test machine
+        assert p["runtime_config"]["kv_unified"] is False
+        assert p["runtime_plan"]["memory"]["kv_cache_bytes"] == 4 * 1024 * 23040
+        assert "auto" in p["runtime_plan"]["details"]["parallel"]
         r = c.post("/v1/plan", json={"runtime": {"model_reference": "/no/such.gguf"}})
         assert r.status_code == 404 and "no model" in r.json()["detail"]
         r = c.post("/v1/plan", json={"runtime": {"model_reference": "hf://a/b/c.gguf"}})

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lmserve.engine import kv_layout
+
 F16_BYTES = 2  # llama.cpp's default K and V cache type
 F32_BYTES = 4
 MIB = 1024 * 1024
@@ -36,7 +38,8 @@ class ModelFacts:
     @property
     def kv_bytes_per_token(self) -> int:
         """f16 K and V rows for one cell, on every layer."""
-        return self.n_layer * self.n_head_kv * (self.key_length + self.value_length) * F16_BYTES
+        return kv_layout.kv_bytes_per_token(self.n_layer, self.n_head_kv, self.key_length,
+                                            self.value_length)
 
 
 def facts_from_header(metadata: Mapping[str, Any], *, size_bytes: int,
@@ -79,7 +82,7 @@ class Knobs:
     step_tokens: Choice
     cache_slots: Choice
     cache_tokens: Choice
-    kv_split: bool = False  # --kv-split: one stream of `context` cells per slot
+    kv_split: bool = False  # one stream of `context` cells per slot (engine.kv_layout)
     disk_cache: bool = False  # --disk-cache is set
 
     @property
@@ -92,9 +95,10 @@ class Knobs:
 
 
 def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[str, Any], *,
-           cpu_count: int, running_ctx: int | None = None) -> Knobs:
+           cpu_count: int, running_ctx: int | None = None, memory: int | None = None) -> Knobs:
     """configured: the server's engine settings (None: default); requested: the plan request's
-    overrides; running_ctx: the context of the engine already serving this model."""
+    overrides; running_ctx: the context of the engine already serving this model; memory: the
+    machine's, which the auto KV layout weighs (engine.kv_layout)."""
     context = _context(facts, configured.get("n_ctx"), requested.get("context_length"),
                        running_ctx)
     threads = _pick(requested.get("threads"), configured.get("threads"), cpu_count,
@@ -104,20 +108,23 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
                           batch_default.value, "--threads-batch", batch_default.reason)
     parallel = _pick(requested.get("parallel"), configured.get("parallel"), 8, "--parallel",
                      "lmserve's default")
-    split = bool(configured.get("kv_split"))
-    parallel = Choice(parallel.value, parallel.reason + (
-        "; every slot has its own KV stream of the whole context (--kv-split)" if split else
-        "; the sequences decoded together share one unified KV pool of the whole context, so "
-        "one of them may use all of it"))
+    configured_slots = configured.get("cache_slots")
+    idle_slots = parallel.value if configured_slots is None else int(configured_slots)
+    layout = kv_layout.choose(str(configured.get("kv_layout") or "auto"),
+                              bytes_per_token=facts.kv_bytes_per_token or None,
+                              n_ctx=context.value, n_slots=parallel.value + idle_slots,
+                              memory=memory)
+    split = layout.split
+    parallel = Choice(parallel.value, parallel.reason + "; KV: " + layout.reason + (
+        "" if split else "; one sequence may use all of it"))
     step = int(configured.get("step_tokens") or 512)
-    cache_slots = configured.get("cache_slots")
     cache_tokens = configured.get("cache_tokens")
     idle_default = 0 if split else context.value // 4  # split: no budget, idle KV is free
     return Knobs(
         context=context, threads=threads, threads_batch=threads_batch, parallel=parallel,
         step_tokens=Choice(step, "tokens per engine step (--batch): decode tokens first, then "
                            "prompt chunks; llama.cpp's n_batch = n_ubatch = max(batch, parallel)"),
-        cache_slots=Choice(parallel.value if cache_slots is None else int(cache_slots),
+        cache_slots=Choice(idle_slots,
                            "finished sequences kept resident for prefix reuse (--cache-slots, "
                            "default: as many as --parallel)"),
         cache_tokens=Choice(idle_default if cache_tokens is None else int(cache_tokens),

@@ -24,6 +24,7 @@ from lmserve.dialects.ollm import adapter, discovery, encoder, plan
 from lmserve.dialects.ollm.schema import (GenerationIn, PlanRequest, PromptRequest, RuntimeIn,
                                           SessionCreateRequest, SessionPromptRequest)
 from lmserve.dialects.ollm.turns import PromptJob, SessionTurn, Turns
+from lmserve.engine import kv_layout
 from lmserve.engine.runner import default_threads
 from lmserve.http.routing import dialect_route, unless_disconnected
 from lmserve.http.streaming import SSE_HEADERS, truncation_headers
@@ -163,7 +164,8 @@ def _plan(registry: ModelRegistry, runtime: RuntimeIn) -> dict[str, Any]:
     knobs = plan.choose(facts, dataclasses.asdict(settings),
                         runtime.model_dump(include=set(adapter.SERVED_KNOBS)),
                         cpu_count=default_threads(),
-                        running_ctx=service.n_ctx if service and service.ready else None)
+                        running_ctx=service.n_ctx if service and service.ready else None,
+                        memory=kv_layout.machine_memory())
     return plan.plan_body(target, facts, knobs,
                           plan.memory(facts, knobs, available=_available_memory()))
 
