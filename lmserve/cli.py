@@ -36,7 +36,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="finished sequences kept resident for prefix reuse (default = --parallel)")
     p.add_argument("--cache-tokens", type=int,
                    help="idle KV tokens kept for prefix reuse besides the newest finished "
-                        "conversation (default: a quarter of --ctx)")
+                        "conversation (default: a quarter of --ctx in a shared pool, no limit "
+                        "with split streams)")
     p.add_argument("--kv-layout", choices=["auto", "split", "shared"],
                    help="KV cache layout: split gives every slot (--parallel + --cache-slots) "
                         "its own stream of --ctx cells (fastest decoding of many sequences, "

@@ -88,3 +88,40 @@ def test_concurrent_split_streams_answer_as_each_alone(split_server):
     with ThreadPoolExecutor(len(questions)) as pool:
         together = dict(zip(questions, pool.map(lambda q: texts(ask(split_server, q)), questions)))
     assert together == alone
+
+
+def test_auto_falls_back_to_the_shared_pool_when_streams_cannot_be_made(model_path, monkeypatch):
+    import asyncio
+
+    from lmserve import service as service_module
+    from lmserve.engine.runner import Context
+    from lmserve.service import EngineSettings, ModelService
+
+    asked: list[bool] = []
+
+    def context(model, **params):  # llama.cpp refusing the split context, as out of memory
+        asked.append(params["kv_unified"])
+        if not params["kv_unified"]:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        return Context(model, **params)
+
+    monkeypatch.setattr(service_module, "Context", context)
+    loop = asyncio.new_event_loop()
+    auto = ModelService("smollm2", model_path, EngineSettings(n_ctx=512, parallel=2, threads=2))
+    try:
+        auto.load(loop)
+        assert asked == [False, True] and auto.ready and not auto.kv_split
+        assert "a stream per slot could not be made: llama.cpp could not create a context" \
+            in auto.kv_layout_reason
+        assert auto.client is not None and auto.client.core.pool.idle_tokens == 512 // 4
+    finally:
+        auto.close()
+    forced = ModelService("smollm2", model_path,
+                          EngineSettings(n_ctx=512, parallel=2, threads=2, kv_layout="split"))
+    with pytest.raises(RuntimeError, match="could not create a context"):
+        forced.load(loop)  # asked for split streams: no silent fallback
+    assert forced.state == "failed"
+    for service in (auto, forced):
+        if service.model is not None:
+            service.model.close()
+    loop.close()
