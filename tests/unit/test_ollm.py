@@ -17,6 +17,7 @@ from lmserve.core.events import FINISH_ERROR, FINISH_LENGTH, TokenOutput, Usage
 from lmserve.dialects.ollm import adapter, encoder, plan
 from lmserve.dialects.ollm.schema import GenerationIn, RuntimeIn
 from lmserve.dialects.ollm.turns import Turns
+from lmserve.engine import kv_layout
 from lmserve.http.app import StoreSettings, create_app
 from lmserve.models.gguf_header import read_header
 from lmserve.models.registry import ModelRegistry
@@ -118,6 +119,19 @@ def test_split_streams_need_a_stream_per_slot():
     body = plan.plan_body(plan.Target("smollm2", "smollm2", "bundled", "/m.gguf"), f, knobs, mem)
     assert body["runtime_config"]["kv_unified"] is False
     assert "8 x 1024 cells" in body["runtime_plan"]["details"]["kv_cache"]
+
+
+def test_a_running_engine_reports_its_own_kv_layout():
+    f = smollm2()
+    fell_back = kv_layout.Layout(False, "one KV pool (auto: a stream per slot could not be made)")
+    running = plan.choose(f, {"n_ctx": 1024}, {}, cpu_count=2, running_ctx=1024,
+                          memory=64 * 1024 * MIB, running_layout=fell_back)
+    assert not running.kv_split and "could not be made" in running.parallel.reason
+    assert running.cache_tokens.value == 256  # the shared pool's idle budget
+    # A plan asking for another context or parallelism is sized by the rule, not the engine.
+    asked = plan.choose(f, {"n_ctx": 1024}, {"context_length": 2048}, cpu_count=2,
+                        running_ctx=1024, memory=64 * 1024 * MIB, running_layout=fell_back)
+    assert asked.kv_split and "auto" in asked.parallel.reason
 
 
 def test_choices_say_where_they_came_from():

@@ -95,10 +95,12 @@ class Knobs:
 
 
 def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[str, Any], *,
-           cpu_count: int, running_ctx: int | None = None, memory: int | None = None) -> Knobs:
+           cpu_count: int, running_ctx: int | None = None, memory: int | None = None,
+           running_layout: kv_layout.Layout | None = None) -> Knobs:
     """configured: the server's engine settings (None: default); requested: the plan request's
-    overrides; running_ctx: the context of the engine already serving this model; memory: the
-    machine's, which the auto KV layout weighs (engine.kv_layout)."""
+    overrides; running_ctx and running_layout: the context and KV layout of the engine already
+    serving this model; memory: the machine's, which the auto KV layout weighs
+    (engine.kv_layout)."""
     context = _context(facts, configured.get("n_ctx"), requested.get("context_length"),
                        running_ctx)
     threads = _pick(requested.get("threads"), configured.get("threads"), cpu_count,
@@ -110,10 +112,14 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
                      "lmserve's default")
     configured_slots = configured.get("cache_slots")
     idle_slots = parallel.value if configured_slots is None else int(configured_slots)
-    layout = kv_layout.choose(str(configured.get("kv_layout") or "auto"),
-                              bytes_per_token=facts.kv_bytes_per_token or None,
-                              n_ctx=context.value, n_slots=parallel.value + idle_slots,
-                              memory=memory)
+    if running_layout is not None and requested.get("context_length") is None and \
+            requested.get("parallel") is None:
+        layout = running_layout  # what the engine was given, a fallback included
+    else:
+        layout = kv_layout.choose(str(configured.get("kv_layout") or "auto"),
+                                  bytes_per_token=facts.kv_bytes_per_token or None,
+                                  n_ctx=context.value, n_slots=parallel.value + idle_slots,
+                                  memory=memory)
     split = layout.split
     parallel = Choice(parallel.value, parallel.reason + "; KV: " + layout.reason + (
         "" if split else "; one sequence may use all of it"))

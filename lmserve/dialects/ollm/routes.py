@@ -161,11 +161,15 @@ def _plan(registry: ModelRegistry, runtime: RuntimeIn) -> dict[str, Any]:
                                    quantization=header.quantization)
     settings = service.settings if service else next(
         (s.settings for s in registry), EngineSettings())
+    running = service if service is not None and service.ready else None
     knobs = plan.choose(facts, dataclasses.asdict(settings),
                         runtime.model_dump(include=set(adapter.SERVED_KNOBS)),
                         cpu_count=default_threads(),
-                        running_ctx=service.n_ctx if service and service.ready else None,
-                        memory=kv_layout.machine_memory())
+                        running_ctx=running.n_ctx if running else None,
+                        memory=kv_layout.machine_memory(),
+                        running_layout=kv_layout.Layout(running.kv_split,
+                                                        running.kv_layout_reason)
+                        if running else None)
     return plan.plan_body(target, facts, knobs,
                           plan.memory(facts, knobs, available=_available_memory()))
 
