@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = EngineSettings(n_ctx=args.ctx, parallel=args.parallel, threads=args.threads,
                               kv_layout=args.kv_layout)
     engine = await InProcessBackend.start(args.model, settings)
-    layout = engine.service.kv_layout_reason
+    layout = engine.service.layout.reason
     print(f"KV layout: {layout}", flush=True)
     http = OpenAIHTTPBackend(f"http://127.0.0.1:{port}", args.model, max_connections=64)
     probe = MetricsProbe(f"http://127.0.0.1:{port}")

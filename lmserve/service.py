@@ -90,8 +90,7 @@ class ModelService:
         self.client: EngineClient | None = None
         self.template: ChatTemplate | None = None
         self.n_ctx = 0
-        self.kv_split = False  # the layout the engine was given (engine.kv_layout)
-        self.kv_layout_reason = ""
+        self.layout = kv_layout.Layout(False, "not loaded")  # the engine's KV layout, and why
         self._embed_ctx: Context | None = None
         self._embed_lock = threading.Lock()
 
@@ -125,7 +124,7 @@ class ModelService:
         threads = s.threads or default_threads()
         layout = kv_layout.choose(
             s.kv_layout, n_ctx=self.n_ctx, n_slots=n_slots, memory=kv_layout.machine_memory(),
-            bytes_per_token=kv_layout.bytes_per_token_from_metadata(self.model.info.metadata))
+            bytes_per_token=kv_layout.bytes_per_token_from_metadata(info.metadata))
 
         def context(split: bool) -> Context:
             return Context(self.model, n_ctx=self.n_ctx * (n_slots if split else 1),
@@ -138,11 +137,9 @@ class ModelService:
         except RuntimeError as exc:
             if not (layout.split and s.kv_layout == "auto"):
                 raise
-            layout = kv_layout.Layout(False, f"one KV pool of {self.n_ctx} cells shared by all "
-                                             f"{n_slots} slots (auto: a stream per slot could "
-                                             f"not be made: {exc})")
+            layout = kv_layout.fallback(self.n_ctx, n_slots, exc)
             ctx = context(False)
-        self.kv_split, self.kv_layout_reason = layout.split, layout.reason
+        self.layout = layout
         log.info("model %s: %s", self.name, layout.reason)
         self.n_ctx = ctx.n_ctx  # one sequence's room
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.

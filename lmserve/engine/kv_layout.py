@@ -89,6 +89,12 @@ def choose(setting: str, *, bytes_per_token: int | None, n_ctx: int, n_slots: in
                          f"(auto: a stream per slot, {sizes})")
 
 
+def fallback(n_ctx: int, n_slots: int, error: Exception) -> Layout:
+    """What auto becomes when llama.cpp could not make the split context."""
+    return Layout(False, f"one KV pool of {n_ctx} cells shared by all {n_slots} slots (auto: a "
+                         f"stream per slot could not be made: {error})")
+
+
 def machine_memory() -> int | None:
     """Physical memory in bytes, or the cgroup's limit when that is lower; None if unknown."""
     try:

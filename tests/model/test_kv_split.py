@@ -110,9 +110,9 @@ def test_auto_falls_back_to_the_shared_pool_when_streams_cannot_be_made(model_pa
     auto = ModelService("smollm2", model_path, EngineSettings(n_ctx=512, parallel=2, threads=2))
     try:
         auto.load(loop)
-        assert asked == [False, True] and auto.ready and not auto.kv_split
+        assert asked == [False, True] and auto.ready and not auto.layout.split
         assert "a stream per slot could not be made: llama.cpp could not create a context" \
-            in auto.kv_layout_reason
+            in auto.layout.reason
         assert auto.client is not None and auto.client.core.pool.idle_tokens == 512 // 4
     finally:
         auto.close()

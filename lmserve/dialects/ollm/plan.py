@@ -10,7 +10,6 @@ from typing import Any
 
 from lmserve.engine import kv_layout
 
-F16_BYTES = 2  # llama.cpp's default K and V cache type
 F32_BYTES = 4
 MIB = 1024 * 1024
 DEFAULT_CTX_CAP = 8192  # lmserve's default: the training context, capped (service.py)
@@ -202,7 +201,7 @@ def reasons(facts: ModelFacts, knobs: Knobs, mem: dict[str, Any]) -> dict[str, s
                    f"the weights take ({f.quantization or 'unknown'} quantization)",
         "kv_cache": f"{_mib(mem['kv_cache_bytes'])} = {f.n_layer} layers x "
                     f"{_cells(k)} cells x {f.n_head_kv} KV heads x ({f.key_length} + "
-                    f"{f.value_length}) x {F16_BYTES} bytes (f16), " +
+                    f"{f.value_length}) x {kv_layout.F16_BYTES} bytes (f16), " +
                     (f"one stream per slot ({k.n_seq_max} slots)" if k.kv_split else
                      "one unified pool for all sequences"),
         "compute_buffer": f"about {_mib(mem['compute_buffer_bytes'])}: one micro-batch of "

@@ -167,9 +167,7 @@ def _plan(registry: ModelRegistry, runtime: RuntimeIn) -> dict[str, Any]:
                         cpu_count=default_threads(),
                         running_ctx=running.n_ctx if running else None,
                         memory=kv_layout.machine_memory(),
-                        running_layout=kv_layout.Layout(running.kv_split,
-                                                        running.kv_layout_reason)
-                        if running else None)
+                        running_layout=running.layout if running else None)
     return plan.plan_body(target, facts, knobs,
                           plan.memory(facts, knobs, available=_available_memory()))
 

@@ -120,7 +120,7 @@ def _model_card(service: ModelService, name: str) -> dict[str, Any]:
                         "n_ctx_train": info.n_ctx_train, "n_params": info.n_params,
                         "size": info.size_bytes, "n_vocab": info.n_vocab,
                         "chat_template": info.chat_template is not None,
-                        "kv_layout": "split" if service.kv_split else "shared"}
+                        "kv_layout": "split" if service.layout.split else "shared"}
     lora = model_spec(name, service.settings.loras, (service.name, *service.aliases))
     if lora is not None:  # vLLM's shape for an adapter: root is its file, parent the base
         card.update(root=lora.path, parent=name.rpartition(":")[0],
