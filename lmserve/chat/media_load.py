@@ -14,8 +14,17 @@ from pathlib import Path
 
 import httpx
 
-from lmserve.chat.media import (LoadedImage, MediaPolicy, canonical_type, check_remote_url,
-                                decode_inline, is_local, local_file, too_large, verified)
+from lmserve.chat.media import (
+    LoadedImage,
+    MediaPolicy,
+    canonical_type,
+    check_remote_url,
+    decode_inline,
+    is_local,
+    local_file,
+    too_large,
+    verified,
+)
 from lmserve.core.errors import LmserveError, invalid
 from lmserve.core.images import ImageInput
 

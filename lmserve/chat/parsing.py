@@ -12,7 +12,11 @@ from lmserve.chat.textscan import push_text
 from lmserve.chat.toolparsers import StreamParser, canonical_tool_format, make_tool_parser
 from lmserve.chat.toolparsers.harmony import HarmonyParser
 from lmserve.core.events import (
-    CHANNEL_OUTPUT, CHANNEL_REASONING, ChatEvent, ParsedTurn, TextDelta,
+    CHANNEL_OUTPUT,
+    CHANNEL_REASONING,
+    ChatEvent,
+    ParsedTurn,
+    TextDelta,
 )
 
 __all__ = ["ChatOutputParser", "make_chat_parser", "parse_all"]

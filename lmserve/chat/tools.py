@@ -8,10 +8,15 @@ call in lmserve.chat.grammar. This module is the one place the rest of lmserve i
 from __future__ import annotations
 
 from lmserve.chat.tool_prompt import (
-    FALLBACK_TOOL_FORMAT, apply_fallback_tool_prompt, render_tool_instructions,
+    FALLBACK_TOOL_FORMAT,
+    apply_fallback_tool_prompt,
+    render_tool_instructions,
 )
 from lmserve.chat.toolparsers import (
-    TOOL_FORMATS, StreamParser, canonical_tool_format, make_tool_parser,
+    TOOL_FORMATS,
+    StreamParser,
+    canonical_tool_format,
+    make_tool_parser,
 )
 from lmserve.chat.toolparsers.base import new_call_id
 from lmserve.chat.toolparsers.detect import detect_tool_format

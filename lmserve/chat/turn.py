@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmserve.chat.grammar import (
-    GrammarError, gbnf_grammar, json_object_grammar, json_schema_grammar, regex_grammar,
+    GrammarError,
+    gbnf_grammar,
+    json_object_grammar,
+    json_schema_grammar,
+    regex_grammar,
     tool_call_grammar,
 )
 from lmserve.chat.grammar.check import parse_gbnf
@@ -30,7 +34,10 @@ from lmserve.chat.parsing import make_chat_parser
 from lmserve.chat.reasoning import generation_opens_reasoning
 from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import (
-    FALLBACK_TOOL_FORMAT, StreamParser, apply_fallback_tool_prompt, detect_tool_format,
+    FALLBACK_TOOL_FORMAT,
+    StreamParser,
+    apply_fallback_tool_prompt,
+    detect_tool_format,
 )
 from lmserve.core.errors import invalid
 from lmserve.core.events import ChatEvent, ToolCallDelta, ToolCallEnd, ToolCallStart

@@ -28,7 +28,7 @@ class ImageInput:
     param: str = "images"  # the request field it came from, for errors
     offset: int = 0  # where it stands in its message's text, in characters
 
-    def at(self, offset: int) -> "ImageInput":
+    def at(self, offset: int) -> ImageInput:
         return dataclasses.replace(self, offset=offset)
 
 

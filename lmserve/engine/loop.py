@@ -40,7 +40,7 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    def call(self, fn: Callable[[EngineCore], Any]) -> "queue.SimpleQueue[Any]":
+    def call(self, fn: Callable[[EngineCore], Any]) -> queue.SimpleQueue[Any]:
         """Run fn(core) on the engine thread between steps; the result arrives on the queue."""
         reply: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inbox.put(("call", (fn, reply)))

@@ -57,7 +57,7 @@ class AdapterRotation:
         self._clock = 0
         self._turn = 0  # steps the active group has had in a row
 
-    def select(self, seqs: list["Sequence"]) -> list["Sequence"]:
+    def select(self, seqs: list[Sequence]) -> list[Sequence]:
         """The sequences of this step's group (all of them when only one group has work)."""
         groups = list(dict.fromkeys(s.request.adapters for s in seqs))
         if not groups:

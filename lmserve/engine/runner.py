@@ -139,7 +139,8 @@ class Model:
         )
 
     # -- tokens -----------------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = True,
+                 parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (ll.llama_token * cap)()
@@ -192,7 +193,8 @@ class Model:
         return found
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self._token_bytes(t, special=True) for t in tokens).decode("utf-8", "replace")
+        data = b"".join(self._token_bytes(t, special=True) for t in tokens)
+        return data.decode("utf-8", "replace")
 
     def load_lora(self, path: str) -> None:
         """Load a LoRA adapter GGUF for this model; contexts apply it with set_adapters."""
@@ -251,7 +253,7 @@ class Sampler:
         add(ll.llama_sampler_init_temp(params.temperature))
         add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
-    def sample(self, ctx: "Context", batch_index: int) -> int:
+    def sample(self, ctx: Context, batch_index: int) -> int:
         # llama_sampler_sample applies the chain to the logits row and accepts the token.
         return ll.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
 
@@ -273,20 +275,23 @@ class Batch:
         self.logits = np.zeros(capacity, dtype=np.int8)
         seq_base = self.seq.ctypes.data
         self._seq_ptrs = (ctypes.POINTER(ll.llama_seq_id) * capacity)(
-            *[ctypes.cast(seq_base + 4 * i, ctypes.POINTER(ll.llama_seq_id)) for i in range(capacity)])
+            *[ctypes.cast(seq_base + 4 * i, ctypes.POINTER(ll.llama_seq_id))
+              for i in range(capacity)])
         self.struct = ll.llama_batch()
         self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token))
         self.struct.embd = ctypes.POINTER(ctypes.c_float)()
         self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos))
         self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.struct.seq_id = ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id)))
+        self.struct.seq_id = ctypes.cast(self._seq_ptrs,
+                                         ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id)))
         self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
         self.n = 0
 
     def clear(self) -> None:
         self.n = 0
 
-    def add(self, tokens: Sequence[int], start_pos: int, seq_id: int, want_last_logits: bool) -> int:
+    def add(self, tokens: Sequence[int], start_pos: int, seq_id: int,
+            want_last_logits: bool) -> int:
         """Append tokens of one sequence; returns the batch index of the last one."""
         n, k = self.n, len(tokens)
         self.token[n:n + k] = tokens

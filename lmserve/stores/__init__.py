@@ -8,8 +8,19 @@
 from lmserve.stores.base import ResponseStore, SessionStore, Store, StreamStore
 from lmserve.stores.factory import default_data_dir, open_store
 from lmserve.stores.records import (
-    ConflictError, Frame, ItemPage, NotFoundError, PageQuery, ResponseRecord, Retention,
-    RetentionPolicy, Session, SessionInfo, StreamInfo, StreamRetention, StreamState,
+    ConflictError,
+    Frame,
+    ItemPage,
+    NotFoundError,
+    PageQuery,
+    ResponseRecord,
+    Retention,
+    RetentionPolicy,
+    Session,
+    SessionInfo,
+    StreamInfo,
+    StreamRetention,
+    StreamState,
 )
 
 __all__ = [

@@ -9,7 +9,14 @@ from types import TracebackType
 from lmserve.core.errors import invalid
 from lmserve.stores.notify import Notifier, wait_for_change
 from lmserve.stores.records import (
-    JSON, Frame, ItemPage, PageQuery, ResponseRecord, Session, SessionInfo, StreamInfo,
+    JSON,
+    Frame,
+    ItemPage,
+    PageQuery,
+    ResponseRecord,
+    Session,
+    SessionInfo,
+    StreamInfo,
     StreamState,
 )
 
@@ -60,7 +67,7 @@ class StreamStore(abc.ABC):
                                      lambda: self.has_news(stream_id, after), timeout,
                                      self.poll_interval)
 
-    async def _before_wait(self) -> None:
+    async def _before_wait(self) -> None:  # noqa: B027 (an optional hook, no-op by default)
         """A backend's hook to start listening for changes made by other processes."""
 
     @abc.abstractmethod

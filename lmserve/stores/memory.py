@@ -9,9 +9,26 @@ from typing import Generic, TypeVar
 
 from lmserve.stores.base import ResponseStore, SessionStore, Store, StreamStore
 from lmserve.stores.records import (
-    JSON, Clock, ConflictError, Frame, ItemPage, NotFoundError, PageQuery, ResponseRecord,
-    Retention, RetentionPolicy, Session, SessionInfo, StreamInfo, StreamRetention, StreamState,
-    check_id, check_messages, copy_json, is_expired, page_items,
+    JSON,
+    Clock,
+    ConflictError,
+    Frame,
+    ItemPage,
+    NotFoundError,
+    PageQuery,
+    ResponseRecord,
+    Retention,
+    RetentionPolicy,
+    Session,
+    SessionInfo,
+    StreamInfo,
+    StreamRetention,
+    StreamState,
+    check_id,
+    check_messages,
+    copy_json,
+    is_expired,
+    page_items,
 )
 
 T = TypeVar("T")

@@ -105,7 +105,7 @@ def is_expired(expires_at: float | None, now: float) -> bool:
 
 # ---- resumable streams --------------------------------------------------------------------
 
-class StreamState(str, enum.Enum):
+class StreamState(enum.StrEnum):
     OPEN = "open"
     COMPLETED = "completed"
     FAILED = "failed"

@@ -11,8 +11,22 @@ from redis.exceptions import RedisError
 
 from lmserve.stores.base import ResponseStore, SessionStore, Store
 from lmserve.stores.records import (
-    JSON, Clock, ConflictError, ItemPage, NotFoundError, PageQuery, ResponseRecord, Retention,
-    RetentionPolicy, Session, SessionInfo, check_id, check_messages, copy_json, dumps, page_items,
+    JSON,
+    Clock,
+    ConflictError,
+    ItemPage,
+    NotFoundError,
+    PageQuery,
+    ResponseRecord,
+    Retention,
+    RetentionPolicy,
+    Session,
+    SessionInfo,
+    check_id,
+    check_messages,
+    copy_json,
+    dumps,
+    page_items,
 )
 from lmserve.stores.redis_scripts import APPEND_MESSAGES, CREATE, PUT_RECORD
 from lmserve.stores.redis_streams import RedisStreams
@@ -106,7 +120,7 @@ class RedisSessions(SessionStore):
             args=[session_id, repr(now), *expiry_args(t.retention.expires_at(now), now), *batch])
         if count < 0:
             raise NotFoundError("Session", session_id)
-        fields = dict(zip(flat[0][::2], flat[0][1::2]))
+        fields = dict(zip(flat[0][::2], flat[0][1::2], strict=True))
         return _session_info(session_id, fields, count)
 
     async def delete(self, session_id: str) -> bool:
@@ -122,7 +136,7 @@ class RedisSessions(SessionStore):
                 pipe.llen(t.key(session_id, 1))
             results = await pipe.execute()
         return [_session_info(session_id, fields, count)
-                for session_id, fields, count in zip(ids, results[::2], results[1::2])
+                for session_id, fields, count in zip(ids, results[::2], results[1::2], strict=True)
                 if fields]
 
     async def purge(self) -> int:

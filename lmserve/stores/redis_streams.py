@@ -18,8 +18,17 @@ from redis.exceptions import RedisError
 
 from lmserve.stores.base import StreamStore
 from lmserve.stores.records import (
-    JSON, Clock, ConflictError, Frame, NotFoundError, StreamInfo, StreamRetention, StreamState,
-    check_id, copy_json, dumps,
+    JSON,
+    Clock,
+    ConflictError,
+    Frame,
+    NotFoundError,
+    StreamInfo,
+    StreamRetention,
+    StreamState,
+    check_id,
+    copy_json,
+    dumps,
 )
 from lmserve.stores.redis_scripts import APPEND_FRAME, CREATE, FINISH
 from lmserve.stores.redis_table import RedisTable, expiry_args

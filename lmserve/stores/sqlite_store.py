@@ -9,8 +9,22 @@ from pathlib import Path
 
 from lmserve.stores.base import ResponseStore, SessionStore, Store
 from lmserve.stores.records import (
-    JSON, Clock, ConflictError, ItemPage, NotFoundError, PageQuery, ResponseRecord, Retention,
-    RetentionPolicy, Session, SessionInfo, check_id, check_messages, copy_json, dumps, make_page,
+    JSON,
+    Clock,
+    ConflictError,
+    ItemPage,
+    NotFoundError,
+    PageQuery,
+    ResponseRecord,
+    Retention,
+    RetentionPolicy,
+    Session,
+    SessionInfo,
+    check_id,
+    check_messages,
+    copy_json,
+    dumps,
+    make_page,
     unknown_cursor,
 )
 from lmserve.stores.sqlite_db import LIVE, SqliteDatabase, delete_row, evict, is_live

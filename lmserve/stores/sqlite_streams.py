@@ -7,8 +7,17 @@ import sqlite3
 
 from lmserve.stores.base import StreamStore
 from lmserve.stores.records import (
-    JSON, Clock, ConflictError, Frame, NotFoundError, StreamInfo, StreamRetention, StreamState,
-    check_id, copy_json, dumps,
+    JSON,
+    Clock,
+    ConflictError,
+    Frame,
+    NotFoundError,
+    StreamInfo,
+    StreamRetention,
+    StreamState,
+    check_id,
+    copy_json,
+    dumps,
 )
 from lmserve.stores.sqlite_db import LIVE, SqliteDatabase, delete_row, evict
 

@@ -21,7 +21,11 @@ from typing import Any
 from lmserve.chat.grammar.gbnf import GrammarError, RuleSet, literal, repeat
 from lmserve.chat.grammar.merge import ANNOTATIONS, merge_schemas
 from lmserve.chat.grammar.primitives import (
-    STRING_FORMATS, WS, bounded_number, format_rule, primitive,
+    STRING_FORMATS,
+    WS,
+    bounded_number,
+    format_rule,
+    primitive,
 )
 from lmserve.chat.grammar.regex import pattern_in_string
 

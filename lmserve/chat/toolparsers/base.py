@@ -20,7 +20,11 @@ from typing import Protocol
 from lmserve.chat.textscan import find_marker, partial_marker_len, push_text
 from lmserve.chat.toolparsers.jsonscan import JsonScanner
 from lmserve.core.events import (
-    CHANNEL_OUTPUT, ChatEvent, ToolCallDelta, ToolCallEnd, ToolCallStart,
+    CHANNEL_OUTPUT,
+    ChatEvent,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
 )
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -264,7 +268,7 @@ class DeferredBody:
     """Waits for the first character after the opener, then hands over to the body that
     `choose(first_char, prefix)` selects; None from `choose` means the opener was not a call."""
 
-    def __init__(self, out: Emitter, prefix: str, choose: "Chooser") -> None:
+    def __init__(self, out: Emitter, prefix: str, choose: Chooser) -> None:
         self.out, self._prefix, self._choose = out, prefix, choose
         self._inner: Body | None = None
         self._held = ""

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
-
 from collections.abc import Callable
 
 from lmserve.chat.toolparsers.base import (
-    Body, CallWriter, CharBody, DeferredBody, Emitter, ToolParser, stream_json,
+    Body,
+    CallWriter,
+    CharBody,
+    DeferredBody,
+    Emitter,
+    ToolParser,
+    stream_json,
 )
 from lmserve.chat.toolparsers.jsoncall import JsonCallBody
 from lmserve.chat.toolparsers.jsonscan import JsonScanner

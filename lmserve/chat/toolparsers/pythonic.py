@@ -13,7 +13,12 @@ import re
 from typing import Any
 
 from lmserve.chat.toolparsers.base import (
-    CallWriter, CharBody, DelimitedBody, Emitter, SuffixMatcher, ToolParser,
+    CallWriter,
+    CharBody,
+    DelimitedBody,
+    Emitter,
+    SuffixMatcher,
+    ToolParser,
 )
 
 _NAME_PREFIX = re.compile(r"\s*(?:[A-Za-z_][\w.]*)?\s*\(?")
@@ -56,7 +61,7 @@ def _literal(node: ast.expr) -> Any:
     if isinstance(node, ast.Dict):
         if any(k is None for k in node.keys):
             raise NotACall("dict unpacking in arguments")
-        pairs = zip(node.keys, node.values)
+        pairs = zip(node.keys, node.values, strict=True)
         return {str(_literal(k)): _literal(v) for k, v in pairs}  # type: ignore[arg-type]
     if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
         return [_literal(e) for e in node.elts]
