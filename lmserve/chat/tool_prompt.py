@@ -160,7 +160,7 @@ def _append(message: ChatMessage, text: str) -> ChatMessage:
 
 
 def _with(message: ChatMessage, **changes: Any) -> ChatMessage:
-    fields = {"role": message.role, "content": message.content, "name": message.name,
-              "extra": message.extra}
+    fields: dict[str, Any] = {"role": message.role, "content": message.content,
+                              "name": message.name, "extra": message.extra}
     fields.update(changes)
     return ChatMessage(**fields)

@@ -82,7 +82,7 @@ def _data_url(url: str, param: str, detail: str | None) -> ImageInput:
 
 def _detail(detail: object, param: str) -> str | None:
     if detail is None or detail in DETAILS:
-        return detail  # type: ignore[return-value]
+        return detail
     raise invalid(f"{param} must be one of {', '.join(DETAILS)}", param=param)
 
 

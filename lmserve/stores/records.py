@@ -259,4 +259,5 @@ def check_messages(messages: Sequence[JSON]) -> list[JSON]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise invalid("every message must be an object with a string 'role'",
                           param=f"messages[{index}]")
-    return copy_json(list(messages))
+    copied: list[JSON] = copy_json(list(messages))
+    return copied

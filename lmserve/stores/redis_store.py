@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -129,7 +130,8 @@ class RedisSessions(SessionStore):
     async def _recent(self, limit: int) -> list[SessionInfo]:
         t = self._table
         await t.evict(cap=False)
-        ids = await t.redis.zrevrange(t.order, 0, limit - 1)
+        # decode_responses=True and no scores: the members as str
+        ids = cast("list[str]", await t.redis.zrevrange(t.order, 0, limit - 1))
         async with t.redis.pipeline(transaction=False) as pipe:
             for session_id in ids:
                 pipe.hgetall(t.key(session_id))

@@ -153,7 +153,7 @@ class RedisStreams(StreamStore):
                     log.warning("stream wake-ups from Redis interrupted: %s", exc)
                     await asyncio.sleep(_RETRY_DELAY)
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis leaves it unannotated
 
     async def _relay(self, pubsub: PubSub) -> None:
         if not pubsub.subscribed:

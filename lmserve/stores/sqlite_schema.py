@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 from lmserve.stores.records import dumps
 
@@ -83,7 +84,7 @@ def _v2_input_items_table(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE responses DROP COLUMN input_items")
 
 
-def item_rows(response_id: str, items: list[dict]) -> list[tuple[str, int, str | None, str]]:
+def item_rows(response_id: str, items: list[Any]) -> list[tuple[str, int, str | None, str]]:
     rows = []
     for position, item in enumerate(items, start=1):
         ident = item.get("id") if isinstance(item, dict) else None

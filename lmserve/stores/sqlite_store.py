@@ -6,6 +6,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lmserve.stores.base import ResponseStore, SessionStore, Store
 from lmserve.stores.records import (
@@ -122,7 +123,7 @@ _SESSION = ("SELECT id, model, system, metadata, created_at, updated_at, "
 _NEXT_TOUCH = "(SELECT coalesce(max(touched), 0) + 1 FROM sessions)"
 
 
-def _session_info(row: tuple) -> SessionInfo:
+def _session_info(row: tuple[Any, ...]) -> SessionInfo:
     ident, model, system, metadata, created_at, updated_at, count = row
     return SessionInfo(ident, model, system, json.loads(metadata), created_at, updated_at, count)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from typing import Any
 
 from lmserve.stores.base import StreamStore
 from lmserve.stores.records import (
@@ -24,7 +25,7 @@ from lmserve.stores.sqlite_db import LIVE, SqliteDatabase, delete_row, evict
 _INFO = "SELECT id, state, meta, created_at, finished_at, last_id FROM streams"
 
 
-def _info(row: tuple) -> StreamInfo:
+def _info(row: tuple[Any, ...]) -> StreamInfo:
     ident, state, meta, created_at, finished_at, last_id = row
     return StreamInfo(ident, StreamState(state), json.loads(meta), created_at, finished_at,
                       last_id)

@@ -32,7 +32,8 @@ def json_schema_grammar(schema: Mapping[str, Any] | bool, *,
     """Values valid against `schema`. Objects that list properties get only those unless the
     schema (or `allow_extra_properties`) allows more."""
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        # The stub's Validator protocol takes a dict; jsonschema takes any mapping or a bool.
+        jsonschema.validators.validator_for(schema).check_schema(schema)  # type: ignore[arg-type]
     except SchemaError as exc:
         raise GrammarError(f"invalid JSON Schema: {exc.message}") from exc
     rules = RuleSet()

@@ -214,7 +214,7 @@ class _Parser:
             return Item("group", alts=[[item]], low=low, high=high)
         self._space(False)
         low = self._int()
-        high: int | None = low
+        high = low
         self._space(False)
         if self._peek() == ",":
             self.i += 1

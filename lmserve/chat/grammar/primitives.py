@@ -154,11 +154,11 @@ def number_range(low: float | None, low_open: bool, high: float | None, high_ope
         raise GrammarError(f"no number lies between {low} and {high}")
     parts = []
     if hi is None or hi > 0 or hi == 0 and not high_open:
-        nonneg_low = lo is not None and lo >= 0
-        parts.append(_magnitude(lo if nonneg_low else 0, low_open and nonneg_low, hi, high_open))
+        nonneg_low = lo if lo is not None and lo >= 0 else None
+        parts.append(_magnitude(nonneg_low or 0, low_open and nonneg_low is not None, hi,
+                                high_open))
     if lo is None or lo < 0:
-        below_zero = hi is not None and hi < 0
-        mag_low, mag_low_open = (-hi, high_open) if below_zero else (0, True)
+        mag_low, mag_low_open = (-hi, high_open) if hi is not None and hi < 0 else (0, True)
         parts.append('"-" ' + _group(_magnitude(mag_low, mag_low_open, None if lo is None else -lo,
                                                 low_open)))
     return _alternatives(parts)

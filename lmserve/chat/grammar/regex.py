@@ -261,7 +261,10 @@ def _emit_class(ranges: Ranges, negated: bool, json_string: bool) -> str:
 
     if not json_string:
         return to_class(ranges, negated)
-    contains = lambda code: any(a <= code <= b for a, b in ranges) != negated  # noqa: E731
+
+    def contains(code: int) -> bool:
+        return any(a <= code <= b for a, b in ranges) != negated
+
     escapes = [literal(text) for code, text in _JSON_SPECIAL.items() if contains(code)]
     if negated:
         plain = to_class(ranges + _JSON_EXCLUDED, True)

@@ -14,6 +14,7 @@ does both jobs, reasoning and tools, and needs the special tokens rendered in th
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from lmserve.chat.textscan import find_marker, partial_marker_len, push_text
 from lmserve.chat.toolparsers.base import BufferedParser, CallWriter, Emitter, stream_json
@@ -58,7 +59,8 @@ class HarmonyParser(BufferedParser):
         push_text(self.out.events, channel, text)
 
     def _advance(self) -> bool:
-        return getattr(self, "_in_" + self._state)()
+        step: Callable[[], bool] = getattr(self, "_in_" + self._state)
+        return step()
 
     def _in_header(self) -> bool:
         pos = self._buffer.find(MESSAGE)
