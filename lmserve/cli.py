@@ -19,6 +19,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="GGUF path, bundled name (smollm2), or hf://owner/repo/file.gguf; "
                         "NAME=MODEL to choose the served name. Default: smollm2")
     p.add_argument("--config", help="JSON or TOML configuration file")
+    p.add_argument("--upstream", action="append", dest="upstreams", metavar="NAME=URL",
+                   help="serve NAME from another OpenAI-compatible server (vLLM, SGLang, "
+                        "llama-server, lmserve) at URL, its OpenAI base (http://host:8000/v1); "
+                        "repeatable. With only upstreams, no local model is loaded")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--parallel", "-np", type=int, help="sequences decoded together (default 8)")
@@ -113,17 +117,18 @@ def serve(args: argparse.Namespace) -> int:
     registry = ModelRegistry()
     from lmserve.core.errors import LmserveError
     try:
-        models = [resolve(ref) for ref in cfg.models or (DEFAULT_MODEL,)]
+        models = [resolve(ref) for ref in cfg.models or
+                  (() if cfg.upstreams else (DEFAULT_MODEL,))]
         loras = assign_loras(cfg.engine.loras, [m.name for m in models])
         for model in models:
             registry.add(model.name, model.path, replace(cfg.engine, loras=loras[model.name]),
                          aliases=_aliases(model.name, model.path))
+        app = create_app(registry, api_keys=cfg.api_keys, upstreams=cfg.upstreams,
+                         store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir,
+                                             retention=stream_retention(cfg.stream_ttl)))
     except (LmserveError, ValueError) as exc:
         print(f"lmserve: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    app = create_app(registry, api_keys=cfg.api_keys,
-                     store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir,
-                                         retention=stream_retention(cfg.stream_ttl)))
     print(f"lmserve {__version__}: serving {', '.join(s.name for s in registry)} on "
           f"http://{cfg.host}:{cfg.port} (models load after the port is bound)", file=sys.stderr)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,

@@ -43,6 +43,8 @@ class ServerConfig:
     data_dir: str | None = None
     stream_ttl: float = 600.0  # seconds a finished native stream stays readable
     engine: EngineSettings = field(default_factory=EngineSettings)
+    # Models of other OpenAI-compatible servers: (name, url, api_key, model), see lmserve.upstream
+    upstreams: tuple[tuple[str, str, str | None, str | None], ...] = ()
 
 
 # name -> (section in the file, type); engine keys live in EngineSettings.
@@ -69,7 +71,18 @@ def load_file(path: str) -> dict[str, Any]:
         if key in ("server", "model") and isinstance(value, dict):
             flat.update(value)
         elif key == "models" and isinstance(value, list):
-            flat["models"] = [m if isinstance(m, str) else _model_entry(m) for m in value]
+            flat["models"] = [m if isinstance(m, str) else _model_entry(m) for m in value
+                              if isinstance(m, str) or "upstream" not in m]
+            flat["upstreams"] = [_upstream_entry(str(m.get("name") or ""), m) for m in value
+                                 if isinstance(m, dict) and "upstream" in m]
+        elif key == "models" and isinstance(value, dict):  # [models.NAME] tables
+            for name, entry in value.items():
+                if not isinstance(entry, dict):
+                    raise ValueError(f"models.{name}: expected a table")
+                if "upstream" in entry:
+                    flat.setdefault("upstreams", []).append(_upstream_entry(name, entry))
+                else:
+                    flat.setdefault("models", []).append(_model_entry({"name": name, **entry}))
         else:
             flat[key] = value
     if "path" in flat:  # seed 003 style: model.path (+ alias)
@@ -83,6 +96,36 @@ def _model_entry(entry: dict[str, Any]) -> str:
     ref = str(entry.get("path") or entry.get("model") or "")
     name = entry.get("name") or entry.get("alias")
     return f"{name}={ref}" if name else ref
+
+
+def _upstream_entry(name: str, entry: dict[str, Any]) -> tuple[str, str, Any, Any]:
+    """`upstream = "URL"` or `upstream = {url = "...", api_key = "...", model = "..."}`."""
+    where = f"models.{name or '?'}.upstream"
+    value = entry["upstream"]
+    if isinstance(value, str):
+        value = {"url": value}
+    if not isinstance(value, dict) or not isinstance(value.get("url"), str):
+        raise ValueError(f"{where}: expected a URL or {{url, api_key, model}}")
+    unknown = set(value) - {"url", "api_key", "model"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    return (name, value["url"], value.get("api_key"), value.get("model"))
+
+
+def upstream_spec(value: Any) -> tuple[str, str, str | None, str | None]:
+    """A --upstream NAME=URL flag, or an entry as load_file() makes it."""
+    if isinstance(value, str):
+        name, sep, url = value.partition("=")
+        if not sep:
+            raise ValueError(f"--upstream {value!r}: expected NAME=URL")
+        value = (name, url, None, None)
+    name, url, api_key, model = (tuple(value) + (None, None))[:4]
+    name, url = str(name).strip(), str(url).strip()
+    if not name or not url.startswith(("http://", "https://")):
+        raise ValueError(f"upstream {name or '?'}: needs a name and an http(s) URL, "
+                         f"got {url!r}")
+    return (name, url, None if api_key is None else str(api_key),
+            None if model is None else str(model))
 
 
 def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -104,7 +147,7 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if value is None or (key in ("models", "api_keys") and not value):
+            if value is None or (key in ("models", "api_keys", "upstreams") and not value):
                 continue
             if key == "kv_split":  # the --kv-split flag: kv_layout split (or shared if false)
                 key, value = "kv_layout", "split" if _coerce(key, value, Flag) else "shared"
@@ -125,6 +168,11 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             media[key] = value
         elif key in ("models", "api_keys"):
             server[key] = tuple(str(v) for v in value)
+        elif key == "upstreams":
+            server[key] = tuple(upstream_spec(v) for v in value)
+            names = [u[0] for u in server[key]]
+            if len(set(names)) != len(names):
+                raise ValueError("two upstream models have the same name")
         else:
             raise ValueError(f"unknown configuration key {key!r}")
     for key in ("parallel", "step_tokens", "threads", "n_ctx", "max_queue",
