@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from lmserve.core.backend import choice_step
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import TokenLogprob, TokenOutput, TopLogprob
 from lmserve.dialects.openai import adapter, encoder
-from lmserve.dialects.openai.logprobs import (StreamOffsets, chat_logprobs,
-                                              choice_completion_logprobs, token_string,
-                                              with_logprobs)
+from lmserve.dialects.openai.logprobs import (
+    StreamOffsets,
+    chat_logprobs,
+    choice_completion_logprobs,
+    token_string,
+    with_logprobs,
+)
 from lmserve.dialects.openai.schema import ChatCompletionRequest, CompletionRequest
 
 
@@ -78,10 +83,11 @@ def test_held_back_text_still_carries_its_logprobs():
 def test_collected_choices_gather_logprobs():
     collected = encoder.Collected()
     scores = [entry(b"A", None), entry(b"B", -1.0)]
-    collected.add(TokenOutput(0, "x", [1], logprobs=[entry(b"x", -0.5)],
-                              prompt_logprobs=scores), 0)
-    collected.add(TokenOutput(0, "y", [2], finish_reason="length", logprobs=[entry(b"y", -0.7)]), 0)
-    collected.add(TokenOutput(1, "z", [3], finish_reason="length"), 1)
+    collected.add(choice_step(TokenOutput(0, "x", [1], logprobs=[entry(b"x", -0.5)],
+                                          prompt_logprobs=scores)), 0)
+    collected.add(choice_step(TokenOutput(0, "y", [2], finish_reason="length",
+                                          logprobs=[entry(b"y", -0.7)])), 0)
+    collected.add(choice_step(TokenOutput(1, "z", [3], finish_reason="length")), 1)
     choice = collected.choices[0]
     assert [e.piece for e in choice.logprobs] == [b"x", b"y"]
     assert choice.prompt_logprobs is scores and collected.choices[1].logprobs is None

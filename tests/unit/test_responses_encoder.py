@@ -12,7 +12,11 @@ from openai.types.responses.responses_server_event import ResponsesServerEvent
 
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import (
-    CHANNEL_OUTPUT, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart,
+    CHANNEL_OUTPUT,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
     Usage,
 )
 from lmserve.dialects.openai.responses import encoder

@@ -13,14 +13,24 @@ import pytest
 from fastapi.testclient import TestClient
 from openai.types.responses import Response, ResponseStreamEvent
 
+from lmserve.core.backend import ChoiceStep
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import (CHANNEL_OUTPUT, CHANNEL_REASONING, ChatEvent, TextDelta,
-                                 TokenLogprob, TokenOutput, TopLogprob, ToolCallDelta,
-                                 ToolCallEnd, ToolCallStart, Usage)
+from lmserve.core.events import (
+    CHANNEL_OUTPUT,
+    CHANNEL_REASONING,
+    ChatEvent,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    TopLogprob,
+    Usage,
+)
 from lmserve.core.request import ChatMessage
 from lmserve.dialects.openai.responses import adapter, encoder, items
 from lmserve.dialects.openai.responses.schema import ResponseCreate
-from tests.unit.chat_service import ScriptedRegistry, ScriptedService, StubModel, script
+from tests.unit.chat_service import ScriptedRegistry, ScriptedService, script
 from tests.unit.test_anthropic import parse_sse
 from tests.unit.test_responses_routes import make_app
 
@@ -38,15 +48,15 @@ def lp(piece: str, logprob: float, *alts: tuple[str, float]) -> TokenLogprob:
 
 
 def step(*events: ChatEvent, tokens: int = 1, logprobs: list[TokenLogprob] | None = None
-         ) -> tuple[list[ChatEvent], TokenOutput]:
-    return list(events), TokenOutput(0, "", token_ids=[7] * tokens, logprobs=logprobs)
+         ) -> ChoiceStep:
+    return ChoiceStep(0, events=list(events), token_ids=[7] * tokens, logprobs=logprobs)
 
 
-def run(events: encoder.ResponseEvents, steps: list[tuple[list[ChatEvent], TokenOutput]],
+def run(events: encoder.ResponseEvents, steps: list[ChoiceStep],
         usage: Usage, finish: str = "stop") -> list[dict[str, Any]]:
     out = events.start()
-    for parsed, token_output in steps:
-        out += events.chat(parsed, token_output)
+    for choice_step in steps:
+        out += events.chat(choice_step.events, choice_step)
     return [*out, *events.finish(finish, usage), events.final_event()]
 
 

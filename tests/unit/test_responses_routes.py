@@ -14,18 +14,21 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from lmserve.app import App
 from lmserve.chat.overflow import fit_chat
 from lmserve.chat.turn import plan_turn, turn_parser
+from lmserve.core.backend import PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.dialects.openai.responses import turns
 from lmserve.dialects.openai.responses.routes import make_router
 from lmserve.dialects.openai.responses.schema import ResponseCreate
-from lmserve.app import App
+from lmserve.generation import ParsedGeneration
 from lmserve.http.app import AppState, StoreSettings, create_app
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resolve import resolve
-from lmserve.service import EngineSettings, PreparedPrompt
+from lmserve.service import EngineSettings
+from tests.unit.chat_service import ScriptedGeneration
 from tests.unit.test_anthropic import STEPS, parse_sse
 from tests.unit.test_anthropic_routes import FakeRegistry, FakeService
 
@@ -49,9 +52,13 @@ class Service(FakeService):
         return turn_parser(prepared.tool_format, None, prepared.text,
                            parallel=gen.parallel_tool_calls)
 
-    def start(self, gen: Any, prepared: PreparedPrompt) -> Any:
+    def start(self, gen: Any, prepared: PreparedPrompt, *, parse: bool | None = None) -> Any:
+        """As a backend starts: each step comes through the turn's chat parser."""
         self.check_context(len(prepared.tokens), gen.max_tokens)
-        return super().start(gen, prepared)
+        generation = ScriptedGeneration(self.steps)
+        self.started.append((gen, prepared, generation))
+        return ParsedGeneration(generation,  # type: ignore[arg-type]
+                                lambda: self.chat_parser(gen, prepared))
 
     def check_context(self, n_prompt: int, max_tokens: int | None) -> int:
         if n_prompt >= self.n_ctx:
@@ -236,7 +243,7 @@ def test_errors_after_the_start_travel_inside_the_stream_and_are_stored(service)
         r = client.post("/v1/responses", json={"model": "m", "input": "hi", "stream": True})
         events = parse_sse(r.content)
         assert [name for name, _ in events][-2:] == ["error", "response.failed"]
-        assert events[-2][1]["message"] == "generation failed: decode failed"
+        assert events[-2][1]["message"] == "decode failed"
         failed = events[-1][1]["response"]
         stored = client.get(f"/v1/responses/{failed['id']}").json()
         assert stored["status"] == "failed" and stored["output_text"] == "Hi"
@@ -250,7 +257,7 @@ async def test_a_client_that_leaves_cancels_the_generation_and_the_partial_is_st
         seen = [await events.__anext__() for _ in range(5)]  # up to the first delta
         assert seen[-1]["delta"] == "Hel"
         await events.aclose()  # what Starlette does when the client goes away
-        assert turn.generation.closed
+        assert service.started[0][2].closed  # the engine generation under it
         for _ in range(10):
             await asyncio.sleep(0)
         stored = await state.responses().get(turn.events.response["id"])

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_url, joined_offset
 from lmserve.core.lora import selection_field
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.openai.chat_tools import effort_kwargs, tool_fields
-from lmserve.dialects.openai.schema import (ChatCompletionRequest, ChatMessageIn,
-                                            CompletionRequest, OtherPart, PromptField,
-                                            SamplingFields, TextPart)
+from lmserve.dialects.openai.schema import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    CompletionRequest,
+    OtherPart,
+    PromptField,
+    SamplingFields,
+    TextPart,
+)
 
 
 def sampling_from(body: SamplingFields) -> SamplingParams:
@@ -19,7 +27,8 @@ def sampling_from(body: SamplingFields) -> SamplingParams:
         try:
             logit_bias[int(key)] = value
         except ValueError:
-            raise invalid(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            raise invalid(f"logit_bias keys must be token ids, got {key!r}",
+                          param="logit_bias") from None
     return SamplingParams(
         temperature=_pick(body.temperature, defaults.temperature),
         top_p=_pick(body.top_p, defaults.top_p),
@@ -33,7 +42,10 @@ def sampling_from(body: SamplingFields) -> SamplingParams:
     )
 
 
-def _pick(value, default):  # type: ignore[no-untyped-def]
+_T = TypeVar("_T")
+
+
+def _pick(value: _T | None, default: _T) -> _T:
     return default if value is None else value
 
 
@@ -79,8 +91,9 @@ def _message(message: ChatMessageIn, index: int) -> ChatMessage:
     role = "system" if message.role == "developer" else message.role
     content, images = _content(message, role, index)
     if content is None and role != "assistant":
-        raise invalid(f"messages[{index}] ({role}) has no content", param=f"messages[{index}].content")
-    extra = {}
+        raise invalid(f"messages[{index}] ({role}) has no content",
+                      param=f"messages[{index}].content")
+    extra: dict[str, Any] = {}
     if message.tool_calls:
         extra["tool_calls"] = [dict(c) for c in message.tool_calls]
     if message.tool_call_id:

@@ -10,7 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from lmserve.core.events import (
-    CHANNEL_REASONING, ChatEvent, ParsedTurn, TextDelta, ToolCallDelta, ToolCallStart,
+    CHANNEL_REASONING,
+    ChatEvent,
+    ParsedTurn,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
 )
 
 

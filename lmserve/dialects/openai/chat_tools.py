@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmserve.core.errors import invalid, unsupported
-from lmserve.core.request import (NamedTool, ResponseFormat, ToolChoice, ToolSpec,
-                                  function_tool)
+from lmserve.core.request import NamedTool, ResponseFormat, ToolChoice, ToolSpec, function_tool
 from lmserve.dialects.openai.schema import ChatCompletionRequest
 
 _LEGACY = "the legacy functions API is not supported; send tools and tool_choice"

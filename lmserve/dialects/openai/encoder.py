@@ -1,16 +1,22 @@
-"""Pure translation: neutral engine outputs -> OpenAI JSON bodies and stream chunks."""
+"""Pure translation: the backend's choice steps -> OpenAI JSON bodies and stream chunks."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmserve.core.backend import ChoiceStep, Failed
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, ParsedTurn,
-                                 TokenLogprob, TokenOutput, Usage)
+from lmserve.core.events import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    ParsedTurn,
+    TokenLogprob,
+    Usage,
+)
 from lmserve.dialects.openai.chat_events import assistant_message, chat_finish_reason
 from lmserve.dialects.openai.logprobs import chat_logprobs, choice_completion_logprobs
 
@@ -25,12 +31,20 @@ _ERROR_TYPES = {
     ErrorKind.AUTHENTICATION: "authentication_error",
     ErrorKind.OVERLOADED: "rate_limit_error",
     ErrorKind.LOADING: "service_unavailable_error",
+    ErrorKind.CAPACITY: "service_unavailable_error",  # the KV cache is full: retry shortly
+    ErrorKind.UPSTREAM: "server_error",
+    ErrorKind.UPSTREAM_TIMEOUT: "server_error",
     ErrorKind.INTERNAL: "server_error",
 }
 
 
+def error_type(kind: ErrorKind) -> str:
+    """OpenAI's error `type` for a kind of failure (the status comes from the kind)."""
+    return _ERROR_TYPES.get(kind, "server_error")
+
+
 def error_body(exc: LmserveError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": _ERROR_TYPES[exc.kind],
+    return {"error": {"message": exc.message, "type": error_type(exc.kind),
                       "param": exc.param, "code": exc.code or exc.kind.value}}
 
 
@@ -69,7 +83,8 @@ def total_usage(groups: list[list[Usage]]) -> Usage:
 @dataclass
 class Choice:
     index: int
-    text: str = ""
+    text: str = ""  # the raw text (what a completion returns)
+    turn: ParsedTurn = field(default_factory=ParsedTurn)  # the text, parsed (a chat message)
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None  # None: not asked for
     prompt_logprobs: list[TokenLogprob] | None = None
@@ -77,26 +92,27 @@ class Choice:
 
 @dataclass
 class Collected:
-    """A whole (non-streamed) generation gathered from step outputs."""
+    """A whole (non-streamed) generation gathered from choice steps."""
 
     choices: dict[int, Choice] = field(default_factory=dict)
     usage_groups: dict[int, list[Usage]] = field(default_factory=dict)  # per prompt
-    error: str | None = None
+    failure: Failed | None = None  # the first choice that failed: the response is its error
 
-    def add(self, out: TokenOutput, index: int, group: int = 0) -> None:
+    def add(self, step: ChoiceStep, index: int, group: int = 0) -> None:
         choice = self.choices.setdefault(index, Choice(index))
-        choice.text += out.text
-        if out.logprobs is not None:
+        choice.text += step.text
+        choice.turn.extend(step.events)
+        if step.logprobs is not None:
             choice.logprobs = choice.logprobs or []
-            choice.logprobs.extend(out.logprobs)
-        if out.prompt_logprobs is not None:
-            choice.prompt_logprobs = out.prompt_logprobs
-        if out.finished:
-            choice.finish_reason = finish_reason(out.finish_reason)
-            if out.usage is not None:
-                self.usage_groups.setdefault(group, []).append(out.usage)
-            if out.error:
-                self.error = out.error
+            choice.logprobs.extend(step.logprobs)
+        if step.prompt_logprobs is not None:
+            choice.prompt_logprobs = step.prompt_logprobs
+        if step.finished:
+            choice.finish_reason = finish_reason(step.finish_reason)
+            if step.usage is not None:
+                self.usage_groups.setdefault(group, []).append(step.usage)
+            if step.failed is not None and self.failure is None:
+                self.failure = step.failed
 
     @property
     def usage(self) -> Usage:
@@ -107,14 +123,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def chat_completion(model: str, collected: Collected, usage: Usage,
-                    turns: Mapping[int, ParsedTurn] | None = None) -> dict[str, Any]:
-    """`turns`: each choice's text as the chat parser read it (reasoning, tool calls)."""
-    parsed = turns or {}
+def chat_completion(model: str, collected: Collected, usage: Usage) -> dict[str, Any]:
+    """Each choice's message is its parsed turn (reasoning, answer text, tool calls)."""
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
         "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [_chat_choice(c, parsed.get(c.index, ParsedTurn(content=c.text)))
+        "choices": [_chat_choice(c, c.turn)
                     for c in sorted(collected.choices.values(), key=lambda c: c.index)],
         "usage": usage_body(usage),
     }
@@ -150,7 +164,7 @@ class ChunkEncoder:
                       "system_fingerprint": SYSTEM_FINGERPRINT}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        chunk = {**self._base, "choices": choices}
+        chunk: dict[str, Any] = {**self._base, "choices": choices}
         if self.include_usage:
             chunk["usage"] = None
         return chunk

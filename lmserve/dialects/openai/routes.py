@@ -10,27 +10,25 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lmserve.chat.parsing import parse_all
-from lmserve.chat.tools import StreamParser
-from lmserve.chat.turn import step_events
-from lmserve.core.errors import ErrorKind, LmserveError, invalid
-from lmserve.core.events import FINISH_ERROR, TokenOutput, Usage
+from lmserve.core.backend import BackendGeneration, ChoiceStep, ModelBackend, PreparedPrompt
+from lmserve.core.errors import LmserveError, invalid
+from lmserve.core.events import Usage
 from lmserve.core.lora import model_spec, selection_field
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.openai import adapter, encoder
 from lmserve.dialects.openai.chat_events import ChoiceCalls, event_deltas
 from lmserve.dialects.openai.logprobs import StreamOffsets, chat_logprobs, with_logprobs
 from lmserve.dialects.openai.responses.routes import make_router as responses_router
-from lmserve.dialects.openai.schema import (ChatCompletionRequest, CompletionRequest,
-                                            EmbeddingRequest)
-from lmserve.http.streaming import merge, sse, start_all, truncation_headers
+from lmserve.dialects.openai.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
+from lmserve.http.streaming import merge, sse, start_all, truncation_headers
 from lmserve.models.registry import ModelRegistry
-from lmserve.engine.client import Generation
-from lmserve.service import ModelService, PreparedPrompt
 
 Job = tuple[GenerationRequest, PreparedPrompt]
-ParserFactory = Callable[[], StreamParser]
 
 
 def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None = None) -> APIRouter:
@@ -45,9 +43,7 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
         gen = adapter.chat_request(body)
         prepared = service.prepare(gen)
         return await _respond(request, service, body.model, [(gen, prepared)], chat=True, echo=[],
-                              stream=body.stream,
-                              include_usage=bool(body.stream_options and body.stream_options.include_usage),
-                              new_parser=lambda: service.chat_parser(gen, prepared))
+                              stream=body.stream, include_usage=_include_usage(body))
 
     @router.post("/v1/completions", summary="Create a text completion")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -60,8 +56,7 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
             jobs.append((gen, service.prepare(gen)))
         echo = [_echo_text(service, p) for _, p in jobs] if body.echo else []
         return await _respond(request, service, body.model, jobs, chat=False, echo=echo,
-                              stream=body.stream,
-                              include_usage=bool(body.stream_options and body.stream_options.include_usage))
+                              stream=body.stream, include_usage=_include_usage(body))
 
     @router.post("/v1/embeddings", summary="Create embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
@@ -69,8 +64,9 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
         adapters = service.adapters(body.model, selection_field(body.lora, "lora"))
         inputs = [p if isinstance(p, list) else service.tokenize(p)
                   for p in adapter.completion_prompts(body.input)]
-        n_embd = service.require_ready().info.n_embd
-        if body.dimensions is not None and body.dimensions > n_embd:
+        weights = service.require_ready().weights
+        n_embd = weights.n_embd if weights is not None else None
+        if body.dimensions is not None and n_embd is not None and body.dimensions > n_embd:
             raise invalid(f"dimensions must be at most {n_embd} for this model", param="dimensions")
         vectors = await service.embed(inputs, adapters)
         data = []
@@ -98,6 +94,10 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
     return router
 
 
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def _chat_defaults(body: ChatCompletionRequest, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """max_completion_tokens is the chat field's newer name: a request that set it keeps it."""
     if body.max_completion_tokens is not None:
@@ -105,81 +105,80 @@ def _chat_defaults(body: ChatCompletionRequest, defaults: Mapping[str, Any]) -> 
     return dict(defaults)
 
 
-def _names(registry: ModelRegistry, service: ModelService) -> list[str]:
+def _names(registry: ModelRegistry, service: ModelBackend) -> list[str]:
     """A model's names, then "<name>:<alias>" for each of its LoRA adapters."""
     names = registry.names(service)
-    return [*names, *(f"{names[0]}:{spec.alias}" for spec in service.settings.loras)]
+    return [*names, *(f"{names[0]}:{spec.alias}" for spec in service.card.loras)]
 
 
-def _model_card(service: ModelService, name: str) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": name, "object": "model", "created": service.created,
-                            "owned_by": "lmserve", "status": service.state}
-    if service.model is not None:
-        info = service.model.info
-        card["meta"] = {"architecture": info.architecture, "n_ctx": service.n_ctx,
-                        "n_ctx_train": info.n_ctx_train, "n_params": info.n_params,
-                        "size": info.size_bytes, "n_vocab": info.n_vocab,
-                        "chat_template": info.chat_template is not None,
-                        "kv_layout": "split" if service.layout.split else "shared"}
-    lora = model_spec(name, service.settings.loras, (service.name, *service.aliases))
+def _model_card(service: ModelBackend, name: str) -> dict[str, Any]:
+    card = service.card
+    entry: dict[str, Any] = {"id": name, "object": "model", "created": card.created,
+                             "owned_by": "lmserve", "status": card.state.value}
+    weights = card.weights
+    if weights is not None:
+        entry["meta"] = {"architecture": weights.architecture, "n_ctx": card.n_ctx,
+                         "n_ctx_train": weights.n_ctx_train, "n_params": weights.n_params,
+                         "size": weights.size_bytes, "n_vocab": weights.n_vocab,
+                         "chat_template": card.has_template, "kv_layout": card.kv_layout}
+    lora = model_spec(name, card.loras, card.names)
     if lora is not None:  # vLLM's shape for an adapter: root is its file, parent the base
-        card.update(root=lora.path, parent=name.rpartition(":")[0],
-                    lora={"alias": lora.alias, "scale": lora.scale})
-    return card
+        entry.update(root=lora.path, parent=name.rpartition(":")[0],
+                     lora={"alias": lora.alias, "scale": lora.scale})
+    return entry
 
 
-def _echo_text(service: ModelService, prepared: PreparedPrompt) -> str:
+def _echo_text(service: ModelBackend, prepared: PreparedPrompt) -> str:
     if prepared.text is not None:
         return prepared.text
-    return service.require_ready().detokenize(prepared.tokens)
+    return service.detokenize(prepared.tokens)
 
 
-async def _respond(request: Request, service: ModelService, model: str, jobs: list[Job], *,
-                   chat: bool, echo: list[str], stream: bool, include_usage: bool,
-                   new_parser: ParserFactory | None = None) -> Any:
-    """`new_parser` (chat): a fresh output parser per choice (reasoning, tool calls)."""
+async def _respond(request: Request, service: ModelBackend, model: str, jobs: list[Job], *,
+                   chat: bool, echo: list[str], stream: bool, include_usage: bool) -> Any:
+    """`chat`: each choice's parsed output (reasoning, tool calls) becomes its message."""
     n = jobs[0][0].n
     generations = start_all(service, jobs)  # refusals (context, capacity) happen here
     headers = truncation_headers(max(prepared.dropped_messages for _, prepared in jobs))
     if stream:
+        # With logprobs, each choice's echo waits for its prompt logprobs (on its first step).
+        scored_echo = bool(echo) and jobs[0][0].prompt_logprobs is not None
         return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,
-                                         new_parser),
+                                         scored_echo),
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
     collected = await unless_disconnected(request, _collect(generations, n))
-    if collected.error:
-        raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {collected.error}")
+    if collected.failure is not None:  # nothing sent yet: the failure's own status
+        raise collected.failure.error()
     for i, text in enumerate(echo):
         for j in range(n):
             choice = collected.choices.get(i * n + j)
             if choice is not None:
                 choice.text = text + choice.text
     if chat:
-        turns = {i: parse_all(new_parser(), c.text) for i, c in collected.choices.items()} \
-            if new_parser else None
-        return JSONResponse(encoder.chat_completion(model, collected, collected.usage, turns),
+        return JSONResponse(encoder.chat_completion(model, collected, collected.usage),
                             headers=headers)
     return JSONResponse(encoder.text_completion(model, collected, collected.usage))
 
 
-async def _collect(generations: list[Generation], n: int) -> encoder.Collected:
+async def _collect(generations: list[BackendGeneration], n: int) -> encoder.Collected:
     collected = encoder.Collected()
-    async for job_index, outs in merge(generations):
-        for out in outs:
-            collected.add(out, job_index * n + out.index, job_index)
+    async for job_index, steps in merge(generations):
+        for step in steps:
+            collected.add(step, job_index * n + step.index, job_index)
     return collected
 
 
-async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
-                  echo: list[str], include_usage: bool, new_parser: ParserFactory | None = None
+async def _stream(generations: list[BackendGeneration], n: int, model: str, chat: bool,
+                  echo: list[str], include_usage: bool, scored_echo: bool = False
                   ) -> AsyncIterator[bytes]:
+    """`scored_echo`: the echo goes out with the prompt's logprobs, on each choice's first
+    step, instead of up front."""
     enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage)
-    parsed = _ParsedChoices(enc, new_parser) if new_parser else None
+    parsed = _ParsedChoices(enc) if chat else None
     groups: list[list[Usage]] = [[] for _ in generations]
     offsets = StreamOffsets()
-    # With logprobs, each choice's echo waits for its prompt logprobs (on its first output).
-    scored_echo = bool(echo) and generations[0].request.prompt_logprobs is not None
     if chat:
         for j in range(n):
             yield sse(enc.role(j))
@@ -187,24 +186,23 @@ async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
         for j in range(n):
             yield sse(enc.delta(i * n + j, text, None))
     try:
-        async for job_index, outs in merge(generations):
-            for out in outs:
-                if out.finish_reason == FINISH_ERROR:
-                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-                if out.usage is not None:
-                    groups[job_index].append(out.usage)
+        async for job_index, steps in merge(generations):
+            for step in steps:
+                step.raise_failure()  # the stream has started: the error goes inside it
+                if step.usage is not None:
+                    groups[job_index].append(step.usage)
+                index = job_index * n + step.index
                 if parsed is not None:
-                    for chunk in parsed.chunks(job_index * n + out.index, out):
+                    for chunk in parsed.chunks(index, step):
                         yield sse(chunk)
                     continue
-                index = job_index * n + out.index
-                if scored_echo and out.prompt_logprobs is not None:
+                if scored_echo and step.prompt_logprobs is not None:
                     text = echo[job_index]
                     yield sse(enc.delta(index, text, None,
-                                         offsets.chunk(index, out.prompt_logprobs, text)))
-                if out.text or out.finished or out.logprobs:
-                    yield sse(enc.delta(index, out.text, out.finish_reason,
-                                         offsets.chunk(index, out.logprobs)))
+                                        offsets.chunk(index, step.prompt_logprobs, text)))
+                if step.text or step.finished or step.logprobs:
+                    yield sse(enc.delta(index, step.text, step.finish_reason,
+                                        offsets.chunk(index, step.logprobs)))
         if include_usage:
             yield sse(enc.usage(encoder.total_usage(groups)))
     except LmserveError as exc:  # the stream has started: the error travels inside it
@@ -215,18 +213,15 @@ async def _stream(generations: list[Generation], n: int, model: str, chat: bool,
 class _ParsedChoices:
     """Chat stream chunks from each choice's parsed output (reasoning, text, tool calls)."""
 
-    def __init__(self, enc: encoder.ChunkEncoder, new_parser: ParserFactory) -> None:
-        self.enc, self.new_parser = enc, new_parser
-        self.parsers: dict[int, StreamParser] = {}
+    def __init__(self, enc: encoder.ChunkEncoder) -> None:
+        self.enc = enc
         self.calls = ChoiceCalls()
 
-    def chunks(self, index: int, out: TokenOutput) -> list[dict[str, Any]]:
-        parser = self.parsers.get(index) or self.parsers.setdefault(index, self.new_parser())
-        events = step_events(parser, out.text, out.finished)
-        self.calls.note(index, events)
-        chunks = [self.enc.choice_chunk(index, delta, None) for delta in event_deltas(events)]
-        if out.finished:
-            reason = self.calls.finish_reason(index, encoder.finish_reason(out.finish_reason))
+    def chunks(self, index: int, step: ChoiceStep) -> list[dict[str, Any]]:
+        self.calls.note(index, step.events)
+        chunks = [self.enc.choice_chunk(index, delta, None) for delta in event_deltas(step.events)]
+        if step.finished:
+            reason = self.calls.finish_reason(index, encoder.finish_reason(step.finish_reason))
             chunks.append(self.enc.choice_chunk(index, {}, reason))
-        return with_logprobs(chunks, chat_logprobs(out.logprobs) if out.logprobs else None,
+        return with_logprobs(chunks, chat_logprobs(step.logprobs) if step.logprobs else None,
                              lambda: self.enc.choice_chunk(index, {}, None))

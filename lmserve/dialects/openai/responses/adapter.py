@@ -12,8 +12,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from lmserve.core.errors import invalid, unsupported
-from lmserve.core.request import (ChatMessage, GenerationRequest, NamedTool, ResponseFormat,
-                                  SamplingParams, ToolChoice, ToolSpec, function_tool)
+from lmserve.core.request import (
+    ChatMessage,
+    GenerationRequest,
+    NamedTool,
+    ResponseFormat,
+    SamplingParams,
+    ToolChoice,
+    ToolSpec,
+    function_tool,
+)
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
 
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512

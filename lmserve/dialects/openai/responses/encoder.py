@@ -23,12 +23,19 @@ import json
 import time
 from typing import Any
 
+from lmserve.core.backend import ChoiceStep
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import (
-    CHANNEL_REASONING, FINISH_LENGTH, ChatEvent, TextDelta, TokenOutput, ToolCallDelta,
-    ToolCallEnd, ToolCallStart, Usage,
+    CHANNEL_REASONING,
+    FINISH_LENGTH,
+    ChatEvent,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
 )
-from lmserve.dialects.openai.encoder import error_body
+from lmserve.dialects.openai.encoder import error_body, error_type
 from lmserve.dialects.openai.responses.adapter import reasoning_echo
 from lmserve.dialects.openai.responses.items import output_text_part
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate, new_id
@@ -103,9 +110,9 @@ class ResponseEvents:
         return [self._event("response.created", response=self.snapshot()),
                 self._event("response.in_progress", response=self.snapshot())]
 
-    def chat(self, events: list[ChatEvent], step: TokenOutput | None = None) -> list[JSON]:
+    def chat(self, events: list[ChatEvent], step: ChoiceStep | None = None) -> list[JSON]:
         """The wire events of one step's parsed output (reasoning, answer text, tool calls);
-        `step`: the engine output it came from (its tokens and their logprobs)."""
+        `step`: the choice step it came from (its tokens and their logprobs)."""
         if step is not None:
             self.tokens.step(step, events)
         out: list[JSON] = []
@@ -155,9 +162,10 @@ class ResponseEvents:
         self.error = exc
         self._settle("failed")
         self.response["error"] = {"code": "server_error", "message": exc.message}
-        fields = {"code": exc.code or "server_error", "message": exc.message, "param": exc.param}
+        kind = error_type(exc.kind)  # as the HTTP error body names it: server_error, ...
+        fields = {"code": exc.code or kind, "message": exc.message, "param": exc.param}
         if self.nested_errors:
-            return [self._event("error", error={"type": "server_error", **fields})]
+            return [self._event("error", error={"type": kind, **fields})]
         return [self._event("error", **fields)]
 
     def cancel(self) -> JSON:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
@@ -19,8 +19,13 @@ from lmserve.core.errors import LmserveError, invalid, unsupported
 from lmserve.dialects.openai.encoder import error_body
 from lmserve.dialects.openai.responses import adapter, encoder, turns
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
-from lmserve.http.routing import check_api_key, dialect_route, error_response, \
-    unless_disconnected, validation_error
+from lmserve.http.routing import (
+    check_api_key,
+    dialect_route,
+    error_response,
+    unless_disconnected,
+    validation_error,
+)
 from lmserve.http.streaming import SSE_HEADERS, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.stores import NotFoundError, PageQuery, ResponseStore
@@ -88,7 +93,7 @@ def _include(request: Request) -> list[str]:
             for value in request.query_params.getlist(key)]
 
 
-async def _sse(events: AsyncIterator[JSON]) -> AsyncIterator[bytes]:
+async def _sse(events: AsyncGenerator[JSON, None]) -> AsyncIterator[bytes]:
     async with contextlib.aclosing(events):
         async for event in events:
             yield encoder.sse(event)
@@ -98,7 +103,7 @@ async def _sse(events: AsyncIterator[JSON]) -> AsyncIterator[bytes]:
 
 async def _serve_socket(websocket: WebSocket, models: Models) -> None:
     try:
-        check_api_key(websocket)  # type: ignore[arg-type]  # reads only app state and headers
+        check_api_key(websocket)  # reads only app state and headers
     except LmserveError as exc:
         await _refuse(websocket, exc)
         return

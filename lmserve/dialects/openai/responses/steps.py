@@ -8,8 +8,9 @@ A step that released nothing (a think tag, text the parser holds back, whitespac
 counts with the step before it; before any text has shown, with the first text that shows. So
 both think tags count as reasoning, and an answer token's logprob waits for the delta that
 shows its text. (Answer text held back just after the reasoning, such as a "<" that may open
-a tool call, therefore counts as reasoning too, and its logprob is not shown.) Logprobs of tokens whose text never shows as answer text (the reasoning, a
-tool call's markup and arguments, an end-of-turn token, a matched stop string) are left out.
+a tool call, therefore counts as reasoning too, and its logprob is not shown.) Logprobs of
+tokens whose text never shows as answer text (the reasoning, a tool call's markup and
+arguments, an end-of-turn token, a matched stop string) are left out.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from lmserve.core.events import (CHANNEL_OUTPUT, CHANNEL_REASONING, ChatEvent, TextDelta,
-                                 TokenLogprob, TokenOutput)
+from lmserve.core.backend import ChoiceStep
+from lmserve.core.events import (
+    CHANNEL_OUTPUT,
+    CHANNEL_REASONING,
+    ChatEvent,
+    TextDelta,
+    TokenLogprob,
+)
 from lmserve.dialects.openai.logprobs import chat_content
 from lmserve.dialects.openai.responses.items import reasoning_item
 from lmserve.dialects.openai.responses.schema import JSON, new_id
@@ -35,7 +42,7 @@ class StepTokens:
         self._undecided = 0  # tokens before any text showed
         self._pending: list[TokenLogprob] = []
 
-    def step(self, out: TokenOutput, events: list[ChatEvent]) -> None:
+    def step(self, out: ChoiceStep, events: list[ChatEvent]) -> None:
         channel = _last_channel(events) or self._channel
         count, logprobs = len(out.token_ids), out.logprobs or []
         if channel is None:

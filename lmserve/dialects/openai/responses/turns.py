@@ -13,22 +13,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lmserve.chat.tools import StreamParser
-from lmserve.chat.turn import step_events
+from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
-from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, Usage
+from lmserve.core.events import FINISH_CANCELLED, Usage
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.openai.responses import adapter, items
 from lmserve.dialects.openai.responses.encoder import ResponseEvents, response_head
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate, new_id
-from lmserve.engine.client import Generation
 from lmserve.http.routing import defaults_of, with_defaults
 from lmserve.models.registry import ModelRegistry
-from lmserve.service import ModelService, PreparedPrompt
 from lmserve.stores import ResponseRecord, ResponseStore
 
 log = logging.getLogger("lmserve.responses")
@@ -56,8 +53,7 @@ def previous_not_found(response_id: str) -> LmserveError:
 class Turn:
     body: ResponseCreate
     conversation: list[JSON]  # what the response is generated from: history + own input
-    generation: Generation
-    parser: StreamParser  # generated text -> answer text and tool calls
+    generation: BackendGeneration  # its steps come parsed: answer text, reasoning, tool calls
     events: ResponseEvents
     store: ResponseStore | None  # where the response goes; None when it is not kept
     truncated_messages: int = 0  # the oldest messages dropped to fit the context
@@ -77,7 +73,6 @@ async def begin(state: HasResponseStore, registry: ModelRegistry, body: Response
                     *items.own_items(body.input)]
     items.check_unique_ids(conversation)
     gen, prepared = _prepare(service, body, conversation)
-    parser = service.chat_parser(gen, prepared)
     generation = service.start(gen, prepared)
     if body.truncation is None:  # the server's default decided: the response says which
         body = body.model_copy(update={"truncation": "auto" if prepared.truncating
@@ -85,7 +80,7 @@ async def begin(state: HasResponseStore, registry: ModelRegistry, body: Response
     keep = store if body.store is not False else None
     head = response_head(body, response_id=new_id("resp"), created_at=int(time.time()),
                          stored=keep is not None)
-    return Turn(body, conversation, generation, parser,
+    return Turn(body, conversation, generation,
                 ResponseEvents(head, nested_errors=nested_errors), keep,
                 prepared.dropped_messages)
 
@@ -109,7 +104,7 @@ def _truncation_default(body: ResponseCreate, defaults: Mapping[str, Any]) -> Re
     return body.model_copy(update={"truncation": "auto" if policy == "truncate" else "disabled"})
 
 
-def _prepare(service: ModelService, body: ResponseCreate, conversation: list[JSON]
+def _prepare(service: ModelBackend, body: ResponseCreate, conversation: list[JSON]
              ) -> tuple[GenerationRequest, PreparedPrompt]:
     """The prompt of the conversation; truncation "auto" drops its oldest turns to fit the
     context (the service does it, see chat.overflow); the stored conversation stays whole."""
@@ -118,7 +113,7 @@ def _prepare(service: ModelService, body: ResponseCreate, conversation: list[JSO
     return gen, service.prepare(gen)
 
 
-async def run(turn: Turn) -> AsyncIterator[JSON]:
+async def run(turn: Turn) -> AsyncGenerator[JSON, None]:
     """The events of the turn, ending with the final one; errors become error + failed."""
     events = turn.events
     settled = False
@@ -126,16 +121,15 @@ async def run(turn: Turn) -> AsyncIterator[JSON]:
         for event in events.start():
             yield event
         finish, usage = None, Usage()
-        async for outputs in turn.generation:
-            for out in outputs:
-                if out.finish_reason in (FINISH_ERROR, FINISH_CANCELLED):
-                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: "
-                                       f"{out.error or out.finish_reason}")
-                for event in events.chat(step_events(turn.parser, out.text, out.finished),
-                                         out):
+        async for steps in turn.generation:
+            for step in steps:
+                step.raise_failure()  # with its kind: the status, or the error event's type
+                if step.finish_reason == FINISH_CANCELLED:
+                    raise LmserveError(ErrorKind.INTERNAL, "generation failed: cancelled")
+                for event in events.chat(step.events, step):
                     yield event
-                if out.finished:
-                    finish, usage = out.finish_reason, out.usage or usage
+                if step.finished:
+                    finish, usage = step.finish_reason, step.usage or usage
         for event in events.finish(finish, usage):
             yield event
         await _persist(turn)
