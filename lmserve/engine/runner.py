@@ -35,11 +35,14 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
-@ll.llama_log_callback
-def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     # llama.cpp is chatty at load time; keep its warnings and errors, drop the rest.
     if level in (3, 4) and text:  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
         log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+# The C callback; kept at module level so it outlives every call llama.cpp makes to it.
+_log_callback = ll.llama_log_callback(_log)
 
 
 def _silence_llama_logs() -> None:
@@ -100,7 +103,8 @@ class Model:
         self.eog_tokens = frozenset(t for t in range(self.n_vocab)
                                     if ll.llama_vocab_is_eog(self.vocab, t))
         self.info = self._read_info()
-        self.loras: dict[str, ctypes.c_void_p] = {}  # path -> adapter, freed with the model
+        # path -> adapter (a llama_adapter_lora *), freed with the model
+        self.loras: dict[str, ctypes._Pointer[ctypes.c_void_p]] = {}
 
     # -- metadata ---------------------------------------------------------------------------
     def _meta(self) -> dict[str, str]:
@@ -219,14 +223,17 @@ class Sampler:
                  banned: Sequence[int] = ()) -> None:
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         self.ptr = chain
-        add = lambda smpl: ll.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+
+        def add(smpl: ll.llama_sampler_p) -> None:
+            ll.llama_sampler_chain_add(chain, smpl)
+
         biases = dict(params.logit_bias)
         for token in banned:
             biases[token] = -math.inf
         if biases:
             arr = (ll.llama_logit_bias * len(biases))()
             for i, (token, bias) in enumerate(biases.items()):
-                arr[i].token, arr[i].bias = token, bias
+                arr[i] = ll.llama_logit_bias(token, bias)
             add(ll.llama_sampler_init_logit_bias(model.n_vocab, len(biases), arr))
         if (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
                 or params.presence_penalty != 0.0):
@@ -255,7 +262,8 @@ class Sampler:
 
     def sample(self, ctx: Context, batch_index: int) -> int:
         # llama_sampler_sample applies the chain to the logits row and accepts the token.
-        return ll.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
+        token: int = ll.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
+        return token
 
     def free(self) -> None:
         if self.ptr:
@@ -277,14 +285,14 @@ class Batch:
         self._seq_ptrs = (ctypes.POINTER(ll.llama_seq_id) * capacity)(
             *[ctypes.cast(seq_base + 4 * i, ctypes.POINTER(ll.llama_seq_id))
               for i in range(capacity)])
-        self.struct = ll.llama_batch()
-        self.struct.token = self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token))
-        self.struct.embd = ctypes.POINTER(ctypes.c_float)()
-        self.struct.pos = self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos))
-        self.struct.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
-        self.struct.seq_id = ctypes.cast(self._seq_ptrs,
-                                         ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id)))
-        self.struct.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        # Pointers into the numpy arrays (llama_cpp annotates these fields as arrays).
+        self.struct = ll.llama_batch(
+            token=self.token.ctypes.data_as(ctypes.POINTER(ll.llama_token)),
+            embd=ctypes.POINTER(ctypes.c_float)(),
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(ll.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(ctypes.POINTER(ll.llama_seq_id))),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
         self.n = 0
 
     def clear(self) -> None:
@@ -360,7 +368,8 @@ class Context:
 
     def decode(self, batch: Batch) -> int:
         batch.struct.n_tokens = batch.n
-        return ll.llama_decode(self.ptr, batch.struct)
+        status: int = ll.llama_decode(self.ptr, batch.struct)
+        return status
 
     def logits_row(self, batch_index: int) -> np.ndarray:
         """The logits of a batch row decoded with logits: a view over llama.cpp's buffer (no
