@@ -1,5 +1,5 @@
 # make serve: install everything, then serve the default model on 127.0.0.1:8000
-# make test:  install everything, then run the whole test suite
+# make test:  install everything, then run the static checks (make lint) and the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= smollm2
 
-.PHONY: install system-deps serve test bench clean
+.PHONY: install system-deps serve lint test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,14 @@ system-deps:
 	    --no-install-recommends $$missing || echo "warning: could not install$$missing"; \
 	fi
 
-test: install system-deps
+# Static checks, a contract at zero errors: ruff, mypy (strict on core, engine and stores) and
+# the import layers of docs/architecture.md (import-linter). Configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check lmserve
+	$(VENV)/bin/mypy lmserve
+	$(VENV)/bin/lint-imports
+
+test: install system-deps lint
 	$(PY) -m pytest -p no:cacheprovider
 
 bench: install
