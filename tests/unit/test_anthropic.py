@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from lmserve.core.backend import choice_step
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.dialects.anthropic import adapter, encoder
@@ -120,6 +121,8 @@ def test_error_bodies_and_usage_accounting():
     assert kinds[ErrorKind.OVERLOADED] == "rate_limit_error"
     assert kinds[ErrorKind.LOADING] == "overloaded_error"
     assert kinds[ErrorKind.INTERNAL] == "api_error"
+    assert kinds[ErrorKind.CAPACITY] == "overloaded_error"
+    assert kinds[ErrorKind.UPSTREAM] == kinds[ErrorKind.UPSTREAM_TIMEOUT] == "api_error"
     assert encoder.usage_body(Usage(prompt_tokens=10, completion_tokens=3, cached_tokens=4)) == {
         "input_tokens": 6, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 4,
         "output_tokens": 3}
@@ -127,7 +130,7 @@ def test_error_bodies_and_usage_accounting():
 
 def test_stop_reasons():
     def reason(capped: bool = False, **kw: Any) -> tuple[str, str | None]:
-        return encoder.stop_reason(TokenOutput(0, **kw), context_capped=capped)
+        return encoder.stop_reason(choice_step(TokenOutput(0, **kw)), context_capped=capped)
 
     assert reason(finish_reason="stop") == ("end_turn", None)
     assert reason(finish_reason="stop", stop_match="###") == ("stop_sequence", "###")
@@ -176,7 +179,7 @@ def golden_events(message_id: str, model: str = "m") -> list[tuple[str, dict[str
 def test_stream_encoder_golden_sequence():
     enc = encoder.StreamEncoder("m", 10, context_capped=False)
     raw = b"".join(enc.start()) + b"".join(f for step in STEPS for out in step
-                                           for f in enc.output(out))
+                                           for f in enc.output(choice_step(out)))
     events = parse_sse(raw)
     message_id = events[0][1]["message"]["id"]
     assert message_id.startswith("msg_")

@@ -10,18 +10,21 @@ from fastapi.testclient import TestClient
 
 from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.turn import turn_parser
+from lmserve.core.backend import LoadState, ModelCard, PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.dialects.anthropic import encoder, routes
+from lmserve.generation import ParsedGeneration
 from lmserve.http.app import create_app
 from lmserve.models.registry import ModelRegistry
-from lmserve.service import EngineSettings, PreparedPrompt
+from lmserve.service import EngineSettings
 from tests.unit.test_anthropic import CHATML, STEPS, USER, golden_events, parse_sse
-
 
 # -- routes over a scripted service -------------------------------------------------------------
 
 class FakeGeneration:
+    """Engine outputs, scripted (under a ParsedGeneration, as ModelService.start gives)."""
+
     def __init__(self, steps: list[list[TokenOutput]]) -> None:
         self.steps = steps
         self.closed = False
@@ -45,8 +48,14 @@ class FakeService:
         self.steps, self.n_ctx, self.created = steps, n_ctx, 0
         self.started: list[tuple[Any, PreparedPrompt, FakeGeneration]] = []
 
-    def require_ready(self) -> None:
-        return None
+    @property
+    def card(self) -> ModelCard:
+        return ModelCard(name="m", aliases=(), kind="llama.cpp", source="/m.gguf",
+                         state=LoadState.READY, created=self.created, n_ctx=self.n_ctx,
+                         chat_template=self.template.source)
+
+    def require_ready(self) -> ModelCard:
+        return self.card
 
     def render_chat(self, messages, *, add_generation_prompt=True, template_kwargs=None) -> str:
         return self.template.render([m.as_template_dict() for m in messages],
@@ -59,13 +68,12 @@ class FakeService:
         text = self.render_chat(gen.messages)
         return PreparedPrompt(self.tokenize(text), text)
 
-    def chat_parser(self, gen, prepared):  # type: ignore[no-untyped-def]
-        return turn_parser(None, None, prepared.text)
-
-    def start(self, gen, prepared) -> FakeGeneration:  # type: ignore[no-untyped-def]
+    def start(self, gen, prepared, *,  # type: ignore[no-untyped-def]
+              parse=None) -> ParsedGeneration:
         generation = FakeGeneration(self.steps)
         self.started.append((gen, prepared, generation))
-        return generation
+        return ParsedGeneration(generation,  # type: ignore[arg-type]
+                                lambda: turn_parser(None, None, prepared.text))
 
 
 class FakeRegistry:
@@ -129,7 +137,7 @@ def test_an_error_after_the_stream_started_travels_inside_it():
     events = parse_sse(r.content)
     assert [e for e, _ in events][-2:] == ["content_block_delta", "error"]
     assert events[-1][1] == {"type": "error", "error": {
-        "type": "api_error", "message": "generation failed: decode failed"}}
+        "type": "api_error", "message": "decode failed"}}
     assert service.started[0][2].closed
     r = client.post("/v1/messages", json=REQUEST)
     assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
@@ -137,8 +145,9 @@ def test_an_error_after_the_stream_started_travels_inside_it():
 
 async def test_closing_the_stream_closes_the_generation():
     generation = FakeGeneration(STEPS)
-    stream = routes._stream(generation, encoder.StreamEncoder("m", 3, context_capped=False),
-                            turn_parser(None, None, None))
+    parsed = ParsedGeneration(generation,  # type: ignore[arg-type]
+                              lambda: turn_parser(None, None, None))
+    stream = routes._stream(parsed, encoder.StreamEncoder("m", 3, context_capped=False))
     await stream.__anext__()
     await stream.aclose()  # what Starlette does when the client disconnects
     assert generation.closed

@@ -9,12 +9,14 @@ import json
 import re
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from lmserve.chat.templates import ChatTemplate
+from lmserve.core.backend import ChoiceStep, choice_step
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import FINISH_LENGTH, FINISH_STOP, TokenOutput, Usage
 from lmserve.core.request import GenerationRequest
@@ -133,14 +135,19 @@ def test_chat_and_generate_refuse_what_is_not_implemented():
 
 # -- encoder ----------------------------------------------------------------------------------
 
+def step(*args: Any, **kw: Any) -> ChoiceStep:
+    """An engine output as the backend's (unparsed) step."""
+    return choice_step(TokenOutput(*args, **kw))
+
+
 def test_run_frames_final_fields_and_context():
     run = encoder.Run(model="m", chat=False, started_ns=100, loaded_ns=150, submitted_ns=200,
                       prompt_ids=[1, 2])
-    assert run.add(TokenOutput(0, "", [5]), 1_000) is None  # held-back text streams nothing
-    frame = run.add(TokenOutput(0, "Hi", [6]), 2_000)
+    assert run.add(step(0, "", [5]), 1_000) is None  # held-back text streams nothing
+    frame = run.add(step(0, "Hi", [6]), 2_000)
     assert list(frame) == ["model", "created_at", "response", "done"] and frame["response"] == "Hi"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", frame["created_at"])
-    run.add(TokenOutput(0, "!", [7], finish_reason=FINISH_LENGTH, usage=Usage(2, 3)), 3_000)
+    run.add(step(0, "!", [7], finish_reason=FINISH_LENGTH, usage=Usage(2, 3)), 3_000)
     final = run.final(4_000, streamed=True)
     assert final["response"] == "" and final["done"] and final["done_reason"] == "length"
     assert final["context"] == [1, 2, 5, 6, 7]
@@ -149,7 +156,7 @@ def test_run_frames_final_fields_and_context():
         "total_duration": 3_900, "load_duration": 50, "prompt_eval_count": 2,
         "prompt_eval_duration": 800, "eval_count": 3, "eval_duration": 3_000}
     chat = encoder.Run(model="m", chat=True, started_ns=0, loaded_ns=0, submitted_ns=0)
-    chat.add(TokenOutput(0, "ok", [9], finish_reason=FINISH_STOP, usage=Usage(1, 1)), 10)
+    chat.add(step(0, "ok", [9], finish_reason=FINISH_STOP, usage=Usage(1, 1)), 10)
     whole = chat.final(20, streamed=False)
     assert whole["message"] == {"role": "assistant", "content": "ok"} and "context" not in whole
     assert whole["done_reason"] == "stop"
@@ -185,7 +192,8 @@ class FakeModel:
     def __init__(self) -> None:
         self.info = SimpleNamespace(
             architecture="llama", n_params=134_515_008, size_bytes=1000, n_layer=2, n_embd=4,
-            n_ctx_train=2048, bos_token="", eos_token="<|im_end|>", add_bos=False,
+            n_ctx_train=2048, n_vocab=VOCAB, bos_token="", eos_token="<|im_end|>",
+            add_bos=False,
             chat_template=CHATML, metadata={"general.file_type": "3", "general.license": "mit"})
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True

@@ -1,4 +1,4 @@
-"""Pure translation: neutral engine outputs -> Anthropic JSON bodies and SSE frames.
+"""Pure translation: a backend's choice steps -> Anthropic JSON bodies and SSE frames.
 
 Usage follows Anthropic's accounting: the prompt's total is input_tokens +
 cache_read_input_tokens + cache_creation_input_tokens, and input_tokens counts only the tokens
@@ -14,9 +14,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmserve.core.backend import ChoiceStep
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import (CHANNEL_OUTPUT, FINISH_ERROR, FINISH_LENGTH, ChatEvent,
-                                 ParsedTurn, TextDelta, TokenOutput, Usage)
+from lmserve.core.events import FINISH_LENGTH, ParsedTurn, Usage
 from lmserve.dialects.anthropic.blocks import BlockStream, content_blocks
 
 _ERROR_TYPES = {
@@ -28,6 +28,11 @@ _ERROR_TYPES = {
     ErrorKind.AUTHENTICATION: "authentication_error",
     ErrorKind.OVERLOADED: "rate_limit_error",  # 429: the queue is full, retry after a second
     ErrorKind.LOADING: "overloaded_error",  # 503: weights still loading, retry after two
+    # 503 (Anthropic answers 529 when overloaded; clients retry on either): the KV cache
+    # filled up under a running request.
+    ErrorKind.CAPACITY: "overloaded_error",
+    ErrorKind.UPSTREAM: "api_error",  # 502
+    ErrorKind.UPSTREAM_TIMEOUT: "api_error",  # 504
     ErrorKind.INTERNAL: "api_error",
 }
 
@@ -47,46 +52,46 @@ def usage_body(usage: Usage) -> dict[str, int]:
             "output_tokens": usage.completion_tokens}
 
 
-def stop_reason(out: TokenOutput, *, context_capped: bool, made_calls: bool = False
+def stop_reason(step: ChoiceStep, *, context_capped: bool, made_calls: bool = False
                 ) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence) of a finished output.
+    """(stop_reason, stop_sequence) of a choice's last step.
 
     `context_capped`: max_tokens was lowered to what the context had left, so running out
     means the context window is full, not that the client's max_tokens was reached.
     """
-    if out.finish_reason == FINISH_LENGTH:
+    if step.finish_reason == FINISH_LENGTH:
         return ("model_context_window_exceeded" if context_capped else "max_tokens"), None
     if made_calls:
         return "tool_use", None
-    if out.stop_match is not None:
-        return "stop_sequence", out.stop_match
+    if step.stop_match is not None:
+        return "stop_sequence", step.stop_match
     return "end_turn", None
 
 
 @dataclass
 class Collected:
-    """A whole (non-streamed) reply gathered from step outputs."""
+    """A whole (non-streamed) reply gathered from a choice's steps: its parsed turn."""
 
-    final: TokenOutput | None = None
-    chunks: list[str] = field(default_factory=list)
+    final: ChoiceStep | None = None
+    turn: ParsedTurn = field(default_factory=ParsedTurn)
 
-    def add(self, out: TokenOutput) -> None:
-        self.chunks.append(out.text)
-        if out.finished:
-            self.final = out
+    def add(self, step: ChoiceStep) -> None:
+        self.turn.extend(step.events)
+        if step.finished:
+            self.final = step
 
-    @property
-    def error(self) -> str | None:
+    def raise_failure(self) -> None:
+        """Raise the choice's error, with its kind, if it failed or never ended."""
         if self.final is None:
-            return "the generation ended without a result"
-        return self.final.error if self.final.finish_reason == FINISH_ERROR else None
+            raise LmserveError(ErrorKind.INTERNAL, "the generation ended without a result")
+        self.final.raise_failure()
 
 
 def message(model: str, collected: Collected, *, context_capped: bool,
-            turn: ParsedTurn | None = None, display: str | None = None) -> dict[str, Any]:
-    """`turn`: the text as the chat parser read it; `display`: see blocks.content_blocks."""
+            display: str | None = None) -> dict[str, Any]:
+    """`display`: see blocks.content_blocks."""
     assert collected.final is not None
-    turn = turn or ParsedTurn(content="".join(collected.chunks))
+    turn = collected.turn
     reason, sequence = stop_reason(collected.final, context_capped=context_capped,
                                    made_calls=bool(turn.tool_calls))
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": model,
@@ -117,30 +122,28 @@ class StreamEncoder:
         self.blocks = BlockStream(display, lambda: [("ping", {"type": "ping"})])
 
     def start(self) -> list[bytes]:
-        message = {"id": new_message_id(), "type": "message", "role": "assistant",
+        message: dict[str, Any] = {"id": new_message_id(), "type": "message", "role": "assistant",
                    "model": self.model, "content": [], "stop_reason": None,
                    "stop_sequence": None,
                    "usage": usage_body(Usage(prompt_tokens=self.prompt_tokens))}
         return [sse("message_start", {"type": "message_start", "message": message})]
 
-    def output(self, out: TokenOutput, events: list[ChatEvent] | None = None) -> list[bytes]:
-        """The frames of one step; `events`: its text as the chat parser read it."""
-        if events is None:
-            events = [TextDelta(CHANNEL_OUTPUT, out.text)]
-        frames = [sse(event, data) for event, data in self.blocks.events(events)]
-        if out.finished:
-            frames.extend(self._finish(out))
+    def output(self, step: ChoiceStep) -> list[bytes]:
+        """The frames of one step (a failed step is the route's: see routes._stream)."""
+        frames = [sse(event, data) for event, data in self.blocks.events(step.events)]
+        if step.finished:
+            frames.extend(self._finish(step))
         return frames
 
-    def _finish(self, out: TokenOutput) -> list[bytes]:
-        reason, sequence = stop_reason(out, context_capped=self.context_capped,
+    def _finish(self, step: ChoiceStep) -> list[bytes]:
+        reason, sequence = stop_reason(step, context_capped=self.context_capped,
                                        made_calls=self.blocks.made_calls)
         closing = [sse(event, data) for event, data in self.blocks.finish()]
         return [*closing,
                 sse("message_delta", {"type": "message_delta",
                                       "delta": {"stop_reason": reason,
                                                 "stop_sequence": sequence},
-                                      "usage": usage_body(out.usage or Usage())}),
+                                      "usage": usage_body(step.usage or Usage())}),
                 sse("message_stop", {"type": "message_stop"})]
 
     def error(self, exc: LmserveError) -> bytes:
@@ -148,7 +151,7 @@ class StreamEncoder:
 
 
 def model_card(name: str, created: int, n_ctx: int) -> dict[str, Any]:
-    stamp = datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc)
+    stamp = datetime.datetime.fromtimestamp(created, tz=datetime.UTC)
     card: dict[str, Any] = {"type": "model", "id": name, "display_name": name,
                             "created_at": stamp.isoformat().replace("+00:00", "Z"),
                             "lifecycle": "active"}

@@ -11,20 +11,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.chat.overflow import reply_room
-from lmserve.chat.parsing import parse_all
-from lmserve.chat.tools import StreamParser
-from lmserve.chat.turn import step_events
+from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
-from lmserve.core.events import FINISH_ERROR
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.anthropic import adapter, encoder
 from lmserve.dialects.anthropic.schema import CountTokensRequest, MessageRequest
 from lmserve.dialects.anthropic.tools import thinking
-from lmserve.engine.client import Generation
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
 from lmserve.http.streaming import SSE_HEADERS, truncation_headers
 from lmserve.models.registry import ModelRegistry
-from lmserve.service import ModelService, PreparedPrompt
 
 log = logging.getLogger("lmserve.anthropic")
 
@@ -45,25 +40,23 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
         body = with_defaults(body, defaults, {"stop": "stop_sequences"})
         gen, prefill = adapter.message_request(body)
         display = thinking(body, body.max_tokens).display
+        n_ctx = service.require_ready().n_ctx
         # max_tokens is capped to the room left (below), so truncation keeps only a reserve
-        room = reply_room(service.n_ctx, gen.max_tokens, capped=True)
+        room = reply_room(n_ctx, gen.max_tokens, capped=True)
         prepared = _prepare(service, dataclasses.replace(gen, max_tokens=room), prefill)
-        gen, capped = _fit_context(service, gen, len(prepared.tokens))
+        gen, capped = _fit_context(n_ctx, gen, len(prepared.tokens))
         headers = truncation_headers(prepared.dropped_messages)
-        generation = service.start(gen, prepared)  # refusals happen before a stream starts
-        parser = service.chat_parser(gen, prepared)
+        # Refusals happen before a stream starts; the steps come out parsed (thinking, tools).
+        generation = service.start(gen, prepared)
         if body.stream:
             enc = encoder.StreamEncoder(body.model, len(prepared.tokens), context_capped=capped,
                                         display=display)
-            return StreamingResponse(_stream(generation, enc, parser),
-                                     media_type="text/event-stream",
+            return StreamingResponse(_stream(generation, enc), media_type="text/event-stream",
                                      headers={**headers, **SSE_HEADERS})
         collected = await unless_disconnected(request, _collect(generation))
-        if collected.error:
-            raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {collected.error}")
-        turn = parse_all(parser, "".join(collected.chunks))
+        collected.raise_failure()  # with the failure's kind: a full KV cache is a 503
         return JSONResponse(encoder.message(body.model, collected, context_capped=capped,
-                                            turn=turn, display=display), headers=headers)
+                                            display=display), headers=headers)
 
     @router.post("/v1/messages/count_tokens", summary="Count the tokens of a message request")
     async def count_tokens(body: CountTokensRequest) -> Any:
@@ -90,7 +83,7 @@ def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None =
     return router
 
 
-def _prepare(service: ModelService, gen: GenerationRequest, prefill: str | None
+def _prepare(service: ModelBackend, gen: GenerationRequest, prefill: str | None
              ) -> PreparedPrompt:
     """Tokens of the prompt; a prefill is appended after the template's assistant header."""
     prepared = service.prepare(gen)
@@ -100,34 +93,33 @@ def _prepare(service: ModelService, gen: GenerationRequest, prefill: str | None
     return dataclasses.replace(prepared, tokens=service.tokenize(text), text=text)
 
 
-def _fit_context(service: ModelService, gen: GenerationRequest, n_prompt: int
+def _fit_context(n_ctx: int, gen: GenerationRequest, n_prompt: int
                  ) -> tuple[GenerationRequest, bool]:
     """Anthropic clients send a max_tokens sized for large models; instead of refusing, run
     until the context is full and report stop_reason model_context_window_exceeded."""
-    room = service.n_ctx - n_prompt
+    room = n_ctx - n_prompt
     if gen.max_tokens is not None and 0 < room < gen.max_tokens:
         return dataclasses.replace(gen, max_tokens=room), True
     return gen, False
 
 
-async def _collect(generation: Generation) -> encoder.Collected:
+async def _collect(generation: BackendGeneration) -> encoder.Collected:
     collected = encoder.Collected()
-    async for outs in generation:
-        for out in outs:
-            collected.add(out)
+    async for steps in generation:
+        for step in steps:
+            collected.add(step)
     return collected
 
 
-async def _stream(generation: Generation, enc: encoder.StreamEncoder, parser: StreamParser
+async def _stream(generation: BackendGeneration, enc: encoder.StreamEncoder
                   ) -> AsyncIterator[bytes]:
     try:
         for frame in enc.start():
             yield frame
-        async for outs in generation:
-            for out in outs:
-                if out.finish_reason == FINISH_ERROR:
-                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-                for frame in enc.output(out, step_events(parser, out.text, out.finished)):
+        async for steps in generation:
+            for step in steps:
+                step.raise_failure()  # its text is dropped; the error event carries its kind
+                for frame in enc.output(step):
                     yield frame
     except LmserveError as exc:  # the stream has started: the error travels inside it
         yield enc.error(exc)
@@ -138,8 +130,9 @@ async def _stream(generation: Generation, enc: encoder.StreamEncoder, parser: St
         generation.close()  # a disconnect lands here too: the engine stops the sequence
 
 
-def _card(service: ModelService, name: str) -> dict[str, Any]:
-    return encoder.model_card(name, service.created, service.n_ctx)
+def _card(service: ModelBackend, name: str) -> dict[str, Any]:
+    card = service.card
+    return encoder.model_card(name, card.created, card.n_ctx)
 
 
 def _lifecycles(request: Request) -> set[str]:

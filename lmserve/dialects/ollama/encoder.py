@@ -1,4 +1,5 @@
-"""Pure translation: neutral engine outputs -> Ollama JSON bodies and NDJSON frames."""
+"""Pure translation: a backend's choice steps and model card -> Ollama JSON bodies and NDJSON
+frames."""
 
 from __future__ import annotations
 
@@ -6,16 +7,25 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 from gguf import LlamaFileType
 
+from lmserve.core.backend import ChoiceStep, Failed, WeightsFacts
 from lmserve.core.errors import LmserveError
-from lmserve.core.events import (CHANNEL_OUTPUT, CHANNEL_REASONING, FINISH_LENGTH, ChatEvent,
-                                 TextDelta, TokenOutput, ToolCallEnd, ToolCallStart, Usage)
+from lmserve.core.events import (
+    CHANNEL_REASONING,
+    FINISH_LENGTH,
+    ChatEvent,
+    TextDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
 from lmserve.dialects.ollama.logprobs import logprob_entries
 
 # lmserve keeps every model loaded while it runs; Ollama clients show a far-future expiry as
@@ -29,7 +39,7 @@ def error_body(exc: LmserveError) -> dict[str, Any]:
 
 def timestamp(moment: datetime | None = None) -> str:
     """RFC 3339 in UTC with a Z, as Ollama writes created_at and modified_at."""
-    moment = (moment or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -94,23 +104,22 @@ class Run:
     first_ns: int | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
-    error: str | None = None
+    failed: Failed | None = None  # how the choice failed, if it did
     logprobs: list[dict[str, Any]] | None = None  # None: not asked for
 
     _calls: dict[int, ToolCallStart] = field(default_factory=dict, repr=False)
 
-    def add(self, out: TokenOutput, now_ns: int, events: list[ChatEvent] | None = None
-            ) -> dict[str, Any] | None:
-        """Record one step's output (`events`: its text as the chat parser read it); returns
-        the frame to stream when it carries text, thinking or finished tool calls."""
-        if self.first_ns is None and out.token_ids:
+    def add(self, step: ChoiceStep, now_ns: int) -> dict[str, Any] | None:
+        """Record one step (its events: its text as the chat parser read it); returns the
+        frame to stream when it carries text, thinking or finished tool calls."""
+        if self.first_ns is None and step.token_ids:
             self.first_ns = now_ns
-        self.output_ids += out.token_ids
-        if out.finished:
-            self.finish_reason, self.usage, self.error = out.finish_reason, out.usage, out.error
-        text, thinking, calls = self._read(events if events is not None
-                                           else [TextDelta(CHANNEL_OUTPUT, out.text)])
-        logprobs = logprob_entries(out.logprobs) if out.logprobs is not None else None
+        self.output_ids += step.token_ids
+        if step.finished:
+            self.finish_reason, self.usage, self.failed = \
+                step.finish_reason, step.usage, step.failed
+        text, thinking, calls = self._read(step.events)
+        logprobs = logprob_entries(step.logprobs) if step.logprobs is not None else None
         if logprobs is not None:
             self.logprobs = (self.logprobs or []) + logprobs
         if not (text or thinking or calls or logprobs):
@@ -172,15 +181,18 @@ class ModelFacts:
     file_type: int | None = None
 
 
-def model_facts(name: str, path: str, size: int, mtime_ns: int, info: Any | None) -> ModelFacts:
-    """File facts plus, once loaded, the model's; the digest is sha256 of path, size, mtime."""
+def model_facts(name: str, path: str, size: int, mtime_ns: int, weights: WeightsFacts | None,
+                metadata: Mapping[str, str] | None = None) -> ModelFacts:
+    """File facts plus, once loaded, the weights'; the digest is sha256 of path, size, mtime.
+    `metadata`: the GGUF's metadata as llama.cpp reads it (values as strings), where known."""
     digest = hashlib.sha256(f"{path}|{size}|{mtime_ns}".encode()).hexdigest()
     facts = ModelFacts(name=name, path=path, size=size, digest=digest,
-                       modified=datetime.fromtimestamp(mtime_ns / 1e9, tz=timezone.utc))
-    if info is None:
+                       modified=datetime.fromtimestamp(mtime_ns / 1e9, tz=UTC))
+    if weights is None:
         return facts
-    file_type = metadata_value(info.metadata.get("general.file_type", ""))
-    return dataclasses.replace(facts, architecture=info.architecture, n_params=info.n_params,
+    file_type = metadata_value((metadata or {}).get("general.file_type", ""))
+    return dataclasses.replace(facts, architecture=weights.architecture or "",
+                               n_params=weights.n_params or 0,
                                file_type=file_type if isinstance(file_type, int) else None)
 
 
@@ -216,26 +228,32 @@ def tag_entry(facts: ModelFacts) -> dict[str, Any]:
             "size": facts.size, "digest": facts.digest, "details": details(facts)}
 
 
-def ps_entry(facts: ModelFacts, info: Any, n_ctx: int) -> dict[str, Any]:
-    """`size` is the weights plus the KV cache allocated for the loaded context."""
-    memory = info.size_bytes + kv_cache_bytes(info.metadata, info.architecture, info.n_layer,
-                                              n_ctx)
+def ps_entry(facts: ModelFacts, weights: WeightsFacts, n_ctx: int,
+             metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`size` is the weights plus the KV cache allocated for the loaded context (where the
+    metadata gives the attention shapes)."""
+    metadata = metadata or {}
+    arch = weights.architecture or ""
+    n_layer = metadata_value(metadata.get(f"{arch}.block_count", ""))
+    kv = kv_cache_bytes(metadata, arch, n_layer, n_ctx) if isinstance(n_layer, int) else 0
+    memory = (weights.size_bytes or 0) + kv
     return {"name": facts.name, "model": facts.name, "size": memory, "digest": facts.digest,
             "details": details(facts), "expires_at": NEVER_EXPIRES, "size_vram": 0,
             "context_length": n_ctx}
 
 
-def kv_cache_bytes(raw_metadata: dict[str, str], arch: str, n_layer: int, n_ctx: int) -> int:
+def kv_cache_bytes(raw_metadata: Mapping[str, str], arch: str, n_layer: int, n_ctx: int) -> int:
     """The f16 KV cache llama.cpp allocates: n_ctx cells of K and V rows on every layer."""
     metadata = {k: metadata_value(v) for k, v in raw_metadata.items()}
     heads = metadata.get(f"{arch}.attention.head_count")
     kv_heads = metadata.get(f"{arch}.attention.head_count_kv", heads)
     width = metadata.get(f"{arch}.embedding_length")
-    if not all(isinstance(v, int) and v > 0 for v in (heads, kv_heads, width)):
+    if not (isinstance(heads, int) and isinstance(kv_heads, int) and isinstance(width, int)
+            and min(heads, kv_heads, width) > 0):
         return 0
     key = metadata.get(f"{arch}.attention.key_length", width // heads)
     value = metadata.get(f"{arch}.attention.value_length", width // heads)
-    return n_ctx * n_layer * kv_heads * (key + value) * 2
+    return int(n_ctx * n_layer * kv_heads * (key + value) * 2)
 
 
 _INT = re.compile(r"-?\d+")
@@ -253,7 +271,7 @@ def metadata_value(text: str) -> Any:
         return text
 
 
-def model_info(metadata: dict[str, str], n_params: int) -> dict[str, Any]:
+def model_info(metadata: Mapping[str, str], n_params: int) -> dict[str, Any]:
     info = {k: metadata_value(v) for k, v in sorted(metadata.items())
             if k != "tokenizer.chat_template"}  # served as `template`
     info.setdefault("general.parameter_count", n_params)
@@ -275,7 +293,7 @@ def modelfile(facts: ModelFacts, template: str, parameters: dict[str, Any]) -> s
     return "\n".join(lines) + "\n"
 
 
-def show_body(facts: ModelFacts, metadata: dict[str, str], *, template: str,
+def show_body(facts: ModelFacts, metadata: Mapping[str, str], *, template: str,
               parameters: dict[str, Any]) -> dict[str, Any]:
     # Every model here embeds (mean pooling when the GGUF declares none), so both are listed.
     return {"license": metadata.get("general.license", ""),

@@ -20,19 +20,27 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from lmserve import __version__
 from lmserve.chat.overflow import reply_room
-from lmserve.chat.tools import StreamParser
-from lmserve.chat.turn import step_events
+from lmserve.core.backend import (
+    BackendGeneration,
+    LoadState,
+    ModelBackend,
+    ModelCard,
+    PreparedPrompt,
+)
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import FINISH_ERROR, ChatEvent, TokenOutput
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.ollama import adapter, encoder
-from lmserve.dialects.ollama.schema import (ChatRequest, EmbeddingsRequest, EmbedRequest,
-                                            GenerateRequest, PullRequest, ShowRequest)
-from lmserve.engine.client import Generation
+from lmserve.dialects.ollama.schema import (
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    PullRequest,
+    ShowRequest,
+)
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected
 from lmserve.http.streaming import truncation_headers
 from lmserve.models.registry import ModelRegistry
-from lmserve.service import ModelService, PreparedPrompt
 
 # The Ollama API revision whose request and response shapes this dialect follows.
 OLLAMA_API_VERSION = "0.6.0"
@@ -67,14 +75,16 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
     @router.post("/api/embed", summary="Embeddings (L2-normalised)")
     async def embed(body: EmbedRequest) -> Response:
         started = time.monotonic_ns()
-        service, options, headers = _embedding_request(models, body)
+        service, embedding_ctx, options, headers = _embedding_request(models, body)
         texts = adapter.embed_texts(body.input)
-        n_embd = service.require_ready().info.n_embd
+        weights = service.require_ready().weights
+        n_embd = weights.n_embd if weights is not None else None
         loaded = time.monotonic_ns()
-        if body.dimensions and body.dimensions > n_embd:
+        if body.dimensions and n_embd and body.dimensions > n_embd:
             raise LmserveError(ErrorKind.INVALID_REQUEST, f"dimensions must be at most {n_embd} "
                                "for this model", param="dimensions")
-        inputs = [_embedding_input(service, text, options, body.truncate is not False, i)
+        inputs = [_embedding_input(service, embedding_ctx, text, options,
+                                   body.truncate is not False, i)
                   for i, text in enumerate(texts)]
         vectors = await service.embed(inputs, service.adapters(body.model)) if inputs else []
         return JSONResponse(encoder.embed_response(
@@ -83,18 +93,18 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
 
     @router.post("/api/embeddings", summary="Embedding (legacy, not normalised)")
     async def embeddings(body: EmbeddingsRequest) -> Response:
-        service, options, headers = _embedding_request(models, body)
+        service, embedding_ctx, options, headers = _embedding_request(models, body)
         service.require_ready()
         vector: list[float] = []
         if body.prompt:
-            tokens = _embedding_input(service, body.prompt, options, False, 0)
+            tokens = _embedding_input(service, embedding_ctx, body.prompt, options, False, 0)
             adapters = service.adapters(body.model)  # "<model>:<alias>" picks a LoRA adapter
             vector = [float(x) for x in (await service.embed([tokens], adapters))[0]]
         return JSONResponse({"embedding": vector}, headers=headers)
 
     async def list_models() -> Any:
         registry = models()
-        return {"models": [encoder.tag_entry(_facts(service, name))
+        return {"models": [encoder.tag_entry(_facts(service, service.card, name))
                            for service in registry for name in registry.names(service)]}
 
     _get_and_head(router, "/api/tags", list_models, "List models")
@@ -102,10 +112,15 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
     @router.get("/api/ps", summary="List loaded models")
     async def running() -> Any:
         registry = models()
-        return {"models": [encoder.ps_entry(_facts(service, name), service.model.info,
-                                            service.n_ctx)
-                           for service in registry if service.ready and service.model
-                           for name in registry.names(service)]}
+        entries = []
+        for service in registry:
+            card = service.card
+            if not card.ready or card.weights is None:
+                continue
+            metadata = _metadata(service, card)
+            entries += [encoder.ps_entry(_facts(service, card, name), card.weights, card.n_ctx,
+                                         metadata) for name in registry.names(service)]
+        return {"models": entries}
 
     @router.post("/api/show", summary="Show a model")
     async def show(body: ShowRequest) -> Any:
@@ -115,10 +130,10 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
             raise LmserveError(ErrorKind.UNSUPPORTED, "'verbose' is not supported: lmserve does "
                                "not keep the GGUF's array metadata (tokens, merges) in memory",
                                param="verbose")
-        info = service.require_ready().info
-        return encoder.show_body(_facts(service, name), info.metadata,
-                                 template=service.template.source if service.template else "",
-                                 parameters=adapter.default_parameters(service.n_ctx))
+        card = service.require_ready()
+        return encoder.show_body(_facts(service, card, name), _metadata(service, card),
+                                 template=card.chat_template or "",
+                                 parameters=adapter.default_parameters(card.n_ctx))
 
     @router.post("/api/pull", summary="Pull (succeeds only for a model already served)")
     async def pull(body: PullRequest) -> Response:
@@ -150,7 +165,7 @@ def _get_and_head(router: APIRouter, path: str, endpoint: Callable[[], Any], sum
 
 # -- lookups and model facts -----------------------------------------------------------------
 
-def _lookup(models: Models, name: str) -> ModelService:
+def _lookup(models: Models, name: str) -> ModelBackend:
     """Find a served model; "name:latest" also finds "name", as Ollama's default tag."""
     if not name:
         raise LmserveError(ErrorKind.INVALID_REQUEST, "model is required", param="model")
@@ -181,28 +196,50 @@ def _refusal(action: str, models: Models) -> Callable[[], Any]:
     return refuse
 
 
-def _facts(service: ModelService, name: str) -> encoder.ModelFacts:
+def _facts(service: ModelBackend, card: ModelCard, name: str) -> encoder.ModelFacts:
+    """The card's facts; a GGUF source's size and time are its file's. Without a file (an
+    upstream's URL), the size is the weights' where known and the time the card's."""
+    local = "://" not in card.source
     try:
-        stat = os.stat(service.path)
-        size, mtime_ns = stat.st_size, stat.st_mtime_ns
+        stat = os.stat(card.source) if local else None
     except OSError:
-        size, mtime_ns = 0, service.created * 1_000_000_000
-    return encoder.model_facts(name, os.path.realpath(service.path), size, mtime_ns,
-                               service.model.info if service.model else None)
+        stat = None
+    if stat is not None:
+        size, mtime_ns = stat.st_size, stat.st_mtime_ns
+    else:
+        weights_size = card.weights.size_bytes if card.weights is not None else None
+        size, mtime_ns = weights_size or 0, card.created * 1_000_000_000
+    return encoder.model_facts(name, os.path.realpath(card.source) if local else card.source,
+                               size, mtime_ns, card.weights, _metadata(service, card))
+
+
+def _metadata(service: ModelBackend, card: ModelCard) -> Mapping[str, str]:
+    """The loaded weights' GGUF metadata (license, file type, attention shapes, model_info),
+    values as strings; empty where unknown.
+
+    TODO(backend contract): the card's WeightsFacts does not carry it yet; until it does, a
+    llama.cpp backend's loaded model is asked for it (duck-typed, no engine import)."""
+    metadata = getattr(card.weights, "metadata", None)
+    if metadata is None and card.weights is not None:
+        info = getattr(getattr(service, "model", None), "info", None)
+        metadata = getattr(info, "metadata", None)
+    return metadata if isinstance(metadata, Mapping) else {}
 
 
 def _embedding_request(models: Models, body: EmbedRequest | EmbeddingsRequest
-                       ) -> tuple[ModelService, adapter.Options, dict[str, str]]:
+                       ) -> tuple[ModelBackend, int, adapter.Options, dict[str, str]]:
+    """The model, its embedding context, the options and the notice header."""
     service = _lookup(models, body.model)
+    embedding_ctx = service.card.embedding_ctx
     options = adapter.parse_options(body.options)
     keep_alive = adapter.keep_alive_seconds(body.keep_alive)
-    text = adapter.notice(options, service.settings.embedding_ctx, keep_alive, embedding=True)
-    return service, options, _notice(text)
+    text = adapter.notice(options, embedding_ctx, keep_alive, embedding=True)
+    return service, embedding_ctx, options, _notice(text)
 
 
-def _embedding_input(service: ModelService, text: str, options: adapter.Options,
-                     truncate: bool, index: int) -> list[int]:
-    limit = adapter.window(options, service.settings.embedding_ctx)
+def _embedding_input(service: ModelBackend, embedding_ctx: int, text: str,
+                     options: adapter.Options, truncate: bool, index: int) -> list[int]:
+    limit = adapter.window(options, embedding_ctx)
     return adapter.fit_embedding_input(service.tokenize(text), limit, truncate, index)
 
 
@@ -218,13 +255,13 @@ async def _turn(request: Request, models: Models, body: ChatRequest | GenerateRe
     job = adapter.chat_job(body) if isinstance(body, ChatRequest) else adapter.generate_job(body)
     if not (body.messages if isinstance(body, ChatRequest) else body.prompt):
         return await _load(request, service, body.model, job, chat=chat)
-    service.require_ready()
+    card = service.require_ready()
     context = None
     if isinstance(body, GenerateRequest) and not body.raw:
         context = list(body.context or [])  # templated generate replies carry `context`
-        if service.template is None:
+        if not card.has_template:
             job = adapter.without_template(job, body)
-    return await _respond(request, service, body.model, job, chat=chat, started=started,
+    return await _respond(request, service, card, body.model, job, chat=chat, started=started,
                           stream=body.stream is not False, context=context)
 
 
@@ -244,7 +281,7 @@ def _with_resource_defaults(body: ChatRequest | GenerateRequest, defaults: Mappi
     return body.model_copy(update=update) if update else body
 
 
-async def _load(request: Request, service: ModelService, model: str, job: adapter.Job, *,
+async def _load(request: Request, service: ModelBackend, model: str, job: adapter.Job, *,
                 chat: bool) -> Response:
     """An empty prompt asks for the model to be loaded: wait for it, then say so."""
     if job.keep_alive == 0:
@@ -254,17 +291,18 @@ async def _load(request: Request, service: ModelService, model: str, job: adapte
     return JSONResponse(encoder.load_response(model, chat=chat))
 
 
-async def _until_loaded(service: ModelService) -> None:
+async def _until_loaded(service: ModelBackend) -> None:
     deadline = time.monotonic() + LOAD_WAIT_S
-    while service.state in ("pending", "loading") and time.monotonic() < deadline:
+    while service.card.state in (LoadState.PENDING, LoadState.LOADING) \
+            and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     service.require_ready()
 
 
-def _prepare(service: ModelService, job: adapter.Job, context: list[int] | None
+def _prepare(service: ModelBackend, n_ctx: int, job: adapter.Job, context: list[int] | None
              ) -> PreparedPrompt:
     """Template and tokenize; a `context` from an earlier reply is continued token for token."""
-    prepared = service.prepare(_truncation_target(job, service.n_ctx))
+    prepared = service.prepare(_truncation_target(job, n_ctx))
     if not context:
         return prepared
     tokens = context + service.tokenize(prepared.text or "", add_special=False)
@@ -282,51 +320,48 @@ def _truncation_target(job: adapter.Job, loaded_ctx: int) -> GenerationRequest:
     return dataclasses.replace(job.request, max_tokens=loaded_ctx - window + room)
 
 
-async def _respond(request: Request, service: ModelService, model: str, job: adapter.Job, *,
-                   chat: bool, started: int, stream: bool, context: list[int] | None
-                   ) -> Response:
+async def _respond(request: Request, service: ModelBackend, card: ModelCard, model: str,
+                   job: adapter.Job, *, chat: bool, started: int, stream: bool,
+                   context: list[int] | None) -> Response:
     loaded = time.monotonic_ns()
-    prepared = _prepare(service, job, context)
-    gen = adapter.finalize(job.request, job.options, service.n_ctx, len(prepared.tokens))
+    prepared = _prepare(service, card.n_ctx, job, context)
+    gen = adapter.finalize(job.request, job.options, card.n_ctx, len(prepared.tokens))
     submitted = time.monotonic_ns()
-    generation = service.start(gen, prepared)  # refusals are real statuses, even for streams
+    # Refusals are real statuses, even for streams. A chat's steps come out parsed (thinking,
+    # tool calls); a raw prompt is the client's own text, so its output is not parsed.
+    generation = service.start(gen, prepared)
     run = encoder.Run(model=model, chat=chat, started_ns=started, loaded_ns=loaded,
                       submitted_ns=submitted,
                       prompt_ids=list(prepared.tokens) if context is not None else None,
                       show_thinking=job.show_thinking)
-    # A raw prompt is the client's own text: its output is not parsed.
-    parser = service.chat_parser(gen, prepared) if gen.messages is not None else None
-    headers = {**_notice(adapter.notice(job.options, service.n_ctx, job.keep_alive)),
+    headers = {**_notice(adapter.notice(job.options, card.n_ctx, job.keep_alive)),
                **truncation_headers(prepared.dropped_messages)}
     if stream:
-        return StreamingResponse(_stream(generation, run, parser),
+        return StreamingResponse(_stream(generation, run),
                                  media_type="application/x-ndjson",
                                  headers={**headers, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
     try:
-        await unless_disconnected(request, _collect(generation, run, parser))
+        await unless_disconnected(request, _collect(generation, run))
     finally:
         generation.close()
-    if run.error:
-        raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {run.error}")
+    if run.failed is not None:
+        raise run.failed.error()  # with its kind: a full KV cache is a 503
     return JSONResponse(run.final(time.monotonic_ns(), streamed=False), headers=headers)
 
 
-async def _collect(generation: Generation, run: encoder.Run, parser: StreamParser | None
-                   ) -> None:
-    async for outs in generation:
-        for out in outs:
-            run.add(out, time.monotonic_ns(), _events(parser, out))
+async def _collect(generation: BackendGeneration, run: encoder.Run) -> None:
+    async for steps in generation:
+        for step in steps:
+            run.add(step, time.monotonic_ns())
 
 
-async def _stream(generation: Generation, run: encoder.Run, parser: StreamParser | None
-                  ) -> AsyncIterator[bytes]:
+async def _stream(generation: BackendGeneration, run: encoder.Run) -> AsyncIterator[bytes]:
     try:
-        async for outs in generation:
-            for out in outs:
-                if out.finish_reason == FINISH_ERROR:
-                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-                frame = run.add(out, time.monotonic_ns(), _events(parser, out))
+        async for steps in generation:
+            for step in steps:
+                step.raise_failure()  # its text is dropped; the last line is the error
+                frame = run.add(step, time.monotonic_ns())
                 if frame is not None:
                     yield _line(frame)
         yield _line(run.final(time.monotonic_ns(), streamed=True))
@@ -334,11 +369,6 @@ async def _stream(generation: Generation, run: encoder.Run, parser: StreamParser
         yield _line(encoder.error_body(exc))
     finally:
         generation.close()  # a disconnect lands here too, and cancels the sequence
-
-
-def _events(parser: StreamParser | None, out: TokenOutput) -> list[ChatEvent] | None:
-    """The step's text as the chat parser reads it; None: take the text as it is."""
-    return step_events(parser, out.text, out.finished) if parser is not None else None
 
 
 def _line(frame: dict[str, Any]) -> bytes:
