@@ -29,11 +29,11 @@ from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Protocol
 
-from lmserve.engine.prefix_cache import common_prefix_len
 from lmserve.engine.state_file import (HEADER_SIZE, SUFFIX, CorruptStateFile, Entry,
                                        IncompatibleStateFile, adapters_key, compat_key,
                                        encode_header, read_state, remove_quietly,
                                        scan_directory, write_atomic)
+from lmserve.engine.token_prefix import common_prefix_len
 
 log = logging.getLogger("lmserve.disk_cache")
 

@@ -26,13 +26,13 @@ decode steps ran as two graphs before).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from lmserve.engine.token_prefix import common_prefix_len
+
 if TYPE_CHECKING:
     from lmserve.engine.disk_cache import DiskCache, DiskHit
-    from lmserve.engine.sequence import Sequence
 
 
 class KVMemory(Protocol):
@@ -40,28 +40,30 @@ class KVMemory(Protocol):
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None: ...
 
 
-def common_prefix_len(a: Seq[int], b: Seq[int]) -> int:
-    """Length of the common prefix, by bisection over C-speed slice comparisons."""
-    hi = min(len(a), len(b))
-    if hi == 0 or a[0] != b[0]:
-        return 0
-    if a[:hi] == b[:hi]:
-        return hi
-    lo = 1  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+class _Adapters(Protocol):
+    @property
+    def adapters(self) -> tuple[tuple[str, float], ...]: ...
+
+
+class Occupant(Protocol):
+    """What the pool reads of a sequence it places (a sequence.Sequence), so this module
+    does not import sequence.py, which refers to Slot."""
+
+    @property
+    def request(self) -> _Adapters: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def n_computed(self) -> int: ...
+    @property
+    def reuse_limit(self) -> int: ...
 
 
 @dataclass(eq=False)
 class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens in the KV while idle
-    owner: "Sequence | None" = None
+    owner: "Occupant | None" = None
     last_used: float = 0.0
     adapters: tuple[tuple[str, float], ...] = ()  # the LoRA set its KV was computed under
 
@@ -102,7 +104,7 @@ class SlotPool:
     def resident_tokens(self) -> int:
         return sum(len(s.cached) for s in self.slots if not s.busy)
 
-    def place(self, seq: "Sequence", *, use_disk: bool = True) -> Placement | None:
+    def place(self, seq: Occupant, *, use_disk: bool = True) -> Placement | None:
         """Give `seq` a slot, reusing the longest resident (or, failing that, stored) prefix.
         None: no slot, or (`deferred`) its stored prefix is still being read from disk."""
         self.deferred = False
@@ -142,13 +144,13 @@ class SlotPool:
             return self._assign(target, seq, best_len)
         return self._assign(target, seq, 0)
 
-    def _disk_hit(self, seq: "Sequence", resident: int) -> "DiskHit | None":
+    def _disk_hit(self, seq: Occupant, resident: int) -> "DiskHit | None":
         """A stored state that beats the resident prefix by min_tokens or more."""
         assert self.disk is not None
         return self.disk.find(seq.tokens, seq.request.adapters, limit=seq.reuse_limit,
                               at_least=resident + self.disk.min_tokens)
 
-    def _place_from_disk(self, seq: "Sequence", hit: "DiskHit") -> Placement | None:
+    def _place_from_disk(self, seq: Occupant, hit: "DiskHit") -> Placement | None:
         """Load `hit` into a free slot (its file already read, see DiskCache.ready)."""
         assert self.disk is not None
         target = self._free_slot()
@@ -159,21 +161,21 @@ class SlotPool:
             return self.place(seq, use_disk=False)
         return self._assign(target, seq, loaded)
 
-    def reserve(self, seq: "Sequence") -> Slot:
+    def reserve(self, seq: Occupant) -> Slot:
         """A slot with no reuse (for a sibling that will copy its KV from another slot)."""
         slot = self._free_slot()
         if slot is None:
             raise RuntimeError("no free slot to reserve")
         return self._assign(slot, seq, 0).slot
 
-    def _take(self, slot: Slot, seq: "Sequence", keep: int) -> Placement:
+    def _take(self, slot: Slot, seq: Occupant, keep: int) -> Placement:
         if not self.memory.seq_rm(slot.seq_id, keep, -1):
             # Some memories (recurrent, sliding-window) cannot drop a suffix: start over.
             self.memory.seq_rm(slot.seq_id, -1, -1)
             keep = 0
         return self._assign(slot, seq, keep)
 
-    def _assign(self, slot: Slot, seq: "Sequence", reused: int) -> Placement:
+    def _assign(self, slot: Slot, seq: Occupant, reused: int) -> Placement:
         slot.owner, slot.cached, slot.adapters = seq, [], seq.request.adapters
         if reused:
             self.hits += 1

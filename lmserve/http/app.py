@@ -18,7 +18,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.dialects.anthropic.routes import make_router as anthropic_router
 from lmserve.dialects.native.producer import StreamProducers
