@@ -48,10 +48,6 @@ class ReasoningParser:
         self._drop_leading_ws = self._reasoning
 
     @property
-    def in_reasoning(self) -> bool:
-        return self._reasoning
-
-    @property
     def channel(self) -> str:
         return CHANNEL_REASONING if self._reasoning else CHANNEL_OUTPUT
 

@@ -116,10 +116,6 @@ class Sequence:
         return limit
 
     @property
-    def is_decoding(self) -> bool:
-        return self.state is SeqState.RUNNING and self.n_pending == 1
-
-    @property
     def finished(self) -> bool:
         return self.state is SeqState.FINISHED
 

@@ -35,10 +35,6 @@ class Notifier:
             if not future.done():
                 future.set_result(None)
 
-    def notify_all(self) -> None:
-        for key in list(self._waiters):
-            self.notify(key)
-
 
 async def wait_for_change(notifier: Notifier, key: str, ready: Callable[[], Awaitable[bool]],
                           timeout: float | None, poll: float | None) -> bool:

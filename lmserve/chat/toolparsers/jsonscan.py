@@ -33,12 +33,6 @@ class JsonScanner:
         self._is_key = False
         self.done = False
 
-    @property
-    def can_end_here(self) -> bool:
-        """True when the input could end now and form a complete value (a pending number)."""
-        return self.done or (self._state == "number" and not self._stack
-                             and _NUMBER.fullmatch(self._token) is not None)
-
     def feed(self, ch: str) -> bool:
         return getattr(self, "_in_" + self._state)(ch)
 
@@ -165,10 +159,3 @@ class JsonScanner:
             self._state = "next"
         else:
             self._state, self.done = "done", True
-
-
-def scan_json_prefix(text: str) -> tuple[int, bool]:
-    """(accepted characters, complete) for the JSON value at the start of `text`."""
-    scanner = JsonScanner()
-    accepted = scanner.feed_text(text)
-    return accepted, scanner.done or (accepted == len(text) and scanner.can_end_here)
