@@ -3,15 +3,18 @@ and the exact stream frames of a tool call."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from lmserve.chat.parsing import make_chat_parser
+from lmserve.chat.turn import step_events
 from lmserve.core.errors import LmserveError
-from lmserve.core.events import CHANNEL_OUTPUT, CHANNEL_REASONING, Usage
+from lmserve.core.events import CHANNEL_OUTPUT, CHANNEL_REASONING, ChatEvent, Usage
 from lmserve.core.request import NamedTool, ResponseFormat
 from lmserve.dialects.native import adapter
 from lmserve.dialects.native.encoder import Blocks, FrameEncoder, query_body
-from lmserve.dialects.native.producer import ReplyParser
+from lmserve.dialects.native.producer import visible
 from lmserve.dialects.native.schema import GenerateBody
 
 WEATHER = {"name": "get_weather", "parameters": {
@@ -27,10 +30,11 @@ def request(**kw: object) -> adapter.Native:
                                       has_template=True, reasoning_default=False)
 
 
-def reply(show: bool) -> ReplyParser:
+def reply(show: bool) -> Callable[[str, bool], list[ChatEvent]]:
+    """A chunk, parsed as the backend parses a step, then filtered as the reply shows it."""
     parser = make_chat_parser(tool_format="hermes", reasoning_tags=("<think>", "</think>"),
                               starts_in_reasoning=True)
-    return ReplyParser(parser, show)
+    return lambda text, finished: visible(step_events(parser, text, finished), show)
 
 
 def test_body_fields_become_the_request() -> None:
@@ -68,7 +72,7 @@ def test_buffered_blocks_and_stop_reason() -> None:
     blocks = Blocks()
     parser = reply(show=True)
     for i, chunk in enumerate(REPLY):
-        blocks.add_events(parser.step(chunk, i == len(REPLY) - 1))
+        blocks.add_events(parser(chunk, i == len(REPLY) - 1))
     assert [b["type"] for b in blocks.blocks] == ["text", "text", "tool"]
     assert blocks.blocks[0] == {"type": "text", "channel": CHANNEL_REASONING, "text": "Thinking."}
     assert blocks.blocks[1] == {"type": "text", "channel": CHANNEL_OUTPUT, "text": "Sure."}
@@ -83,7 +87,7 @@ def test_stream_frames_of_a_tool_call() -> None:
     encoder, parser = FrameEncoder("i", "m", 0), reply(show=False)
     frames = []
     for i, chunk in enumerate(REPLY):
-        frames += encoder.events(parser.step(chunk, i == len(REPLY) - 1))
+        frames += encoder.events(parser(chunk, i == len(REPLY) - 1))
     frames += encoder.finish("stop", Usage(3, 4))
     names = [name for name, _ in frames]
     assert names[:3] == ["block.start", "block.delta", "block.stop"]

@@ -13,8 +13,16 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP,
-                                 TokenLogprob, TokenOutput, TopLogprob, Usage)
+from lmserve.core.events import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    TokenLogprob,
+    TokenOutput,
+    TopLogprob,
+    Usage,
+)
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import GenerateRequest
 from lmserve.http.app import StoreSettings, create_app

@@ -7,8 +7,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, ChatEvent,
-                                 TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart, Usage)
+from lmserve.core.events import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    ChatEvent,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
 
 Frame = tuple[str, dict[str, Any]]  # (event name, data)
 

@@ -14,13 +14,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from lmserve.chat.tools import StreamParser
-from lmserve.chat.turn import step_events
+from lmserve.core.backend import BackendGeneration, ChoiceStep
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import CHANNEL_REASONING, FINISH_CANCELLED, FINISH_ERROR, ChatEvent, \
-    TextDelta, TokenOutput, Usage
+from lmserve.core.events import CHANNEL_REASONING, FINISH_CANCELLED, ChatEvent, TextDelta, Usage
 from lmserve.dialects.native.encoder import Blocks, Frame, FrameEncoder
-from lmserve.engine.client import Generation
 from lmserve.stores import StreamState, StreamStore
 
 log = logging.getLogger("lmserve.native")
@@ -28,32 +25,24 @@ log = logging.getLogger("lmserve.native")
 PROGRESS_EVERY = 32  # output tokens between message.delta usage frames
 
 
-class ReplyParser:
-    """Generated text -> chat events (reasoning, text, tool calls) through the chat parser.
-
-    Reasoning is always kept out of the answer; it is shown only when asked for."""
-
-    def __init__(self, parser: StreamParser, show_reasoning: bool) -> None:
-        self.parser, self.show = parser, show_reasoning
-
-    def step(self, text: str, finished: bool) -> list[ChatEvent]:
-        events = step_events(self.parser, text, finished)
-        return [e for e in events if self.show or not isinstance(e, TextDelta)
-                or e.channel != CHANNEL_REASONING]
+def visible(events: list[ChatEvent], show_reasoning: bool) -> list[ChatEvent]:
+    """A step's parsed events as the reply shows them: reasoning is always kept out of the
+    answer, and shown only when asked for."""
+    return [e for e in events if show_reasoning or not isinstance(e, TextDelta)
+            or e.channel != CHANNEL_REASONING]
 
 
-async def collect(generation: Generation, reply: ReplyParser
+async def collect(generation: BackendGeneration, show_reasoning: bool
                   ) -> tuple[Blocks, str | None, Usage]:
     """Run a generation to the end; its blocks, the finish reason, usage."""
     blocks, finish, usage = Blocks(), None, Usage()
     try:
-        async for outputs in generation:
-            for out in outputs:
-                if out.finish_reason == FINISH_ERROR:
-                    raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-                blocks.add_events(reply.step(out.text, out.finished))
-                if out.finished:
-                    finish, usage = out.finish_reason, out.usage or usage
+        async for steps in generation:
+            for step in steps:
+                step.raise_failure()  # with its kind, so the status is the failure's
+                blocks.add_events(visible(step.events, show_reasoning))
+                if step.finished:
+                    finish, usage = step.finish_reason, step.usage or usage
     finally:
         generation.close()
     return blocks, finish, usage
@@ -64,19 +53,21 @@ class StreamProducers:
 
     def __init__(self, store: Callable[[], StreamStore]) -> None:
         self._store = store
-        self._tasks: dict[str, tuple[asyncio.Task[None], Generation]] = {}
+        self._tasks: dict[str, tuple[asyncio.Task[None], BackendGeneration]] = {}
 
     @property
     def store(self) -> StreamStore:
         return self._store()
 
-    async def start(self, generation: Generation, reply: ReplyParser, model: str,
+    async def start(self, generation: BackendGeneration, show_reasoning: bool, model: str,
                     n_prompt: int, truncated: int = 0) -> str:
-        """`truncated`: the oldest messages dropped to fit the context (in message.start)."""
+        """`show_reasoning`: stream the reasoning channel too; `truncated`: the oldest messages
+        dropped to fit the context (in message.start)."""
         ident = str(uuid.uuid4())
         await self.store.create(ident, {"model": model})
         encoder = FrameEncoder(ident, model, int(time.time()), truncated)
-        task = asyncio.create_task(self._produce(ident, generation, reply, encoder, n_prompt),
+        task = asyncio.create_task(self._produce(ident, generation, show_reasoning, encoder,
+                                                 n_prompt),
                                    name=f"native-stream-{ident}")
         self._tasks[ident] = (task, generation)
         task.add_done_callback(lambda _: self._tasks.pop(ident, None))
@@ -96,16 +87,16 @@ class StreamProducers:
             task.cancel()
         await asyncio.gather(*(t for t, _ in self._tasks.values()), return_exceptions=True)
 
-    async def _produce(self, ident: str, generation: Generation, reply: ReplyParser,
+    async def _produce(self, ident: str, generation: BackendGeneration, show_reasoning: bool,
                        encoder: FrameEncoder, n_prompt: int) -> None:
         usage = Usage(prompt_tokens=n_prompt)
         state = StreamState.COMPLETED
         try:
             await self._emit(ident, encoder.start())
-            async for outputs in generation:
-                for out in outputs:
-                    usage = await self._on_output(ident, out, reply, encoder, usage)
-                    if out.finish_reason == FINISH_CANCELLED:
+            async for steps in generation:
+                for step in steps:
+                    usage = await self._on_step(ident, step, show_reasoning, encoder, usage)
+                    if step.finish_reason == FINISH_CANCELLED:
                         state = StreamState.CANCELLED
         except LmserveError as exc:
             state = StreamState.FAILED
@@ -124,19 +115,18 @@ class StreamProducers:
             generation.close()
             await asyncio.shield(self.store.finish(ident, state))
 
-    async def _on_output(self, ident: str, out: TokenOutput, reply: ReplyParser,
-                         encoder: FrameEncoder, usage: Usage) -> Usage:
-        failed = out.finish_reason == FINISH_ERROR
-        frames: list[Frame] = encoder.events(reply.step(out.text, out.finished and not failed))
-        if failed:
-            await self._emit(ident, frames)
-            raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-        if out.finished:
-            usage = out.usage or usage
-            frames += encoder.finish(out.finish_reason, usage)
+    async def _on_step(self, ident: str, step: ChoiceStep, show_reasoning: bool,
+                       encoder: FrameEncoder, usage: Usage) -> Usage:
+        frames: list[Frame] = encoder.events(visible(step.events, show_reasoning))
+        if step.failed:
+            await self._emit(ident, frames)  # what was parsed before the failure goes out
+            step.raise_failure()  # the error frame carries the failure's kind
+        if step.finished:
+            usage = step.usage or usage
+            frames += encoder.finish(step.finish_reason, usage)
         else:
             before = usage.completion_tokens
-            usage = Usage(usage.prompt_tokens, before + len(out.token_ids), usage.cached_tokens)
+            usage = Usage(usage.prompt_tokens, before + len(step.token_ids), usage.cached_tokens)
             if usage.completion_tokens // PROGRESS_EVERY > before // PROGRESS_EVERY:
                 frames += encoder.progress(usage)
         await self._emit(ident, frames)

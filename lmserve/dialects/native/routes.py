@@ -10,15 +10,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from lmserve import web
+from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.dialects.native import adapter, encoder
-from lmserve.dialects.native.producer import ReplyParser, StreamProducers, collect, sse_frames
+from lmserve.dialects.native.producer import StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
 from lmserve.http.routing import dialect_route, unless_disconnected
 from lmserve.http.streaming import truncation_headers
 from lmserve.models.resource import LLMResource, check_params
-from lmserve.service import ModelService, PreparedPrompt
-from lmserve import web
 
 
 def make_router(resource: LLMResource, producers: StreamProducers, *,
@@ -36,10 +36,9 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
 
     @router.post("/query/", summary="Generate and answer when done (buffered)")
     async def query(body: GenerateBody, request: Request) -> Any:
-        service, native, prepared = _prepare(resource, body)
-        generation = service.start(native.request, prepared)
-        reply = _reply(service, native, prepared)
-        blocks, finish, usage = await unless_disconnected(request, collect(generation, reply))
+        native, prepared, generation = _start(resource, body)
+        blocks, finish, usage = await unless_disconnected(
+            request, collect(generation, native.reasoning))
         dropped = prepared.dropped_messages
         return JSONResponse(encoder.query_body(str(uuid.uuid4()), _now(), resource.name, blocks,
                                                finish, usage, dropped),
@@ -47,11 +46,9 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
 
     @router.post("/stream/", status_code=201, summary="Start a generation; read it at stream/{id}/")
     async def start_stream(body: GenerateBody) -> Any:
-        service, native, prepared = _prepare(resource, body)
-        generation = service.start(native.request, prepared)
-        ident = await producers.start(generation, _reply(service, native, prepared),
-                                      resource.name, len(prepared.tokens),
-                                      prepared.dropped_messages)
+        native, prepared, generation = _start(resource, body)
+        ident = await producers.start(generation, native.reasoning, resource.name,
+                                      len(prepared.tokens), prepared.dropped_messages)
         return JSONResponse({"id": ident}, status_code=201,
                             headers=truncation_headers(prepared.dropped_messages))
 
@@ -119,13 +116,14 @@ def introspection(resource: LLMResource) -> dict[str, Any]:
                      chat_template=header.chat_template is not None)
     status = "pending"
     if service is not None:
-        status = {"ready": "ready", "failed": "failed"}.get(service.state, service.state)
-        if service.model is not None:
-            model["context_length"] = service.n_ctx or None
-            model["parameters"] = service.model.info.n_params
-            model["chat_template"] = service.template is not None
+        card = service.card
+        status = card.state.value
+        if card.weights is not None:  # loaded
+            model["context_length"] = card.n_ctx or None
+            model["parameters"] = card.weights.n_params
+            model["chat_template"] = card.has_template
     return {"name": resource.name, "verbose_name": resource.title, "path": resource.path,
-            "status": status, "serving": list(resource.dialects),
+            "status": status, "serving": list(resource.dialects or ()),
             "transports": ["raw", "chat", "conversation"] if model["chat_template"] else ["raw"],
             "default_transport": resource.default_transport,
             "reasoning": resource.reasoning_default,
@@ -137,22 +135,25 @@ def _with_reasoning(resource: LLMResource, params: dict[str, Any]) -> dict[str, 
     return {**params, "reasoning": resource.reasoning_default}
 
 
+def _start(resource: LLMResource, body: GenerateBody
+           ) -> tuple[adapter.Native, PreparedPrompt, BackendGeneration]:
+    service, native, prepared = _prepare(resource, body)
+    # The raw transport's text goes through the chat parser too: the template's reasoning
+    # tags split it into channels.
+    return native, prepared, service.start(native.request, prepared, parse=True)
+
+
 def _prepare(resource: LLMResource, body: GenerateBody
-             ) -> tuple[ModelService, adapter.Native, PreparedPrompt]:
+             ) -> tuple[ModelBackend, adapter.Native, PreparedPrompt]:
     assert resource.service is not None
-    service = resource.service
-    service.require_ready()
+    service: ModelBackend = resource.service
+    card = service.require_ready()
     overrides = check_params(body.params or {}, request=True)
     native = adapter.generation_request(
         body.model_copy(update={"params": overrides}), defaults=resource.defaults,
-        default_transport=resource.default_transport, has_template=service.template is not None,
+        default_transport=resource.default_transport, has_template=card.has_template,
         reasoning_default=resource.reasoning_default)
     return service, native, service.prepare(native.request)
-
-
-def _reply(service: ModelService, native: adapter.Native, prepared: PreparedPrompt
-           ) -> ReplyParser:
-    return ReplyParser(service.chat_parser(native.request, prepared), native.reasoning)
 
 
 def _stream_id(raw: str) -> str:

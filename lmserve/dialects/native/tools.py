@@ -15,8 +15,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmserve.core.errors import invalid
-from lmserve.core.request import (ChatMessage, NamedTool, ResponseFormat, ToolChoice, ToolSpec,
-                                  function_tool)
+from lmserve.core.request import (
+    ChatMessage,
+    NamedTool,
+    ResponseFormat,
+    ToolChoice,
+    ToolSpec,
+    function_tool,
+)
 from lmserve.dialects.native.schema import GenerateBody, Message
 
 _FORMAT_FIELDS = {"json_schema": "schema", "regex": "pattern", "gbnf": "grammar"}

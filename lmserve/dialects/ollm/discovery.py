@@ -6,20 +6,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lmserve.core.backend import ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
 from lmserve.dialects.ollm import encoder
 from lmserve.dialects.ollm.plan import Target
-from lmserve.engine.runner import default_threads
 from lmserve.models.gguf_header import GGUFError, GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resolve import BUNDLED, ResolvedModel, resolve
-from lmserve.service import ModelService
 
 PARAM = "runtime.model_reference"
 CATALOG = (*BUNDLED, "gemma3-270m")
 
 
-def served(registry: ModelRegistry, ref: str | None) -> tuple[ModelService, str]:
+def served(registry: ModelRegistry, ref: str | None) -> tuple[ModelBackend, str]:
     """The served model a reference names (a served name or alias, or a served file's path),
     and the name to report it under."""
     if ref is None and len(registry) != 1:
@@ -30,11 +29,12 @@ def served(registry: ModelRegistry, ref: str | None) -> tuple[ModelService, str]
     except LmserveError as exc:
         if exc.kind is not ErrorKind.MODEL_NOT_FOUND or ref is None:
             raise
-        service = _served_file(registry, ref)
-        if service is None:
+        found = _served_file(registry, ref)
+        if found is None:
             raise LmserveError(ErrorKind.MODEL_NOT_FOUND, f"'{ref}' is not served by this "
                                f"server (it serves {_names(registry)}); POST /v1/plan plans "
                                "any GGUF reference", param=PARAM, code="model_not_found") from None
+        service = found
     names = registry.names(service)
     return service, ref if ref in names else names[0]
 
@@ -43,12 +43,18 @@ def _names(registry: ModelRegistry) -> str:
     return ", ".join(n for s in registry for n in registry.names(s)) or "no models"
 
 
-def _served_file(registry: ModelRegistry, ref: str) -> ModelService | None:
+def _served_file(registry: ModelRegistry, ref: str) -> ModelBackend | None:
     try:
         path = os.path.realpath(resolve_local(ref).path)
     except LmserveError:
         return None
-    return next((s for s in registry if os.path.realpath(s.path) == path), None)
+    return next((s for s in registry if _served_path(s) == path), None)
+
+
+def _served_path(service: ModelBackend) -> str | None:
+    """The real path of the GGUF file a backend serves; None for an upstream's model."""
+    card = service.card
+    return os.path.realpath(card.source) if card.kind != "upstream" else None
 
 
 def resolve_local(ref: str) -> ResolvedModel:
@@ -67,7 +73,7 @@ def header(path: str) -> GGUFHeader:
 
 
 def plan_target(registry: ModelRegistry, ref: str | None
-                ) -> tuple[Target, GGUFHeader, ModelService | None]:
+                ) -> tuple[Target, GGUFHeader, ModelBackend | None]:
     try:
         service, name = served(registry, ref)
     except LmserveError as exc:
@@ -76,29 +82,37 @@ def plan_target(registry: ModelRegistry, ref: str | None
         found = resolve_local(ref)
         target = Target(reference=ref, name=found.name, source=found.source, path=found.path)
         return target, header(found.path), None
-    target = Target(reference=ref or name, name=name, source="served", path=service.path,
-                    served_as=name, loaded=service.ready)
-    return target, header(service.path), service
+    card = service.card
+    if card.kind == "upstream":
+        raise unsupported(PARAM, f"'{name}' is served by an upstream server ({card.source}); "
+                          "a plan sizes a local GGUF file")
+    # The card has no layer or head counts: the plan reads them from the served file's header.
+    target = Target(reference=ref or name, name=name, source="served", path=card.source,
+                    served_as=name, loaded=card.ready)
+    return target, header(card.source), service
 
 
 # -- discovery entries -------------------------------------------------------------------------
 
-def served_entry(registry: ModelRegistry, service: ModelService,
+def served_entry(registry: ModelRegistry, service: ModelBackend,
                  reference: str | None = None) -> dict[str, Any]:
-    names = registry.names(service)
-    runtime = {**_header_facts(service.path), "served_as": names[0], "aliases": names[1:],
-               "state": service.state, "loaded": service.ready, "error": service.error,
-               "context_length": service.n_ctx or None, "parallel": service.settings.parallel,
-               "threads": service.settings.threads or default_threads(),
-               "parameters": service.model.info.n_params if service.model else None}
+    names, card = registry.names(service), service.card
+    # Quantization, size label and the file's own template are not on the card: the header's.
+    local = card.kind != "upstream"  # the source is a GGUF path, not an upstream's URL
+    runtime = {**(_header_facts(card.source) if local else {"architecture": None}),
+               "served_as": names[0], "aliases": names[1:],
+               "state": card.state.value, "loaded": card.ready, "error": card.error,
+               "context_length": card.n_ctx or None, "parallel": card.parallel,
+               "threads": card.threads,
+               "parameters": card.weights.n_params if card.weights else None}
     return encoder.model_entry(reference=reference or names[0], name=names[0], source="served",
-                               path=service.path, materialized=os.path.isfile(service.path),
+                               path=card.source, materialized=local and os.path.isfile(card.source),
                                discovery_source="served", runtime=runtime)
 
 
 def catalog_entries(registry: ModelRegistry) -> list[dict[str, Any]]:
     """Bundled models this server does not serve, installed or not."""
-    served_paths = {os.path.realpath(s.path) for s in registry}
+    served_paths = {_served_path(s) for s in registry}
     out = []
     for name in CATALOG:
         try:

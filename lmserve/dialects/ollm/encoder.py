@@ -1,4 +1,4 @@
-"""Pure translation: engine outputs and stored sessions -> oLLM response bodies and SSE events
+"""Pure translation: choice steps and stored sessions -> oLLM response bodies and SSE events
 (status, text, complete, error), and errors in oLLM's (FastAPI's) {"detail": ...} shape."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lmserve.core.backend import ChoiceStep
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import TokenOutput, Usage
 
@@ -39,7 +40,7 @@ class Turn:
     error: str | None = None
     first_token_s: float | None = None
 
-    def add(self, out: TokenOutput, elapsed: float) -> str:
+    def add(self, out: ChoiceStep | TokenOutput, elapsed: float) -> str:
         """Take one step's output; returns the new text."""
         if self.first_token_s is None and out.token_ids:
             self.first_token_s = elapsed

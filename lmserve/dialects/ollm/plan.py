@@ -1,9 +1,14 @@
 """Pure runtime planning for /v1/plan: what llama.cpp would be given for a GGUF model on this
 server, how much memory that takes, and why each value was chosen. Nothing is loaded: the facts
-come from the GGUF header, the settings from the server and the request."""
+come from the GGUF header, the settings from the server and the request.
+
+The KV layout rule is the engine's (lmserve.engine.kv_layout, a pure module): a plan for a model
+that is not served must size it as the engine would, so this is the one dialect module that
+imports from the engine layer."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -93,13 +98,23 @@ class Knobs:
         return self.parallel.value + self.cache_slots.value
 
 
+def default_threads() -> int:
+    """The threads lmserve's engine takes when --threads is unset: every CPU core."""
+    return max(1, os.cpu_count() or 1)
+
+
+def machine_memory() -> int | None:
+    """The machine's memory, which the auto KV layout weighs (engine.kv_layout)."""
+    return kv_layout.machine_memory()
+
+
 def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[str, Any], *,
            cpu_count: int, running_ctx: int | None = None, memory: int | None = None,
-           running_layout: kv_layout.Layout | None = None) -> Knobs:
+           running_layout: kv_layout.Layout | str | None = None) -> Knobs:
     """configured: the server's engine settings (None: default); requested: the plan request's
     overrides; running_ctx and running_layout: the context and KV layout of the engine already
-    serving this model; memory: the machine's, which the auto KV layout weighs
-    (engine.kv_layout)."""
+    serving this model (a Layout, or as a model card names it: "split" or "shared"); memory:
+    the machine's, which the auto KV layout weighs (engine.kv_layout)."""
     context = _context(facts, configured.get("n_ctx"), requested.get("context_length"),
                        running_ctx)
     threads = _pick(requested.get("threads"), configured.get("threads"), cpu_count,
@@ -111,14 +126,17 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
                      "lmserve's default")
     configured_slots = configured.get("cache_slots")
     idle_slots = parallel.value if configured_slots is None else int(configured_slots)
-    if running_layout is not None and requested.get("context_length") is None and \
-            requested.get("parallel") is None:
+    n_slots = parallel.value + idle_slots
+    running = running_layout is not None and requested.get("context_length") is None and \
+        requested.get("parallel") is None
+    if isinstance(running_layout, kv_layout.Layout) and running:
         layout = running_layout  # what the engine was given, a fallback included
     else:
         layout = kv_layout.choose(str(configured.get("kv_layout") or "auto"),
                                   bytes_per_token=facts.kv_bytes_per_token or None,
-                                  n_ctx=context.value, n_slots=parallel.value + idle_slots,
-                                  memory=memory)
+                                  n_ctx=context.value, n_slots=n_slots, memory=memory)
+        if isinstance(running_layout, str) and running:
+            layout = _engine_layout(running_layout == "split", layout, context.value, n_slots)
     split = layout.split
     parallel = Choice(parallel.value, parallel.reason + "; KV: " + layout.reason + (
         "" if split else "; one sequence may use all of it"))
@@ -138,6 +156,20 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
                             "slow every decode step of a shared pool; 0 = no budget with "
                             "--kv-split, where they do not)"),
         kv_split=split, disk_cache=bool(configured.get("disk_cache_dir")))
+
+
+def _engine_layout(split: bool, rule: kv_layout.Layout, n_ctx: int, n_slots: int
+                   ) -> kv_layout.Layout:
+    """The layout the engine serving the model runs, with the rule's reason where the rule
+    agrees; where it does not, the engine's auto fell back to one pool when it started."""
+    if split == rule.split:
+        return rule
+    if split:
+        return kv_layout.Layout(True, f"a KV stream of {n_ctx} cells per slot ({n_slots} "
+                                      "slots), as the engine serving this model runs")
+    return kv_layout.Layout(False, f"one KV pool of {n_ctx} cells shared by all {n_slots} "
+                                   "slots, as the engine serving this model runs (auto: a "
+                                   "stream per slot could not be made when it started)")
 
 
 def _pick(requested: Any, configured: Any, default: int, flag: str, why_default: str) -> Choice:

@@ -3,7 +3,6 @@ whose turns are stored in the server's session store."""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import time
@@ -18,18 +17,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from lmserve import __version__
+from lmserve.core.backend import ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.request import ChatMessage
 from lmserve.dialects.ollm import adapter, discovery, encoder, plan
-from lmserve.dialects.ollm.schema import (GenerationIn, PlanRequest, PromptRequest, RuntimeIn,
-                                          SessionCreateRequest, SessionPromptRequest)
+from lmserve.dialects.ollm.schema import (
+    GenerationIn,
+    PlanRequest,
+    PromptRequest,
+    RuntimeIn,
+    SessionCreateRequest,
+    SessionPromptRequest,
+)
 from lmserve.dialects.ollm.turns import PromptJob, SessionTurn, Turns
-from lmserve.engine import kv_layout
-from lmserve.engine.runner import default_threads
 from lmserve.http.routing import dialect_route, unless_disconnected
 from lmserve.http.streaming import SSE_HEADERS, truncation_headers
 from lmserve.models.registry import ModelRegistry
-from lmserve.service import EngineSettings, ModelService
 from lmserve.stores import NotFoundError, SessionStore
 
 Models = Callable[[], ModelRegistry]
@@ -64,7 +67,8 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
         registry = models()
         body = encoder.health_body(
             status=registry.status, version=__version__, local_only=_local_only(request),
-            models={s.name: {"state": s.state, "error": s.error} for s in registry})
+            models={c.name: {"state": c.state.value, "error": c.error}
+                    for c in (s.card for s in registry)})
         return JSONResponse(body, status_code=200 if body["ok"] else 503)
 
     @router.get("/v1/ollm/models", summary="Served and bundled models with runtime details")
@@ -139,18 +143,19 @@ def _sessions(request: Request) -> SessionStore:
     if store is None:
         raise LmserveError(ErrorKind.LOADING, "the session store is still opening",
                            retry_after=1.0)
-    return store.sessions
+    sessions: SessionStore = store.sessions
+    return sessions
 
 
-def _served(models: Models, runtime: RuntimeIn) -> tuple[ModelService, str]:
+def _served(models: Models, runtime: RuntimeIn) -> tuple[ModelBackend, str]:
     """The served model a prompt runs on; its runtime must match the request's."""
     adapter.check_runtime(runtime)
     service, name = discovery.served(models(), runtime.model_reference)
-    s = service.settings
-    threads = s.threads or default_threads()
-    adapter.check_served(runtime, {"context_length": service.n_ctx, "threads": threads,
-                                   "threads_batch": s.threads_batch or threads,
-                                   "parallel": s.parallel})
+    card = service.card
+    threads = card.threads or plan.default_threads()
+    adapter.check_served(runtime, {"context_length": card.n_ctx, "threads": threads,
+                                   "threads_batch": card.settings.get("threads_batch") or threads,
+                                   "parallel": card.parallel})
     return service, name
 
 
@@ -159,15 +164,16 @@ def _plan(registry: ModelRegistry, runtime: RuntimeIn) -> dict[str, Any]:
     target, header, service = discovery.plan_target(registry, runtime.model_reference)
     facts = plan.facts_from_header(header.metadata, size_bytes=header.size_bytes,
                                    quantization=header.quantization)
-    settings = service.settings if service else next(
-        (s.settings for s in registry), EngineSettings())
-    running = service if service is not None and service.ready else None
-    knobs = plan.choose(facts, dataclasses.asdict(settings),
-                        runtime.model_dump(include=set(adapter.SERVED_KNOBS)),
-                        cpu_count=default_threads(),
+    # A model that is not served is planned with the first served model's engine settings.
+    source = service if service is not None else next(iter(registry), None)
+    card = source.card if source is not None else None
+    settings = card.settings if card is not None else {}
+    running = card if service is not None and card is not None and card.ready else None
+    knobs = plan.choose(facts, settings, runtime.model_dump(include=set(adapter.SERVED_KNOBS)),
+                        cpu_count=plan.default_threads(),
                         running_ctx=running.n_ctx if running else None,
-                        memory=kv_layout.machine_memory(),
-                        running_layout=running.layout if running else None)
+                        memory=plan.machine_memory(),
+                        running_layout=running.kv_layout if running else None)
     return plan.plan_body(target, facts, knobs,
                           plan.memory(facts, knobs, available=_available_memory()))
 
@@ -234,12 +240,13 @@ def _own(claim: SessionTurn) -> None:
     claim.owned = True
 
 
-def _start(service: ModelService, name: str, messages: list[ChatMessage], gen: GenerationIn,
+def _start(service: ModelBackend, name: str, messages: list[ChatMessage], gen: GenerationIn,
            prompt: str, quiet: bool | None) -> PromptJob:
     request = adapter.generation_request(messages, gen, name)
     prepared = service.prepare(request)
     started = time.monotonic()
-    generation = service.start(request, prepared)  # refusals are real statuses, even streamed
+    # Refusals are real statuses, even streamed. oLLM answers the raw text: nothing to parse.
+    generation = service.start(request, prepared, parse=False)
     status = None if quiet else (f"generating with {name} (llama.cpp): "
                                  f"{len(prepared.tokens)} prompt tokens")
     return PromptJob(generation, name, prompt, started, status=status,

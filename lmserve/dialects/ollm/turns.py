@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from lmserve.core.backend import BackendGeneration
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR
+from lmserve.core.events import FINISH_CANCELLED
 from lmserve.dialects.ollm import encoder
-from lmserve.engine.client import Generation
 from lmserve.http.streaming import sse
 from lmserve.stores import SessionStore
 
@@ -22,7 +23,7 @@ class SessionTurn:
     handler, or a stream body that has started); a stream response that never started is
     live only until the engine is done with its generation."""
 
-    generation: Generation | None = None
+    generation: BackendGeneration | None = None
     owned: bool = False
     done: bool = False
 
@@ -30,7 +31,17 @@ class SessionTurn:
     def live(self) -> bool:
         if self.done:
             return False
-        return self.owned or self.generation is None or not self.generation.request.finished
+        return self.owned or self.generation is None or not _finished(self.generation)
+
+
+def _finished(generation: BackendGeneration) -> bool:
+    """Whether the backend is done with a generation, read or not. `finished` is not in the
+    BackendGeneration protocol yet; until it is, ParsedGeneration's engine request answers."""
+    finished = getattr(generation, "finished", None)
+    if finished is None:
+        request = getattr(getattr(generation, "generation", None), "request", None)
+        finished = getattr(request, "finished", False)
+    return bool(finished)
 
 
 class Turns:
@@ -58,7 +69,7 @@ class Turns:
 class PromptJob:
     """A submitted prompt and where its turn goes (a session, or nowhere)."""
 
-    generation: Generation
+    generation: BackendGeneration
     model: str
     prompt: str
     started: float  # monotonic time of submission
@@ -75,11 +86,12 @@ class PromptJob:
     def _elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    async def collect(self) -> dict:
+    async def collect(self) -> dict[str, Any]:
         try:
-            async for outs in self.generation:
-                for out in outs:
-                    self.turn.add(out, self._elapsed())
+            async for steps in self.generation:
+                for step in steps:
+                    self.turn.add(step, self._elapsed())
+                    step.raise_failure()  # with its kind: the status is the failure's
         finally:
             self.generation.close()
         return await self._finish()
@@ -89,11 +101,12 @@ class PromptJob:
         try:
             if self.status:
                 yield _frame(encoder.status_event(self.status))
-            async for outs in self.generation:
-                for out in outs:
-                    delta = self.turn.add(out, self._elapsed())
+            async for steps in self.generation:
+                for step in steps:
+                    delta = self.turn.add(step, self._elapsed())
                     if delta:
                         yield _frame(encoder.text_event(delta))
+                    step.raise_failure()  # the error event follows what was generated
             yield _frame(encoder.complete_event(await self._finish()))
         except LmserveError as exc:  # the stream has started: the error travels inside it
             yield _frame(encoder.error_event(exc))
@@ -101,11 +114,9 @@ class PromptJob:
             self.generation.close()  # a disconnect lands here too, and cancels the sequence
             self.on_end()
 
-    async def _finish(self) -> dict:
+    async def _finish(self) -> dict[str, Any]:
         """Check the outcome, store the session turn (durably, before anyone is told), and
         return the final body."""
-        if self.turn.finish_reason == FINISH_ERROR:
-            raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {self.turn.error}")
         if self.turn.finish_reason == FINISH_CANCELLED:
             raise LmserveError(ErrorKind.INTERNAL, "the generation was cancelled")
         if self.sessions is not None and self.session_id is not None:

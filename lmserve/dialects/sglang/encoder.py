@@ -1,4 +1,4 @@
-"""Pure translation: engine outputs -> SGLang /generate bodies and stream frames, model and
+"""Pure translation: choice steps -> SGLang /generate bodies and stream frames, model and
 server info, error bodies."""
 
 from __future__ import annotations
@@ -9,9 +9,18 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from lmserve.core.backend import ChoiceStep
 from lmserve.core.errors import LmserveError
-from lmserve.core.events import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP,
-                                 TokenLogprob, TokenOutput)
+from lmserve.core.events import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    TokenLogprob,
+    TokenOutput,
+)
+
+Step = ChoiceStep | TokenOutput  # what a sample reads: the same attribute names on both
 
 REDACTED = "<redacted>"
 _SECRET_KEY = re.compile(r"(^|_)(api_?keys?|passwords?|secrets?|token|credentials?)$", re.I)
@@ -24,7 +33,7 @@ def error_body(exc: LmserveError) -> dict[str, Any]:
                       "param": exc.param, "code": status}}
 
 
-def finish_reason(out: TokenOutput, stop_token_ids: frozenset[int]) -> dict[str, Any] | None:
+def finish_reason(out: Step, stop_token_ids: frozenset[int]) -> dict[str, Any] | None:
     """SGLang's finish reasons: stop with the matched token id or string, length, abort."""
     reason = out.finish_reason
     if reason is None:
@@ -103,7 +112,7 @@ class Sample:
     def finished(self) -> bool:
         return self.finish is not None
 
-    def add(self, out: TokenOutput) -> None:
+    def add(self, out: Step) -> None:
         self.text += out.text
         self.output_ids.extend(out.token_ids)
         self.completion_tokens = len(self.output_ids)
@@ -111,15 +120,15 @@ class Sample:
         if self.logprobs is not None:
             self._add_logprobs(out, self.logprobs.start)
         if out.finished:
-            self.finish = finish_reason(out, self.stop_token_ids)
-            if self.no_stop_trim and out.finish_reason == FINISH_STOP and \
-                    self.finish["matched"] == out.stop_match and out.stop_match:
+            finish = self.finish = finish_reason(out, self.stop_token_ids)
+            if self.no_stop_trim and out.finish_reason == FINISH_STOP and finish is not None \
+                    and finish["matched"] == out.stop_match and out.stop_match:
                 self.text += out.stop_match
             if out.usage is not None:
                 self.cached_tokens = out.usage.cached_tokens
                 self.completion_tokens = out.usage.completion_tokens
 
-    def _add_logprobs(self, out: TokenOutput, start: int) -> None:
+    def _add_logprobs(self, out: Step, start: int) -> None:
         if out.prompt_logprobs is not None and start >= 0:
             self.prompt_logprobs = out.prompt_logprobs[start:]
         self.output_logprobs.extend(out.logprobs or [])

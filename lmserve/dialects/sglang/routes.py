@@ -5,7 +5,6 @@ which its clients call). /health lives in the app shell: 200, or 503 when an eng
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -15,17 +14,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from lmserve import __version__
+from lmserve.core.backend import (
+    BackendGeneration,
+    ChoiceStep,
+    ModelBackend,
+    ModelCard,
+    PreparedPrompt,
+    WeightsFacts,
+)
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
-from lmserve.core.events import FINISH_ERROR, TokenOutput
 from lmserve.core.request import GenerationRequest, SamplingParams
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
-from lmserve.engine.client import Generation
 from lmserve.http.routing import dialect_route, unless_disconnected
 from lmserve.http.streaming import SSE_HEADERS, merge, sse, start_all
-from lmserve.models.gguf_header import GGUFError, read_header
+from lmserve.models.gguf_header import GGUFError, GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
-from lmserve.service import ModelService, PreparedPrompt
 
 HEALTH_TIMEOUT_S = 20.0  # SGLang's default health-check timeout
 Models = Callable[[], ModelRegistry]
@@ -60,7 +64,8 @@ def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
         live.check_free(job.rid for job in plan.jobs)
         prepared = [_prepare(service, job) for job in plan.jobs]
         arrival = time.monotonic()
-        generations = start_all(service, [(j.request, p) for j, p in zip(plan.jobs, prepared)])
+        jobs = [(j.request, p) for j, p in zip(plan.jobs, prepared, strict=True)]
+        generations = start_all(service, jobs, parse=False)
         live.add(plan.jobs, generations)
         samples = _samples(plan, prepared)
         if body.stream:
@@ -120,10 +125,10 @@ class LiveRequests:
     """rid -> its running generation: a rid in use is refused, abort_all finds them all."""
 
     def __init__(self) -> None:
-        self._by_rid: dict[str, Generation] = {}
+        self._by_rid: dict[str, BackendGeneration] = {}
 
     def _prune(self) -> None:
-        for rid in [r for r, g in self._by_rid.items() if g.request.finished]:
+        for rid in [r for r, g in self._by_rid.items() if backend_done(g)]:
             del self._by_rid[rid]
 
     def check_free(self, rids: Iterable[str]) -> None:
@@ -133,8 +138,8 @@ class LiveRequests:
                 raise invalid(f"rid '{rid}' is already used by a running request", param="rid",
                               code="duplicate_rid")
 
-    def add(self, jobs: list[adapter.Job], generations: list[Generation]) -> None:
-        for job, generation in zip(jobs, generations):
+    def add(self, jobs: list[adapter.Job], generations: list[BackendGeneration]) -> None:
+        for job, generation in zip(jobs, generations, strict=True):
             self._by_rid[job.rid] = generation
 
     def rids(self) -> list[str]:
@@ -142,12 +147,24 @@ class LiveRequests:
         return list(self._by_rid)
 
 
-def _services(models: Models, name: str | None) -> list[ModelService]:
+def backend_done(generation: BackendGeneration) -> bool:
+    """Whether the backend is done with a generation (every choice ended, or it was closed),
+    read or not: a stream response that never started still frees its rid. `finished` is
+    not in the BackendGeneration protocol yet; until it is, ParsedGeneration's engine
+    generation answers."""
+    done = getattr(generation, "finished", None)
+    if done is None:
+        inner = getattr(generation, "generation", None)
+        done = getattr(getattr(inner, "request", None), "finished", False)
+    return bool(done)
+
+
+def _services(models: Models, name: str | None) -> list[ModelBackend]:
     registry = models()
     return [registry.get(name)] if name else list(registry)
 
 
-def _prepare(service: ModelService, job: adapter.Job) -> PreparedPrompt:
+def _prepare(service: ModelBackend, job: adapter.Job) -> PreparedPrompt:
     prepared = service.prepare(job.request)
     start = job.logprobs.start if job.logprobs else -1
     if start >= len(prepared.tokens):
@@ -161,31 +178,31 @@ def _samples(plan: adapter.GeneratePlan, prepared: list[PreparedPrompt]) -> Samp
                             stop_token_ids=frozenset(job.request.stop_token_ids),
                             no_stop_trim=job.no_stop_trim, logprobs=job.logprobs)
              for j in range(job.request.n)]
-            for job, p, offset in zip(plan.jobs, prepared, plan.offsets)]
+            for job, p, offset in zip(plan.jobs, prepared, plan.offsets, strict=True)]
 
 
-def _add(samples: Samples, job: int, out: TokenOutput, arrival: float) -> encoder.Sample:
-    if out.finish_reason == FINISH_ERROR:
-        raise LmserveError(ErrorKind.INTERNAL, f"generation failed: {out.error}")
-    sample = samples[job][out.index]
-    sample.add(out)
+def _add(samples: Samples, job: int, step: ChoiceStep, arrival: float) -> encoder.Sample:
+    step.raise_failure()  # with its kind: a status before the first byte, a frame after it
+    sample = samples[job][step.index]
+    sample.add(step)
     if sample.finished:
         sample.e2e_latency = time.monotonic() - arrival
     return sample
 
 
-async def _collect(generations: list[Generation], samples: Samples, arrival: float) -> None:
-    async for job, outs in merge(generations):
-        for out in outs:
-            _add(samples, job, out, arrival)
+async def _collect(generations: list[BackendGeneration], samples: Samples,
+                   arrival: float) -> None:
+    async for job, steps in merge(generations):
+        for step in steps:
+            _add(samples, job, step, arrival)
 
 
-async def _stream(generations: list[Generation], plan: adapter.GeneratePlan, samples: Samples,
-                  arrival: float) -> AsyncIterator[bytes]:
+async def _stream(generations: list[BackendGeneration], plan: adapter.GeneratePlan,
+                  samples: Samples, arrival: float) -> AsyncIterator[bytes]:
     try:
-        async for job, outs in merge(generations):
-            for out in outs:
-                sample = _add(samples, job, out, arrival)
+        async for job, steps in merge(generations):
+            for step in steps:
+                sample = _add(samples, job, step, arrival)
                 if sample.due(plan.jobs[job].stream_interval):
                     yield sse(sample.body(indexed=plan.listed))
     except LmserveError as exc:  # the stream has started: the error travels inside it
@@ -193,23 +210,24 @@ async def _stream(generations: list[Generation], plan: adapter.GeneratePlan, sam
     yield sse("[DONE]")
 
 
-async def _one_token(service: ModelService) -> None:
+async def _one_token(service: ModelBackend) -> None:
     """Generate one token, as SGLang's /health_generate does; 503 when that fails."""
     try:
         service.require_ready()
         generation = service.start(GenerationRequest(
             prompt_tokens=service.tokenize("ping"), sampling=SamplingParams(temperature=0.0),
-            max_tokens=1, request_id=f"HEALTH_CHECK_{uuid.uuid4().hex}"))
+            max_tokens=1, request_id=f"HEALTH_CHECK_{uuid.uuid4().hex}"), parse=False)
     except LmserveError as exc:
         if exc.kind is ErrorKind.OVERLOADED and service.healthy:
             return  # an engine busy with a full queue is alive
         raise _unhealthy(service, exc.message) from None
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
-            async for outs in generation:
-                if any(out.finish_reason == FINISH_ERROR for out in outs):
-                    raise _unhealthy(service, next(o.error for o in outs if o.error))
-                if any(out.token_ids for out in outs):
+            async for steps in generation:
+                failed = next((s.failed for s in steps if s.failed), None)
+                if failed is not None:
+                    raise _unhealthy(service, failed.message)
+                if any(step.token_ids for step in steps):
                     return
     except TimeoutError:
         raise _unhealthy(service, f"no token within {HEALTH_TIMEOUT_S:.0f} s") from None
@@ -217,26 +235,41 @@ async def _one_token(service: ModelService) -> None:
         generation.close()
 
 
-def _unhealthy(service: ModelService, why: str | None) -> LmserveError:
+def _unhealthy(service: ModelBackend, why: str | None) -> LmserveError:
     return LmserveError(ErrorKind.LOADING, f"model '{service.name}' is not healthy: {why}",
                         retry_after=2.0)
 
 
-def _model_info(service: ModelService, name: str) -> dict[str, Any]:
+def _gguf_header(card: ModelCard) -> GGUFHeader | None:
+    """The served file's header, for what the card does not carry (quantization, whether the
+    model only pools); None for an upstream's model (no GGUF here), or an unreadable file."""
+    if card.kind == "upstream":
+        return None
     try:
-        header = read_header(service.path)
-        architecture, generation = header.architecture, not header.pooling_only
-        extra: dict[str, Any] = {"quantization": header.quantization,
-                                 "context_length_train": header.context_length,
-                                 "size_bytes": header.size_bytes}
+        return read_header(card.source)
     except (GGUFError, OSError):
-        architecture, generation, extra = "unknown", True, {}
-    extra["state"] = service.state
-    if service.model is not None:
-        extra["n_params"] = service.model.info.n_params
-    return encoder.model_info(name=name, path=service.path, architecture=architecture,
-                              generation=generation, context_length=service.n_ctx or None,
-                              extra=extra)
+        return None
+
+
+def _model_info(service: ModelBackend, name: str) -> dict[str, Any]:
+    card = service.card
+    header = _gguf_header(card)
+    # The loaded weights' facts; before they load, what the file's header says.
+    weights = card.weights or (WeightsFacts(architecture=header.architecture,
+                                            n_ctx_train=header.context_length,
+                                            size_bytes=header.size_bytes) if header else None)
+    extra: dict[str, Any] = {}
+    if header is not None:
+        extra["quantization"] = header.quantization
+    if weights is not None:
+        extra.update(context_length_train=weights.n_ctx_train, size_bytes=weights.size_bytes)
+    extra["state"] = card.state.value
+    if card.weights is not None:
+        extra["n_params"] = card.weights.n_params
+    return encoder.model_info(name=name, path=card.source,
+                              architecture=(weights.architecture if weights else None) or "unknown",
+                              generation=not header.pooling_only if header else True,
+                              context_length=card.n_ctx or None, extra=extra)
 
 
 def _server_info(request: Request, registry: ModelRegistry) -> dict[str, Any]:
@@ -244,37 +277,37 @@ def _server_info(request: Request, registry: ModelRegistry) -> dict[str, Any]:
     api_keys: tuple[str, ...] = getattr(request.app.state, "api_keys", ())
     host, port = request.scope.get("server") or (None, None)
     services = list(registry)
+    cards = [s.card for s in services]
     config = {
         "version": __version__, "host": host, "port": port,
         "api_key": list(api_keys) or None,
         "served_model_name": [n for s in services for n in registry.names(s)],
-        "model_path": services[0].path if services else None,
+        "model_path": cards[0].source if cards else None,
         "store": {"url": state.store_settings.url,
                   "data_dir": str(state.store_settings.data_dir or "") or None,
                   "kind": state.store.kind if state.store else None,
                   "location": state.store.location if state.store else None},
-        "models": [_model_config(s, registry.names(s)) for s in services],
-        "internal_states": [_internal_state(s) for s in services],
+        "models": [_model_config(c, registry.names(s))
+                   for s, c in zip(services, cards, strict=True)],
+        "internal_states": [_internal_state(s, c)
+                            for s, c in zip(services, cards, strict=True)],
     }
-    return encoder.redact(config, frozenset(api_keys))
+    redacted: dict[str, Any] = encoder.redact(config, frozenset(api_keys))
+    return redacted
 
 
-def _model_config(service: ModelService, names: list[str]) -> dict[str, Any]:
-    settings = dataclasses.asdict(service.settings)
-    template = settings.pop("chat_template")
-    return {"served_model_name": names, "model_path": service.path, "state": service.state,
-            "context_length": service.n_ctx or None,
-            "max_running_requests": service.settings.parallel,
-            "max_queued_requests": service.settings.max_queue,
-            "chunked_prefill_size": service.settings.step_tokens,
-            "engine": {**settings, "chat_template_override": template is not None}}
+def _model_config(card: ModelCard, names: list[str]) -> dict[str, Any]:
+    return {"served_model_name": names, "model_path": card.source, "state": card.state.value,
+            "context_length": card.n_ctx or None, "max_running_requests": card.parallel,
+            "max_queued_requests": card.max_queue, "chunked_prefill_size": card.step_tokens,
+            "engine": dict(card.settings)}
 
 
-def _internal_state(service: ModelService) -> dict[str, Any]:
-    out: dict[str, Any] = {"model": service.name, "state": service.state,
-                           "error": service.error}
-    if service.client is not None:
-        pool = service.client.core.pool
-        out.update(active_requests=service.client.active, engine_alive=service.client.alive,
-                   prefix_cache_hits=pool.hits, prefix_cache_reused_tokens=pool.reused_tokens)
+def _internal_state(service: ModelBackend, card: ModelCard) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": card.name, "state": card.state.value, "error": card.error}
+    stats = service.stats()
+    if stats is not None:
+        out.update(active_requests=stats.active_requests, engine_alive=stats.alive,
+                   prefix_cache_hits=stats.prefix_cache_hits,
+                   prefix_cache_reused_tokens=stats.prefix_cache_tokens)
     return out
