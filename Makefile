@@ -47,7 +47,7 @@ test: install system-deps lint
 	$(PY) -m pytest -p no:cacheprovider
 
 bench: install
-	$(PY) benchmarks/run_server_bench.py
+	$(PY) -m benchmarks.run_server_bench
 
 clean:
 	rm -rf $(VENV)

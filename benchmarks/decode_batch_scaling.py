@@ -1,6 +1,6 @@
 """Raw llama_decode cost per step as the number of decoding sequences grows (no scheduler).
 
-    python benchmarks/decode_batch_scaling.py [MODEL] [THREADS]
+    python -m benchmarks.decode_batch_scaling [MODEL] [THREADS]
 
 Shows how much batching can give on this CPU: each sequence gets a 128-token prompt, then
 30 steps decode one token for every sequence.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from lmserve.bench.raw import decode_step_ms, prefill
+from benchmarks.harness.raw import decode_step_ms, prefill
 from lmserve.engine.runner import Context, Model
 from lmserve.models.resolve import resolve
 

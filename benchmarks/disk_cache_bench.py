@@ -1,6 +1,6 @@
 """Disk cache across a restart: TTFT of a request whose long prefix is on disk, vs cold.
 
-    python benchmarks/disk_cache_bench.py [--model smollm2] [--prefix-tokens 2000] [--docs 3]
+    python -m benchmarks.disk_cache_bench [--model smollm2] [--prefix-tokens 2000] [--docs 3]
 
 Starts `lmserve serve --disk-cache DIR`, sends each document (a long prefix) plus a question
 (cold: the prefix is computed, then saved when the request finishes), stops the server, starts
@@ -20,9 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from lmserve.bench.engine_metrics import counter_total
-from lmserve.bench.procs import free_port, start_lmserve, stop
-
+from benchmarks.harness.engine_metrics import counter_total
+from benchmarks.harness.procs import free_port, start_lmserve, stop
 
 RESULTS = Path(__file__).parent / "results"
 SENTENCE = ("Entry {i}: the survey team measured plot {j} at {k} metres and noted {m} oak "

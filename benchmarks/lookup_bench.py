@@ -1,6 +1,6 @@
 """Prompt-lookup speculation on edit-this-text workloads: speed and identical output.
 
-    python benchmarks/lookup_bench.py [--workload prose|code|prose-raw] [--model smollm2]
+    python -m benchmarks.lookup_bench [--workload prose|code|prose-raw] [--model smollm2]
                                       [--rounds 3]
 
 Starts `lmserve serve` twice on the same model, with speculation off (--lookup 0) and on
@@ -25,9 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from lmserve.bench.engine_metrics import counter_total
-from lmserve.bench.procs import free_port, start_lmserve, stop
-
+from benchmarks.harness.engine_metrics import counter_total
+from benchmarks.harness.procs import free_port, start_lmserve, stop
 
 RESULTS = Path(__file__).parent / "results"
 

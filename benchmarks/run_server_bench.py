@@ -1,16 +1,17 @@
 """Server vs in-process ceiling, in one run: throughput sweep + shared-prefix TTFT.
 
-    python benchmarks/run_server_bench.py [--model smollm2] [--parallel 8] [--threads 2]
+    python -m benchmarks.run_server_bench [--model smollm2] [--parallel 8] [--threads 2]
                                           [--ctx 8192] [--kv-layout auto|split|shared]
                                           [--rounds 3] [--tag NAME]
 
 Starts `lmserve serve` on a free loopback port and loads the same model with the same
 settings in this process (no HTTP), both at once: an idle one uses no CPU. Then, round after
 round, every concurrency level is run by both in turn, the order swapped each level and each
-round (lmserve.bench.paired). This VM's speed drifts by up to about 30% over minutes, so ratios are taken within a
-round (server/ceiling at a level, and each one's level against its own c=1), and reported as
-medians over rounds. The server's per-step engine timings come from its /metrics. Results go
-to benchmarks/results/<tag>.json and .png (the plot shows each level's median round).
+round (benchmarks.harness.paired). This VM's speed drifts by up to about 30% over minutes, so
+ratios are taken within a round (server/ceiling at a level, and each one's level against its
+own c=1), and reported as medians over rounds. The server's per-step engine timings come from
+its /metrics. Results go to benchmarks/results/<tag>.json and .png (the plot shows each level's
+median round).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmserve.bench.engine_metrics import MetricsProbe
+from benchmarks.harness.engine_metrics import MetricsProbe
+from benchmarks.harness.paired import Round, take_turns
+from benchmarks.harness.procs import free_port, start_lmserve, stop
 from lmserve.bench.inprocess import InProcessBackend
 from lmserve.bench.openai_http import OpenAIHTTPBackend
-from lmserve.bench.paired import Round, take_turns
-from lmserve.bench.procs import free_port, start_lmserve, stop
 from lmserve.bench.prompts import make_prompts
 from lmserve.bench.report import format_shared_prefix, format_table, plot, to_json
 from lmserve.bench.runner import run_level

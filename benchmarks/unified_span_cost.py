@@ -1,6 +1,6 @@
 """What idle KV costs the decoders of a shared (unified) KV pool.
 
-    python benchmarks/unified_span_cost.py [ROUNDS]
+    python -m benchmarks.unified_span_cost [ROUNDS]
 
 Raw llama_decode, SmolLM2, 2 threads, no scheduler. 8 sequences get 128-token prompts, then
 decode 40 steps of one token each, in a pool that is empty or that first got 2400 cells of
@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import sys
 
-from lmserve.bench.raw import decode_step_ms, prefill
+from benchmarks.harness.raw import decode_step_ms, prefill
 from lmserve.engine.runner import Context, Model
 from lmserve.models.resolve import resolve
 

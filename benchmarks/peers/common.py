@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import servers
+from benchmarks.peers import servers
 
 RESULTS = servers.ROOT / "benchmarks" / "results"
 WORKDIR = RESULTS / "tmp" / "peers"  # server configs and logs

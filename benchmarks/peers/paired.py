@@ -1,6 +1,6 @@
 """Paired peer comparison: the servers take turns level by level, round after round.
 
-    .venv/bin/python benchmarks/peers/paired.py [--models smollm2,gemma3-270m]
+    .venv/bin/python -m benchmarks.peers.paired [--models smollm2,gemma3-270m]
         [--servers lmserve,llama-server,llama-cpp-python-batched]
         [--rounds 2] [--concurrency 1,4,8,16]
 
@@ -10,7 +10,7 @@ step half an hour apart). Here all servers of a model are started at once (an id
 no CPU; each is checked), and every concurrency level is run by each server in turn, the
 order rotated by one every round, so a slow spell hits them alike. Every request has its own
 numbered prompt (no prompt-cache reuse across servers, rounds or levels; the turns are
-lmserve.bench.paired's). Reports, per
+benchmarks.harness.paired's). Reports, per
 server and level, the median over rounds of output tok/s and TTFT p50, and for each lmserve
 configuration the median over rounds of its per-round ratio to each peer, measured minutes
 apart at most. Same settings as run_peers.py (servers.py). Writes <out-dir>/<tag>.{json,md}.
@@ -27,17 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import servers  # noqa: E402 - beside this script
-from common import WORKDIR, add_arguments, log, parse  # noqa: E402
-
-from lmserve.bench.openai_http import OpenAIHTTPBackend  # noqa: E402
-from lmserve.bench.paired import take_turns  # noqa: E402
-from lmserve.bench.procs import free_port, start_process, stop, wait_ready  # noqa: E402
-from lmserve.bench.prompts import make_prompts  # noqa: E402
-from lmserve.bench.runner import run_level  # noqa: E402
-from lmserve.bench.stats import LevelResult  # noqa: E402
-from lmserve.models.resolve import resolve  # noqa: E402
+from benchmarks.harness.paired import take_turns
+from benchmarks.harness.procs import free_port, start_process, stop, wait_ready
+from benchmarks.peers import servers
+from benchmarks.peers.common import WORKDIR, add_arguments, log, parse
+from lmserve.bench.openai_http import OpenAIHTTPBackend
+from lmserve.bench.prompts import make_prompts
+from lmserve.bench.runner import run_level
+from lmserve.bench.stats import LevelResult
+from lmserve.models.resolve import resolve
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,7 +1,7 @@
 """lmserve against the servers users would otherwise pick, in one run, on this machine.
 
     benchmarks/peers/install_peers.sh            # once: peers into benchmarks/.peers/
-    .venv/bin/python benchmarks/peers/run_peers.py [--models smollm2,gemma3-270m]
+    .venv/bin/python -m benchmarks.peers.run_peers [--models smollm2,gemma3-270m]
 
 For each model and each server (lmserve as is, with --lookup 8, with --kv-split, with both;
 llama.cpp's llama-server with a KV stream per slot, as -np gives, and with one shared pool,
@@ -12,7 +12,8 @@ really generates --output-len tokens (ignore_eos or its stand-in), sweep concurr
 closed-loop harness, run the shared-prefix scenario (TTFT of later requests against the first),
 stop it. lmserve's /metrics is scraped around each level for per-step engine timings. Writes
 <out-dir>/<tag>.json (updated after every server) and <tag>.md: absolute numbers, the ratios
-of each lmserve configuration to each peer, lmserve's per-step timings. Server logs go to benchmarks/results/tmp/peers/.
+of each lmserve configuration to each peer, lmserve's per-step timings. Server logs go to
+benchmarks/results/tmp/peers/.
 """
 
 from __future__ import annotations
@@ -27,19 +28,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import servers  # noqa: E402 - beside this script
-from common import WORKDIR, add_arguments, log, parse  # noqa: E402
+from benchmarks.harness.compare import markdown, ratios
+from benchmarks.harness.engine_metrics import MetricsProbe
+from benchmarks.harness.procs import free_port, start_process, stop, wait_ready
+from benchmarks.peers import servers
+from benchmarks.peers.common import WORKDIR, add_arguments, log, parse
+from lmserve.bench.openai_http import OpenAIHTTPBackend
+from lmserve.bench.prompts import make_prompts
+from lmserve.bench.report import format_table, to_json
+from lmserve.bench.scenarios import shared_prefix, sweep
+from lmserve.bench.stats import LevelResult
+from lmserve.models.resolve import resolve
 
-from lmserve.bench.compare import markdown, ratios  # noqa: E402
-from lmserve.bench.engine_metrics import MetricsProbe  # noqa: E402
-from lmserve.bench.openai_http import OpenAIHTTPBackend  # noqa: E402
-from lmserve.bench.procs import free_port, start_process, stop, wait_ready  # noqa: E402
-from lmserve.bench.prompts import make_prompts  # noqa: E402
-from lmserve.bench.report import format_shared_prefix, format_table, to_json  # noqa: E402
-from lmserve.bench.scenarios import shared_prefix, sweep  # noqa: E402
-from lmserve.bench.stats import LevelResult  # noqa: E402
-from lmserve.models.resolve import resolve  # noqa: E402
 
 def _progress(level: LevelResult) -> None:
     log(f"    c={level.concurrency}: {level.completed}/{level.num_requests} ok, "

@@ -15,7 +15,7 @@ DEFAULT_CONCURRENCIES: tuple[int, ...] = (1, 2, 4, 8, 16)
 
 
 class LevelProbe(Protocol):
-    """Measures something around each level (e.g. engine_metrics.MetricsProbe)."""
+    """Measures something around each level (e.g. benchmarks/harness/engine_metrics.py)."""
 
     async def start(self) -> None: ...
 

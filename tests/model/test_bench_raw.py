@@ -1,4 +1,4 @@
-"""lmserve.bench.raw, the raw llama_decode timing that the benchmark scripts share, on the real
+"""benchmarks.harness.raw, the raw llama_decode timing that the benchmark scripts share, on the real
 model: the prompts and decode steps land in the KV where the scripts assume they do."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import llama_cpp as ll
 import pytest
 
-from lmserve.bench.raw import decode_step_ms, prefill
+from benchmarks.harness.raw import decode_step_ms, prefill
 from lmserve.engine.runner import Context, Model
 
 

@@ -9,11 +9,11 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 
+from benchmarks.harness.compare import markdown, ratios
+from benchmarks.harness.engine_metrics import (MetricsProbe, counter_total, parse_counters,
+                                               step_timings)
 from lmserve.bench import (BenchRequest, Chunk, OpenAIHTTPBackend, from_json, run_level,
                            sweep, to_json)
-from lmserve.bench.compare import markdown, ratios
-from lmserve.bench.engine_metrics import (MetricsProbe, counter_total, parse_counters,
-                                          step_timings)
 
 
 def exposition(steps: int, batch: int, generated: int, decode_s: float, sample_s: float) -> str:

