@@ -29,7 +29,7 @@ R = TypeVar("R", bound=type[LLMResource])
 class Models:
     """`app.models`: registration is cheap (the GGUF header only); weights load at startup."""
 
-    def __init__(self, app: "App") -> None:
+    def __init__(self, app: App) -> None:
         self._app = app
 
     def add_model(self, path: str, model: str, name: str, *,
@@ -96,7 +96,7 @@ def _resolve(model: str) -> str:
     return resolve(model).path
 
 
-def run(app: "App | str", *, host: str = "127.0.0.1", port: int = 8000,
+def run(app: App | str, *, host: str = "127.0.0.1", port: int = 8000,
         log_level: str = "info") -> None:
     """Serve an App (or an "module:attribute" reference to one) with uvicorn."""
     import uvicorn
@@ -105,13 +105,13 @@ def run(app: "App | str", *, host: str = "127.0.0.1", port: int = 8000,
     uvicorn.run(target, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
-def load_app(reference: str) -> "App":
+def load_app(reference: str) -> App:
     """Import "package.module:attribute" (the attribute defaults to `app`)."""
     import importlib
 
     module_name, _, attribute = reference.partition(":")
     module = importlib.import_module(module_name)
     target = getattr(module, attribute or "app", None)
-    if target is None:
-        raise ValueError(f"{reference}: no attribute {attribute or 'app'!r}")
+    if not isinstance(target, App):
+        raise ValueError(f"{reference}: no App at attribute {attribute or 'app'!r}")
     return target

@@ -8,7 +8,8 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from lmserve import __version__, config
+from lmserve import config
+from lmserve._version import __version__
 from lmserve.core.lora import assign as assign_loras
 from lmserve.engine.disk_cache import ByteSize
 from lmserve.models.resolve import DEFAULT_MODEL, resolve

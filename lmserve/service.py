@@ -3,39 +3,50 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from lmserve.chat.media import MediaPolicy, check_images, no_projector
-from lmserve.chat.overflow import TRUNCATION_NOTE, fit_chat
+from lmserve.chat.media import MediaPolicy
 from lmserve.chat.reasoning import detect_reasoning_tags
-from lmserve.chat.templates import ChatTemplate, TemplateError
-from lmserve.chat.toolparsers import marker_texts
+from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import StreamParser
-from lmserve.chat.turn import (format_grammar, plan_turn, reasoning_grammar, template_kwargs,
-                               turn_parser)
+from lmserve.core.backend import EngineStats, LoadState, ModelCard, PreparedPrompt, WeightsFacts
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import TokenOutput
-from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, resolve as resolve_lora
-from lmserve.core.request import ChatMessage, GenerationRequest, ResponseFormat
+from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, describe
+from lmserve.core.lora import resolve as resolve_lora
+from lmserve.core.request import ChatMessage, GenerationRequest
+from lmserve.engine import kv_layout
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.disk_cache import DiskCache
-from lmserve.engine import kv_layout
 from lmserve.engine.lora import load_adapters
-from lmserve.engine.runner import (POOLING_MEAN, POOLING_NONE, POOLING_UNSPECIFIED, Context, Model,
-                                   validate_grammar,
-                                   default_threads)
+from lmserve.engine.runner import (
+    POOLING_MEAN,
+    POOLING_NONE,
+    POOLING_UNSPECIFIED,
+    Context,
+    Model,
+    default_threads,
+    validate_grammar,
+)
 from lmserve.engine.scheduler import EngineCore, StepOutputs
 from lmserve.engine.sequence import EngineRequest
+from lmserve.generation import ParsedGeneration
+from lmserve.prompting import Prompter
+
+__all__ = ["EngineSettings", "ModelService", "PreparedPrompt"]
 
 log = logging.getLogger("lmserve.service")
+
+# The engine's cumulative step counters (engine.scheduler.StepStats) a card's stats carry.
+STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "preemptions",
+                 "decode_failures", "draft_tokens", "accepted_tokens")
 
 
 @dataclass(frozen=True)
@@ -62,19 +73,11 @@ class EngineSettings:
     media: MediaPolicy = MediaPolicy()  # image input: sizes, hosts, directory (chat.media)
 
 
-@dataclass
-class PreparedPrompt:
-    tokens: list[int]
-    text: str | None
-    grammar: str | None = None  # forced tool call or response_format (see chat.turn)
-    tool_format: str | None = None  # the tool-call format to parse; None: no calls parsed
-    dropped_messages: int = 0  # oldest messages dropped to fit the context (chat.overflow)
-    truncating: bool = False  # the chat was fitted under context_overflow "truncate"
-    markers: frozenset[int] = frozenset()  # control tokens the chat parser reads, rendered
-
-
 class ModelService:
-    """One loaded GGUF model: its engine thread, chat template and embedding context."""
+    """One GGUF model served by lmserve's llama.cpp engine: its engine thread, chat template
+    and embedding context. Implements the backend contract (lmserve.core.backend)."""
+
+    kind = "llama.cpp"
 
     def __init__(self, name: str, path: str, settings: EngineSettings,
                  aliases: Sequence[str] = ()) -> None:
@@ -89,6 +92,7 @@ class ModelService:
         self.model: Model | None = None
         self.client: EngineClient | None = None
         self.template: ChatTemplate | None = None
+        self.prompter: Prompter | None = None  # once loaded
         self.n_ctx = 0
         self.layout = kv_layout.Layout(False, "not loaded")  # the engine's KV layout, and why
         self._embed_ctx: Context | None = None
@@ -126,8 +130,10 @@ class ModelService:
             s.kv_layout, n_ctx=self.n_ctx, n_slots=n_slots, memory=kv_layout.machine_memory(),
             bytes_per_token=kv_layout.bytes_per_token_from_metadata(info.metadata))
 
+        model = self.model
+
         def context(split: bool) -> Context:
-            return Context(self.model, n_ctx=self.n_ctx * (n_slots if split else 1),
+            return Context(model, n_ctx=self.n_ctx * (n_slots if split else 1),
                            n_seq_max=n_slots, n_batch=max(s.step_tokens, s.parallel),
                            n_threads=threads, n_threads_batch=s.threads_batch or threads,
                            kv_unified=not split)
@@ -182,10 +188,60 @@ class ModelService:
     def healthy(self) -> bool:
         return self.state != "failed" and (self.client is None or self.client.alive)
 
+    # -- the card ---------------------------------------------------------------------------
+    @property
+    def card(self) -> ModelCard:
+        s, model = self.settings, self.model
+        weights = None
+        if model is not None:
+            info = model.info
+            weights = WeightsFacts(architecture=info.architecture, n_ctx_train=info.n_ctx_train,
+                                   n_params=info.n_params, n_embd=info.n_embd,
+                                   n_vocab=info.n_vocab, size_bytes=info.size_bytes,
+                                   metadata=info.metadata)
+        settings = {k: v for k, v in asdict(s).items() if k != "chat_template"}
+        settings["chat_template_override"] = s.chat_template is not None
+        return ModelCard(
+            name=self.name, aliases=self.aliases, kind=self.kind, source=self.path,
+            state=LoadState(self.state), progress=self.progress, error=self.error,
+            created=self.created, n_ctx=self.n_ctx, parallel=s.parallel, max_queue=s.max_queue,
+            step_tokens=s.step_tokens, threads=s.threads or default_threads(),
+            embedding_ctx=s.embedding_ctx,
+            chat_template=self.template.source if self.template is not None else None,
+            reasoning_tags=self.reasoning_tags, vision=self.vision, loras=s.loras,
+            kv_layout=("split" if self.layout.split else "shared") if model else None,
+            weights=weights, settings=settings)
+
+    def stats(self) -> EngineStats | None:
+        """The engine's counters; None before the engine runs."""
+        client = self.client
+        if client is None:
+            return None
+        core = client.core
+        st = core.stats
+        disk = core.pool.disk
+        disk_stats = asdict(disk.stats) if disk is not None else None
+        rotation = core.adapters
+        return EngineStats(
+            alive=client.alive, error=client.error, active_requests=client.active,
+            running=len(core.running), waiting=len(core.waiting),
+            prefix_cache_hits=core.pool.hits, prefix_cache_tokens=core.pool.reused_tokens,
+            counters={k: getattr(st, k) for k in STEP_COUNTERS},
+            phases={p: getattr(st, p) for p in st.phases},
+            last_step_sequences=st.last_step_sequences, disk_cache=disk_stats,
+            adapter_steps={describe(a, self.settings.loras): n
+                           for a, n in list(rotation.steps.items())} if self.settings.loras else {},
+            adapter_switches=rotation.switches)
+
     # -- prompts ----------------------------------------------------------------------------
-    def require_ready(self) -> Model:
+    def require_ready(self) -> ModelCard:
+        self._loaded()
+        return self.card
+
+    def _loaded(self) -> Model:
         if self.state == "failed":
-            raise LmserveError(ErrorKind.INTERNAL, f"model '{self.name}' failed to load: {self.error}")
+            raise LmserveError(ErrorKind.INTERNAL,
+                               f"model '{self.name}' failed to load: {self.error}")
         if not self.ready or self.model is None:
             raise LmserveError(ErrorKind.LOADING, f"model '{self.name}' is still loading "
                                f"({self.progress:.0%})", code="model_loading", retry_after=2.0)
@@ -194,66 +250,26 @@ class ModelService:
                                f"{self.client.error}")
         return self.model
 
+    def _prompts(self) -> Prompter:
+        """The prompter of the loaded model, made anew when what it depends on changed."""
+        model, s = self._loaded(), self.settings
+        p = self.prompter
+        if p is None or p.vocab is not model or p.template is not self.template or \
+                p.n_ctx != self.n_ctx or p.media != s.media or \
+                p.context_overflow != s.context_overflow:
+            p = self.prompter = Prompter(self.name, model, self.template, n_ctx=self.n_ctx,
+                                         media=s.media, context_overflow=s.context_overflow,
+                                         vision=self.vision)
+        return p
+
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
                     template_kwargs: dict[str, Any] | None = None,
                     tools: list[dict[str, Any]] | None = None) -> str:
-        template = self._chat_template()
-        try:
-            return template.render([_template_message(m) for m in messages],
-                                   add_generation_prompt=add_generation_prompt, tools=tools,
-                                   **(template_kwargs or {}))
-        except TemplateError as exc:
-            raise invalid(f"the chat template rejected these messages: {exc}", param="messages")
+        return self._prompts().render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                           template_kwargs=template_kwargs, tools=tools)
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
-        model = self.require_ready()
-        if request.prompt_tokens is not None:
-            bad = [t for t in request.prompt_tokens if not 0 <= t < model.n_vocab]
-            if bad:
-                raise invalid(f"token id {bad[0]} is outside the vocabulary (0..{model.n_vocab - 1})",
-                              param="prompt")
-            fmt = request.response_format
-            return PreparedPrompt(list(request.prompt_tokens), None,
-                                  format_grammar(fmt) if fmt is not None else None)
-        if request.messages is None:
-            if request.response_format is not None:
-                return self._prepare_raw(request.prompt or "", request.response_format)
-            if request.tools:
-                raise invalid("tools need a chat request (messages)", param="tools")
-            text = request.prompt or ""
-            return PreparedPrompt(self.tokenize(text), text)
-        return self._prepare_chat(request)
-
-    def _prepare_raw(self, prompt: str, response_format: ResponseFormat) -> PreparedPrompt:
-        return PreparedPrompt(self.tokenize(prompt), prompt, format_grammar(response_format))
-
-    def _chat_template(self) -> ChatTemplate:
-        if self.template is None:
-            raise invalid(f"model '{self.name}' has no chat template; use the completions "
-                          "endpoint with a raw prompt, or start the server with --chat-template",
-                          param="messages", code="no_chat_template")
-        return self.template
-
-    def _prepare_chat(self, request: GenerationRequest) -> PreparedPrompt:
-        """Render the turn's plan: tools, fallback prompt, grammar (see chat.turn); under
-        context_overflow "truncate", of the fewest oldest turns dropped (chat.overflow)."""
-        images = check_images(request.messages, self.settings.media)  # the policy's 400s first
-        if images and not self.vision:
-            raise no_projector(self.name, images[0])
-        if (request.context_overflow or self.settings.context_overflow) == "truncate":
-            prepared, dropped = fit_chat(request, self._render_turn, self.n_ctx)
-            return replace(prepared, dropped_messages=dropped, truncating=True)
-        return self._render_turn(request)
-
-    def _render_turn(self, request: GenerationRequest) -> PreparedPrompt:
-        plan = plan_turn(request, self._chat_template(), self.require_ready().info.metadata)
-        text = self.render_chat(plan.messages, add_generation_prompt=request.add_generation_prompt,
-                                template_kwargs=template_kwargs(request), tools=plan.template_tools)
-        grammar = reasoning_grammar(plan, self.reasoning_tags, text, request.reasoning)
-        markers = self.require_ready().control_tokens(
-            marker_texts(plan.tool_format, self.reasoning_tags))
-        return PreparedPrompt(self.tokenize(text), text, grammar, plan.tool_format,
-                              markers=markers)
+        return self._prompts().prepare(request)
 
     @property
     def vision(self) -> bool:
@@ -267,44 +283,35 @@ class ModelService:
 
     def chat_parser(self, request: GenerationRequest, prepared: PreparedPrompt) -> StreamParser:
         """A fresh parser for one choice: reasoning first, then tool calls."""
-        return turn_parser(prepared.tool_format, self.reasoning_tags, prepared.text,
-                           parallel=request.parallel_tool_calls)
+        return self._prompts().chat_parser(request, prepared)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._loaded().detokenize(list(tokens))
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        model = self.require_ready()
-        tokens = model.tokenize(text, add_special=add_special, parse_special=True)
-        bos = model.info.bos_token
-        # A template that writes the BOS text itself plus a vocab that adds BOS gives two.
-        if len(tokens) >= 2 and tokens[0] == tokens[1] and bos and text.startswith(bos) \
-                and model.info.add_bos:
-            tokens = tokens[1:]
-        return tokens
+        return self._prompts().tokenize(text, add_special=add_special)
 
     def check_context(self, n_prompt: int, max_tokens: int | None, *,
                       truncating: bool = False) -> int:
         """Validate prompt length against the context; returns the effective max_tokens."""
-        note = TRUNCATION_NOTE if truncating else ""
-        if n_prompt == 0:
-            raise invalid("the prompt is empty", param="prompt")
-        if n_prompt >= self.n_ctx:
-            raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
-                               f"this model's maximum context length is {self.n_ctx} tokens, "
-                               f"but the prompt has {n_prompt} tokens{note}", param="messages",
-                               code="context_length_exceeded")
-        if max_tokens is None:
-            return self.n_ctx - n_prompt
-        if n_prompt + max_tokens > self.n_ctx:
-            raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
-                               f"this model's maximum context length is {self.n_ctx} tokens; "
-                               f"the prompt has {n_prompt} tokens and max_tokens asks for "
-                               f"{max_tokens} more{note}", param="max_tokens",
-                               code="context_length_exceeded")
-        return max_tokens
+        return self._prompts().check_context(n_prompt, max_tokens, truncating=truncating)
 
     # -- generation -------------------------------------------------------------------------
-    def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
-              ) -> Generation:
-        """Validate and submit now, so every refusal happens before a response starts."""
+    def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
+              parse: bool | None = None) -> ParsedGeneration:
+        """Validate and submit now, so every refusal happens before a response starts.
+        `parse`: run each choice's output through the chat parser (default: chat requests)."""
+        prepared = prepared or self.prepare(request)
+        generation = self.submit(request, prepared)
+        if parse is None:
+            parse = request.messages is not None
+        if not parse:
+            return ParsedGeneration(generation)
+        return ParsedGeneration(generation, lambda: self.chat_parser(request, prepared))
+
+    def submit(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
+               ) -> Generation:
+        """The engine-level start: raw step outputs, no parsing (the in-process benchmark)."""
         adapters = self.adapters(request.model, request.lora)
         prepared = prepared or self.prepare(request)
         max_tokens = self.check_context(len(prepared.tokens), request.max_tokens,
@@ -338,40 +345,47 @@ class ModelService:
     def check_grammar(self, gbnf: str, param: str = "grammar") -> None:
         """Refuse a grammar llama.cpp cannot parse before it reaches the engine thread."""
         try:
-            validate_grammar(self.require_ready(), gbnf)
+            validate_grammar(self._loaded(), gbnf)
         except ValueError as exc:
             raise invalid(f"the grammar was refused: {exc}", param=param,
                           code="invalid_grammar") from None
 
     async def generate(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
                        ) -> AsyncIterator[list[TokenOutput]]:
-        async for outputs in self.start(request, prepared):
+        async for outputs in self.submit(request, prepared):
             yield outputs
 
-    async def abort(self, request_id: str) -> None:
-        if self.client is not None:
-            self.client.abort(request_id)
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running or queued request by id; False if none such is known here."""
+        if self.client is None or not self.client.has_request(request_id):
+            return False
+        self.client.abort(request_id)
+        return True
 
     async def flush_cache(self) -> int | None:
         """Drop the idle prefix cache: the number of cached prefixes dropped, or None (nothing
         done) while requests run or wait. Decided on the engine thread, so no request can start
         between the check and the flush."""
-        self.require_ready()
+        self._loaded()
         assert self.client is not None
-        return await self.client.call(lambda core: None if core.has_work else core.pool.flush())
+        flushed: int | None = await self.client.call(
+            lambda core: None if core.has_work else core.pool.flush())
+        return flushed
 
     # -- embeddings -------------------------------------------------------------------------
-    async def embed(self, inputs: list[list[int]], adapters: AdapterSet = ()) -> list[np.ndarray]:
-        self.require_ready()
+    async def embed(self, inputs: Sequence[Sequence[int] | str], adapters: AdapterSet = ()
+                    ) -> list[np.ndarray]:
+        self._loaded()
+        token_lists = [self.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
         limit = self.settings.embedding_ctx
-        for i, tokens in enumerate(inputs):
+        for i, tokens in enumerate(token_lists):
             if not tokens:
                 raise invalid(f"input[{i}] is empty", param="input")
             if len(tokens) > limit:
                 raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                                    f"input[{i}] has {len(tokens)} tokens; the embedding context "
                                    f"holds {limit}", param="input", code="context_length_exceeded")
-        return await asyncio.to_thread(self._embed_blocking, inputs, adapters)
+        return await asyncio.to_thread(self._embed_blocking, token_lists, adapters)
 
     def _embed_blocking(self, inputs: list[list[int]], adapters: AdapterSet) -> list[np.ndarray]:
         with self._embed_lock:
@@ -405,15 +419,3 @@ class ModelService:
                        n_threads=self.settings.threads or default_threads(),
                        embeddings=True, pooling_type=pooling)
 
-
-def _template_message(message: ChatMessage) -> dict[str, Any]:
-    data = message.as_template_dict()
-    # Clients send tool-call arguments as JSON strings; HF templates expect mappings.
-    for call in data.get("tool_calls") or []:
-        fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            try:
-                fn["arguments"] = json.loads(fn["arguments"])
-            except ValueError:
-                pass
-    return data

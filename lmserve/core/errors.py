@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
@@ -14,6 +14,9 @@ class ErrorKind(str, enum.Enum):
     AUTHENTICATION = "authentication"
     OVERLOADED = "overloaded"
     LOADING = "loading"
+    CAPACITY = "capacity"  # the engine ran out of room (KV cache) for a running request
+    UPSTREAM = "upstream"  # an upstream server refused the connection or answered badly
+    UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERNAL = "internal"
 
     @property
@@ -30,6 +33,9 @@ _STATUS = {
     ErrorKind.AUTHENTICATION: 401,
     ErrorKind.OVERLOADED: 429,
     ErrorKind.LOADING: 503,
+    ErrorKind.CAPACITY: 503,
+    ErrorKind.UPSTREAM: 502,
+    ErrorKind.UPSTREAM_TIMEOUT: 504,
     ErrorKind.INTERNAL: 500,
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmserve.core.errors import ErrorKind
+
 
 @dataclass
 class Usage:
@@ -54,6 +56,7 @@ class TokenOutput:
     stop_match: str | None = None  # the stop string or token text that ended it
     usage: Usage | None = None  # set on the final output
     error: str | None = None
+    error_kind: ErrorKind | None = None  # with FINISH_ERROR: the status class of the failure
     # One entry per token in token_ids, when the request asked for logprobs.
     logprobs: list[TokenLogprob] | None = None
     # On a choice's first output, when the request asked for prompt logprobs: one entry per
@@ -138,7 +141,7 @@ class ParsedTurn:
             start = self._open.pop(event.index)
             self.tool_calls.append(ToolCall(start.id, start.name, event.arguments, event.complete))
 
-    def extend(self, events: list[ChatEvent]) -> "ParsedTurn":
+    def extend(self, events: list[ChatEvent]) -> ParsedTurn:
         for event in events:
             self.add(event)
         return self

@@ -30,6 +30,7 @@ class EngineClient:
         self._thread = EngineThread(core_factory, self._on_step, name=name)
         self.max_queue = max_queue
         self.active = 0
+        self._live: set[str] = set()  # ids of the requests submitted and not yet done
 
     @property
     def core(self) -> EngineCore:
@@ -58,7 +59,7 @@ class EngineClient:
             if isinstance(stream, _Stream):
                 stream.queue.put_nowait(items)
 
-    def submit(self, request: EngineRequest) -> "Generation":
+    def submit(self, request: EngineRequest) -> Generation:
         """Admit a request now (capacity and health are checked before anything is sent)."""
         capacity = self.core.max_running + self.max_queue
         if self.active >= capacity:
@@ -70,11 +71,16 @@ class EngineClient:
         stream = _Stream(request.n)
         request.handle = stream
         self.active += 1
+        self._live.add(request.request_id)
         self._thread.submit(request)
         return Generation(self, request, stream)
 
-    def _done(self, generation: "Generation") -> None:
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._live
+
+    def _done(self, generation: Generation) -> None:
         self.active -= 1
+        self._live.discard(generation.request.request_id)
         if generation.stream.remaining > 0:  # the consumer went away (disconnect, error)
             self._thread.abort(generation.request.request_id)
 
@@ -107,6 +113,10 @@ class Generation:
                 yield items
         finally:
             self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         if not self._closed:

@@ -46,7 +46,7 @@ class LogitsFlags(Protocol):
 class _PromptRows:
     """Batch rows whose logits score prompt tokens first..last (row i scores token first + i)."""
 
-    seq: "Sequence"
+    seq: Sequence
     first_row: int
     first: int
     last: int
@@ -103,7 +103,7 @@ class LogprobScorer:
             self._prompt_rows.clear()
 
     # -- sampled tokens ---------------------------------------------------------------------
-    def sampled(self, seq: "Sequence", batch_index: int, token: int) -> None:
+    def sampled(self, seq: Sequence, batch_index: int, token: int) -> None:
         """Score the token just sampled from a row; n > 1 siblings share the row's work."""
         k = seq.request.logprobs or 0
         row = self.source.logits_row(batch_index)
@@ -116,7 +116,7 @@ class LogprobScorer:
         seq.sampled_logprob = self._entry(row, token, lse, top[:k])
 
     # -- prompt tokens ----------------------------------------------------------------------
-    def mark_prompt_rows(self, batch: LogitsFlags, seq: "Sequence", start: int, n: int,
+    def mark_prompt_rows(self, batch: LogitsFlags, seq: Sequence, start: int, n: int,
                          first_index: int) -> None:
         """Ask for logits on the rows of this chunk (positions start..start+n-1, from batch
         index first_index) that score prompt tokens not scored yet; the row at position p
@@ -158,7 +158,7 @@ class LogprobScorer:
             return ()
         piece = self.source.token_bytes
         values = row[ids].tolist()
-        return tuple(TopLogprob(t, piece(t), v - lse) for t, v in zip(ids, values))
+        return tuple(TopLogprob(t, piece(t), v - lse) for t, v in zip(ids, values, strict=True))
 
     def _entry(self, row: np.ndarray, token: int, lse: float,
                top: tuple[TopLogprob, ...]) -> TokenLogprob:

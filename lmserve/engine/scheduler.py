@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lmserve.core.events import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, TokenOutput
+from lmserve.core.errors import ErrorKind
+from lmserve.core.events import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    TokenOutput,
+)
 from lmserve.core.request import SamplingParams
 from lmserve.engine.logprobs import LogitsSource, LogprobScorer
 from lmserve.engine.lookup import DraftLength, NgramIndex
@@ -30,7 +37,8 @@ DECODE_NO_KV_SLOT = 1
 class Batch(Protocol):
     n: int
     def clear(self) -> None: ...
-    def add(self, tokens: list[int], start_pos: int, seq_id: int, want_last_logits: bool) -> int: ...
+    def add(self, tokens: list[int], start_pos: int, seq_id: int,
+            want_last_logits: bool) -> int: ...
     def request_logits(self, start: int, stop: int) -> None: ...
 
 
@@ -47,7 +55,8 @@ class Runner(KVMemory, LogitsSource, AdapterTarget, Protocol):
     eog_tokens: frozenset[int]
     def decode(self, batch: Batch) -> int: ...
     def piece(self, token: int) -> bytes: ...
-    def make_sampler(self, params: SamplingParams, seed: int, banned: Iterable[int]) -> SamplerLike: ...
+    def make_sampler(self, params: SamplingParams, seed: int,
+                     banned: Iterable[int]) -> SamplerLike: ...
 
 
 @dataclass
@@ -176,7 +185,8 @@ class EngineCore:
                 continue
             del self.waiting[i]
             first_admission = seq.sampler is None
-            seq.slot, seq.n_computed, seq.state = placement.slot, placement.n_reused, SeqState.RUNNING
+            seq.slot, seq.n_computed = placement.slot, placement.n_reused
+            seq.state = SeqState.RUNNING
             if first_admission:
                 seq.n_cached = placement.n_reused
                 seq.sampler = self._sampler_for(seq)
@@ -330,7 +340,8 @@ class EngineCore:
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         request = seq.request
-        if token in request.stop_token_ids or (token in self.runner.eog_tokens and not request.ignore_eos):
+        eog = token in self.runner.eog_tokens and not request.ignore_eos
+        if token in request.stop_token_ids or eog:
             self._finish(seq, FINISH_STOP, "", token=token,
                          stop_match=None if token not in request.stop_token_ids else str(token))
             return
@@ -345,7 +356,8 @@ class EngineCore:
             self._emit(seq, seq.output(text, token))
 
     def _finish(self, seq: Sequence, reason: str, text: str, *, token: int | None = None,
-                stop_match: str | None = None, flush: bool = True, error: str | None = None) -> None:
+                stop_match: str | None = None, flush: bool = True, error: str | None = None,
+                error_kind: ErrorKind = ErrorKind.INTERNAL) -> None:
         if flush:
             tail, matched = seq.stops.push(seq.decoder.flush())
             text += tail
@@ -355,6 +367,8 @@ class EngineCore:
                 text += seq.stops.flush()
         out = seq.output(text, token)
         out.finish_reason, out.stop_match, out.error = reason, stop_match, error
+        if reason == FINISH_ERROR:
+            out.error_kind = error_kind
         out.usage = seq.usage()
         seq.finish_reason, seq.state = reason, SeqState.FINISHED
         if seq.slot is not None and seq.n_computed > len(seq.tokens):
@@ -395,10 +409,13 @@ class EngineCore:
             if len(running) > 1:
                 self._preempt(max(running, key=lambda s: (s.request.arrival, s.index)))
                 return
-        message = "the model's context is full" if status == DECODE_NO_KV_SLOT else \
-            f"llama_decode failed with status {status}"
+        if status == DECODE_NO_KV_SLOT:  # a capacity limit, not a fault: retrying may succeed
+            message = "the model's context (KV cache) is full; retry shortly"
+            kind = ErrorKind.CAPACITY
+        else:
+            message, kind = f"llama_decode failed with status {status}", ErrorKind.INTERNAL
         for seq, _ in plan:
-            self._finish(seq, FINISH_ERROR, "", error=message)
+            self._finish(seq, FINISH_ERROR, "", error=message, error_kind=kind)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a sequence's KV and requeue it at the front; it recomputes prompt + output."""

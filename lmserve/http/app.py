@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.datastructures import Headers
@@ -20,23 +20,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmserve._version import __version__
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.dialects.anthropic.routes import make_router as anthropic_router
 from lmserve.dialects.native.producer import StreamProducers
-from lmserve.dialects.native.routes import make_router as native_router
-from lmserve.dialects.ollama.routes import make_router as ollama_router
 from lmserve.dialects.openai import encoder as openai_encoder
-from lmserve.dialects.openai.routes import make_router as openai_router
-from lmserve.dialects.ollm.routes import make_router as ollm_router
-from lmserve.dialects.sglang.routes import make_router as sglang_router
-from lmserve.http import metrics
+from lmserve.http import dialects, metrics
+from lmserve.http.middleware import ApiKeyMiddleware
 from lmserve.http.routing import error_response, validation_error
 from lmserve.models.registry import ModelRegistry
-from lmserve.models.resource import DIALECT_PREFIX, LLMResource
+from lmserve.models.resource import LLMResource
 from lmserve.stores import ResponseStore, RetentionPolicy, Store, StreamStore, open_store
-
-_DIALECT_ROUTERS: dict[str, Callable[..., APIRouter]] = {
-    "openai": openai_router, "anthropic": anthropic_router, "ollama": ollama_router}
-
+from lmserve.upstream import UpstreamBackend, UpstreamSettings
 
 STORE_OFF = "none"  # keep no stored responses or sessions
 
@@ -123,6 +115,7 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
                                                   if openapi and "tags" in openapi else {}))
     app.state.registry = registry
     app.state.api_keys = api_keys
+    app.add_middleware(ApiKeyMiddleware, keys=lambda: app.state.api_keys)
     app.state.lmserve = state
     _install_fallback_errors(app)
     _install_operations(app, registry)
@@ -130,34 +123,40 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
 
 
 def mount_root_dialects(app: FastAPI, registry: ModelRegistry) -> None:
-    """OpenAI, Anthropic and Ollama at the server root, routing by the `model` field."""
-    openai_api, anthropic_api = openai_router(lambda: registry), anthropic_router(lambda: registry)
-    _models_by_header(app, "anthropic-version", anthropic_api, otherwise=openai_api)
-    app.include_router(anthropic_api)
-    app.include_router(ollama_router(lambda: registry))
-    app.include_router(sglang_router(lambda: registry))
-    app.include_router(ollm_router(lambda: registry))
-    app.include_router(openai_api)  # last, so the root's documented GET /v1/models is OpenAI's
+    """Every registered root dialect at the server root, routing by the `model` field."""
+    routers = {d.name: d.root(lambda: registry) for d in dialects.root_dialects() if d.root}
+    if "anthropic" in routers and "openai" in routers:
+        _models_by_header(app, "anthropic-version", routers["anthropic"],
+                          otherwise=routers["openai"])
+    for router in routers.values():
+        app.include_router(router)
 
 
 def mount_resource(app: FastAPI, resource: LLMResource) -> None:
-    """A resource's dialects under its path: native at the path, the others under prefixes."""
+    """A resource's dialects under its path: each at its registered prefix."""
     state: AppState = app.state.lmserve
+    chosen = [dialects.get(name) for name in resource.dialects or dialects.resource_dialects()]
+    for dialect in chosen:
+        if dialect.resource is None:
+            raise ValueError(f"the {dialect.name} dialect is served at the root only")
     state.resources.append(resource)
     base = resource.path.rstrip("/")
     tags = [resource.title]
-    for dialect in resource.dialects:
-        if dialect == "native":
-            app.include_router(native_router(resource, state.producers, tags=tags), prefix=base)
-        else:
-            router = _DIALECT_ROUTERS[dialect](resource.models, tags=tags)
-            app.include_router(router, prefix=f"{base}/{DIALECT_PREFIX[dialect]}")
+    for dialect in chosen:
+        assert dialect.resource is not None
+        prefix = f"{base}/{dialect.prefix}" if dialect.prefix else base
+        app.include_router(dialect.resource(resource, state, tags), prefix=prefix)
 
 
 def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
-               load_on_startup: bool = True, store: StoreSettings | None = None) -> FastAPI:
+               load_on_startup: bool = True, store: StoreSettings | None = None,
+               upstreams: tuple[tuple[str, str, str | None, str | None], ...] = ()) -> FastAPI:
     """The app of `lmserve serve`: dialects at the root, each model's native routes at
-    /models/<name>/, and the chat page of the first model at /chat/."""
+    /models/<name>/, and the chat page of the first model at /chat/. `upstreams`:
+    (name, url, api_key, model) of models served by other OpenAI-compatible servers."""
+    for name, url, api_key, model in upstreams:
+        backend = UpstreamBackend(name, UpstreamSettings(url, model=model, api_key=api_key))
+        registry.add_backend(backend, key=f"upstream:{name}")
     app = build_app(registry, api_keys=api_keys, load_on_startup=load_on_startup, store=store,
                     description="Local LLM serving over llama.cpp: OpenAI, Anthropic, Ollama "
                                 "and native APIs.")
@@ -180,10 +179,13 @@ def _install_operations(app: FastAPI, registry: ModelRegistry) -> None:
     @app.get("/health", tags=["Operations"], summary="Liveness and loading state")
     async def health() -> Any:
         status = registry.status
-        body = {"status": status,
-                "models": {s.name: {"state": s.state, "progress": round(s.progress, 3),
-                                    "error": s.error or (s.client.error if s.client else None)}
-                           for s in registry}}
+        models: dict[str, Any] = {}
+        for backend in registry:
+            card, stats = backend.card, backend.stats()
+            models[card.name] = {
+                "state": card.state.value, "progress": round(card.progress, 3),
+                "error": card.error or (stats.error if stats is not None else None)}
+        body = {"status": status, "models": models}
         headers = {"Retry-After": "2"} if status == "loading" else {}
         return JSONResponse(body, status_code=200 if status == "ok" else 503, headers=headers)
 
@@ -197,7 +199,9 @@ def _models_by_header(app: FastAPI, header: str, dialect: ASGIApp, *, otherwise:
     """GET /v1/models at the root belongs to two dialects with different bodies. Anthropic's
     clients always send `anthropic-version`, so the header picks the dialect; under a resource
     prefix each dialect has its own path and no choice is needed."""
-    endpoint = _ByHeader(header, dialect, otherwise)
+    # Starlette calls a non-function endpoint as an ASGI app; FastAPI's signature for
+    # add_route names only request handlers, hence the Any.
+    endpoint: Any = _ByHeader(header, dialect, otherwise)
     for path in ("/v1/models", "/v1/models/{model_id:path}"):
         app.router.add_route(path, endpoint, methods=["GET"], include_in_schema=False)
 

@@ -9,14 +9,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from lmserve.core.lora import describe
-
 if TYPE_CHECKING:
     from lmserve.models.registry import ModelRegistry
 
 
 class EngineCollector:
-    def __init__(self, registry: "ModelRegistry") -> None:
+    def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
 
     def collect(self) -> Iterator[Metric]:
@@ -46,21 +44,20 @@ class EngineCollector:
                                    labels=labels)
         reused = CounterMetricFamily("lmserve_prefix_cache_tokens",
                                      "Prompt tokens served from the prefix cache", labels=labels)
-        for service in self.registry:
-            client = service.client
-            if client is None:
+        for backend in self.registry:
+            stats = backend.stats()
+            if stats is None:
                 continue
-            core, name = client.core, service.name
-            stats = core.stats
+            name = backend.name
             for key, family in families.items():
-                family.add_metric([name], getattr(stats, key))
-            for p in stats.phases:
-                phase.add_metric([name, p], getattr(stats, p))
-            running.add_metric([name], len(core.running))
-            waiting.add_metric([name], len(core.waiting))
+                family.add_metric([name], stats.counters.get(key, 0))
+            for p, seconds in stats.phases.items():
+                phase.add_metric([name, p], seconds)
+            running.add_metric([name], stats.running)
+            waiting.add_metric([name], stats.waiting)
             batch_seqs.add_metric([name], stats.last_step_sequences)
-            hits.add_metric([name], core.pool.hits)
-            reused.add_metric([name], core.pool.reused_tokens)
+            hits.add_metric([name], stats.prefix_cache_hits)
+            reused.add_metric([name], stats.prefix_cache_tokens)
         yield from families.values()
         yield from (phase, running, waiting, batch_seqs, hits, reused)
         yield from _disk_cache_families(self.registry)
@@ -75,39 +72,40 @@ _DISK_COUNTERS = {
 }
 
 
-def _disk_cache_families(registry: "ModelRegistry") -> Iterator[Metric]:
+def _disk_cache_families(registry: ModelRegistry) -> Iterator[Metric]:
     """Only models started with --disk-cache report these."""
     families = {k: CounterMetricFamily(n, h, labels=["model"])
                 for k, (n, h) in _DISK_COUNTERS.items()}
     size = GaugeMetricFamily("lmserve_disk_cache_bytes", "Bytes of saved states on disk",
                              labels=["model"])
-    for service in registry:
-        disk = service.client.core.pool.disk if service.client is not None else None
+    for backend in registry:
+        stats = backend.stats()
+        disk = stats.disk_cache if stats is not None else None
         if disk is not None:
             for key, family in families.items():
-                family.add_metric([service.name], getattr(disk.stats, key))
-            size.add_metric([service.name], disk.stats.bytes)
+                family.add_metric([backend.name], disk[key])
+            size.add_metric([backend.name], disk["bytes"])
     yield from (*families.values(), size)
 
 
-def _adapter_families(registry: "ModelRegistry") -> Iterator[Metric]:
+def _adapter_families(registry: ModelRegistry) -> Iterator[Metric]:
     """Only models with LoRA adapters report these (see engine.lora.AdapterRotation)."""
     steps = CounterMetricFamily("lmserve_adapter_steps", "Decode steps per LoRA adapter set "
                                 "(base: none)", labels=["model", "adapters"])
     switches = CounterMetricFamily("lmserve_adapter_switches",
                                    "Decode steps that changed the context's LoRA adapters",
                                    labels=["model"])
-    for service in registry:
-        if service.client is None or not service.settings.loras:
+    for backend in registry:
+        stats = backend.stats()
+        if stats is None or not backend.card.loras:
             continue
-        rotation = service.client.core.adapters
-        for adapters, count in list(rotation.steps.items()):
-            steps.add_metric([service.name, describe(adapters, service.settings.loras)], count)
-        switches.add_metric([service.name], rotation.switches)
+        for adapters, count in stats.adapter_steps.items():
+            steps.add_metric([backend.name, adapters], count)
+        switches.add_metric([backend.name], stats.adapter_switches)
     yield from (steps, switches)
 
 
-def render(registry: "ModelRegistry") -> tuple[bytes, str]:
+def render(registry: ModelRegistry) -> tuple[bytes, str]:
     prom = CollectorRegistry()
-    prom.register(EngineCollector(registry))  # type: ignore[arg-type]
+    prom.register(EngineCollector(registry))
     return generate_latest(prom), CONTENT_TYPE_LATEST

@@ -7,7 +7,6 @@ uses a route class that turns every error into that dialect's body before it lea
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
@@ -17,8 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.requests import HTTPConnection
 
 from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.http.middleware import require_key
 
 log = logging.getLogger("lmserve.http")
 
@@ -33,8 +34,8 @@ def validation_error(exc: RequestValidationError) -> LmserveError:
     first = errors[0]
     loc = [p for p in first.get("loc", ()) if p != "body"]
     # Drop pydantic's union-branch names ("str", "list[str]") from the location.
-    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "int", "float",
-                                                                            "bool", "function-after"}))]
+    branches = {"str", "int", "float", "bool", "function-after"}
+    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in branches))]
     param = _format_loc(loc) or None
     if first.get("type") == "json_invalid":
         return LmserveError(ErrorKind.INVALID_REQUEST,
@@ -62,32 +63,26 @@ def error_response(exc: LmserveError, body: ErrorBody) -> JSONResponse:
     return JSONResponse(body(exc), status_code=exc.kind.http_status, headers=headers)
 
 
-def check_api_key(request: Request) -> None:
-    keys: tuple[str, ...] = getattr(request.app.state, "api_keys", ())
-    if not keys:
-        return
-    supplied = request.headers.get("x-api-key") or ""
-    auth = request.headers.get("authorization") or ""
-    if auth.lower().startswith("bearer "):
-        supplied = auth[7:].strip()
-    if not any(hmac.compare_digest(supplied.encode(), k.encode()) for k in keys):
-        raise LmserveError(ErrorKind.AUTHENTICATION, "invalid or missing API key",
-                           code="invalid_api_key")
+def check_api_key(connection: HTTPConnection) -> None:
+    """Refuse a connection the key middleware did not authenticate (a WebSocket's accept)."""
+    require_key(connection.scope)
 
 
 def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
     """An APIRoute class whose errors come out as `body(error)` with the error's status. Its
-    routes need an API key when the server has keys, unless `public` (the chat page and its
-    assets: static files that hold no data and must load before the page can send a key)."""
+    routes need an API key when the server has keys (checked by http.middleware, which
+    reads `error_body` and `requires_key` here), unless `public` (the chat page and its assets:
+    static files that hold no data and must load before the page can send a key)."""
 
     class DialectRoute(APIRoute):
+
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
 
             async def guarded(request: Request) -> Response:
                 try:
                     if not public:
-                        check_api_key(request)
+                        require_key(request.scope)
                     return await handler(request)
                 except LmserveError as exc:
                     return error_response(exc, body)

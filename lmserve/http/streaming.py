@@ -8,10 +8,8 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from lmserve.core.events import TokenOutput
+from lmserve.core.backend import BackendGeneration, ChoiceStep, ModelBackend, PreparedPrompt
 from lmserve.core.request import GenerationRequest
-from lmserve.engine.client import Generation
-from lmserve.service import ModelService, PreparedPrompt
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TRUNCATED_HEADER = "X-Lmserve-Truncated-Messages"
@@ -30,13 +28,14 @@ def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
-def start_all(service: ModelService,
-              jobs: Sequence[tuple[GenerationRequest, PreparedPrompt]]) -> list[Generation]:
+def start_all(backend: ModelBackend,
+              jobs: Sequence[tuple[GenerationRequest, PreparedPrompt]], *,
+              parse: bool | None = None) -> list[BackendGeneration]:
     """Submit every job, or none: a refusal part-way closes (aborts) the ones already started."""
-    started: list[Generation] = []
+    started: list[BackendGeneration] = []
     try:
         for request, prepared in jobs:
-            started.append(service.start(request, prepared))
+            started.append(backend.start(request, prepared, parse=parse))
     except BaseException:
         for generation in started:
             generation.close()
@@ -44,15 +43,16 @@ def start_all(service: ModelService,
     return started
 
 
-async def merge(generations: list[Generation]) -> AsyncIterator[tuple[int, list[TokenOutput]]]:
+async def merge(generations: list[BackendGeneration]
+                ) -> AsyncIterator[tuple[int, list[ChoiceStep]]]:
     """Iterate several submitted generations at once, yielding (index, step outputs)."""
     if len(generations) == 1:
         async for outs in generations[0]:
             yield 0, outs
         return
-    queue: asyncio.Queue[tuple[int, list[TokenOutput]] | Exception | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[ChoiceStep]] | Exception | None] = asyncio.Queue()
 
-    async def pump(index: int, generation: Generation) -> None:
+    async def pump(index: int, generation: BackendGeneration) -> None:
         try:
             async for outs in generation:
                 queue.put_nowait((index, outs))

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+from lmserve.core.backend import LoadState, ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.service import EngineSettings, ModelService
 
@@ -16,35 +17,45 @@ log = logging.getLogger("lmserve.models")
 
 class ModelRegistry:
     def __init__(self) -> None:
-        self._services: list[ModelService] = []
-        self._by_key: dict[str, ModelService] = {}
-        self._by_path: dict[str, ModelService] = {}
+        self._services: list[ModelBackend] = []
+        self._by_key: dict[str, ModelBackend] = {}
+        self._by_path: dict[str, ModelBackend] = {}
 
     def add(self, name: str, path: str, settings: EngineSettings,
-            aliases: Iterable[str] = ()) -> ModelService:
+            aliases: Iterable[str] = ()) -> ModelBackend:
         """Register a model; the same file registered twice shares one loaded engine."""
         service = self._by_path.get(path)
         if service is None:
             service = ModelService(name, path, settings, aliases=tuple(aliases))
+        return self.add_backend(service, name, path, aliases)
+
+    def add_backend(self, service: ModelBackend, name: str | None = None, key: str | None = None,
+                    aliases: Iterable[str] = ()) -> ModelBackend:
+        """Register a backend under its name and aliases (`key`: its source, shared once)."""
+        name = name or service.name
+        aliases = tuple(aliases) or service.aliases
+        key = key or service.card.source
+        if key not in self._by_path:
             self._services.append(service)
-            self._by_path[path] = service
+            self._by_path[key] = service
+        service = self._by_path[key]
         for key in (name, *aliases):
             owner = self._by_key.get(key)
             if owner is not None and owner is not service:
-                raise ValueError(f"model name {key!r} is already taken by {owner.path}")
+                raise ValueError(f"model name {key!r} is already taken by {owner.card.source}")
             self._by_key[key] = service
         return service
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ModelBackend]:
         return iter(self._services)
 
     def __len__(self) -> int:
         return len(self._services)
 
-    def names(self, service: ModelService) -> list[str]:
+    def names(self, service: ModelBackend) -> list[str]:
         return [k for k, s in self._by_key.items() if s is service]
 
-    def get(self, name: str | None) -> ModelService:
+    def get(self, name: str | None) -> ModelBackend:
         if name is None or name == "":
             if len(self._services) == 1:
                 return self._services[0]
@@ -55,22 +66,23 @@ class ModelRegistry:
             adapters = [n for s in self._services for n in self.adapter_names(s)]
             known = ", ".join(sorted([*self._by_key, *adapters])) or "none"
             raise LmserveError(ErrorKind.MODEL_NOT_FOUND,
-                               f"the model '{name}' does not exist on this server (served: {known})",
+                               f"the model '{name}' does not exist on this server "
+                               f"(served: {known})",
                                param="model", code="model_not_found")
         return service
 
-    def _adapter_model(self, name: str) -> ModelService | None:
+    def _adapter_model(self, name: str) -> ModelBackend | None:
         """"<model>:<alias>": a served model under one of its LoRA adapters."""
         base, _, alias = name.rpartition(":")
         service = self._by_key.get(base)
-        if service is not None and any(s.alias == alias for s in service.settings.loras):
+        if service is not None and any(s.alias == alias for s in service.card.loras):
             return service
         return None
 
     @staticmethod
-    def adapter_names(service: ModelService) -> list[str]:
+    def adapter_names(service: ModelBackend) -> list[str]:
         """The model names of a service's LoRA adapters, "<model>:<alias>"."""
-        return [f"{service.name}:{spec.alias}" for spec in service.settings.loras]
+        return [f"{service.name}:{spec.alias}" for spec in service.card.loras]
 
     @property
     def ready(self) -> bool:
@@ -91,15 +103,16 @@ class ModelRegistry:
 
     def _load_all(self, loop: asyncio.AbstractEventLoop) -> None:
         for service in self._services:
-            if service.state != "pending":
+            if service.card.state != LoadState.PENDING:
                 continue
             with _Progress(service.name) as progress:
                 try:
                     service.load(loop, progress.update)
                 except Exception:
                     continue
-            log.info("model %s ready (%s, ctx %d, %d parallel)", service.name, service.path,
-                     service.n_ctx, service.settings.parallel)
+            card = service.card
+            log.info("model %s ready (%s, ctx %d, %d parallel)", card.name, card.source,
+                     card.n_ctx, card.parallel)
 
     def close(self) -> None:
         for service in self._services:
@@ -114,7 +127,7 @@ class _Progress:
         self.bar = None
         self.last_logged = -1
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=100, desc=f"loading {self.name}", unit="%", leave=True)

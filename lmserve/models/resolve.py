@@ -107,7 +107,7 @@ def _from_hub(ref: str) -> ResolvedModel:
     try:
         path = hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise _not_found(f"could not fetch {ref!r} from Hugging Face: {exc}")
+        raise _not_found(f"could not fetch {ref!r} from Hugging Face: {exc}") from None
     return ResolvedModel(_name_from_file(Path(filename)), path, "huggingface")
 
 

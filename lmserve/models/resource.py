@@ -7,15 +7,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from lmserve.chat.overflow import OVERFLOW_POLICIES
+from lmserve.core.backend import ModelBackend
 from lmserve.core.errors import invalid
 from lmserve.core.lora import selection_field
 from lmserve.models.gguf_header import GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
-from lmserve.service import ModelService
 
-DIALECTS = ("native", "openai", "anthropic", "ollama")
-# Each dialect's mount point relative to the resource path (native sits at the path itself).
-DIALECT_PREFIX = {"native": "", "openai": "openai", "anthropic": "anthropic", "ollama": "ollama"}
 # Default generation parameters a resource may carry; each request may override them.
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
@@ -69,23 +66,22 @@ class LLMResource:
     name: ClassVar[str] = ""
     verbose_name: ClassVar[str | None] = None
     model_path: ClassVar[str] = ""
-    serving: ClassVar[tuple[str, ...] | None] = None  # None: every dialect
+    # The dialects served under the path, by their names in lmserve.http.dialects (checked
+    # when the resource is mounted); None: every dialect a resource can serve.
+    serving: ClassVar[tuple[str, ...] | None] = None
     reasoning: ClassVar[bool] = False
     heartbeat_interval: ClassVar[float] = 15.0
     params: ClassVar[dict[str, Any]] = {}
     _header_optional: ClassVar[bool] = False  # the registry already holds the model
 
     def __init__(self, path: str | None = None) -> None:
-        self.path = _normalise_path(path or getattr(self, "path", "/"))
+        self.path = _normalise_path(path or str(getattr(self, "path", "/")))
         if not self.name:
             raise ValueError(f"{type(self).__name__}: a resource needs a name")
         if not self.model_path:
             raise ValueError(f"{type(self).__name__}: a resource needs a model_path")
-        serving = tuple(self.serving) if self.serving is not None else DIALECTS
-        unknown = [d for d in serving if d not in DIALECTS]
-        if unknown:
-            raise ValueError(f"unknown dialect(s) {unknown}; choose from {DIALECTS}")
-        self.dialects = serving
+        self.dialects: tuple[str, ...] | None = \
+            tuple(self.serving) if self.serving is not None else None
         params = dict(self.params)
         self.reasoning_default = bool(params.pop("reasoning", self.reasoning))
         self._lock = threading.Lock()
@@ -97,7 +93,7 @@ class LLMResource:
         except (OSError, ValueError):
             if not self._header_optional:
                 raise
-        self.service: ModelService | None = None
+        self.service: ModelBackend | None = None
 
     # -- defaults: read by every request, replaced by PUT -------------------------------------
     @property
@@ -120,14 +116,15 @@ class LLMResource:
 
     @property
     def default_transport(self) -> str:
-        if self.service is not None and self.service.model is not None:
-            has_template = self.service.template is not None
+        card = self.service.card if self.service is not None else None
+        if card is not None and card.ready:
+            has_template = card.has_template
         else:
             has_template = self.header is not None and self.header.chat_template is not None
         return "chat" if has_template else "raw"
 
     @classmethod
-    def build(cls, path: str, *, name: str, model_path: str, **attributes: Any) -> "LLMResource":
+    def build(cls, path: str, *, name: str, model_path: str, **attributes: Any) -> LLMResource:
         """A resource from arguments instead of a subclass (what add_model uses)."""
         unknown = set(attributes) - {"verbose_name", "serving", "reasoning",
                                      "heartbeat_interval", "params"}
@@ -136,24 +133,25 @@ class LLMResource:
         if "serving" in attributes and isinstance(attributes["serving"], str):
             attributes["serving"] = (attributes["serving"],)
         namespace = {"name": name, "model_path": model_path, **attributes}
-        return type(f"{cls.__name__}[{name}]", (cls,), namespace)(path)
+        resource: LLMResource = type(f"{cls.__name__}[{name}]", (cls,), namespace)(path)
+        return resource
 
     @classmethod
-    def for_service(cls, service: ModelService, path: str,
-                    serving: tuple[str, ...] = ("native",)) -> "LLMResource":
+    def for_service(cls, service: ModelBackend, path: str,
+                    serving: tuple[str, ...] = ("native",)) -> LLMResource:
         """A resource over a model the registry already holds (`lmserve serve`)."""
         probe = type(f"{cls.__name__}[{service.name}]", (cls,),
-                     {"name": service.name, "model_path": service.path, "serving": serving,
+                     {"name": service.name, "model_path": service.card.source, "serving": serving,
                       "_header_optional": True})
-        resource = probe(path)
+        resource: LLMResource = probe(path)
         resource.service = service
         return resource
 
-    def attach(self, registry: ModelRegistry, settings: Any) -> ModelService:
+    def attach(self, registry: ModelRegistry, settings: Any) -> ModelBackend:
         self.service = registry.add(self.name, self.model_path, settings)
         return self.service
 
-    def models(self) -> "ResourceModels":
+    def models(self) -> ResourceModels:
         return ResourceModels(self)
 
 
@@ -171,17 +169,17 @@ class ResourceModels:
     def defaults(self) -> dict[str, Any]:
         return self.resource.defaults
 
-    def _service(self) -> ModelService:
+    def _service(self) -> ModelBackend:
         assert self.resource.service is not None, "resource is not attached to an app"
         return self.resource.service
 
-    def get(self, name: str | None) -> ModelService:
+    def get(self, name: str | None) -> ModelBackend:
         return self._service()
 
-    def names(self, service: ModelService) -> list[str]:
+    def names(self, service: ModelBackend) -> list[str]:
         return [self.resource.name]
 
-    def __iter__(self) -> Iterator[ModelService]:
+    def __iter__(self) -> Iterator[ModelBackend]:
         return iter([self._service()])
 
     def __len__(self) -> int:

@@ -1,11 +1,14 @@
-"""A real ModelService (prepare, tool plan, chat parser) over a stub model whose generations
-are scripted: for dialect route tests of tools, reasoning and structured output."""
+"""A scripted backend: real prompt preparation (template, tool plan, chat parser) over a stub
+vocabulary, with scripted generations: for dialect route tests of tools, reasoning, structured
+output and failures."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
@@ -14,7 +17,11 @@ from lmserve.chat.templates import ChatTemplate
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.core.request import GenerationRequest
-from lmserve.service import EngineSettings, ModelService, PreparedPrompt
+from lmserve.core.backend import (EngineStats, LoadState, ModelBackend, ModelCard,
+                                  PreparedPrompt, WeightsFacts)
+from lmserve.generation import ParsedGeneration
+from lmserve.prompting import Prompter
+from lmserve.service import EngineSettings
 
 # ChatML that opens a think block in the generation prompt (as reasoning templates do).
 # Earlier replies lose their reasoning, as such templates do.
@@ -50,10 +57,19 @@ class StubModel:
         return frozenset()  # every character is plain text here
 
 
+class _Request:
+    request_id = "scripted"
+    n = 1
+    finished = False
+
+
 class ScriptedGeneration:
+    """Stands in for the engine's Generation under lmserve.generation.ParsedGeneration."""
+
     def __init__(self, steps: list[list[TokenOutput]]) -> None:
         self.steps = steps
         self.closed = False
+        self.request = _Request()
 
     def __aiter__(self):  # type: ignore[no-untyped-def]
         return self._run()
@@ -62,6 +78,7 @@ class ScriptedGeneration:
         try:
             for step in self.steps:
                 yield step
+            self.request.finished = True
         finally:
             self.close()
 
@@ -77,22 +94,110 @@ def script(chunks: list[str], finish: str = "stop", n_prompt: int = 10) -> list[
     return steps
 
 
-class ScriptedService(ModelService):
+class ScriptedService:
+    """A scripted backend (lmserve.core.backend.ModelBackend, not a ModelService): real prompt
+    preparation (lmserve.prompting: template, tool plan, grammar, context check) over the stub
+    vocabulary, and generations that replay `steps` through each choice's chat parser."""
+
+    kind = "scripted"
+
     def __init__(self, steps: list[list[TokenOutput]], template: str, name: str = "m") -> None:
-        super().__init__(name, "/nonexistent.gguf", EngineSettings(parallel=4))
-        self.model = StubModel()  # type: ignore[assignment]
-        self.template = ChatTemplate(template)
+        self.name, self.aliases = name, ()
+        self.settings = EngineSettings(parallel=4)
+        self.model = StubModel()
+        self.template: ChatTemplate | None = ChatTemplate(template)
         self.state, self.n_ctx = "ready", 4096
         self.steps = steps
         self.started: list[tuple[GenerationRequest, PreparedPrompt, ScriptedGeneration]] = []
+        self.aborted: list[str] = []
+        self.vision = False
 
-    def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None
-              ) -> Any:
+    # -- the card --------------------------------------------------------------------------
+    @property
+    def card(self) -> ModelCard:
+        return ModelCard(name=self.name, aliases=self.aliases, kind=self.kind,
+                         source="/nonexistent.gguf", state=LoadState(self.state),
+                         progress=1.0, n_ctx=self.n_ctx, parallel=self.settings.parallel,
+                         max_queue=self.settings.max_queue, step_tokens=self.settings.step_tokens,
+                         embedding_ctx=self.settings.embedding_ctx,
+                         chat_template=self.template.source if self.template else None,
+                         reasoning_tags=self._prompts().reasoning_tags,
+                         weights=WeightsFacts(architecture="llama", n_embd=8, n_vocab=0x110000),
+                         settings={"parallel": self.settings.parallel})
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state != "failed"
+
+    def require_ready(self) -> ModelCard:
+        if self.state != "ready":
+            raise LmserveError(ErrorKind.LOADING, f"model '{self.name}' is still loading",
+                               code="model_loading", retry_after=2.0)
+        return self.card
+
+    def load(self, loop: Any, progress: Any = None) -> None:
+        self.state = "ready"
+
+    def close(self) -> None:
+        pass
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _prompts(self) -> Prompter:
+        return Prompter(self.name, self.model, self.template,  # type: ignore[arg-type]
+                        n_ctx=self.n_ctx, media=self.settings.media,
+                        context_overflow=self.settings.context_overflow, vision=self.vision)
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        self.require_ready()
+        return self._prompts().prepare(request)
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self._prompts().tokenize(text, add_special=add_special)
+
+    def detokenize(self, tokens: Any) -> str:
+        return "".join(chr(t) for t in tokens)
+
+    def check_context(self, n_prompt: int, max_tokens: int | None, *,
+                      truncating: bool = False) -> int:
+        return self._prompts().check_context(n_prompt, max_tokens, truncating=truncating)
+
+    def chat_parser(self, request: GenerationRequest, prepared: PreparedPrompt) -> Any:
+        return self._prompts().chat_parser(request, prepared)
+
+    def adapters(self, model: str | None, selection: Any = None) -> tuple[()]:
+        return ()
+
+    # -- generation ------------------------------------------------------------------------
+    def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
+              parse: bool | None = None) -> Any:
         prepared = prepared or self.prepare(request)
-        self.check_context(len(prepared.tokens), request.max_tokens)
+        self.check_context(len(prepared.tokens), request.max_tokens,
+                           truncating=prepared.truncating)
         generation = ScriptedGeneration(self.steps)
         self.started.append((request, prepared, generation))
-        return generation
+        parse = request.messages is not None if parse is None else parse
+        return ParsedGeneration(generation,  # type: ignore[arg-type]
+                                (lambda: self.chat_parser(request, prepared)) if parse else None)
+
+    async def abort(self, request_id: str) -> bool:
+        self.aborted.append(request_id)
+        return False
+
+    async def embed(self, inputs: Any, adapters: Any = ()) -> list[np.ndarray]:
+        return [np.ones(8, dtype=np.float32) for _ in inputs]
+
+    async def flush_cache(self) -> int | None:
+        return 0
+
+    def stats(self) -> EngineStats | None:
+        return EngineStats(active_requests=sum(1 for *_, g in self.started if not g.closed))
+
+
+ScriptedBackend = ScriptedService  # the name the contract's docs use
 
 
 def scripted_client(make_router: Callable[..., APIRouter], chunks: list[str], template: str,
@@ -112,7 +217,7 @@ class ScriptedRegistry:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter([self.service])
 
-    def names(self, service: ModelService) -> list[str]:
+    def names(self, service: ModelBackend) -> list[str]:
         return [service.name]
 
     def get(self, name: str | None) -> ScriptedService:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -11,6 +12,7 @@ import pytest
 
 from lmserve import config
 from lmserve.cli import build_parser
+from lmserve.core.backend import EngineStats
 from lmserve.engine import disk_cache, state_file
 from lmserve.engine.disk_cache import ByteSize, DiskCache
 from lmserve.engine.state_file import SUFFIX
@@ -333,11 +335,14 @@ def test_metrics_report_models_with_a_disk_cache(cache_dir, model):
     cache = open_cache(cache_dir, StateRunner(), model)
     save(cache, prompt(11, 30))
 
-    class Service:
+    class Service:  # a backend's stats as ModelService reports them
         def __init__(self, name: str, disk: DiskCache | None) -> None:
             self.name = name
-            self.client = type("C", (), {"core": type("K", (), {
-                "pool": type("P", (), {"disk": disk})()})()})()
+            self.disk = disk
+
+        def stats(self) -> EngineStats:
+            return EngineStats(disk_cache=dataclasses.asdict(self.disk.stats)
+                               if self.disk is not None else None)
 
     families = {f.name: f for f in _disk_cache_families([Service("a", cache),
                                                           Service("b", None)])}  # type: ignore

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lmserve.core.errors import ErrorKind
 from lmserve.core.events import TokenOutput
 from lmserve.core.request import SamplingParams
 from lmserve.engine.scheduler import EngineCore, StepOutputs
@@ -193,6 +194,7 @@ def test_a_sequence_that_cannot_fit_fails_cleanly():
     h.run()
     final = h.final(req)
     assert final.finish_reason == "error" and "context" in final.error
+    assert final.error_kind is ErrorKind.CAPACITY  # a 503 to the client, not a 500
 
 
 def test_abort_finishes_request_and_frees_slot():

@@ -215,15 +215,8 @@ def _facts(service: ModelBackend, card: ModelCard, name: str) -> encoder.ModelFa
 
 def _metadata(service: ModelBackend, card: ModelCard) -> Mapping[str, str]:
     """The loaded weights' GGUF metadata (license, file type, attention shapes, model_info),
-    values as strings; empty where unknown.
-
-    TODO(backend contract): the card's WeightsFacts does not carry it yet; until it does, a
-    llama.cpp backend's loaded model is asked for it (duck-typed, no engine import)."""
-    metadata = getattr(card.weights, "metadata", None)
-    if metadata is None and card.weights is not None:
-        info = getattr(getattr(service, "model", None), "info", None)
-        metadata = getattr(info, "metadata", None)
-    return metadata if isinstance(metadata, Mapping) else {}
+    values as strings; empty where unknown (not loaded, or an upstream model)."""
+    return card.weights.metadata if card.weights is not None else {}
 
 
 def _embedding_request(models: Models, body: EmbedRequest | EmbeddingsRequest

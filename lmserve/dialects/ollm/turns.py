@@ -35,13 +35,8 @@ class SessionTurn:
 
 
 def _finished(generation: BackendGeneration) -> bool:
-    """Whether the backend is done with a generation, read or not. `finished` is not in the
-    BackendGeneration protocol yet; until it is, ParsedGeneration's engine request answers."""
-    finished = getattr(generation, "finished", None)
-    if finished is None:
-        request = getattr(getattr(generation, "generation", None), "request", None)
-        finished = getattr(request, "finished", False)
-    return bool(finished)
+    """Whether the backend is done with a generation, read or not."""
+    return generation.finished
 
 
 class Turns:

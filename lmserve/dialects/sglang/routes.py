@@ -149,14 +149,8 @@ class LiveRequests:
 
 def backend_done(generation: BackendGeneration) -> bool:
     """Whether the backend is done with a generation (every choice ended, or it was closed),
-    read or not: a stream response that never started still frees its rid. `finished` is
-    not in the BackendGeneration protocol yet; until it is, ParsedGeneration's engine
-    generation answers."""
-    done = getattr(generation, "finished", None)
-    if done is None:
-        inner = getattr(generation, "generation", None)
-        done = getattr(getattr(inner, "request", None), "finished", False)
-    return bool(done)
+    read or not: a stream response that never started still frees its rid."""
+    return generation.finished
 
 
 def _services(models: Models, name: str | None) -> list[ModelBackend]:

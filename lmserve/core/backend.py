@@ -1,0 +1,312 @@
+"""The backend contract: everything a dialect may use of a model, and nothing more.
+
+A dialect (OpenAI, Anthropic, Ollama, SGLang, oLLM, native) sees a model only as a
+`ModelBackend`: it prepares a neutral `GenerationRequest`, starts it, iterates the
+`BackendGeneration` and encodes what comes out. What comes out is already parsed: each
+`ChoiceStep` carries the step's chat events (text per channel, tool call start / delta / end)
+and, on a choice's last step, exactly one terminal event, `Finished` or `Failed`. A `Failed`
+keeps the engine's `ErrorKind`, so a client gets the right status (before the first byte) or
+the dialect's in-stream error (after it).
+
+`lmserve.service.ModelService` implements the contract over the llama.cpp engine;
+`lmserve.upstream.UpstreamBackend` over another OpenAI-compatible server. Tests use a small
+scripted backend (`tests/unit/scripted.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.events import (
+    CHANNEL_OUTPUT,
+    ChatEvent,
+    TextDelta,
+    TokenLogprob,
+    TokenOutput,
+    Usage,
+)
+from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec
+from lmserve.core.request import GenerationRequest
+
+__all__ = [
+    "BackendGeneration", "ChoiceStep", "EngineStats", "Failed", "FinishReason", "Finished",
+    "LoadState", "ModelBackend", "ModelCard", "PreparedPrompt", "Terminal", "WeightsFacts",
+    "choice_step",
+]
+
+
+class LoadState(enum.StrEnum):
+    PENDING = "pending"  # listed, not loading yet
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class FinishReason(enum.StrEnum):
+    """Why a choice ended normally. The values are the engine's finish strings."""
+
+    STOP = "stop"  # end of generation, a stop string or a stop token
+    LENGTH = "length"  # max_tokens, or the end of the context
+    CANCELLED = "cancelled"  # aborted: the client left, or the request was cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A choice ended normally."""
+
+    reason: FinishReason
+    usage: Usage
+    stop_match: str | None = None  # the stop string or token text that ended it
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A choice ended in an error; `kind` decides the status a dialect reports."""
+
+    kind: ErrorKind
+    message: str
+    param: str | None = None
+    code: str | None = None
+    retry_after: float | None = None
+    usage: Usage | None = None  # what was generated before the failure, where known
+
+    def error(self) -> LmserveError:
+        return LmserveError(self.kind, self.message, param=self.param, code=self.code,
+                            retry_after=self.retry_after)
+
+    @classmethod
+    def of(cls, exc: LmserveError, usage: Usage | None = None) -> Failed:
+        return cls(exc.kind, exc.message, exc.param, exc.code, exc.retry_after, usage)
+
+
+Terminal = Finished | Failed
+
+
+@dataclass(slots=True)
+class ChoiceStep:
+    """What one choice produced in one step: its raw text, that text parsed into chat events,
+    its tokens (and logprobs when asked for), and on its last step the terminal event.
+
+    The attribute names the encoders read (`text`, `finish_reason`, `usage`, `finished`, ...)
+    match the engine's `TokenOutput`, so a step is encoded the same way whichever backend
+    produced it."""
+
+    index: int  # which of the n choices
+    text: str = ""  # the raw generated text of this step (what a completion returns)
+    events: list[ChatEvent] = field(default_factory=list)  # the text, parsed
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    end: Terminal | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.end is not None
+
+    @property
+    def failed(self) -> Failed | None:
+        return self.end if isinstance(self.end, Failed) else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The finish reason as the engine names it ("stop", "length", "cancelled", "error")."""
+        if self.end is None:
+            return None
+        return self.end.reason.value if isinstance(self.end, Finished) else "error"
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.end.usage if self.end is not None else None
+
+    @property
+    def stop_match(self) -> str | None:
+        return self.end.stop_match if isinstance(self.end, Finished) else None
+
+    @property
+    def error(self) -> str | None:
+        return self.end.message if isinstance(self.end, Failed) else None
+
+    def raise_failure(self) -> None:
+        """Raise the choice's error, with its kind, if it failed."""
+        if isinstance(self.end, Failed):
+            raise self.end.error()
+
+
+def choice_step(out: TokenOutput, events: list[ChatEvent] | None = None) -> ChoiceStep:
+    """An engine output as a step; `events` None: the text as it is, on the output channel."""
+    if events is None:
+        events = [TextDelta(CHANNEL_OUTPUT, out.text)] if out.text else []
+    end: Terminal | None = None
+    if out.finish_reason == "error":
+        end = Failed(out.error_kind or ErrorKind.INTERNAL, out.error or "generation failed",
+                     usage=out.usage)
+    elif out.finish_reason is not None:
+        end = Finished(FinishReason(out.finish_reason), out.usage or Usage(), out.stop_match)
+    return ChoiceStep(out.index, out.text, events, out.token_ids, out.logprobs,
+                      out.prompt_logprobs, end)
+
+
+@dataclass
+class PreparedPrompt:
+    """A request rendered for one model: the prompt tokens and what the turn's plan decided."""
+
+    tokens: list[int]
+    text: str | None
+    grammar: str | None = None  # forced tool call or response_format (see chat.turn)
+    tool_format: str | None = None  # the tool-call format to parse; None: no calls parsed
+    dropped_messages: int = 0  # oldest messages dropped to fit the context (chat.overflow)
+    truncating: bool = False  # the chat was fitted under context_overflow "truncate"
+    markers: frozenset[int] = frozenset()  # control tokens the chat parser reads, rendered
+
+
+@runtime_checkable
+class BackendGeneration(Protocol):
+    """A started request: iterate it for lists of choice steps (one list per step); every
+    choice ends with exactly one terminal event. Closing it early aborts the request."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def finished(self) -> bool:
+        """The backend is done with it: every choice ended, or it was closed (read or not)."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[list[ChoiceStep]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WeightsFacts:
+    """Facts about the loaded weights (None where a backend cannot know them)."""
+
+    architecture: str | None = None
+    n_ctx_train: int | None = None
+    n_params: int | None = None
+    n_embd: int | None = None
+    n_vocab: int | None = None
+    size_bytes: int | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)  # the GGUF's scalar metadata
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A running engine's counters, for info routes and /metrics."""
+
+    alive: bool = True
+    error: str | None = None
+    active_requests: int = 0  # running or queued, as admitted
+    running: int = 0
+    waiting: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_tokens: int = 0
+    counters: Mapping[str, float] = field(default_factory=dict)  # step counters, by name
+    phases: Mapping[str, float] = field(default_factory=dict)  # seconds per step phase
+    last_step_sequences: int = 0
+    disk_cache: Mapping[str, int] | None = None  # hits, tokens_loaded, saves, ..., bytes
+    adapter_steps: Mapping[str, int] = field(default_factory=dict)  # adapters -> steps
+    adapter_switches: int = 0
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a dialect may know about a model: names, load state, context and limits,
+    template capabilities, adapters. A snapshot: ask the backend again for a fresh one."""
+
+    name: str
+    aliases: tuple[str, ...]
+    kind: str  # "llama.cpp" or "upstream"
+    source: str  # the GGUF path, or the upstream's URL
+    state: LoadState
+    progress: float = 0.0
+    error: str | None = None
+    created: int = 0
+    n_ctx: int = 0  # one sequence's room; 0 until known
+    parallel: int = 1
+    max_queue: int = 0
+    step_tokens: int = 0
+    threads: int | None = None
+    embedding_ctx: int = 0
+    chat_template: str | None = None  # the template's source; None: no template
+    reasoning_tags: tuple[str, str] | None = None
+    vision: bool = False
+    loras: tuple[LoraSpec, ...] = ()
+    kv_layout: str | None = None  # "split" | "shared" once loaded (llama.cpp)
+    weights: WeightsFacts | None = None  # once loaded (llama.cpp) or reported (upstream)
+    settings: Mapping[str, Any] = field(default_factory=dict)  # engine settings, for info
+    upstream_model: str | None = None  # the model name the upstream serves
+
+    @property
+    def ready(self) -> bool:
+        return self.state == LoadState.READY
+
+    @property
+    def has_template(self) -> bool:
+        return self.chat_template is not None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """All a dialect may use of a model. See the module docstring."""
+
+    name: str
+    aliases: tuple[str, ...]
+
+    @property
+    def card(self) -> ModelCard: ...
+
+    # -- lifecycle: the registry's, not a dialect's -------------------------------------------
+    def load(self, loop: asyncio.AbstractEventLoop,
+             progress: Callable[[float], None] | None = None) -> None:
+        """Blocking (a loader thread runs it): make the model ready, or raise."""
+        ...
+
+    def close(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def require_ready(self) -> ModelCard:
+        """The card of a model that can run requests; else an error (503 while loading)."""
+        ...
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt: ...
+
+    def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
+              parse: bool | None = None) -> BackendGeneration:
+        """Validate and submit now, so every refusal happens before a response starts.
+        `parse`: run the chat parser on the output (default: for chat requests)."""
+        ...
+
+    async def abort(self, request_id: str) -> bool: ...
+
+    async def embed(self, inputs: Sequence[Sequence[int] | str], adapters: AdapterSet = ()
+                    ) -> list[np.ndarray]:
+        """One vector per input (token ids, or text the backend tokenizes itself)."""
+        ...
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def adapters(self, model: str | None, selection: LoraSelection | None = None
+                 ) -> AdapterSet: ...
+
+    async def flush_cache(self) -> int | None: ...
+
+    def stats(self) -> EngineStats | None: ...

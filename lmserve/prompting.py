@@ -1,0 +1,184 @@
+"""Prompt preparation for one model: chat template, tool plan, grammar, tokens, context check.
+
+A `Prompter` turns a neutral GenerationRequest into a PreparedPrompt for a vocabulary and a
+chat template; `ModelService` owns one per loaded model, and unit tests build one over a stub
+vocabulary (tests/unit/chat_service.py) to drive the dialects through a scripted backend."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, Protocol
+
+from lmserve.chat.media import MediaPolicy, check_images, no_projector
+from lmserve.chat.overflow import TRUNCATION_NOTE, fit_chat
+from lmserve.chat.reasoning import detect_reasoning_tags
+from lmserve.chat.templates import ChatTemplate, TemplateError
+from lmserve.chat.toolparsers import marker_texts
+from lmserve.chat.tools import StreamParser
+from lmserve.chat.turn import (
+    format_grammar,
+    plan_turn,
+    reasoning_grammar,
+    template_kwargs,
+    turn_parser,
+)
+from lmserve.core.backend import PreparedPrompt
+from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.request import ChatMessage, GenerationRequest, ResponseFormat
+
+__all__ = ["Prompter", "Vocabulary"]
+
+
+class VocabularyInfo(Protocol):
+    @property
+    def bos_token(self) -> str | None: ...
+
+    @property
+    def add_bos(self) -> bool: ...
+
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+
+class Vocabulary(Protocol):
+    """What prompt preparation needs of a model (engine.runner.Model has it)."""
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def info(self) -> VocabularyInfo: ...
+
+    def tokenize(self, text: str, *, add_special: bool = True,
+                 parse_special: bool = True) -> list[int]: ...
+
+    def control_tokens(self, texts: set[str]) -> frozenset[int]: ...
+
+
+class Prompter:
+    """Requests -> prompts for one vocabulary, template and context size."""
+
+    def __init__(self, name: str, vocab: Vocabulary, template: ChatTemplate | None, *,
+                 n_ctx: int, media: MediaPolicy | None = None,
+                 context_overflow: str = "error", vision: bool = False) -> None:
+        self.name = name
+        self.vocab = vocab
+        self.template = template
+        self.n_ctx = n_ctx
+        self.media = media or MediaPolicy()
+        self.context_overflow = context_overflow
+        self.vision = vision
+        self.reasoning_tags = detect_reasoning_tags(template.source if template else None)
+
+    def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
+                    template_kwargs: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        template = self._chat_template()
+        try:
+            return template.render([_template_message(m) for m in messages],
+                                   add_generation_prompt=add_generation_prompt, tools=tools,
+                                   **(template_kwargs or {}))
+        except TemplateError as exc:
+            raise invalid(f"the chat template rejected these messages: {exc}",
+                          param="messages") from None
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        model = self.vocab
+        if request.prompt_tokens is not None:
+            bad = [t for t in request.prompt_tokens if not 0 <= t < model.n_vocab]
+            if bad:
+                raise invalid(f"token id {bad[0]} is outside the vocabulary "
+                              f"(0..{model.n_vocab - 1})", param="prompt")
+            fmt = request.response_format
+            return PreparedPrompt(list(request.prompt_tokens), None,
+                                  format_grammar(fmt) if fmt is not None else None)
+        if request.messages is None:
+            if request.response_format is not None:
+                return self._prepare_raw(request.prompt or "", request.response_format)
+            if request.tools:
+                raise invalid("tools need a chat request (messages)", param="tools")
+            text = request.prompt or ""
+            return PreparedPrompt(self.tokenize(text), text)
+        return self._prepare_chat(request)
+
+    def _prepare_raw(self, prompt: str, response_format: ResponseFormat) -> PreparedPrompt:
+        return PreparedPrompt(self.tokenize(prompt), prompt, format_grammar(response_format))
+
+    def _chat_template(self) -> ChatTemplate:
+        if self.template is None:
+            raise invalid(f"model '{self.name}' has no chat template; use the completions "
+                          "endpoint with a raw prompt, or start the server with --chat-template",
+                          param="messages", code="no_chat_template")
+        return self.template
+
+    def _prepare_chat(self, request: GenerationRequest) -> PreparedPrompt:
+        """Render the turn's plan: tools, fallback prompt, grammar (see chat.turn); under
+        context_overflow "truncate", of the fewest oldest turns dropped (chat.overflow)."""
+        images = check_images(request.messages, self.media)  # the policy's 400s first
+        if images and not self.vision:
+            raise no_projector(self.name, images[0])
+        if (request.context_overflow or self.context_overflow) == "truncate":
+            prepared, dropped = fit_chat(request, self._render_turn, self.n_ctx)
+            return replace(prepared, dropped_messages=dropped, truncating=True)
+        return self._render_turn(request)
+
+    def _render_turn(self, request: GenerationRequest) -> PreparedPrompt:
+        plan = plan_turn(request, self._chat_template(), self.vocab.info.metadata)
+        text = self.render_chat(plan.messages, add_generation_prompt=request.add_generation_prompt,
+                                template_kwargs=template_kwargs(request), tools=plan.template_tools)
+        grammar = reasoning_grammar(plan, self.reasoning_tags, text, request.reasoning)
+        markers = self.vocab.control_tokens(
+            marker_texts(plan.tool_format, self.reasoning_tags))
+        return PreparedPrompt(self.tokenize(text), text, grammar, plan.tool_format,
+                              markers=markers)
+
+    def chat_parser(self, request: GenerationRequest, prepared: PreparedPrompt) -> StreamParser:
+        """A fresh parser for one choice: reasoning first, then tool calls."""
+        return turn_parser(prepared.tool_format, self.reasoning_tags, prepared.text,
+                           parallel=request.parallel_tool_calls)
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        model = self.vocab
+        tokens = model.tokenize(text, add_special=add_special, parse_special=True)
+        bos = model.info.bos_token
+        # A template that writes the BOS text itself plus a vocab that adds BOS gives two.
+        if len(tokens) >= 2 and tokens[0] == tokens[1] and bos and text.startswith(bos) \
+                and model.info.add_bos:
+            tokens = tokens[1:]
+        return tokens
+
+    def check_context(self, n_prompt: int, max_tokens: int | None, *,
+                      truncating: bool = False) -> int:
+        """Validate prompt length against the context; returns the effective max_tokens."""
+        note = TRUNCATION_NOTE if truncating else ""
+        if n_prompt == 0:
+            raise invalid("the prompt is empty", param="prompt")
+        if n_prompt >= self.n_ctx:
+            raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                               f"this model's maximum context length is {self.n_ctx} tokens, "
+                               f"but the prompt has {n_prompt} tokens{note}", param="messages",
+                               code="context_length_exceeded")
+        if max_tokens is None:
+            return self.n_ctx - n_prompt
+        if n_prompt + max_tokens > self.n_ctx:
+            raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+                               f"this model's maximum context length is {self.n_ctx} tokens; "
+                               f"the prompt has {n_prompt} tokens and max_tokens asks for "
+                               f"{max_tokens} more{note}", param="max_tokens",
+                               code="context_length_exceeded")
+        return max_tokens
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    data = message.as_template_dict()
+    # Clients send tool-call arguments as JSON strings; HF templates expect mappings.
+    for call in data.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except ValueError:
+                pass
+    return data
