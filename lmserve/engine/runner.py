@@ -416,10 +416,11 @@ class Context:
 
     def state_format(self) -> str:
         """What, besides the model file, decides whether a saved state loads here. The
-        context always uses the default KV types; change this if that changes."""
+        context always uses the default KV types; change this if that changes. A sequence's
+        saved state has the same format under either KV layout, so the layout is not part of
+        it (states written before this key lost its constant "unified" are recomputed once)."""
         params = ll.llama_context_default_params()
-        return (f"llama-cpp-python {ll.__version__}; kv {params.type_k}/{params.type_v}; "
-                "unified; swa_full")
+        return f"llama-cpp-python {ll.__version__}; kv {params.type_k}/{params.type_v}; swa_full"
 
     # -- embeddings -------------------------------------------------------------------------
     def sequence_embedding(self, seq_id: int) -> np.ndarray:

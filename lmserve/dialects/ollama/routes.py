@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.chat.overflow import reply_room
 from lmserve.core.backend import (
     BackendGeneration,

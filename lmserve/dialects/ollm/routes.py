@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from lmserve import __version__
+from lmserve._version import __version__
 from lmserve.core.backend import ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.request import ChatMessage
