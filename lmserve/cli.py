@@ -11,7 +11,6 @@ from typing import Any
 from lmserve import config
 from lmserve._version import __version__
 from lmserve.core.lora import assign as assign_loras
-from lmserve.engine.disk_cache import ByteSize
 from lmserve.models.resolve import DEFAULT_MODEL, resolve
 
 
@@ -26,49 +25,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                         "repeatable. With only upstreams, no local model is loaded")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--parallel", "-np", type=int, help="sequences decoded together (default 8)")
-    p.add_argument("--ctx", "-c", type=int, dest="n_ctx",
-                   help="context size: the longest prompt + output of one sequence, and the "
-                        "cells of each KV stream (see --kv-layout) (default: model's, at most "
-                        "8192)")
-    p.add_argument("--threads", "-t", type=int, help="CPU threads for decoding (default: all cores)")
-    p.add_argument("--threads-batch", type=int, help="CPU threads for prompt processing")
-    p.add_argument("--batch", "-b", type=int, dest="step_tokens",
-                   help="token budget per engine step: decode tokens + prompt chunks (default 512)")
-    p.add_argument("--max-queue", type=int, help="requests waiting beyond --parallel before 429 "
-                                                 "(default 256)")
-    p.add_argument("--cache-slots", type=int,
-                   help="finished sequences kept resident for prefix reuse (default = --parallel)")
-    p.add_argument("--cache-tokens", type=int,
-                   help="idle KV tokens kept for prefix reuse besides the newest finished "
-                        "conversation (default: a quarter of --ctx in a shared pool, no limit "
-                        "with split streams)")
-    p.add_argument("--kv-layout", choices=["auto", "split", "shared"],
-                   help="KV cache layout: split gives every slot (--parallel + --cache-slots) "
-                        "its own stream of --ctx cells (fastest decoding of many sequences, "
-                        "the most memory); shared gives them one pool of --ctx cells; auto "
-                        "(the default) splits when that takes at most 1/8 of the memory")
+    for option in config.ENGINE_OPTIONS:  # declared once, in lmserve.config
+        p.add_argument(*option.flags, dest=option.key, help=option.help, metavar=option.metavar,
+                       type=None if option.kind is str else option.kind,
+                       choices=option.choices)
     p.add_argument("--kv-split", action="store_true", default=None,
                    help="the same as --kv-layout split")
-    p.add_argument("--lookup", type=int,
-                   help="prompt-lookup speculative decoding: most tokens drafted per sequence "
-                        "from its own context, verified in the batch (default 0: off; 8 is "
-                        "a good value)")
-    p.add_argument("--lookup-budget", type=int,
-                   help="most drafted tokens verified per engine step (default 16)")
-    p.add_argument("--context-overflow", choices=["error", "truncate"],
-                   help="a chat that does not fit the context: refuse it (error, the default) or "
-                        "drop its oldest turns after the system prompt (truncate); requests may "
-                        "choose for themselves")
-    p.add_argument("--disk-cache", dest="disk_cache_dir", metavar="DIR",
-                   help="save the KV state of long prefixes here, so a restarted server does "
-                        "not recompute them (default: off)")
-    p.add_argument("--disk-cache-max-bytes", type=ByteSize, metavar="SIZE",
-                   help="most bytes of saved states per model, e.g. 500M or 2G (default 4G); "
-                        "least recently used states go first")
-    p.add_argument("--disk-cache-min-tokens", type=int, metavar="N",
-                   help="shortest prefix saved or loaded (default 256)")
-    p.add_argument("--embedding-ctx", type=int, help="context of the embedding context (2048)")
     p.add_argument("--lora", action="append", dest="loras", metavar="ALIAS=PATH[:SCALE]",
                    help="load a LoRA adapter GGUF for the first model, served as MODEL:ALIAS "
                         "and by the requests' lora fields (scale default 1); repeatable")
@@ -146,7 +108,8 @@ def _aliases(name: str, path: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """`lmserve run module:app`: serve an App defined in code."""
-    from lmserve.app import App, load_app, run as run_app
+    from lmserve.app import App, load_app
+    from lmserve.app import run as run_app
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

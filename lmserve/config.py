@@ -6,22 +6,23 @@ import dataclasses
 import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmserve.chat.media import MEDIA_KEYS, media_policy
 from lmserve.chat.overflow import OVERFLOW_POLICIES
+from lmserve.core.lora import parse_specs
 from lmserve.engine.disk_cache import ByteSize
 from lmserve.engine.kv_layout import LAYOUTS
-from lmserve.core.lora import parse_specs
 from lmserve.service import EngineSettings
 
 
 class Flag(int):
     """A boolean setting from a flag, a config file or the environment ("true"/"1"/"yes")."""
 
-    def __new__(cls, value: Any) -> "Flag":
+    def __new__(cls, value: Any) -> Flag:
         if isinstance(value, str):
             text = value.strip().lower()
             if text not in ("true", "1", "yes", "on", "false", "0", "no", "off"):
@@ -50,14 +51,73 @@ class ServerConfig:
 # name -> (section in the file, type); engine keys live in EngineSettings.
 _SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_dir": str,
                 "stream_ttl": float}
-_ENGINE_KEYS = {"n_ctx": int, "parallel": int, "step_tokens": int, "threads": int,
-                "threads_batch": int, "max_queue": int, "cache_slots": int, "cache_tokens": int,
-                "lookup": int, "lookup_budget": int, "kv_layout": str,
-                "embedding_ctx": int, "context_overflow": str,
-                "disk_cache_dir": str, "disk_cache_max_bytes": ByteSize, "disk_cache_min_tokens": int}
-# Aliases used by llama-cpp-python's config files (seed 003) and by our own flags.
-_ALIASES = {"ctx": "n_ctx", "n_seq_max": "parallel", "n_batch": "step_tokens", "batch": "step_tokens",
-            "n_threads": "threads", "n_threads_batch": "threads_batch"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One engine setting, declared once: the EngineSettings field, how text becomes its
+    value, its command-line flags and help, and the other names files and the environment
+    may use. The CLI, the config file keys and the LMSERVE_* variables all derive from it."""
+
+    key: str  # the EngineSettings field; LMSERVE_<KEY> in the environment
+    kind: Callable[[Any], Any]  # text (flag, file, environment) -> value
+    flags: tuple[str, ...]  # command-line spellings
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    minimum: int | None = None
+    aliases: tuple[str, ...] = ()  # other key names (llama-cpp-python's config files, seed 003)
+
+
+ENGINE_OPTIONS: tuple[Option, ...] = (
+    Option("parallel", int, ("--parallel", "-np"), "sequences decoded together (default 8)",
+           minimum=1, aliases=("n_seq_max",)),
+    Option("n_ctx", int, ("--ctx", "-c"),
+           "context size: the longest prompt + output of one sequence, and the cells of each "
+           "KV stream (see --kv-layout) (default: model's, at most 8192)",
+           minimum=1, aliases=("ctx",)),
+    Option("threads", int, ("--threads", "-t"), "CPU threads for decoding (default: all cores)",
+           minimum=1, aliases=("n_threads",)),
+    Option("threads_batch", int, ("--threads-batch",), "CPU threads for prompt processing",
+           aliases=("n_threads_batch",)),
+    Option("step_tokens", int, ("--batch", "-b"),
+           "token budget per engine step: decode tokens + prompt chunks (default 512)",
+           minimum=1, aliases=("n_batch", "batch")),
+    Option("max_queue", int, ("--max-queue",),
+           "requests waiting beyond --parallel before 429 (default 256)", minimum=1),
+    Option("cache_slots", int, ("--cache-slots",),
+           "finished sequences kept resident for prefix reuse (default = --parallel)"),
+    Option("cache_tokens", int, ("--cache-tokens",),
+           "idle KV tokens kept for prefix reuse besides the newest finished conversation "
+           "(default: a quarter of --ctx in a shared pool, no limit with split streams)"),
+    Option("kv_layout", str, ("--kv-layout",),
+           "KV cache layout: split gives every slot (--parallel + --cache-slots) its own "
+           "stream of --ctx cells (fastest decoding of many sequences, the most memory); "
+           "shared gives them one pool of --ctx cells; auto (the default) splits when that "
+           "takes at most 1/8 of the memory", choices=LAYOUTS),
+    Option("lookup", int, ("--lookup",),
+           "prompt-lookup speculative decoding: most tokens drafted per sequence from its own "
+           "context, verified in the batch (default 0: off; 8 is a good value)"),
+    Option("lookup_budget", int, ("--lookup-budget",),
+           "most drafted tokens verified per engine step (default 16)"),
+    Option("context_overflow", str, ("--context-overflow",),
+           "a chat that does not fit the context: refuse it (error, the default) or drop its "
+           "oldest turns after the system prompt (truncate); requests may choose for "
+           "themselves", choices=OVERFLOW_POLICIES),
+    Option("disk_cache_dir", str, ("--disk-cache",),
+           "save the KV state of long prefixes here, so a restarted server does not recompute "
+           "them (default: off)", metavar="DIR"),
+    Option("disk_cache_max_bytes", ByteSize, ("--disk-cache-max-bytes",),
+           "most bytes of saved states per model, e.g. 500M or 2G (default 4G); least "
+           "recently used states go first", metavar="SIZE", minimum=1),
+    Option("disk_cache_min_tokens", int, ("--disk-cache-min-tokens",),
+           "shortest prefix saved or loaded (default 256)", metavar="N", minimum=1),
+    Option("embedding_ctx", int, ("--embedding-ctx",),
+           "context of the embedding context (2048)"),
+)
+_ENGINE_KEYS = {o.key: o.kind for o in ENGINE_OPTIONS}
+_OPTIONS = {o.key: o for o in ENGINE_OPTIONS}
+_ALIASES = {alias: o.key for o in ENGINE_OPTIONS for alias in o.aliases}
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -175,14 +235,14 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
                 raise ValueError("two upstream models have the same name")
         else:
             raise ValueError(f"unknown configuration key {key!r}")
-    for key in ("parallel", "step_tokens", "threads", "n_ctx", "max_queue",
-                "disk_cache_max_bytes", "disk_cache_min_tokens"):
-        if key in engine and engine[key] < 1:
-            raise ValueError(f"{key} must be at least 1")
-    if engine.get("context_overflow", "error") not in OVERFLOW_POLICIES:
-        raise ValueError(f"context_overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
-    if engine.get("kv_layout", "auto") not in LAYOUTS:
-        raise ValueError(f"kv_layout must be one of {', '.join(LAYOUTS)}")
+    for key, value in engine.items():
+        option = _OPTIONS.get(key)
+        if option is None:
+            continue
+        if option.minimum is not None and value < option.minimum:
+            raise ValueError(f"{key} must be at least {option.minimum}")
+        if option.choices is not None and value not in option.choices:
+            raise ValueError(f"{key} must be one of {', '.join(option.choices)}")
     engine["media"] = media_policy(media)
     return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
 

@@ -1,0 +1,57 @@
+"""Engine settings are declared once (lmserve.config.ENGINE_OPTIONS): the flags, the file keys
+and the LMSERVE_* variables all come from that declaration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lmserve import config
+from lmserve.cli import build_parser, serve_config
+from lmserve.service import EngineSettings
+
+# Settings with a shape of their own: the adapters (--lora), the template (a file or inline
+# source) and the media policy (its own keys, lmserve.chat.media).
+COMPOSITE = {"loras", "chat_template", "media"}
+SAMPLE = {"parallel": "3", "n_ctx": "1024", "threads": "2", "threads_batch": "2",
+          "step_tokens": "256", "max_queue": "9", "cache_slots": "2", "cache_tokens": "64",
+          "kv_layout": "shared", "lookup": "4", "lookup_budget": "8",
+          "context_overflow": "truncate", "disk_cache_dir": "/tmp/dc",
+          "disk_cache_max_bytes": "2M", "disk_cache_min_tokens": "32", "embedding_ctx": "512"}
+
+
+def test_every_engine_setting_is_declared_once() -> None:
+    fields = {f.name for f in dataclasses.fields(EngineSettings)} - COMPOSITE
+    keys = [o.key for o in config.ENGINE_OPTIONS]
+    assert sorted(keys) == sorted(fields) and len(set(keys)) == len(keys)
+    assert set(SAMPLE) == fields
+
+
+def _expected(key: str) -> object:
+    option = next(o for o in config.ENGINE_OPTIONS if o.key == key)
+    return option.kind(SAMPLE[key])
+
+
+@pytest.mark.parametrize("option", config.ENGINE_OPTIONS, ids=lambda o: o.key)
+def test_each_option_reaches_the_settings_by_flag_env_and_file(option: config.Option,
+                                                                tmp_path) -> None:
+    value = SAMPLE[option.key]
+    args = build_parser().parse_args(["serve", option.flags[0], value])
+    by_flag = serve_config(args)
+    by_env = config.build(config.from_env({f"LMSERVE_{option.key.upper()}": value}))
+    path = tmp_path / "c.json"
+    path.write_text(f'{{"model": {{"{option.key}": "{value}"}}}}')
+    by_file = config.build(config.load_file(str(path)))
+    for cfg in (by_flag, by_env, by_file):
+        assert getattr(cfg.engine, option.key) == _expected(option.key)
+    for alias in option.aliases:  # llama-cpp-python's names in files
+        assert getattr(config.build({alias: value}).engine, option.key) == _expected(option.key)
+
+
+@pytest.mark.parametrize("option", [o for o in config.ENGINE_OPTIONS if o.minimum or o.choices],
+                         ids=lambda o: o.key)
+def test_declared_limits_are_enforced(option: config.Option) -> None:
+    bad = "0" if option.minimum else "nonsense"
+    with pytest.raises(ValueError, match=option.key):
+        config.build({option.key: bad})
