@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import logging
 import threading
 import time
@@ -363,6 +364,24 @@ class UpstreamBackend:
         generation.close()
         return True
 
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's length as the upstream counts it (template and all): the usage of a
+        one-token generation of the same request. Not in the contract: for a dialect that
+        must count a prompt (Anthropic's count_tokens) where no /tokenize serves."""
+        probe = dataclasses.replace(request, max_tokens=1, n=1, request_id=None,
+                                    logprobs=None, stop=[])
+        generation = self.start(probe, parse=False)
+        try:
+            async for steps in generation:
+                for step in steps:
+                    step.raise_failure()
+                    if step.usage is not None and step.usage.prompt_tokens:
+                        return step.usage.prompt_tokens
+        finally:
+            generation.close()
+        raise LmserveError(ErrorKind.UNSUPPORTED, f"the upstream of '{self.name}' reports no "
+                           "prompt token counts", code="unsupported_by_upstream")
+
     async def flush_cache(self) -> int | None:
         return None  # the upstream's cache is its own
 
@@ -444,6 +463,15 @@ class UpstreamGeneration:
     @property
     def request_id(self) -> str:
         return self._request_id
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has ended (read or not), or the generation was closed."""
+        return self._closed or self.reader.ended
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def begin(self) -> None:
         """Send now if an event loop runs here (else on the first iteration)."""

@@ -560,12 +560,14 @@ def error_from_body(body: Any, status: int | None, retry_after: float | None = N
 
 
 def _kind_named(code: str | None, type_name: str | None) -> ErrorKind | None:
-    if code in _KINDS_BY_CODE:
-        return _KINDS_BY_CODE[code]
-    try:
-        return ErrorKind(code)  # lmserve sends its kind as the code where it has none
-    except ValueError:
-        return _KINDS_BY_TYPE.get(type_name or "")
+    if code is not None:
+        if code in _KINDS_BY_CODE:
+            return _KINDS_BY_CODE[code]
+        try:
+            return ErrorKind(code)  # lmserve sends its kind as the code where it has none
+        except ValueError:
+            pass
+    return _KINDS_BY_TYPE.get(type_name or "")
 
 
 def error_from_response(status: int, content: bytes, headers: Mapping[str, str]

@@ -14,6 +14,12 @@ import httpx
 import pytest
 
 from lmserve.models.resolve import resolve
+from tests.model.upstream_fixtures import (  # noqa: F401  (fixtures and hooks, used by name)
+    pytest_configure,
+    pytest_generate_tests,
+    target,
+    upstream_front,
+)
 
 
 def free_port() -> int:
@@ -137,9 +143,9 @@ def empty_kv(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture()
-def client(server: Server):
+def client(target: Server):
     import openai
 
-    with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
+    with openai.OpenAI(base_url=target.base_url, api_key="unused", max_retries=0,
                        timeout=120) as c:
         yield c

@@ -166,7 +166,7 @@ async def test_a_chat_streams_text_and_ends_with_the_upstream_usage():
     b = backend(upstream, api_key="sk-up")
     gen = b.start(chat_request(max_tokens=5))
     steps = await collect(gen)
-    assert "".join(s.text for s in steps) == "Hello"
+    assert "".join(s.text for s in steps) == "Hello" and gen.finished
     assert [e for s in steps for e in s.events] == [TextDelta("output", "Hel"),
                                                     TextDelta("output", "lo")]
     assert steps[-1].end == Finished(FinishReason.STOP, Usage(9, 2))
@@ -243,7 +243,9 @@ async def test_closing_the_generation_closes_the_upstream_stream():
     async for steps in gen:
         seen.extend(steps)
         break  # the client went away after the first step
+    assert not gen.finished
     gen.close()
+    assert gen.finished
     for _ in range(50):
         if body.closed:
             break
@@ -286,3 +288,10 @@ async def test_close_closes_the_pool():
     b.close()
     await asyncio.sleep(0)
     assert client.is_closed
+
+
+async def test_count_tokens_reads_a_one_token_generation_s_usage():
+    upstream = Upstream()
+    assert await backend(upstream).count_tokens(chat_request(max_tokens=500, n=2)) == 9
+    body = upstream.bodies()[-1]
+    assert body["max_tokens"] == 1 and "n" not in body
