@@ -30,6 +30,7 @@ from lmserve.engine.runner import (
     POOLING_MEAN,
     POOLING_NONE,
     POOLING_UNSPECIFIED,
+    Batch,
     Context,
     Model,
     default_threads,
@@ -152,7 +153,7 @@ class ModelService:
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
             (None if layout.split else self.n_ctx // 4)
 
-        def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore:
+        def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore[Batch]:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
                               step_tokens=max(s.step_tokens, s.parallel), sink=sink,
                               idle_tokens=idle_tokens, lookup_tokens=s.lookup,

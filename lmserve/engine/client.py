@@ -24,7 +24,7 @@ class _Stream:
 class EngineClient:
     """Bridges the engine thread and the event loop with one loop wake-up per engine step."""
 
-    def __init__(self, core_factory: Callable[[Callable[[StepOutputs], None]], EngineCore], *,
+    def __init__(self, core_factory: Callable[[Callable[[StepOutputs], None]], EngineCore[Any]], *,
                  loop: asyncio.AbstractEventLoop, max_queue: int, name: str = "engine") -> None:
         self._loop = loop
         self._thread = EngineThread(core_factory, self._on_step, name=name)
@@ -33,7 +33,7 @@ class EngineClient:
         self._live: set[str] = set()  # ids of the requests submitted and not yet done
 
     @property
-    def core(self) -> EngineCore:
+    def core(self) -> EngineCore[Any]:
         return self._thread.core
 
     @property
@@ -87,7 +87,7 @@ class EngineClient:
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
 
-    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
+    async def call(self, fn: Callable[[EngineCore[Any]], Any]) -> Any:
         """Run fn on the engine thread between steps and return its result."""
         reply = self._thread.call(fn)
         ok, value = await asyncio.to_thread(reply.get)

@@ -29,10 +29,20 @@ from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Protocol
 
-from lmserve.engine.state_file import (HEADER_SIZE, SUFFIX, CorruptStateFile, Entry,
-                                       IncompatibleStateFile, adapters_key, compat_key,
-                                       encode_header, read_state, remove_quietly,
-                                       scan_directory, write_atomic)
+from lmserve.engine.state_file import (
+    HEADER_SIZE,
+    SUFFIX,
+    CorruptStateFile,
+    Entry,
+    IncompatibleStateFile,
+    adapters_key,
+    compat_key,
+    encode_header,
+    read_state,
+    remove_quietly,
+    scan_directory,
+    write_atomic,
+)
 from lmserve.engine.token_prefix import common_prefix_len
 
 log = logging.getLogger("lmserve.disk_cache")
@@ -82,7 +92,7 @@ class _Job:
 class ByteSize(int):
     """A byte count from an int or a string such as 500M, 2G or 1.5GiB (binary units)."""
 
-    def __new__(cls, value: str | int) -> "ByteSize":
+    def __new__(cls, value: str | int) -> ByteSize:
         if isinstance(value, int):
             return super().__new__(cls, value)
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", value, re.IGNORECASE)
@@ -115,7 +125,7 @@ class DiskCache:
 
     @classmethod
     def open(cls, directory: str, states: StateIO, *, model_path: str, max_bytes: int,
-             min_tokens: int) -> "DiskCache":
+             min_tokens: int) -> DiskCache:
         os.makedirs(directory, exist_ok=True)
         cache = cls(directory, states, compat=compat_key(model_path, states.state_format()),
                     max_bytes=max_bytes, min_tokens=min_tokens)

@@ -82,7 +82,8 @@ def top_tokens(row: np.ndarray, k: int) -> list[int]:
     values = row[candidates]
     part = np.argpartition(values, -k)[-k:] if len(candidates) > k else np.arange(k)
     ids, top = candidates[part], values[part]
-    return ids[np.lexsort((ids, -top))].tolist()
+    ranked: list[int] = ids[np.lexsort((ids, -top))].tolist()
+    return ranked
 
 
 class LogprobScorer:

@@ -20,7 +20,7 @@ _STOP = object()
 class EngineThread:
     """Runs EngineCore.step() in a dedicated thread; other threads talk to it via the inbox."""
 
-    def __init__(self, core_factory: Callable[[Callable[[StepOutputs], None]], EngineCore],
+    def __init__(self, core_factory: Callable[[Callable[[StepOutputs], None]], EngineCore[Any]],
                  sink: Callable[[StepOutputs], None], *, name: str = "engine") -> None:
         self.core = core_factory(sink)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -40,7 +40,7 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
-    def call(self, fn: Callable[[EngineCore], Any]) -> queue.SimpleQueue[Any]:
+    def call(self, fn: Callable[[EngineCore[Any]], Any]) -> queue.SimpleQueue[Any]:
         """Run fn(core) on the engine thread between steps; the result arrives on the queue."""
         reply: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inbox.put(("call", (fn, reply)))

@@ -63,7 +63,7 @@ class Occupant(Protocol):
 class Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)  # tokens in the KV while idle
-    owner: "Occupant | None" = None
+    owner: Occupant | None = None
     last_used: float = 0.0
     adapters: tuple[tuple[str, float], ...] = ()  # the LoRA set its KV was computed under
 
@@ -93,7 +93,7 @@ class SlotPool:
         self.idle_tokens = idle_tokens  # None: no budget, only LRU under KV pressure
         self.hits = 0
         self.reused_tokens = 0
-        self.disk: "DiskCache | None" = None  # saved states of long prefixes (disk_cache.py)
+        self.disk: DiskCache | None = None  # saved states of long prefixes (disk_cache.py)
         self.deferred = False  # the last place() returned None because a state file is read
 
     @property
@@ -144,13 +144,13 @@ class SlotPool:
             return self._assign(target, seq, best_len)
         return self._assign(target, seq, 0)
 
-    def _disk_hit(self, seq: Occupant, resident: int) -> "DiskHit | None":
+    def _disk_hit(self, seq: Occupant, resident: int) -> DiskHit | None:
         """A stored state that beats the resident prefix by min_tokens or more."""
         assert self.disk is not None
         return self.disk.find(seq.tokens, seq.request.adapters, limit=seq.reuse_limit,
                               at_least=resident + self.disk.min_tokens)
 
-    def _place_from_disk(self, seq: Occupant, hit: "DiskHit") -> Placement | None:
+    def _place_from_disk(self, seq: Occupant, hit: DiskHit) -> Placement | None:
         """Load `hit` into a free slot (its file already read, see DiskCache.ready)."""
         assert self.disk is not None
         target = self._free_slot()

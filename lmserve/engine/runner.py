@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import llama_cpp as ll
@@ -355,7 +355,7 @@ class Context:
         self.token_bytes = model.token_bytes
         self.n_vocab = model.n_vocab
 
-    def make_sampler(self, params: SamplingParams, seed: int, banned: Sequence[int]) -> Sampler:
+    def make_sampler(self, params: SamplingParams, seed: int, banned: Iterable[int]) -> Sampler:
         return Sampler(self.model, params, seed=seed, banned=list(banned))
 
     def set_adapters(self, adapters: Sequence[tuple[str, float]]) -> None:

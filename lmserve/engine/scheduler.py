@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from lmserve.core.errors import ErrorKind
 from lmserve.core.events import (
@@ -26,7 +26,7 @@ from lmserve.engine.logprobs import LogitsSource, LogprobScorer
 from lmserve.engine.lookup import DraftLength, NgramIndex
 from lmserve.engine.lora import AdapterRotation, AdapterTarget
 from lmserve.engine.prefix_cache import KVMemory, SlotPool
-from lmserve.engine.sequence import EngineRequest, SeqState, Sequence
+from lmserve.engine.sequence import EngineRequest, SamplerLike, SeqState, Sequence
 
 StepOutputs = list[tuple[EngineRequest, list[TokenOutput]]]
 
@@ -42,18 +42,19 @@ class Batch(Protocol):
     def request_logits(self, start: int, stop: int) -> None: ...
 
 
-class SamplerLike(Protocol):
-    def sample(self, ctx: object, batch_index: int) -> int: ...
-    def free(self) -> None: ...
+# The runner's own batch type: the core fills the runner's batch and hands that same batch back
+# to its decode, which may read more of it than `Batch` shows (runner.Batch's llama_batch).
+B = TypeVar("B", bound=Batch)
 
 
-class Runner(KVMemory, LogitsSource, AdapterTarget, Protocol):
+class Runner(KVMemory, LogitsSource, AdapterTarget, Protocol[B]):
     """What the core needs from llama.cpp (runner.Context + runner.Model, or a fake)."""
 
     n_ctx: int
-    batch: Batch
     eog_tokens: frozenset[int]
-    def decode(self, batch: Batch) -> int: ...
+    @property
+    def batch(self) -> B: ...
+    def decode(self, batch: B) -> int: ...
     def piece(self, token: int) -> bytes: ...
     def make_sampler(self, params: SamplingParams, seed: int,
                      banned: Iterable[int]) -> SamplerLike: ...
@@ -82,8 +83,8 @@ class StepStats:
                                               "detokenize"), repr=False)
 
 
-class EngineCore:
-    def __init__(self, runner: Runner, *, n_slots: int, max_running: int, step_tokens: int,
+class EngineCore(Generic[B]):
+    def __init__(self, runner: Runner[B], *, n_slots: int, max_running: int, step_tokens: int,
                  sink: Callable[[StepOutputs], None], idle_tokens: int | None = None,
                  lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False) -> None:
         self.runner = runner
@@ -274,7 +275,7 @@ class EngineCore:
         return sample_at
 
     def _sample(self, sample_at: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        sampled = []
+        sampled: list[tuple[Sequence, int]] = []
         for seq, idx in sample_at:
             if seq.draft:
                 sampled.extend((seq, token) for token in self._verify(seq, idx))

@@ -6,7 +6,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lmserve.core.events import TokenLogprob, TokenOutput, Usage
 from lmserve.core.request import SamplingParams
@@ -15,9 +15,17 @@ from lmserve.engine.detokenizer import IncrementalDecoder, StopMatcher
 if TYPE_CHECKING:
     from lmserve.engine.lookup import DraftLength, NgramIndex
     from lmserve.engine.prefix_cache import Slot
-    from lmserve.engine.runner import Sampler
 
 _ids = itertools.count()
+
+
+class SamplerLike(Protocol):
+    """A sequence's sampler, made by the runner (runner.Sampler, or a test fake). `ctx` is the
+    runner that made it, which each sampler reads in its own way (runner.Sampler needs the
+    llama.cpp context); the protocols cannot tie the two together, hence Any."""
+
+    def sample(self, ctx: Any, batch_index: int) -> int: ...
+    def free(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -34,7 +42,7 @@ class EngineRequest:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = field(default_factory=time.monotonic)
     handle: object = None  # the submitter's own reference, returned with each step's outputs
-    sequences: list["Sequence"] = field(default_factory=list)
+    sequences: list[Sequence] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: sampled token's logprob + top k alternatives
     prompt_logprobs: int | None = None  # the same for prompt tokens
     # Prompt logprobs computed so far, shared by the n choices (computed once, by choice 0).
@@ -71,8 +79,8 @@ class Sequence:
     stops: StopMatcher
     n_prompt: int
     state: SeqState = SeqState.WAITING
-    slot: "Slot | None" = None
-    sampler: "Sampler | None" = None
+    slot: Slot | None = None
+    sampler: SamplerLike | None = None
     n_computed: int = 0
     n_cached: int = 0  # prompt tokens whose KV came from the prefix cache
     decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
@@ -80,12 +88,12 @@ class Sequence:
     first_token_at: float | None = None
     sampled_logprob: TokenLogprob | None = None  # this step's token, until output() takes it
     prompt_scores_sent: bool = False
-    lookup: "NgramIndex | None" = None  # prompt-lookup speculation, made on the first draft
-    draft_len: "DraftLength | None" = None
+    lookup: NgramIndex | None = None  # prompt-lookup speculation, made on the first draft
+    draft_len: DraftLength | None = None
     draft: list[int] = field(default_factory=list)  # this step's guesses, until verified
 
     @classmethod
-    def for_request(cls, request: EngineRequest, index: int) -> "Sequence":
+    def for_request(cls, request: EngineRequest, index: int) -> Sequence:
         return cls(request=request, index=index, tokens=list(request.prompt_tokens),
                    stops=StopMatcher(request.stop), n_prompt=len(request.prompt_tokens))
 
