@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ def mount_resource(app: FastAPI, resource: LLMResource) -> None:
             raise ValueError(f"the {dialect.name} dialect is served at the root only")
     state.resources.append(resource)
     base = resource.path.rstrip("/")
-    tags = [resource.title]
+    tags: list[str | Enum] = [resource.title]
     for dialect in chosen:
         assert dialect.resource is not None
         prefix = f"{base}/{dialect.prefix}" if dialect.prefix else base

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from fastapi import APIRouter
@@ -33,7 +34,7 @@ class MountContext(Protocol):
 # (the model view the routes see, their OpenAPI tags) -> router
 ModelsRouter = Callable[..., APIRouter]
 # (the resource, the app's mount context, tags) -> router
-ResourceRouter = Callable[[LLMResource, MountContext, list[str]], APIRouter]
+ResourceRouter = Callable[[LLMResource, MountContext, list[str | Enum]], APIRouter]
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ def root_dialects() -> list[Dialect]:
 
 
 def _by_models(factory: ModelsRouter) -> ResourceRouter:
-    def build(resource: LLMResource, context: MountContext, tags: list[str]) -> APIRouter:
+    def build(resource: LLMResource, context: MountContext, tags: list[str | Enum]) -> APIRouter:
         return factory(resource.models, tags=tags)
     return build
 
 
-def _native(resource: LLMResource, context: MountContext, tags: list[str]) -> APIRouter:
+def _native(resource: LLMResource, context: MountContext, tags: list[str | Enum]) -> APIRouter:
     return native_router(resource, context.producers, tags=tags)
 
 

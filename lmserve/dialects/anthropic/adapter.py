@@ -15,8 +15,7 @@ from typing import Any
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_base64, image_from_url, joined_offset
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
-from lmserve.dialects.anthropic.schema import (ContentBlock, MessageIn, MessageRequest,
-                                               MessagesBase)
+from lmserve.dialects.anthropic.schema import ContentBlock, MessageIn, MessageRequest, MessagesBase
 from lmserve.dialects.anthropic.tools import thinking, tool_fields
 
 

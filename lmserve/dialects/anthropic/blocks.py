@@ -17,7 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 from lmserve.core.events import (
-    CHANNEL_REASONING, ChatEvent, ParsedTurn, TextDelta, ToolCallDelta, ToolCallEnd,
+    CHANNEL_REASONING,
+    ChatEvent,
+    ParsedTurn,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
     ToolCallStart,
 )
 

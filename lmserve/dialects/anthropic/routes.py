@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -26,7 +27,8 @@ log = logging.getLogger("lmserve.anthropic")
 _LIFECYCLES = ("active", "deprecated", "retired")
 
 
-def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None = None) -> APIRouter:
+def make_router(models: Callable[[], ModelRegistry], *,
+                tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["Anthropic"])
 
     @router.post("/v1/messages", summary="Create a message")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from enum import Enum
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,7 +23,7 @@ from lmserve.models.resource import LLMResource, check_params
 
 
 def make_router(resource: LLMResource, producers: StreamProducers, *,
-                tags: list[str] | None = None) -> APIRouter:
+                tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(encoder.error_body),
                        tags=tags or [resource.name])
 

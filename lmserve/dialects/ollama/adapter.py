@@ -26,7 +26,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
@@ -35,6 +35,8 @@ from lmserve.core.images import ImageInput, image_from_base64
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.ollama.schema import ChatRequest, GenerateRequest, Message, OptionValues
 from lmserve.dialects.ollama.tools import output_fields, shows_thinking, tool_specs
+
+T = TypeVar("T")
 
 OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.0,
                                  repetition_penalty=1.1, penalty_last_n=64)
@@ -84,7 +86,8 @@ def parse_options(raw: Mapping[str, Any] | None) -> Options:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise invalid(f"invalid value for option '{key}': {first['msg']}", param=f"options.{key}")
+        raise invalid(f"invalid value for option '{key}': {first['msg']}",
+                      param=f"options.{key}") from None
     _refuse_other_values(values)
     return Options(sampling=_sampling(values), stop=_stops(values.stop),
                    num_predict=_num_predict(values.num_predict), num_ctx=values.num_ctx,
@@ -111,7 +114,7 @@ def _sampling(values: OptionValues) -> SamplingParams:
         repetition_penalty=_pick(values.repeat_penalty, d.repetition_penalty))
 
 
-def _pick(value, default):  # type: ignore[no-untyped-def]
+def _pick(value: T | None, default: T) -> T:
     return default if value is None else value
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from enum import Enum
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -52,7 +53,7 @@ _MANAGEMENT = [("/api/push", ["POST"], "push models"), ("/api/create", ["POST"],
 Models = Callable[[], ModelRegistry]
 
 
-def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
+def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["Ollama"])
 
     async def root() -> Response:

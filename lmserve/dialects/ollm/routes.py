@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from enum import Enum
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -58,7 +59,7 @@ class OllmRoute(dialect_route(encoder.error_body), _FastAPIValidation):  # type:
     """API keys and errors as in every dialect; validation sits inside (see the MRO)."""
 
 
-def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
+def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=OllmRoute, tags=tags or ["oLLM"])
     turns = Turns()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator, Callable, Mapping
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ from lmserve.models.registry import ModelRegistry
 Job = tuple[GenerationRequest, PreparedPrompt]
 
 
-def make_router(models: Callable[[], ModelRegistry], *, tags: list[str] | None = None) -> APIRouter:
+def make_router(models: Callable[[], ModelRegistry], *,
+                tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["OpenAI"])
     router.include_router(responses_router(models, tags=tags))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -64,9 +64,11 @@ def generate_plan(body: GenerateRequest, new_rid: Callable[[], str]) -> Generate
                                                 "sampling_params") or [{}] * len(prompts))]
     rids = _rids(body.rid, len(prompts), batch, new_rid)
     logprobs = _logprob_plans(body, len(prompts))
-    loras = _per_prompt(body.lora_path, len(prompts), "lora_path") or [None] * len(prompts)
+    loras: list[str | None] = (_per_prompt(body.lora_path, len(prompts), "lora_path")
+                               or [None] * len(prompts))
     jobs = [_job(prompt, p, rid, body.model, lp, lora)
-            for prompt, p, rid, lp, lora in zip(prompts, params, rids, logprobs, loras)]
+            for prompt, p, rid, lp, lora in zip(prompts, params, rids, logprobs, loras,
+                                                strict=True)]
     return GeneratePlan(jobs, listed=batch or any(j.request.n > 1 for j in jobs))
 
 
@@ -86,10 +88,12 @@ def _as_list(value: Any) -> list[Any]:
 
 def _logprob_plans(body: GenerateRequest, n: int) -> list[LogprobShape | None]:
     wanted = _per_prompt(body.return_logprob, n, "return_logprob") or [False] * n
-    tops = _per_prompt(body.top_logprobs_num, n, "top_logprobs_num") or [None] * n
-    starts = _per_prompt(body.logprob_start_len, n, "logprob_start_len") or [None] * n
+    given_tops = _per_prompt(body.top_logprobs_num, n, "top_logprobs_num")
+    given_starts = _per_prompt(body.logprob_start_len, n, "logprob_start_len")
+    tops: Sequence[int | None] = given_tops or [None] * n
+    starts: Sequence[int | None] = given_starts or [None] * n
     return [_logprob_plan(bool(w), t, s, body.return_text_in_logprobs)
-            for w, t, s in zip(wanted, tops, starts)]
+            for w, t, s in zip(wanted, tops, starts, strict=True)]
 
 
 def _logprob_plan(wanted: bool, top: int | None, start: int | None,
@@ -122,9 +126,11 @@ def _prompts(body: GenerateRequest) -> tuple[list[str | list[int]], bool]:
     ids = body.input_ids or []
     if not ids:
         raise invalid("input_ids must not be empty", param="input_ids")
-    if all(isinstance(t, int) for t in ids):
-        return [list(ids)], False  # type: ignore[arg-type]
-    batch: list[str | list[int]] = [list(p) for p in ids]  # type: ignore[union-attr]
+    # The schema admits a list of ids or a list of such lists, never a mix of the two.
+    flat = [t for t in ids if isinstance(t, int)]
+    if len(flat) == len(ids):
+        return [flat], False
+    batch: list[str | list[int]] = [list(p) for p in ids if not isinstance(p, int)]
     for i, p in enumerate(batch):
         if not p:
             raise invalid(f"input_ids[{i}] is empty", param=f"input_ids[{i}]")

@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
+from enum import Enum
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -36,7 +37,7 @@ Models = Callable[[], ModelRegistry]
 Samples = list[list[encoder.Sample]]  # per job, per sample
 
 
-def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
+def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["SGLang"])
     live = LiveRequests()
 

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from enum import Enum
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
@@ -33,7 +34,7 @@ from lmserve.stores import NotFoundError, PageQuery, ResponseStore
 Models = Callable[[], ModelRegistry]
 
 
-def make_router(models: Models, *, tags: list[str] | None = None) -> APIRouter:
+def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(error_body), tags=tags or ["OpenAI"])
 
     @router.post("/v1/responses", summary="Create a model response")
