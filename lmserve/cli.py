@@ -26,9 +26,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     for option in config.ENGINE_OPTIONS:  # declared once, in lmserve.config
+        convert: dict[str, Any] = {} if option.kind is str else {"type": option.kind}
         p.add_argument(*option.flags, dest=option.key, help=option.help, metavar=option.metavar,
-                       type=None if option.kind is str else option.kind,
-                       choices=option.choices)
+                       choices=option.choices, **convert)
     p.add_argument("--kv-split", action="store_true", default=None,
                    help="the same as --kv-layout split")
     p.add_argument("--lora", action="append", dest="loras", metavar="ALIAS=PATH[:SCALE]",

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ class Option:
     may use. The CLI, the config file keys and the LMSERVE_* variables all derive from it."""
 
     key: str  # the EngineSettings field; LMSERVE_<KEY> in the environment
-    kind: Callable[[Any], Any]  # text (flag, file, environment) -> value
+    kind: type  # called on the text (flag, file, environment) to make the value
     flags: tuple[str, ...]  # command-line spellings
     help: str
     metavar: str | None = None

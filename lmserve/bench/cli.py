@@ -11,8 +11,8 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from lmserve.bench.base import Backend
 from lmserve.bench.openai_http import OpenAIHTTPBackend

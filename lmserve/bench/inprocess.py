@@ -20,7 +20,7 @@ class InProcessBackend:
         self.name = f"in-process {service.name}"
 
     @classmethod
-    async def start(cls, model: str, settings: EngineSettings) -> "InProcessBackend":
+    async def start(cls, model: str, settings: EngineSettings) -> InProcessBackend:
         resolved = resolve(model)
         service = ModelService(resolved.name, resolved.path, settings)
         await asyncio.to_thread(service.load, asyncio.get_running_loop())

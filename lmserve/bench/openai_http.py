@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -188,7 +189,8 @@ class OpenAIHTTPBackend:
         resp = await self._client.post(self._path, json={**body, "stream": False})
         if resp.status_code >= 400:
             raise BackendError(f"HTTP {resp.status_code}: {resp.text[:500]}", resp.status_code)
-        return resp.json()
+        reply: dict[str, Any] = resp.json()
+        return reply
 
     async def list_models(self) -> list[str]:
         """Model ids from GET /v1/models."""

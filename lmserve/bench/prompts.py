@@ -10,7 +10,7 @@ tokens; the prompt's tag ("Request 17:") takes a few more. Servers that report
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from lmserve.bench.base import BenchRequest
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lmserve.bench.scenarios import SweepResult
 from lmserve.bench.stats import LevelResult, Stats
@@ -43,7 +44,7 @@ def format_table(result: SweepResult) -> str:
     lines.append(" ".join(title.rjust(width) for title, width in _COLUMNS))
     lines.append(" ".join("-" * width for _, width in _COLUMNS))
     for level in result.levels:
-        lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(_row(level), _COLUMNS)))
+        lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(_row(level), _COLUMNS, strict=True)))
     for level in result.levels:
         for err in level.errors:
             lines.append(f"error at concurrency {level.concurrency}: {err}")
@@ -109,19 +110,19 @@ def plot(results: Mapping[str, SweepResult], path: str | Path) -> Path:
 
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     axes = fig.subplots(1, 3)
-    panels = [
+    panels: list[tuple[str, Callable[[LevelResult], float | None]]] = [
         ("output tokens/s", lambda lv: lv.output_throughput),
         ("TTFT p50 (ms)", lambda lv: lv.ttft.p50),
         ("TPOT p50 (ms)", lambda lv: lv.tpot.p50),
     ]
     concurrencies: set[int] = set()
-    for ax, (title, metric) in zip(axes, panels):
+    for ax, (title, metric) in zip(axes, panels, strict=True):
         for label, result in results.items():
             points = [(lv.concurrency, metric(lv)) for lv in result.levels]
             points = [(c, v) for c, v in points if v is not None]
             concurrencies.update(c for c, _ in points)
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("concurrency")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 from lmserve.bench.base import Backend, BenchRequest, Chunk
 from lmserve.bench.stats import LevelResult, RequestRecord
 
 
 async def _open_stream(backend: Backend, req: BenchRequest) -> AsyncIterator[Chunk]:
-    stream: Any = backend.stream(req)
+    stream: AsyncIterator[Chunk] | Awaitable[AsyncIterator[Chunk]] = backend.stream(req)
     if inspect.isawaitable(stream):  # `async def stream` that returns an iterator
         stream = await stream
     return stream

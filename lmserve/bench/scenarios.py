@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from lmserve.bench.base import Backend
 from lmserve.bench.prompts import make_prompts
@@ -69,7 +70,7 @@ async def sweep(
     if warmup > 0:
         await run_level(backend, prompts[:warmup], 1, warmup)
     offset = warmup
-    for concurrency, count in zip(concurrencies, counts):
+    for concurrency, count in zip(concurrencies, counts, strict=True):
         if probe is not None:
             await probe.start()
         level = await run_level(backend, prompts[offset : offset + count], concurrency, count)

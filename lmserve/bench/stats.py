@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from lmserve.bench.base import Chunk
 
@@ -32,7 +33,7 @@ class Stats:
     p99: float | None = None
 
     @classmethod
-    def of(cls, values: Sequence[float], scale: float = 1.0) -> "Stats":
+    def of(cls, values: Sequence[float], scale: float = 1.0) -> Stats:
         """Summarise `values`, each multiplied by `scale` (1000.0 turns seconds into ms)."""
         if not values:
             return cls()
@@ -146,7 +147,7 @@ class LevelResult:
     @classmethod
     def from_records(
         cls, concurrency: int, records: Sequence[RequestRecord], duration_s: float
-    ) -> "LevelResult":
+    ) -> LevelResult:
         ok = [r for r in records if r.ok]
         bad = [r for r in records if not r.ok]
         tokens = sum(r.output_tokens for r in ok)

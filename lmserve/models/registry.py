@@ -7,10 +7,14 @@ import logging
 import sys
 import threading
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, NoReturn
 
 from lmserve.core.backend import LoadState, ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.service import EngineSettings, ModelService
+
+if TYPE_CHECKING:
+    from tqdm import tqdm  # imported when a bar is shown (a terminal), see _Progress
 
 log = logging.getLogger("lmserve.models")
 
@@ -124,7 +128,7 @@ class _Progress:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.bar = None
+        self.bar: tqdm[NoReturn] | None = None  # a bar over no iterable, only update()
         self.last_logged = -1
 
     def __enter__(self) -> _Progress:

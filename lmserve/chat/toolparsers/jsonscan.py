@@ -8,6 +8,7 @@ that everything streamed is the beginning of well-formed JSON.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _NUMBER_PREFIX = re.compile(r"-?|-?(?:0|[1-9]\d*)(?:\.\d*|(?:\.\d+)?[eE][+-]?\d*)?")
@@ -34,7 +35,8 @@ class JsonScanner:
         self.done = False
 
     def feed(self, ch: str) -> bool:
-        return getattr(self, "_in_" + self._state)(ch)
+        handler: Callable[[str], bool] = getattr(self, "_in_" + self._state)
+        return handler(ch)
 
     def feed_text(self, text: str) -> int:
         """Feed characters until one is refused; returns how many were accepted."""
