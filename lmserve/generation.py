@@ -40,6 +40,9 @@ class ParsedGeneration:
     def closed(self) -> bool:
         return self.generation.closed
 
+    async def ready(self) -> None:
+        """The engine accepted the request when it was submitted (refusals raise there)."""
+
     async def __aiter__(self) -> AsyncIterator[list[ChoiceStep]]:
         async for outputs in self.generation:
             yield [self._step(out) for out in outputs]

@@ -179,6 +179,13 @@ class BackendGeneration(Protocol):
         """The backend is done with it: every choice ended, or it was closed (read or not)."""
         ...
 
+    async def ready(self) -> None:
+        """Wait until the backend has accepted the request, and raise its refusal (with its
+        kind) if it did not. A local engine has accepted it once `start` returned; an upstream
+        accepts when it answers with its status. Streaming routes await this before their
+        first byte, so a refusal is a real status there too."""
+        ...
+
     def __aiter__(self) -> AsyncIterator[list[ChoiceStep]]: ...
 
     def close(self) -> None: ...

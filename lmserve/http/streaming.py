@@ -43,6 +43,18 @@ def start_all(backend: ModelBackend,
     return started
 
 
+async def accepted(generations: Sequence[BackendGeneration]) -> None:
+    """Wait until every backend accepted its request (an upstream answered with its status),
+    so that a refusal is a real status even for a stream; a refusal closes them all."""
+    try:
+        for generation in generations:
+            await generation.ready()
+    except BaseException:
+        for generation in generations:
+            generation.close()
+        raise
+
+
 async def merge(generations: list[BackendGeneration]
                 ) -> AsyncIterator[tuple[int, list[ChoiceStep]]]:
     """Iterate several submitted generations at once, yielding (index, step outputs)."""

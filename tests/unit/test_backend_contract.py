@@ -182,3 +182,60 @@ def test_the_scripted_test_backend_satisfies_the_contract() -> None:
     backend = ScriptedBackend(script(["hi"]), "{{ messages[0].content }}")
     assert isinstance(backend, ModelBackend)
     assert backend.card.ready and backend.card.kind == "scripted"
+
+
+class _Refused:
+    """A generation its backend refuses once asked (as an upstream answers 4xx/5xx)."""
+
+    def __init__(self, inner: ParsedGeneration) -> None:
+        self.inner, self.closed = inner, False
+
+    @property
+    def request_id(self) -> str:
+        return self.inner.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.closed
+
+    async def ready(self) -> None:
+        raise LmserveError(ErrorKind.INVALID_REQUEST, "upstream: the prompt is too long",
+                           param="messages", code="context_length_exceeded")
+
+    def __aiter__(self):  # type: ignore[no-untyped-def]
+        return self.inner.__aiter__()
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "ollama"])
+def test_a_streamed_request_the_backend_refuses_is_a_status(dialect: str) -> None:
+    from lmserve.dialects.anthropic.routes import make_router as anthropic_router
+    from lmserve.dialects.ollama.routes import make_router as ollama_router
+    from lmserve.dialects.openai.routes import make_router as openai_router
+    from tests.unit.chat_service import ScriptedRegistry, ScriptedService, script
+
+    class Refusing(ScriptedService):
+        def start(self, request, prepared=None, *, parse=None):  # type: ignore[no-untyped-def]
+            self.refused = _Refused(super().start(request, prepared, parse=parse))
+            return self.refused
+
+    service = Refusing(script(["never"]), "{% for m in messages %}{{ m.content }}{% endfor %}")
+    router = {"openai": openai_router, "anthropic": anthropic_router,
+              "ollama": ollama_router}[dialect]
+    app = FastAPI()
+    app.include_router(router(lambda: ScriptedRegistry(service)))
+    messages = [{"role": "user", "content": "hi"}]
+    path, body = {
+        "openai": ("/v1/chat/completions", {"model": "m", "messages": messages, "stream": True}),
+        "anthropic": ("/v1/messages", {"model": "m", "messages": messages, "max_tokens": 8,
+                                       "stream": True}),
+        "ollama": ("/api/chat", {"model": "m", "messages": messages, "stream": True}),
+    }[dialect]
+    reply = TestClient(app).post(path, json=body)
+    assert reply.status_code == 400, reply.text
+    assert "too long" in reply.text and reply.headers["content-type"].startswith(
+        "application/json")
+    assert service.refused.closed  # the refused generation is closed, nothing left running

@@ -19,7 +19,7 @@ from lmserve.dialects.anthropic import adapter, encoder
 from lmserve.dialects.anthropic.schema import CountTokensRequest, MessageRequest
 from lmserve.dialects.anthropic.tools import thinking
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
-from lmserve.http.streaming import SSE_HEADERS, truncation_headers
+from lmserve.http.streaming import SSE_HEADERS, accepted, truncation_headers
 from lmserve.models.registry import ModelRegistry
 
 log = logging.getLogger("lmserve.anthropic")
@@ -51,6 +51,7 @@ def make_router(models: Callable[[], ModelRegistry], *,
         # Refusals happen before a stream starts; the steps come out parsed (thinking, tools).
         generation = service.start(gen, prepared)
         if body.stream:
+            await accepted([generation])  # an upstream's refusal is a status here too
             enc = encoder.StreamEncoder(body.model, len(prepared.tokens), context_capped=capped,
                                         display=display)
             return StreamingResponse(_stream(generation, enc), media_type="text/event-stream",

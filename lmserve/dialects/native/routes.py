@@ -18,7 +18,7 @@ from lmserve.dialects.native import adapter, encoder
 from lmserve.dialects.native.producer import StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
 from lmserve.http.routing import dialect_route, unless_disconnected
-from lmserve.http.streaming import truncation_headers
+from lmserve.http.streaming import accepted, truncation_headers
 from lmserve.models.resource import LLMResource, check_params
 
 
@@ -48,6 +48,7 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
     @router.post("/stream/", status_code=201, summary="Start a generation; read it at stream/{id}/")
     async def start_stream(body: GenerateBody) -> Any:
         native, prepared, generation = _start(resource, body)
+        await accepted([generation])  # a refusal is the POST's status, not a stream frame
         ident = await producers.start(generation, native.reasoning, resource.name,
                                       len(prepared.tokens), prepared.dropped_messages)
         return JSONResponse({"id": ident}, status_code=201,

@@ -40,7 +40,7 @@ from lmserve.dialects.ollama.schema import (
     ShowRequest,
 )
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected
-from lmserve.http.streaming import truncation_headers
+from lmserve.http.streaming import accepted, truncation_headers
 from lmserve.models.registry import ModelRegistry
 
 # The Ollama API revision whose request and response shapes this dialect follows.
@@ -331,6 +331,7 @@ async def _respond(request: Request, service: ModelBackend, card: ModelCard, mod
     headers = {**_notice(adapter.notice(job.options, card.n_ctx, job.keep_alive)),
                **truncation_headers(prepared.dropped_messages)}
     if stream:
+        await accepted([generation])  # an upstream's refusal is a status here too
         return StreamingResponse(_stream(generation, run),
                                  media_type="application/x-ndjson",
                                  headers={**headers, "Cache-Control": "no-cache",

@@ -32,7 +32,7 @@ from lmserve.dialects.ollm.schema import (
 )
 from lmserve.dialects.ollm.turns import PromptJob, SessionTurn, Turns
 from lmserve.http.routing import dialect_route, unless_disconnected
-from lmserve.http.streaming import SSE_HEADERS, truncation_headers
+from lmserve.http.streaming import SSE_HEADERS, accepted, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.stores import NotFoundError, SessionStore
 
@@ -201,6 +201,7 @@ async def _one_shot(request: Request, models: Models, body: PromptRequest, *,
     job = _start(service, name, messages, body.generation, body.prompt, body.runtime.quiet)
     headers = truncation_headers(job.truncated_messages)
     if stream:
+        await accepted([job.generation])  # an upstream's refusal is a status here too
         return StreamingResponse(job.events(), media_type="text/event-stream",
                                  headers={**headers, **SSE_HEADERS})
     return JSONResponse(await unless_disconnected(request, job.collect()), headers=headers)
@@ -225,6 +226,7 @@ async def _turn(request: Request, models: Models, turns: Turns, session_id: str,
         claim.generation = job.generation
         headers = truncation_headers(job.truncated_messages)
         if stream:
+            await accepted([job.generation])  # an upstream's refusal is a status here too
             job.on_end = lambda: turns.release(session_id, claim)
             handed_over = True
             return StreamingResponse(job.events(on_start=lambda: _own(claim)),

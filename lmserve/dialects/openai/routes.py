@@ -26,7 +26,7 @@ from lmserve.dialects.openai.schema import (
     EmbeddingRequest,
 )
 from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
-from lmserve.http.streaming import merge, sse, start_all, truncation_headers
+from lmserve.http.streaming import accepted, merge, sse, start_all, truncation_headers
 from lmserve.models.registry import ModelRegistry
 
 Job = tuple[GenerationRequest, PreparedPrompt]
@@ -143,6 +143,7 @@ async def _respond(request: Request, service: ModelBackend, model: str, jobs: li
     generations = start_all(service, jobs)  # refusals (context, capacity) happen here
     headers = truncation_headers(max(prepared.dropped_messages for _, prepared in jobs))
     if stream:
+        await accepted(generations)  # an upstream's refusal is a status, not a stream error
         # With logprobs, each choice's echo waits for its prompt logprobs (on its first step).
         scored_echo = bool(echo) and jobs[0][0].prompt_logprobs is not None
         return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,

@@ -28,7 +28,7 @@ from lmserve.core.request import GenerationRequest, SamplingParams
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
 from lmserve.http.routing import dialect_route, unless_disconnected
-from lmserve.http.streaming import SSE_HEADERS, merge, sse, start_all
+from lmserve.http.streaming import SSE_HEADERS, accepted, merge, sse, start_all
 from lmserve.models.gguf_header import GGUFError, GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
 
@@ -70,6 +70,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         live.add(plan.jobs, generations)
         samples = _samples(plan, prepared)
         if body.stream:
+            await accepted(generations)  # an upstream's refusal is a status here too
             return StreamingResponse(_stream(generations, plan, samples, arrival),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         await unless_disconnected(request, _collect(generations, samples, arrival))

@@ -27,7 +27,7 @@ from lmserve.http.routing import (
     unless_disconnected,
     validation_error,
 )
-from lmserve.http.streaming import SSE_HEADERS, truncation_headers
+from lmserve.http.streaming import SSE_HEADERS, accepted, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.stores import NotFoundError, PageQuery, ResponseStore
 
@@ -42,6 +42,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         turn = await turns.begin(request.app.state.lmserve, models(), body)
         headers = truncation_headers(turn.truncated_messages)
         if body.stream:
+            await accepted([turn.generation])  # an upstream's refusal is a status here too
             return StreamingResponse(_sse(turns.run(turn)), media_type="text/event-stream",
                                      headers={**headers, **SSE_HEADERS})
         return JSONResponse(await unless_disconnected(request, turns.collect(turn)),
