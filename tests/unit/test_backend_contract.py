@@ -10,17 +10,30 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 
-from lmserve.core.backend import (ChoiceStep, Failed, Finished, FinishReason, ModelBackend,
-                                  choice_step)
+from lmserve.chat.turn import turn_parser
+from lmserve.core.backend import (
+    ChoiceStep,
+    Failed,
+    Finished,
+    FinishReason,
+    ModelBackend,
+    choice_step,
+)
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.events import (CHANNEL_OUTPUT, CHANNEL_REASONING, TextDelta, TokenOutput,
-                                 ToolCallEnd, ToolCallStart, Usage)
+from lmserve.core.events import (
+    CHANNEL_OUTPUT,
+    CHANNEL_REASONING,
+    TextDelta,
+    TokenOutput,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
 from lmserve.generation import ParsedGeneration
 from lmserve.http import dialects
 from lmserve.http.middleware import ApiKeyMiddleware
 from lmserve.http.routing import dialect_route
 from lmserve.service import EngineSettings, ModelService
-from lmserve.chat.turn import turn_parser
 
 
 def test_engine_failure_keeps_its_kind() -> None:
