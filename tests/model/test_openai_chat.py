@@ -125,8 +125,6 @@ def test_disconnect_cancels_generation(client, server):
     server.assert_generation_stops()
 
 
-@pytest.mark.upstream_gap("an upstream's refusal reaches a streamed answer after its 200: the "
-                          "route must await generation.ready() before it starts the stream")
 def test_context_overflow_is_a_clear_400(client):
     long = "word " * 5000
     with pytest.raises(openai.BadRequestError) as exc:
