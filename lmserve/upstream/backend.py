@@ -459,6 +459,7 @@ class UpstreamGeneration:
         self._accepted: asyncio.Future[LmserveError | None] | None = None
         self._closed = False
         self._delivered = False  # every choice's terminal is queued
+        self._ran = False  # the reader task started
 
     @property
     def request_id(self) -> str:
@@ -489,9 +490,20 @@ class UpstreamGeneration:
         if self._closed:  # closed before it was sent: nothing goes out
             self._accepted.set_result(None)
             self._put(self._cancelled_steps())
+            self._queue.put_nowait(_END)
             self.backend._finished(self)
             return
         self._task = loop.create_task(self._run(), name=f"upstream-{self._request_id}")
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before it ran never reached _run's finally: end it here."""
+        if self._ran or self._queue is None:
+            return
+        self._accept(None)
+        self._put(self._cancelled_steps())
+        self._queue.put_nowait(_END)
+        self.backend._finished(self)
 
     async def ready(self) -> None:
         """Wait until the upstream has answered the request (status and headers); raise its
@@ -529,9 +541,10 @@ class UpstreamGeneration:
             return
         assert self._queue is not None
         self._queue.put_nowait(steps)
-        if not self._delivered and self.reader.ended:
+        if self.reader.ended:
+            # The rest of the body ([DONE]) is read before the iteration ends, so the
+            # connection is back in the pool before the client can send its next request.
             self._delivered = True
-            self._queue.put_nowait(_END)  # the consumer is done; the body is drained after
 
     def _accept(self, error: LmserveError | None) -> None:
         if self._accepted is not None and not self._accepted.done():
@@ -554,6 +567,7 @@ class UpstreamGeneration:
         return out
 
     async def _run(self) -> None:
+        self._ran = True
         backend, counters = self.backend, self.backend.counters
         counters.requests += 1
         started = time.perf_counter()
@@ -564,7 +578,8 @@ class UpstreamGeneration:
             client = backend.http()
             request = client.build_request("POST", self.url, json=self.body,
                                            headers={"X-Request-Id": self._request_id,
-                                                    "Accept": "text/event-stream"})
+                                                    "Accept": "text/event-stream",
+                                                    "Accept-Encoding": "identity"})
             response = await client.send(request, stream=True)
             if response.status_code >= 400:
                 content = await response.aread()
@@ -572,7 +587,11 @@ class UpstreamGeneration:
                                                     response.headers))
                 return
             self._accept(None)
-            async for chunk in response.aiter_bytes():
+            # identity encoding: the raw bytes need no decoding (a body already read, as a
+            # test transport gives, is only iterable decoded)
+            chunks = response.aiter_bytes() if response.is_stream_consumed \
+                else response.aiter_raw()
+            async for chunk in chunks:
                 if self._delivered:
                     continue  # drain to the end, so the connection is kept alive
                 for payload in decoder.feed(chunk):
@@ -599,9 +618,6 @@ class UpstreamGeneration:
             self._accept(None)
             if not self._delivered and self._queue is not None:
                 self._put(self._cancelled_steps())
-            if not self._delivered and self._queue is not None:
-                self._delivered = True
-                self._queue.put_nowait(_END)
             usage = self.reader.usage
             if usage is not None:
                 counters.prompt_tokens += usage.prompt_tokens
@@ -609,8 +625,12 @@ class UpstreamGeneration:
             counters.duration_sum += time.perf_counter() - started
             counters.duration_count += 1
             backend._finished(self)
-            if response is not None:
-                await response.aclose()
+            try:
+                if response is not None:
+                    await response.aclose()  # read to the end: back to the pool; else closed
+            finally:
+                if self._queue is not None:
+                    self._queue.put_nowait(_END)
 
 
 def _counted(usage: Usage | None, steps: int) -> Usage:

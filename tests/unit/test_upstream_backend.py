@@ -295,3 +295,21 @@ async def test_count_tokens_reads_a_one_token_generation_s_usage():
     assert await backend(upstream).count_tokens(chat_request(max_tokens=500, n=2)) == 9
     body = upstream.bodies()[-1]
     assert body["max_tokens"] == 1 and "n" not in body
+
+
+async def test_a_generation_closed_before_it_was_sent_ends_as_cancelled():
+    upstream = Upstream()
+    b = backend(upstream)
+    gen = b.start(chat_request())  # sent from a task: not yet
+    gen.close()
+    steps = await collect(gen)
+    assert [s.end.reason for s in steps] == [FinishReason.CANCELLED]
+    assert b.stats().active_requests == 0
+
+
+async def test_the_connection_is_back_in_the_pool_when_the_iteration_ends():
+    upstream = Upstream()
+    b = backend(upstream)
+    for _ in range(3):
+        await collect(b.start(chat_request()))
+    assert b.stats().counters["upstream_requests"] == 3

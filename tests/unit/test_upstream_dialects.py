@@ -146,7 +146,7 @@ def test_an_upstream_400_passes_through_in_each_shape(http):
     assert "maximum context length is 4096" in error["message"]
     r = http.post("/v1/chat/completions", json={"model": "smollm2", "messages": MSG,
                                                 "max_tokens": 100_000, "stream": True})
-    assert "maximum context length is 4096" in r.text
+    assert r.status_code == 400 and "maximum context length is 4096" in r.text
     r = http.post("/v1/messages", headers={"anthropic-version": "2023-06-01"},
                   json={"model": "smollm2", "max_tokens": 8, "messages": LONG})
     assert r.status_code == 400, r.text
@@ -154,6 +154,10 @@ def test_an_upstream_400_passes_through_in_each_shape(http):
     assert "the prompt has 5001 tokens" in r.json()["error"]["message"]
     r = http.post("/api/chat", json={"model": "smollm2", "messages": LONG, "stream": False})
     assert r.status_code == 400 and "5001" in r.json()["error"]
+    for path, body in (("/v1/messages", {"max_tokens": 8}), ("/api/chat", {})):
+        r = http.post(path, headers={"anthropic-version": "2023-06-01"},
+                      json={"model": "smollm2", "messages": LONG, "stream": True, **body})
+        assert r.status_code == 400 and "5001" in r.text, (path, r.text)
 
 
 def test_an_unreachable_upstream_is_a_502_in_each_shape(http, fake):
