@@ -6,7 +6,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
@@ -61,6 +67,7 @@ class EngineCollector:
         yield from families.values()
         yield from (phase, running, waiting, batch_seqs, hits, reused)
         yield from _disk_cache_families(self.registry)
+        yield from _upstream_families(self.registry)
         yield from _adapter_families(self.registry)
 
 
@@ -103,6 +110,37 @@ def _adapter_families(registry: ModelRegistry) -> Iterator[Metric]:
             steps.add_metric([backend.name, adapters], count)
         switches.add_metric([backend.name], stats.adapter_switches)
     yield from (steps, switches)
+
+
+def _upstream_families(registry: ModelRegistry) -> Iterator[Metric]:
+    """Only models served by an upstream (lmserve.upstream) report these: requests relayed,
+    errors by kind, time to the first token and whole-request latency."""
+    requests = CounterMetricFamily("lmserve_upstream_requests", "Requests sent to an upstream",
+                                   labels=["model"])
+    errors = CounterMetricFamily("lmserve_upstream_errors", "Upstream requests that failed, by "
+                                 "the kind of failure", labels=["model", "kind"])
+    ttft = HistogramMetricFamily("lmserve_upstream_ttft_seconds", "Seconds from sending a "
+                                 "request upstream to its first token", labels=["model"])
+    duration = SummaryMetricFamily("lmserve_upstream_request_seconds", "Seconds an upstream "
+                                   "request took, to its last byte", labels=["model"])
+    for backend in registry:
+        stats = backend.stats()
+        counters = stats.counters if stats is not None else {}
+        if "upstream_requests" not in counters:
+            continue
+        name = backend.name
+        requests.add_metric([name], counters["upstream_requests"])
+        for key, value in counters.items():
+            if key.startswith("upstream_errors:"):
+                errors.add_metric([name, key.partition(":")[2]], value)
+        buckets = sorted(((float(k.partition(":")[2]), v) for k, v in counters.items()
+                          if k.startswith("upstream_ttft_seconds_bucket:")))
+        count = counters.get("upstream_ttft_seconds_count", 0)
+        ttft.add_metric([name], [(f"{le:g}", v) for le, v in buckets] + [("+Inf", count)],
+                        sum_value=counters.get("upstream_ttft_seconds_sum", 0.0))
+        duration.add_metric([name], count_value=counters.get("upstream_request_seconds_count", 0),
+                            sum_value=counters.get("upstream_request_seconds_sum", 0.0))
+    yield from (requests, errors, ttft, duration)
 
 
 def render(registry: ModelRegistry) -> tuple[bytes, str]:

@@ -252,3 +252,44 @@ def test_a_streamed_request_the_backend_refuses_is_a_status(dialect: str) -> Non
     assert "too long" in reply.text and reply.headers["content-type"].startswith(
         "application/json")
     assert service.refused.closed  # the refused generation is closed, nothing left running
+
+
+def test_metrics_report_upstream_requests_errors_and_latency() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from lmserve.core.backend import EngineStats
+    from lmserve.http.metrics import _upstream_families
+    from lmserve.upstream.backend import _Counters
+
+    counters = _Counters()
+    counters.requests = 3
+    counters.ttft(0.02)
+    counters.ttft(0.4)
+    counters.error(ErrorKind.UPSTREAM_TIMEOUT)
+    counters.duration_sum, counters.duration_count = 1.5, 2
+
+    class Upstream:
+        name = "far"
+
+        def stats(self) -> EngineStats:
+            return EngineStats(counters=counters.as_dict())
+
+    class Local:  # a llama.cpp model reports no upstream families
+        name = "near"
+
+        def stats(self) -> EngineStats:
+            return EngineStats(counters={"prompt_tokens": 5})
+
+    class Collector:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return _upstream_families([Upstream(), Local()])  # type: ignore[arg-type]
+
+    prom = CollectorRegistry()
+    prom.register(Collector())
+    text = generate_latest(prom).decode()
+    assert 'lmserve_upstream_requests_total{model="far"} 3.0' in text
+    assert 'lmserve_upstream_errors_total{kind="upstream_timeout",model="far"} 1.0' in text
+    assert 'lmserve_upstream_ttft_seconds_count{model="far"} 2.0' in text
+    assert 'lmserve_upstream_ttft_seconds_bucket{le="+Inf",model="far"} 2.0' in text
+    assert 'lmserve_upstream_request_seconds_sum{model="far"} 1.5' in text
+    assert 'model="near"' not in text
