@@ -138,7 +138,8 @@ def _upstream_families(registry: ModelRegistry) -> Iterator[Metric]:
         count = counters.get("upstream_ttft_seconds_count", 0)
         ttft.add_metric([name], [(f"{le:g}", v) for le, v in buckets] + [("+Inf", count)],
                         sum_value=counters.get("upstream_ttft_seconds_sum", 0.0))
-        duration.add_metric([name], count_value=counters.get("upstream_request_seconds_count", 0),
+        n_requests = int(counters.get("upstream_request_seconds_count", 0))
+        duration.add_metric([name], count_value=n_requests,
                             sum_value=counters.get("upstream_request_seconds_sum", 0.0))
     yield from (requests, errors, ttft, duration)
 
