@@ -10,7 +10,7 @@ the dialect's in-stream error (after it).
 
 `lmserve.service.ModelService` implements the contract over the llama.cpp engine;
 `lmserve.upstream.UpstreamBackend` over another OpenAI-compatible server. Tests use a small
-scripted backend (`tests/unit/scripted.py`).
+scripted backend (`tests/unit/chat_service.py`).
 """
 
 from __future__ import annotations
