@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from lmserve.chat.tools import StreamParser
 from lmserve.chat.turn import step_events
 from lmserve.core.backend import ChoiceStep, choice_step
-from lmserve.core.events import TokenOutput
+from lmserve.core.events import FINISH_ERROR, TokenOutput
 from lmserve.engine.client import Generation
 
 ParserFactory = Callable[[], StreamParser]
@@ -54,7 +54,7 @@ class ParsedGeneration:
         if parser is None:
             parser = self._parsers[out.index] = self.new_parser()
         # A failed choice's held-back text is dropped with it: nothing half-parsed leaks.
-        finished = out.finished and out.finish_reason != "error"
+        finished = out.finished and out.finish_reason != FINISH_ERROR
         return choice_step(out, step_events(parser, out.text, finished))
 
     def close(self) -> None:

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,7 @@ class ModelService:
         self.layout = kv_layout.Layout(False, "not loaded")  # the engine's KV layout, and why
         self._embed_ctx: Context | None = None
         self._embed_lock = threading.Lock()
+        self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def load(self, loop: asyncio.AbstractEventLoop,
@@ -200,18 +202,27 @@ class ModelService:
                                    n_params=info.n_params, n_embd=info.n_embd,
                                    n_vocab=info.n_vocab, size_bytes=info.size_bytes,
                                    metadata=info.metadata)
-        settings = {k: v for k, v in asdict(s).items() if k != "chat_template"}
-        settings["chat_template_override"] = s.chat_template is not None
+        settings, threads = self._settings_view()
         return ModelCard(
             name=self.name, aliases=self.aliases, kind=self.kind, source=self.path,
             state=LoadState(self.state), progress=self.progress, error=self.error,
             created=self.created, n_ctx=self.n_ctx, parallel=s.parallel, max_queue=s.max_queue,
-            step_tokens=s.step_tokens, threads=s.threads or default_threads(),
+            step_tokens=s.step_tokens, threads=threads,
             embedding_ctx=s.embedding_ctx,
             chat_template=self.template.source if self.template is not None else None,
             reasoning_tags=self.reasoning_tags, vision=self.vision, loras=s.loras,
             kv_layout=("split" if self.layout.split else "shared") if model else None,
             weights=weights, settings=settings)
+
+    def _settings_view(self) -> tuple[Mapping[str, Any], int]:
+        """The card's read-only view of the settings and the threads they mean, made once per
+        settings object (the card is read several times a request; settings never change)."""
+        s = self.settings
+        if self._view is None or self._view[0] is not s:
+            view = {k: v for k, v in asdict(s).items() if k != "chat_template"}
+            view["chat_template_override"] = s.chat_template is not None
+            self._view = (s, MappingProxyType(view), s.threads or default_threads())
+        return self._view[1], self._view[2]
 
     def stats(self) -> EngineStats | None:
         """The engine's counters; None before the engine runs."""

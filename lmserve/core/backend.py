@@ -26,6 +26,7 @@ import numpy as np
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import (
     CHANNEL_OUTPUT,
+    FINISH_ERROR,
     ChatEvent,
     TextDelta,
     TokenLogprob,
@@ -119,7 +120,7 @@ class ChoiceStep:
         """The finish reason as the engine names it ("stop", "length", "cancelled", "error")."""
         if self.end is None:
             return None
-        return self.end.reason.value if isinstance(self.end, Finished) else "error"
+        return self.end.reason.value if isinstance(self.end, Finished) else FINISH_ERROR
 
     @property
     def usage(self) -> Usage | None:
@@ -144,7 +145,7 @@ def choice_step(out: TokenOutput, events: list[ChatEvent] | None = None) -> Choi
     if events is None:
         events = [TextDelta(CHANNEL_OUTPUT, out.text)] if out.text else []
     end: Terminal | None = None
-    if out.finish_reason == "error":
+    if out.finish_reason == FINISH_ERROR:
         end = Failed(out.error_kind or ErrorKind.INTERNAL, out.error or "generation failed",
                      usage=out.usage)
     elif out.finish_reason is not None:

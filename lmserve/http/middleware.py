@@ -35,7 +35,6 @@ class Caller:
     keys are configured and the request carries none of them."""
 
     authenticated: bool
-    key_name: str | None = None
 
 
 CALLER = "lmserve.caller"  # the key of the Caller in the ASGI scope's state

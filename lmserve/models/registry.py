@@ -28,26 +28,25 @@ class ModelRegistry:
     def add(self, name: str, path: str, settings: EngineSettings,
             aliases: Iterable[str] = ()) -> ModelBackend:
         """Register a model; the same file registered twice shares one loaded engine."""
-        service = self._by_path.get(path)
-        if service is None:
-            service = ModelService(name, path, settings, aliases=tuple(aliases))
+        service = self._by_path.get(path) or ModelService(name, path, settings,
+                                                          aliases=tuple(aliases))
         return self.add_backend(service, name, path, aliases)
 
     def add_backend(self, service: ModelBackend, name: str | None = None, key: str | None = None,
                     aliases: Iterable[str] = ()) -> ModelBackend:
-        """Register a backend under its name and aliases (`key`: its source, shared once)."""
-        name = name or service.name
-        aliases = tuple(aliases) or service.aliases
+        """Register a backend under its name and aliases (`key`: its source; a source given
+        twice keeps the backend registered first)."""
+        labels = (name or service.name, *(tuple(aliases) or service.aliases))
         key = key or service.card.source
         if key not in self._by_path:
             self._services.append(service)
             self._by_path[key] = service
         service = self._by_path[key]
-        for key in (name, *aliases):
-            owner = self._by_key.get(key)
+        for label in labels:
+            owner = self._by_key.get(label)
             if owner is not None and owner is not service:
-                raise ValueError(f"model name {key!r} is already taken by {owner.card.source}")
-            self._by_key[key] = service
+                raise ValueError(f"model name {label!r} is already taken by {owner.card.source}")
+            self._by_key[label] = service
         return service
 
     def __iter__(self) -> Iterator[ModelBackend]:
