@@ -38,8 +38,8 @@ from lmserve.core.request import GenerationRequest
 
 __all__ = [
     "BackendGeneration", "ChoiceStep", "EngineStats", "Failed", "FinishReason", "Finished",
-    "LoadState", "ModelBackend", "ModelCard", "PreparedPrompt", "Terminal", "WeightsFacts",
-    "choice_step",
+    "LoadState", "ModelBackend", "ModelCard", "PreparedPrompt", "Terminal", "UpstreamStats",
+    "WeightsFacts", "choice_step",
 ]
 
 
@@ -206,6 +206,19 @@ class WeightsFacts:
 
 
 @dataclass(frozen=True)
+class UpstreamStats:
+    """An upstream backend's traffic (lmserve.upstream), for /metrics."""
+
+    requests: int = 0
+    errors: Mapping[str, int] = field(default_factory=dict)  # failed requests by ErrorKind
+    ttft_buckets: tuple[tuple[float, int], ...] = ()  # (upper bound in s, requests at or under)
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    duration_sum: float = 0.0
+    duration_count: int = 0
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A running engine's counters, for info routes and /metrics."""
 
@@ -222,6 +235,7 @@ class EngineStats:
     disk_cache: Mapping[str, int] | None = None  # hits, tokens_loaded, saves, ..., bytes
     adapter_steps: Mapping[str, int] = field(default_factory=dict)  # adapters -> steps
     adapter_switches: int = 0
+    upstream: UpstreamStats | None = None  # a backend that relays to another server
 
 
 @dataclass(frozen=True)

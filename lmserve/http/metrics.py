@@ -125,22 +125,16 @@ def _upstream_families(registry: ModelRegistry) -> Iterator[Metric]:
                                    "request took, to its last byte", labels=["model"])
     for backend in registry:
         stats = backend.stats()
-        counters = stats.counters if stats is not None else {}
-        if "upstream_requests" not in counters:
+        up = stats.upstream if stats is not None else None
+        if up is None:
             continue
         name = backend.name
-        requests.add_metric([name], counters["upstream_requests"])
-        for key, value in counters.items():
-            if key.startswith("upstream_errors:"):
-                errors.add_metric([name, key.partition(":")[2]], value)
-        buckets = sorted(((float(k.partition(":")[2]), v) for k, v in counters.items()
-                          if k.startswith("upstream_ttft_seconds_bucket:")))
-        count = counters.get("upstream_ttft_seconds_count", 0)
-        ttft.add_metric([name], [(f"{le:g}", v) for le, v in buckets] + [("+Inf", count)],
-                        sum_value=counters.get("upstream_ttft_seconds_sum", 0.0))
-        n_requests = int(counters.get("upstream_request_seconds_count", 0))
-        duration.add_metric([name], count_value=n_requests,
-                            sum_value=counters.get("upstream_request_seconds_sum", 0.0))
+        requests.add_metric([name], up.requests)
+        for kind, count in sorted(up.errors.items()):
+            errors.add_metric([name, kind], count)
+        ttft.add_metric([name], [(f"{le:g}", n) for le, n in up.ttft_buckets]
+                        + [("+Inf", up.ttft_count)], sum_value=up.ttft_sum)
+        duration.add_metric([name], count_value=up.duration_count, sum_value=up.duration_sum)
     yield from (requests, errors, ttft, duration)
 
 

@@ -33,6 +33,7 @@ from lmserve.core.backend import (
     LoadState,
     ModelCard,
     PreparedPrompt,
+    UpstreamStats,
     WeightsFacts,
 )
 from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
@@ -83,23 +84,17 @@ class _Counters:
     def error(self, kind: ErrorKind) -> None:
         self.errors[kind.value] = self.errors.get(kind.value, 0) + 1
 
-    def as_dict(self) -> dict[str, float]:
-        out: dict[str, float] = {
-            "upstream_requests": self.requests,
-            "upstream_errors": sum(self.errors.values()),
-            "upstream_ttft_seconds_sum": self.ttft_sum,
-            "upstream_ttft_seconds_count": self.ttft_count,
-            "upstream_request_seconds_sum": self.duration_sum,
-            "upstream_request_seconds_count": self.duration_count,
-            # the engine's names, so token counters read the same for every backend
-            "prompt_tokens": self.prompt_tokens,
-            "generated_tokens": self.generated_tokens,
-        }
-        for bound, count in zip(TTFT_BUCKETS, self.ttft_buckets, strict=True):
-            out[f"upstream_ttft_seconds_bucket:{bound:g}"] = count
-        for kind, count in sorted(self.errors.items()):
-            out[f"upstream_errors:{kind}"] = count
-        return out
+    def tokens(self) -> dict[str, float]:
+        """The token counters, under the engine's names, so they read the same for every
+        backend."""
+        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens}
+
+    def traffic(self) -> UpstreamStats:
+        return UpstreamStats(
+            requests=self.requests, errors=dict(self.errors),
+            ttft_buckets=tuple(zip(TTFT_BUCKETS, self.ttft_buckets, strict=True)),
+            ttft_sum=self.ttft_sum, ttft_count=self.ttft_count,
+            duration_sum=self.duration_sum, duration_count=self.duration_count)
 
 
 class UpstreamBackend:
@@ -267,7 +262,7 @@ class UpstreamBackend:
         running = len(self._running)
         return EngineStats(alive=self._state != LoadState.FAILED, error=self._error,
                            active_requests=running, running=running, waiting=0,
-                           counters=self.counters.as_dict())
+                           counters=self.counters.tokens(), upstream=self.counters.traffic())
 
     def require_ready(self) -> ModelCard:
         if self._state == LoadState.FAILED:

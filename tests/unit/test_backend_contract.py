@@ -272,7 +272,7 @@ def test_metrics_report_upstream_requests_errors_and_latency() -> None:
         name = "far"
 
         def stats(self) -> EngineStats:
-            return EngineStats(counters=counters.as_dict())
+            return EngineStats(counters=counters.tokens(), upstream=counters.traffic())
 
     class Local:  # a llama.cpp model reports no upstream families
         name = "near"

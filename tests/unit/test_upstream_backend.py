@@ -177,8 +177,8 @@ async def test_a_chat_streams_text_and_ends_with_the_upstream_usage():
     assert body["model"] == "smol" and body["stream"] is True and body["max_tokens"] == 5
     stats = b.stats()
     assert stats.active_requests == 0
-    assert stats.counters["upstream_requests"] == 1 and stats.counters["upstream_errors"] == 0
-    assert stats.counters["upstream_ttft_seconds_count"] == 1
+    assert stats.upstream.requests == 1 and sum(stats.upstream.errors.values()) == 0
+    assert stats.upstream.ttft_count == 1
     assert stats.counters["generated_tokens"] == 2
 
 
@@ -208,7 +208,7 @@ async def test_an_upstream_refusal_is_the_terminal_and_what_ready_raises():
     with pytest.raises(LmserveError) as raised:
         step.raise_failure()
     assert raised.value.kind.http_status == 400
-    assert b.stats().counters["upstream_errors:context_length_exceeded"] == 1
+    assert b.stats().upstream.errors["context_length_exceeded"] == 1
 
 
 @pytest.mark.parametrize("exc, kind", [
@@ -273,7 +273,7 @@ async def test_refusals_before_sending_are_raised_by_start():
     with pytest.raises(LmserveError) as exc:
         b.start(chat_request(sampling=SamplingParams(grammar='root ::= "a"')))
     assert exc.value.kind == ErrorKind.UNSUPPORTED and exc.value.param == "grammar"
-    assert b.stats().counters["upstream_requests"] == 0
+    assert b.stats().upstream.requests == 0
 
 
 async def test_embeddings_come_back_in_input_order():
@@ -312,4 +312,4 @@ async def test_the_connection_is_back_in_the_pool_when_the_iteration_ends():
     b = backend(upstream)
     for _ in range(3):
         await collect(b.start(chat_request()))
-    assert b.stats().counters["upstream_requests"] == 3
+    assert b.stats().upstream.requests == 3
