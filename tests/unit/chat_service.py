@@ -4,21 +4,28 @@ output and failures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ast
+import pathlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 
 from lmserve.chat.templates import ChatTemplate
+from lmserve.core.backend import (
+    EngineStats,
+    LoadState,
+    ModelBackend,
+    ModelCard,
+    PreparedPrompt,
+    WeightsFacts,
+)
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.core.request import GenerationRequest
-from lmserve.core.backend import (EngineStats, LoadState, ModelBackend, ModelCard,
-                                  PreparedPrompt, WeightsFacts)
 from lmserve.generation import ParsedGeneration
 from lmserve.prompting import Prompter
 from lmserve.service import EngineSettings
@@ -224,3 +231,15 @@ class ScriptedRegistry:
         if name != self.service.name:
             raise LmserveError(ErrorKind.MODEL_NOT_FOUND, f"no model {name}", param="model")
         return self.service
+
+
+def imports(package: pathlib.Path) -> Iterator[tuple[str, str]]:
+    """(file name, module) for every import in a dialect package's modules; `from m import n`
+    gives m and m.n."""
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                yield path.name, node.module
+                yield from ((path.name, f"{node.module}.{a.name}") for a in node.names)
+            elif isinstance(node, ast.Import):
+                yield from ((path.name, alias.name) for alias in node.names)

@@ -4,7 +4,6 @@ overloaded_error event after it; the dialect imports nothing of the engine or th
 
 from __future__ import annotations
 
-import ast
 import pathlib
 from typing import Any
 
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 from lmserve.core.errors import ErrorKind
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.dialects.anthropic import routes
-from tests.unit.chat_service import THINK_TEMPLATE, ScriptedRegistry, ScriptedService
+from tests.unit.chat_service import THINK_TEMPLATE, ScriptedRegistry, ScriptedService, imports
 from tests.unit.test_anthropic import parse_sse
 
 FULL = "the model's KV cache is full; retry shortly"
@@ -74,18 +73,8 @@ def test_a_full_kv_cache_after_the_first_byte_is_an_overloaded_error_event():
 def engine_imports(package: pathlib.Path) -> list[tuple[str, str]]:
     """(file, module) for each import in a dialect's package of what routes may not use: the
     engine, ModelService, GGUF header reads (a served model's facts come from its card)."""
-    found = []
-    for path in sorted(package.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            else:
-                continue
-            found += [(path.name, name) for name in names if name.startswith(
-                ("lmserve.engine", "lmserve.service", "lmserve.models.gguf_header"))]
-    return found
+    return sorted((file, module) for file, module in imports(package) if module.startswith(
+        ("lmserve.engine", "lmserve.service", "lmserve.models.gguf_header")))
 
 
 def test_the_dialect_imports_only_the_contract():

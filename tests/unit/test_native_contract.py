@@ -22,8 +22,8 @@ from lmserve.dialects.native.producer import StreamProducers
 from lmserve.models.resource import LLMResource
 from lmserve.stores import StreamRetention
 from lmserve.stores.memory import MemoryStreams
-from tests.unit.chat_service import THINK_TEMPLATE, ScriptedService, script
-from tests.unit.test_sglang_contract import FAILURE_STATUS, FULL, failing, imports, scripted
+from tests.unit.chat_service import THINK_TEMPLATE, ScriptedService, imports, script
+from tests.unit.test_sglang_contract import FAILURE_STATUS, FULL, failing, scripted
 
 
 @contextlib.contextmanager

@@ -18,9 +18,9 @@ from lmserve.http.app import StoreSettings, create_app
 from lmserve.models.gguf_header import read_header
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resolve import resolve
-from tests.unit.chat_service import ScriptedService, script
+from tests.unit.chat_service import ScriptedService, imports, script
 from tests.unit.test_ollm import events
-from tests.unit.test_sglang_contract import FAILURE_STATUS, FULL, failing, imports, scripted
+from tests.unit.test_sglang_contract import FAILURE_STATUS, FULL, failing, scripted
 
 MIB = 1024 * 1024
 

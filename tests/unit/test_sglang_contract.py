@@ -5,11 +5,9 @@ imports nothing of the engine or the service."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import pathlib
-from collections.abc import Iterator
 from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +20,7 @@ from lmserve.core.backend import EngineStats, ModelCard, WeightsFacts
 from lmserve.core.errors import ErrorKind
 from lmserve.core.events import TokenOutput, Usage
 from lmserve.dialects.sglang import routes
-from tests.unit.chat_service import ScriptedRegistry, ScriptedService, script
+from tests.unit.chat_service import ScriptedRegistry, ScriptedService, imports, script
 
 FULL = "the model's KV cache is full; retry shortly"
 TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
@@ -37,18 +35,6 @@ def failing(kind: ErrorKind, message: str = FULL) -> list[list[TokenOutput]]:
     return [[TokenOutput(0, "Hel", token_ids=[1])], [TokenOutput(0, "lo", token_ids=[2])],
             [TokenOutput(0, "", finish_reason="error", error=message, error_kind=kind,
                          usage=Usage(2, 2))]]
-
-
-def imports(package: pathlib.Path) -> Iterator[tuple[str, str]]:
-    """(file name, module) for every import in a dialect package's modules; `from m import n`
-    gives m and m.n."""
-    for path in package.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                yield path.name, node.module
-                yield from ((path.name, f"{node.module}.{a.name}") for a in node.names)
-            elif isinstance(node, ast.Import):
-                yield from ((path.name, alias.name) for alias in node.names)
 
 
 class Scripted(ScriptedService):
