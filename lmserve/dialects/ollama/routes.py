@@ -105,7 +105,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
 
     async def list_models() -> Any:
         registry = models()
-        return {"models": [encoder.tag_entry(_facts(service, service.card, name))
+        return {"models": [encoder.tag_entry(_facts(service.card, name))
                            for service in registry for name in registry.names(service)]}
 
     _get_and_head(router, "/api/tags", list_models, "List models")
@@ -118,8 +118,8 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
             card = service.card
             if not card.ready or card.weights is None:
                 continue
-            metadata = _metadata(service, card)
-            entries += [encoder.ps_entry(_facts(service, card, name), card.weights, card.n_ctx,
+            metadata = _metadata(card)
+            entries += [encoder.ps_entry(_facts(card, name), card.weights, card.n_ctx,
                                          metadata) for name in registry.names(service)]
         return {"models": entries}
 
@@ -132,7 +132,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
                                "not keep the GGUF's array metadata (tokens, merges) in memory",
                                param="verbose")
         card = service.require_ready()
-        return encoder.show_body(_facts(service, card, name), _metadata(service, card),
+        return encoder.show_body(_facts(card, name), _metadata(card),
                                  template=card.chat_template or "",
                                  parameters=adapter.default_parameters(card.n_ctx))
 
@@ -197,7 +197,7 @@ def _refusal(action: str, models: Models) -> Callable[[], Any]:
     return refuse
 
 
-def _facts(service: ModelBackend, card: ModelCard, name: str) -> encoder.ModelFacts:
+def _facts(card: ModelCard, name: str) -> encoder.ModelFacts:
     """The card's facts; a GGUF source's size and time are its file's. Without a file (an
     upstream's URL), the size is the weights' where known and the time the card's."""
     local = "://" not in card.source
@@ -211,10 +211,10 @@ def _facts(service: ModelBackend, card: ModelCard, name: str) -> encoder.ModelFa
         weights_size = card.weights.size_bytes if card.weights is not None else None
         size, mtime_ns = weights_size or 0, card.created * 1_000_000_000
     return encoder.model_facts(name, os.path.realpath(card.source) if local else card.source,
-                               size, mtime_ns, card.weights, _metadata(service, card))
+                               size, mtime_ns, card.weights, _metadata(card))
 
 
-def _metadata(service: ModelBackend, card: ModelCard) -> Mapping[str, str]:
+def _metadata(card: ModelCard) -> Mapping[str, str]:
     """The loaded weights' GGUF metadata (license, file type, attention shapes, model_info),
     values as strings; empty where unknown (not loaded, or an upstream model)."""
     return card.weights.metadata if card.weights is not None else {}
