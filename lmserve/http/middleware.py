@@ -32,9 +32,12 @@ def key_matches(supplied: str, keys: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request, as the key middleware found out: `authenticated` is False when
-    keys are configured and the request carries none of them."""
+    keys are configured and the request carries none of them. `name` is the key's name
+    (never the key itself): what logs, metrics and limits call the caller; None when no key
+    was configured or none matched."""
 
     authenticated: bool
+    name: str | None = None
 
 
 CALLER = "lmserve.caller"  # the key of the Caller in the ASGI scope's state
