@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from lmserve.core.errors import ErrorKind, LmserveError
@@ -27,20 +28,78 @@ ErrorBody = Callable[[LmserveError], dict[str, Any]]
 T = TypeVar("T")
 
 
+# pydantic's error types for a body that is not a JSON object at all (`[]`, `"x"`, `1`, null).
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
+
+
+def body_error(exc: RequestValidationError) -> LmserveError | None:
+    """The error for a body that is not a JSON object at all (not JSON, empty, an array, a
+    string...), or None when the body is an object and a field of it is wrong. Every dialect
+    answers these with 400, oLLM's too (its field errors keep FastAPI's 422)."""
+    errors = exc.errors()
+    if not errors:
+        return None
+    first = errors[0]
+    kind, loc = first.get("type"), tuple(first.get("loc", ()))
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        where = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        return LmserveError(ErrorKind.INVALID_REQUEST,
+                            f"the request body is not valid JSON: {detail}{where}",
+                            code="invalid_json")
+    if loc != ("body",):
+        return None
+    if kind == "missing":
+        return LmserveError(ErrorKind.INVALID_REQUEST,
+                            "the request body is empty; it must be a JSON object",
+                            code="invalid_json")
+    if kind in _NOT_AN_OBJECT:
+        value = first.get("input")
+        what = ("" if isinstance(value, bytes | bytearray)  # a Content-Type that is not JSON
+                else f", not {_json_type(value)}")
+        return LmserveError(ErrorKind.INVALID_REQUEST,
+                            f"the request body must be a JSON object{what} "
+                            "(Content-Type: application/json)", code="invalid_json")
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "a JSON value of another type"
+
+
+def parse_error(exc: HTTPException) -> LmserveError | None:
+    """FastAPI's HTTPException for a body it could not read (not UTF-8, say) as a 400; None
+    for any other HTTPException."""
+    if exc.status_code != 400 or not isinstance(exc.__cause__, ValueError):
+        return None
+    cause = exc.__cause__
+    detail = (f"it is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+              if isinstance(cause, UnicodeDecodeError) else str(cause))
+    return LmserveError(ErrorKind.INVALID_REQUEST, f"the request body is not valid JSON: {detail}",
+                        code="invalid_json")
+
+
 def validation_error(exc: RequestValidationError) -> LmserveError:
     errors = exc.errors()
     if not errors:
         return LmserveError(ErrorKind.INVALID_REQUEST, "invalid request")
+    body = body_error(exc)
+    if body is not None:
+        return body
     first = errors[0]
     loc = [p for p in first.get("loc", ()) if p != "body"]
     # Drop pydantic's union-branch names ("str", "list[str]") from the location.
     branches = {"str", "int", "float", "bool", "function-after"}
     loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in branches))]
     param = _format_loc(loc) or None
-    if first.get("type") == "json_invalid":
-        return LmserveError(ErrorKind.INVALID_REQUEST,
-                            f"the request body is not valid JSON: {first.get('msg', '')}",
-                            code="invalid_json")
     if first.get("type") == "missing":
         return LmserveError(ErrorKind.INVALID_REQUEST, f"missing required parameter '{param}'",
                             param=param, code="missing_required_parameter")
@@ -88,6 +147,14 @@ def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
                     return error_response(exc, body)
                 except RequestValidationError as exc:
                     return error_response(validation_error(exc), body)
+                except HTTPException as exc:
+                    error = parse_error(exc)
+                    if error is not None:
+                        return error_response(error, body)
+                    kind = ErrorKind.NOT_FOUND if exc.status_code == 404 else \
+                        ErrorKind.INVALID_REQUEST
+                    return JSONResponse(body(LmserveError(kind, str(exc.detail))),
+                                        status_code=exc.status_code, headers=exc.headers)
                 except Exception as exc:  # a bug: still answer in the dialect's shape
                     log.exception("unhandled error in %s", request.url.path)
                     return error_response(LmserveError(ErrorKind.INTERNAL,

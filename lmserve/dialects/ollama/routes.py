@@ -152,7 +152,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
 
     for path, methods, action in _MANAGEMENT:
         for method in methods:
-            router.add_api_route(path, _refusal(action, models), methods=[method],
+            router.add_api_route(path, _refusal(action, models, path), methods=[method],
                                  summary=f"Not available: lmserve cannot {action}",
                                  include_in_schema=method != "HEAD")
     return router
@@ -191,10 +191,13 @@ def _cannot(action: str, models: Models) -> LmserveError:
                         "models you want")
 
 
-def _refusal(action: str, models: Models) -> Callable[[], Any]:
+def _refusal(action: str, models: Models, path: str) -> Callable[..., Any]:
     async def refuse() -> Response:
         raise _cannot(action, models)
-    return refuse
+
+    async def refuse_blob(digest: str) -> Response:  # declares the path's {digest}
+        raise _cannot(action, models)
+    return refuse_blob if "{digest}" in path else refuse
 
 
 def _facts(card: ModelCard, name: str) -> encoder.ModelFacts:

@@ -31,7 +31,7 @@ from lmserve.dialects.ollm.schema import (
     SessionPromptRequest,
 )
 from lmserve.dialects.ollm.turns import PromptJob, SessionTurn, Turns
-from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.routing import body_error, dialect_route, unless_disconnected
 from lmserve.http.streaming import SSE_HEADERS, accepted, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.stores import NotFoundError, SessionStore
@@ -40,7 +40,8 @@ Models = Callable[[], ModelRegistry]
 
 
 class _FastAPIValidation(APIRoute):
-    """A malformed request gets FastAPI's own 422 {"detail": [...]}, as from oLLM's server."""
+    """A malformed request gets FastAPI's own 422 {"detail": [...]}, as from oLLM's server;
+    a body that is not a JSON object at all is the 400 every dialect answers (outer route)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -49,6 +50,8 @@ class _FastAPIValidation(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
+                if body_error(exc) is not None:
+                    raise
                 return JSONResponse(encoder.validation_body(jsonable_encoder(exc.errors())),
                                     status_code=422)
 
