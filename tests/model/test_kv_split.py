@@ -74,20 +74,62 @@ def test_split_streams_fork_n_choices_and_bound_each_sequence(split_server):
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
 
 
+# Greedy answers are a function of the batch's shape as well as of the tokens: a prompt whose
+# system part comes from the prefix cache is computed in a smaller batch than the same prompt
+# computed whole, and llama.cpp's kernels sum in another order. Measured on SmolLM2 (session 8):
+# the same tokens' logprobs move by up to 0.26 nats, and a greedy answer may flip where its two
+# best tokens are that close. So concurrent answers are compared with the lone ones token by
+# token: equal, with logprobs within CLOSE, up to the first position where the lone run's two
+# best tokens were within NEAR_TIE (there either may win; after it the texts may part).
+CLOSE = 0.5
+NEAR_TIE = 0.75
+
+
+def steps(reply: dict) -> list[tuple[str, float, float]]:
+    """(token, logprob, margin over the runner-up) of each answer token of the first choice."""
+    out = []
+    for t in reply["choices"][0]["logprobs"]["content"]:
+        best = sorted((a["logprob"] for a in t["top_logprobs"]), reverse=True) + [float("-inf")]
+        out.append((t["token"], t["logprob"], best[0] - best[1]))
+    return out
+
+
+def agree_until_near_tie(alone: list[tuple[str, float, float]],
+                         together: list[tuple[str, float, float]]) -> int:
+    """How many tokens the two answers share; fails where they part without a near-tie or
+    where a shared token's logprob moved by more than CLOSE."""
+    for i in range(max(len(alone), len(together))):
+        mine = alone[i] if i < len(alone) else None
+        theirs = together[i] if i < len(together) else None
+        if mine is None or theirs is None or mine[0] != theirs[0]:
+            margin = min(s[2] for s in (mine, theirs) if s is not None)  # one may have ended
+            assert margin < NEAR_TIE, f"token {i}: {mine} alone, {theirs} together"
+            return i
+        assert abs(mine[1] - theirs[1]) <= CLOSE, f"token {i}: {mine} alone, {theirs} together"
+    return len(alone)
+
+
 def test_concurrent_split_streams_answer_as_each_alone(split_server):
     """Requests that overlap run in packed slots (new ones copy the shared system prompt next
-    to the running block) and each gets exactly its answer from a run on its own."""
+    to the running block) and each gets its answer from a run on its own, up to a near-tie."""
     from concurrent.futures import ThreadPoolExecutor
     questions = ["Name a fruit.", "Name a river.", "Name a planet.", "Name a metal.",
                  "Name a bird.", "Name a tree."]
+    probe = {"logprobs": True, "top_logprobs": 2}
     alone = {}
     for q in questions:
         split_server.flush()
-        alone[q] = texts(ask(split_server, q))
+        alone[q] = ask(split_server, q, **probe)
     split_server.flush()
     with ThreadPoolExecutor(len(questions)) as pool:
-        together = dict(zip(questions, pool.map(lambda q: texts(ask(split_server, q)), questions)))
-    assert together == alone
+        replies = list(pool.map(lambda q: ask(split_server, q, **probe), questions))
+    together = dict(zip(questions, replies, strict=True))
+    # Six requests over four slots: some shared a prefix another had computed.
+    assert any(r["usage"]["prompt_tokens_details"]["cached_tokens"] > 100 for r in replies)
+    shared = {q: agree_until_near_tie(steps(alone[q]), steps(together[q])) for q in questions}
+    # The answers are mostly decided far from any tie: most match whole.
+    assert sum(n == len(steps(alone[q])) for q, n in shared.items()) >= len(questions) // 2, \
+        shared
 
 
 def test_auto_falls_back_to_the_shared_pool_when_streams_cannot_be_made(model_path, monkeypatch):
