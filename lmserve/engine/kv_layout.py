@@ -15,9 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lmserve.engine import hardware
+
 LAYOUTS = ("auto", "split", "shared")
 MEMORY_SHARE = 8  # auto splits when the split KV takes at most 1/MEMORY_SHARE of memory
-F16_BYTES = 2  # llama.cpp's default K and V cache type
+F16_BYTES = 2  # llama.cpp's default K and V cache type (engine.hardware.KV_TYPES: the others)
 GIB = 1 << 30
 
 
@@ -27,15 +29,25 @@ class Layout:
     reason: str
 
 
-def kv_bytes_per_token(n_layer: int, n_head_kv: int, key_length: int, value_length: int) -> int:
-    """f16 K and V rows of one cell, on every layer."""
-    return n_layer * n_head_kv * (key_length + value_length) * F16_BYTES
+def kv_bytes_per_token(n_layer: int, n_head_kv: int, key_length: int, value_length: int,
+                       type_k: str = "f16", type_v: str = "f16") -> int:
+    """K and V rows of one cell, on every layer (f16 unless other KV types are given)."""
+    return hardware.kv_bytes_per_token(n_layer, n_head_kv, key_length, value_length,
+                                       type_k, type_v)
 
 
-def bytes_per_token_from_metadata(metadata: Mapping[str, Any]) -> int | None:
+def bytes_per_token_from_metadata(metadata: Mapping[str, Any], type_k: str = "f16",
+                                  type_v: str = "f16") -> int | None:
     """The same from a GGUF header's key-value pairs (values as numbers or as the strings
     llama.cpp's metadata API gives); None when the header does not say (e.g. per-layer
     head counts)."""
+    shape = kv_shape_from_metadata(metadata)
+    return None if shape is None else kv_bytes_per_token(*shape, type_k, type_v)
+
+
+def kv_shape_from_metadata(metadata: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
+    """(n_layer, n_head_kv, key_length, value_length) from a GGUF header; None when it does
+    not say them as single numbers."""
     arch = str(metadata.get("general.architecture", ""))
 
     def number(key: str) -> int | None:
@@ -60,7 +72,7 @@ def bytes_per_token_from_metadata(metadata: Mapping[str, Any]) -> int | None:
         if f"{arch}.{key}" in metadata and number(key) is None:
             return None  # present but not one number: per-layer values
         widths.append(number(key) or default)
-    return kv_bytes_per_token(n_layer, *widths)
+    return n_layer, widths[0], widths[1], widths[2]
 
 
 def choose(setting: str, *, bytes_per_token: int | None, n_ctx: int, n_slots: int,

@@ -8,6 +8,7 @@ so llama_decode does not block the HTTP side.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import llama_cpp as ll
 import numpy as np
 
 from lmserve.core.request import SamplingParams
+from lmserve.engine import hardware
 
 log = logging.getLogger("lmserve.runner")
 
@@ -55,6 +57,79 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def read_info(path: str) -> ModelInfo:
+    """A model's facts without its weights (llama.cpp's vocab-only load), to size the load."""
+    model = Model(path, header_only=True)
+    try:
+        size = model.info.size_bytes or os.path.getsize(path)
+        return dataclasses.replace(model.info, size_bytes=size)
+    finally:
+        model.close()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where llama.cpp puts a model's weights and KV cache: llama_model_params and the KV and
+    attention fields of llama_context_params (see engine.hardware for the rules)."""
+
+    gpu_layers: int = 0
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] | None = None
+    mmap: bool = True
+    mlock: bool = False
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    kv_offload: bool = True
+    op_offload: bool = True
+
+
+def gpu_build() -> bool:
+    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan, ...)."""
+    _init_backend()
+    return bool(ll.llama_supports_gpu_offload())
+
+
+_GGML_DEVICE_GPU, _GGML_DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type
+
+
+def gpu_devices() -> list[hardware.Device]:
+    """The GPUs llama.cpp's backends see, with their free and total memory. llama-cpp-python
+    binds none of ggml's device API, so this calls libggml itself; [] when it cannot."""
+    if not gpu_build():
+        return []
+    try:
+        where = os.path.join(os.path.dirname(ll.__file__), "lib")
+        name = next(n for n in ("libggml.so", "libggml.dylib", "ggml.dll")
+                    if os.path.exists(os.path.join(where, n)))
+        lib = ctypes.CDLL(os.path.join(where, name))
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_dev_type.restype = ctypes.c_int
+        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        for f in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+            f.restype, f.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                ctypes.POINTER(ctypes.c_size_t)]
+        devices = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            if lib.ggml_backend_dev_type(dev) not in (_GGML_DEVICE_GPU, _GGML_DEVICE_IGPU):
+                continue
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            devices.append(hardware.Device(
+                (lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                int(free.value), int(total.value)))
+        return devices
+    except (OSError, AttributeError, StopIteration) as exc:
+        log.warning("could not list llama.cpp's GPU devices: %s", exc)
+        return []
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     path: str
@@ -77,10 +152,22 @@ class Model:
     """A loaded GGUF model (weights shared by every context made from it)."""
 
     def __init__(self, path: str, *, progress: Callable[[float], None] | None = None,
-                 n_gpu_layers: int = 0) -> None:
+                 placement: Placement | None = None, header_only: bool = False) -> None:
         _init_backend()
+        place = placement or Placement()
         params = ll.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = header_only  # metadata and vocabulary, no weights
+        params.n_gpu_layers = place.gpu_layers
+        params.split_mode = hardware.SPLIT_MODES[place.split_mode]
+        params.main_gpu = place.main_gpu
+        params.use_mmap = place.mmap
+        params.use_mlock = place.mlock
+        self._tensor_split = None  # kept alive while llama.cpp reads it
+        if place.tensor_split:
+            shares = list(place.tensor_split)[:ll.llama_max_devices()]
+            shares += [0.0] * (ll.llama_max_devices() - len(shares))
+            self._tensor_split = (ctypes.c_float * len(shares))(*shares)
+            params.tensor_split = self._tensor_split
         self._progress_cb = None
         if progress is not None:
             def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
@@ -323,8 +410,14 @@ class Context:
     def __init__(self, model: Model, *, n_ctx: int, n_seq_max: int, n_batch: int,
                  n_threads: int, n_threads_batch: int | None = None,
                  embeddings: bool = False, pooling_type: int | None = None,
-                 kv_unified: bool = True) -> None:
+                 kv_unified: bool = True, placement: Placement | None = None) -> None:
+        place = placement or Placement()
         params = ll.llama_context_default_params()
+        params.type_k = hardware.KV_TYPES[place.cache_type_k][0]
+        params.type_v = hardware.KV_TYPES[place.cache_type_v][0]
+        params.flash_attn_type = hardware.FLASH_ATTN[place.flash_attn]
+        params.offload_kqv = place.kv_offload
+        params.op_offload = place.op_offload
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
@@ -345,6 +438,7 @@ class Context:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self.ptr = ctx
         self.model = model
+        self.placement = place
         self.unified = kv_unified
         self.n_ctx = ll.llama_n_ctx_seq(ctx)  # the room of one sequence (all of it if unified)
         self.n_batch = n_batch
@@ -415,12 +509,13 @@ class Context:
         return int(ll.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
 
     def state_format(self) -> str:
-        """What, besides the model file, decides whether a saved state loads here. The
-        context always uses the default KV types; change this if that changes. A sequence's
-        saved state has the same format under either KV layout, so the layout is not part of
-        it (states written before this key lost its constant "unified" are recomputed once)."""
-        params = ll.llama_context_default_params()
-        return f"llama-cpp-python {ll.__version__}; kv {params.type_k}/{params.type_v}; swa_full"
+        """What, besides the model file, decides whether a saved state loads here: the KV
+        element types (as llama.cpp numbers them, so f16 states written before the types
+        could be chosen still match). A sequence's saved state has the same format under
+        either KV layout, so the layout is not part of it."""
+        type_k = hardware.KV_TYPES[self.placement.cache_type_k][0]
+        type_v = hardware.KV_TYPES[self.placement.cache_type_v][0]
+        return f"llama-cpp-python {ll.__version__}; kv {type_k}/{type_v}; swa_full"
 
     # -- embeddings -------------------------------------------------------------------------
     def sequence_embedding(self, seq_id: int) -> np.ndarray:
