@@ -55,6 +55,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data directory (default ~/.local/share/lmserve)")
     p.add_argument("--stream-ttl", type=float,
                    help="seconds a finished native stream stays readable (default 600)")
+    p.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                   help="after SIGTERM or SIGINT, how long running requests may finish before "
+                        "they are ended with an error (default 30); a second signal exits at "
+                        "once")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -65,8 +69,7 @@ def serve_config(args: argparse.Namespace) -> config.ServerConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from lmserve.http import drain
     from lmserve.http.app import StoreSettings, create_app, stream_retention
     from lmserve.models.registry import ModelRegistry
 
@@ -94,9 +97,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     print(f"lmserve {__version__}: serving {', '.join(s.name for s in registry)} on "
           f"http://{cfg.host}:{cfg.port} (models load after the port is bound)", file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                timeout_graceful_shutdown=5)
-    return 0
+    return drain.serve(app, registry, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                       drain_timeout=cfg.drain_timeout,
+                       writers=lambda: app.state.lmserve.producers.running)
 
 
 def _aliases(name: str, path: str) -> list[str]:

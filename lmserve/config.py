@@ -42,6 +42,7 @@ class ServerConfig:
     store: str | None = None  # None: SQLite under data_dir; "memory"; "redis://host:port/db"
     data_dir: str | None = None
     stream_ttl: float = 600.0  # seconds a finished native stream stays readable
+    drain_timeout: float = 30.0  # seconds running requests may finish after SIGTERM
     engine: EngineSettings = field(default_factory=EngineSettings)
     # Models of other OpenAI-compatible servers: (name, url, api_key, model), see lmserve.upstream
     upstreams: tuple[tuple[str, str, str | None, str | None], ...] = ()
@@ -49,7 +50,7 @@ class ServerConfig:
 
 # name -> (section in the file, type); engine keys live in EngineSettings.
 _SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_dir": str,
-                "stream_ttl": float}
+                "stream_ttl": float, "drain_timeout": float}
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            minimum=1, aliases=("n_batch", "batch")),
     Option("max_queue", int, ("--max-queue",),
            "requests waiting beyond --parallel before 429 (default 256)", minimum=1),
+    Option("max_queued_tokens", int, ("--max-queued-tokens",),
+           "prompt tokens waiting for a slot before 429 (default: no limit)", metavar="N",
+           minimum=1),
     Option("cache_slots", int, ("--cache-slots",),
            "finished sequences kept resident for prefix reuse (default = --parallel)"),
     Option("cache_tokens", int, ("--cache-tokens",),
@@ -242,6 +246,8 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             raise ValueError(f"{key} must be at least {option.minimum}")
         if option.choices is not None and value not in option.choices:
             raise ValueError(f"{key} must be one of {', '.join(option.choices)}")
+    if server.get("drain_timeout", 0.0) < 0:
+        raise ValueError("drain_timeout must be 0 or more seconds")
     engine["media"] = media_policy(media)
     return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
 

@@ -18,7 +18,8 @@ from lmserve.chat.reasoning import detect_reasoning_tags
 from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import StreamParser
 from lmserve.core.backend import EngineStats, LoadState, ModelCard, PreparedPrompt, WeightsFacts
-from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.caller import current_caller
+from lmserve.core.errors import ErrorKind, LmserveError, draining_error, invalid
 from lmserve.core.events import TokenOutput
 from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, describe
 from lmserve.core.lora import resolve as resolve_lora
@@ -59,6 +60,7 @@ class EngineSettings:
     threads: int | None = None
     threads_batch: int | None = None
     max_queue: int = 256
+    max_queued_tokens: int | None = None  # prompt tokens waiting before 429; None: no cap
     cache_slots: int | None = None  # idle sequences kept for prefix reuse; default = parallel
     cache_tokens: int | None = None  # idle KV tokens kept besides the newest; default n_ctx/4
     disk_cache_dir: str | None = None  # saved sequence states of long prefixes; None: off
@@ -100,6 +102,7 @@ class ModelService:
         self._embed_ctx: Context | None = None
         self._embed_lock = threading.Lock()
         self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
+        self._draining = False
 
     # -- lifecycle --------------------------------------------------------------------------
     def load(self, loop: asyncio.AbstractEventLoop,
@@ -161,7 +164,9 @@ class ModelService:
                               idle_tokens=idle_tokens, lookup_tokens=s.lookup,
                               lookup_budget=s.lookup_budget, packed=layout.split)
 
-        self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue, name=self.name)
+        self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue,
+                                   max_queued_tokens=s.max_queued_tokens, name=self.name)
+        self.client.draining = self._draining
         if s.disk_cache_dir:
             self.client.core.pool.disk = DiskCache.open(
                 s.disk_cache_dir, ctx, model_path=self.path, max_bytes=s.disk_cache_max_bytes,
@@ -176,6 +181,23 @@ class ModelService:
             return None
         return ChatTemplate(source, bos_token=info.bos_token, eos_token=info.eos_token,
                             name=self.name)
+
+    def drain(self) -> None:
+        """Refuse new generations and embeddings from now on (503 draining); running and
+        queued requests go on."""
+        self._draining = True
+        if self.client is not None:
+            self.client.draining = True
+
+    @property
+    def busy(self) -> int:
+        """Requests submitted and not yet done (running, queued, or being read)."""
+        return self.client.active if self.client is not None else 0
+
+    async def fail_all(self, error: LmserveError) -> None:
+        """End every running and queued request with this error, each in its own stream."""
+        if self.client is not None:
+            await self.client.fail_all(error.message, error.kind)
 
     def close(self) -> None:
         if self.client is not None:
@@ -345,7 +367,8 @@ class ModelService:
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
             ignore_eos=request.ignore_eos, n=request.n, logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs, render_special=prepared.markers,
-            adapters=adapters)
+            adapters=adapters, priority=request.priority,
+            caller=request.caller if request.caller is not None else current_caller())
         if request.request_id:
             engine_request.request_id = request.request_id
         return self.client.submit(engine_request)
@@ -388,6 +411,8 @@ class ModelService:
     async def embed(self, inputs: Sequence[Sequence[int] | str], adapters: AdapterSet = ()
                     ) -> list[np.ndarray]:
         self._loaded()
+        if self._draining:
+            raise draining_error()
         token_lists = [self.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
         limit = self.settings.embedding_ctx
         for i, tokens in enumerate(token_lists):

@@ -297,6 +297,20 @@ class ModelBackend(Protocol):
 
     def close(self) -> None: ...
 
+    # -- shutdown (the registry's): refuse new work, wait for it, cut what is left ----------
+    def drain(self) -> None:
+        """From now on refuse new generations (503 ErrorKind.DRAINING); running ones go on."""
+        ...
+
+    @property
+    def busy(self) -> int:
+        """Generations started and not yet done."""
+        ...
+
+    async def fail_all(self, error: LmserveError) -> None:
+        """End every running generation with this error, inside its own stream."""
+        ...
+
     @property
     def ready(self) -> bool: ...
 

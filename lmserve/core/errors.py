@@ -15,6 +15,7 @@ class ErrorKind(enum.StrEnum):
     OVERLOADED = "overloaded"
     LOADING = "loading"
     CAPACITY = "capacity"  # the engine ran out of room (KV cache) for a running request
+    DRAINING = "draining"  # the server is shutting down: no new work; running work was cut
     UPSTREAM = "upstream"  # an upstream server refused the connection or answered badly
     UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERNAL = "internal"
@@ -34,6 +35,7 @@ _STATUS = {
     ErrorKind.OVERLOADED: 429,
     ErrorKind.LOADING: 503,
     ErrorKind.CAPACITY: 503,
+    ErrorKind.DRAINING: 503,
     ErrorKind.UPSTREAM: 502,
     ErrorKind.UPSTREAM_TIMEOUT: 504,
     ErrorKind.INTERNAL: 500,
@@ -70,3 +72,10 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 def unsupported(param: str, detail: str = "") -> LmserveError:
     message = f"'{param}' is not supported yet by this server" + (f": {detail}" if detail else "")
     return LmserveError(ErrorKind.UNSUPPORTED, message, param=param, code="unsupported_parameter")
+
+
+def draining_error() -> LmserveError:
+    """The refusal of new work while the server shuts down (503 with Retry-After)."""
+    return LmserveError(ErrorKind.DRAINING, "the server is shutting down and takes no new "
+                        "requests; retry on another replica or after the restart",
+                        code="server_draining", retry_after=5.0)

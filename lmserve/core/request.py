@@ -139,3 +139,8 @@ class GenerationRequest:
     context_overflow: Literal["error", "truncate"] | None = None  # None: the server's default
     # LoRA adapters by alias (core.lora); a "<model>:<alias>" model name selects one too.
     lora: LoraSelection | None = None
+    # Admission: a lower priority is admitted earlier (vLLM's field; FIFO within one value);
+    # waiting requests of different callers take turns. caller None: core.caller's current
+    # caller (the HTTP layer sets it from the API key's name or the client's address).
+    priority: int = 0
+    caller: str | None = None

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.errors import ErrorKind, LmserveError, draining_error
 from lmserve.core.events import TokenOutput
 from lmserve.engine.loop import EngineThread
 from lmserve.engine.scheduler import EngineCore, StepOutputs
@@ -25,11 +25,15 @@ class EngineClient:
     """Bridges the engine thread and the event loop with one loop wake-up per engine step."""
 
     def __init__(self, core_factory: Callable[[Callable[[StepOutputs], None]], EngineCore[Any]], *,
-                 loop: asyncio.AbstractEventLoop, max_queue: int, name: str = "engine") -> None:
+                 loop: asyncio.AbstractEventLoop, max_queue: int,
+                 max_queued_tokens: int | None = None, name: str = "engine") -> None:
         self._loop = loop
         self._thread = EngineThread(core_factory, self._on_step, name=name)
         self.max_queue = max_queue
+        self.max_queued_tokens = max_queued_tokens  # prompt tokens waiting; None: no cap
         self.active = 0
+        self.submitted_tokens = 0  # prompt tokens of every request submitted (cumulative)
+        self.draining = False  # the server is shutting down: submit() refuses
         self._live: set[str] = set()  # ids of the requests submitted and not yet done
 
     @property
@@ -59,18 +63,33 @@ class EngineClient:
             if isinstance(stream, _Stream):
                 stream.queue.put_nowait(items)
 
+    @property
+    def queued_tokens(self) -> int:
+        """Prompt tokens of the requests submitted and not yet admitted: what this side sent,
+        less what the engine's wait queue has let go (each counter has one writer)."""
+        return self.submitted_tokens - self.core.waiting.left_tokens
+
     def submit(self, request: EngineRequest) -> Generation:
         """Admit a request now (capacity and health are checked before anything is sent)."""
+        if self.draining:
+            raise draining_error()
         capacity = self.core.max_running + self.max_queue
         if self.active >= capacity:
             raise LmserveError(ErrorKind.OVERLOADED,
                                f"the server is at capacity ({self.active} requests running or "
                                "queued); retry shortly", code="server_overloaded", retry_after=1.0)
+        queued, cap = self.queued_tokens, self.max_queued_tokens
+        if cap is not None and queued and queued + len(request.prompt_tokens) > cap:
+            raise LmserveError(ErrorKind.OVERLOADED,
+                               f"the server is at capacity ({queued} prompt tokens queued, "
+                               f"at most {cap}); retry shortly", code="server_overloaded",
+                               retry_after=1.0)
         if not self.alive:
             raise LmserveError(ErrorKind.INTERNAL, f"the engine is not running ({self.error})")
         stream = _Stream(request.n)
         request.handle = stream
         self.active += 1
+        self.submitted_tokens += len(request.prompt_tokens)
         self._live.add(request.request_id)
         self._thread.submit(request)
         return Generation(self, request, stream)
@@ -86,6 +105,11 @@ class EngineClient:
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
+
+    async def fail_all(self, message: str, kind: ErrorKind) -> None:
+        """End every running and queued request with this error (the drain timeout)."""
+        if self.alive:
+            await self.call(lambda core: core.fail_all(message, kind))
 
     async def call(self, fn: Callable[[EngineCore[Any]], Any]) -> Any:
         """Run fn on the engine thread between steps and return its result."""

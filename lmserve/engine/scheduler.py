@@ -8,7 +8,6 @@ lets the scheduling logic be tested without a model.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -22,6 +21,7 @@ from lmserve.core.events import (
     TokenOutput,
 )
 from lmserve.core.request import SamplingParams
+from lmserve.engine.admission import WaitQueue
 from lmserve.engine.logprobs import LogitsSource, LogprobScorer
 from lmserve.engine.lookup import DraftLength, NgramIndex
 from lmserve.engine.lora import AdapterRotation, AdapterTarget
@@ -98,7 +98,7 @@ class EngineCore(Generic[B]):
         self.max_running = max_running
         self.step_tokens = step_tokens
         self.sink = sink
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()  # admission order: priority, fair share, arrival
         self.running: list[Sequence] = []
         self.stats = StepStats()
         self.scorer = LogprobScorer(runner)
@@ -110,7 +110,7 @@ class EngineCore(Generic[B]):
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
         request.sequences = [Sequence.for_request(request, i) for i in range(request.n)]
-        self.waiting.extend(request.sequences)
+        self.waiting.add(request)
 
     def abort(self, request_id: str) -> bool:
         found = False
@@ -428,7 +428,9 @@ class EngineCore(Generic[B]):
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, kind: ErrorKind = ErrorKind.INTERNAL) -> None:
+        """End every running and waiting sequence with an error of this kind (a crash, or
+        the drain timeout of a server shutting down: ErrorKind.DRAINING)."""
         for seq in [*self.running, *self.waiting]:
-            self._finish(seq, FINISH_ERROR, "", error=message)
+            self._finish(seq, FINISH_ERROR, "", error=message, error_kind=kind)
         self._flush_outputs()

@@ -52,6 +52,11 @@ class EngineRequest:
     adapters: tuple[tuple[str, float], ...] = ()
     # Control tokens rendered as their text (markers a tool or reasoning parser reads).
     render_special: frozenset[int] = frozenset()
+    # Admission (engine.admission): lower priority values are admitted first; waiting
+    # requests of different callers take turns. None: the shared class of unnamed callers.
+    priority: int = 0
+    caller: str | None = None
+    dequeued: bool = False  # left the wait queue once (its prompt no longer counts as queued)
 
     def __post_init__(self) -> None:
         if self.prompt_logprobs is not None and self.prompt_scores is None:

@@ -24,6 +24,7 @@ from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.dialects.native.producer import StreamProducers
 from lmserve.dialects.openai import encoder as openai_encoder
 from lmserve.http import dialects, metrics
+from lmserve.http.callers import CallerContext
 from lmserve.http.middleware import ApiKeyMiddleware
 from lmserve.http.routing import error_response, validation_error
 from lmserve.models.registry import ModelRegistry
@@ -116,6 +117,7 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
                                                   if openapi and "tags" in openapi else {}))
     app.state.registry = registry
     app.state.api_keys = api_keys
+    app.add_middleware(CallerContext)  # inside the key middleware: it reads its verdict
     app.add_middleware(ApiKeyMiddleware, keys=lambda: app.state.api_keys)
     app.state.lmserve = state
     _install_fallback_errors(app)
@@ -189,6 +191,20 @@ def _install_operations(app: FastAPI, registry: ModelRegistry) -> None:
         body = {"status": status, "models": models}
         headers = {"Retry-After": "2"} if status == "loading" else {}
         return JSONResponse(body, status_code=200 if status == "ok" else 503, headers=headers)
+
+    @app.get("/health/live", tags=["Operations"], summary="Liveness: the process runs")
+    @app.get("/livez", include_in_schema=False)
+    async def live() -> Any:
+        return {"status": "alive"}
+
+    @app.get("/health/ready", tags=["Operations"],
+             summary="Readiness: models loaded and not shutting down (else 503)")
+    @app.get("/readyz", include_in_schema=False)
+    async def ready() -> Any:
+        status = "draining" if registry.draining else registry.status
+        headers = {"Retry-After": "2"} if status == "loading" else {}
+        return JSONResponse({"status": "ready" if status == "ok" else status},
+                            status_code=200 if status == "ok" else 503, headers=headers)
 
     @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics")
     async def prometheus() -> Response:

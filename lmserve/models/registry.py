@@ -24,6 +24,7 @@ class ModelRegistry:
         self._services: list[ModelBackend] = []
         self._by_key: dict[str, ModelBackend] = {}
         self._by_path: dict[str, ModelBackend] = {}
+        self.draining = False  # drain() was called: the server is shutting down
 
     def add(self, name: str, path: str, settings: EngineSettings,
             aliases: Iterable[str] = ()) -> ModelBackend:
@@ -116,6 +117,23 @@ class ModelRegistry:
             card = service.card
             log.info("model %s ready (%s, ctx %d, %d parallel)", card.name, card.source,
                      card.n_ctx, card.parallel)
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Every backend refuses new generations from now on (503 draining)."""
+        self.draining = True
+        for service in self._services:
+            service.drain()
+
+    @property
+    def busy(self) -> int:
+        """Generations running or queued across every backend."""
+        return sum(service.busy for service in self._services)
+
+    async def fail_all(self, error: LmserveError) -> None:
+        """End every backend's running and queued generations with this error."""
+        for service in self._services:
+            await service.fail_all(error)
 
     def close(self) -> None:
         for service in self._services:

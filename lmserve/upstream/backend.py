@@ -36,7 +36,7 @@ from lmserve.core.backend import (
     UpstreamStats,
     WeightsFacts,
 )
-from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
+from lmserve.core.errors import ErrorKind, LmserveError, draining_error, invalid, unsupported
 from lmserve.core.events import Usage
 from lmserve.core.lora import AdapterSet, LoraSelection
 from lmserve.core.request import GenerationRequest
@@ -124,6 +124,7 @@ class UpstreamBackend:
         self._sync_lock = threading.Lock()
         self._tokenizer: bool | None = None  # the upstream has /tokenize; None: not probed
         self._running: dict[str, UpstreamGeneration] = {}
+        self._draining = False
         self._transport = transport
         self.counters = _Counters()
 
@@ -335,6 +336,8 @@ class UpstreamBackend:
         """Validate now (refusals before any response starts) and send the request: on the
         running event loop it goes out at once; the answer is read by a task of its own."""
         self.require_ready()
+        if self._draining:
+            raise draining_error()
         wire.check_request(request, self._flavor)
         if request.n < 1:
             raise invalid("n must be at least 1", param="n")
@@ -379,6 +382,18 @@ class UpstreamBackend:
 
     async def flush_cache(self) -> int | None:
         return None  # the upstream's cache is its own
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    async def fail_all(self, error: LmserveError) -> None:
+        for generation in list(self._running.values()):
+            generation.fail_now(error)
 
     def _finished(self, generation: UpstreamGeneration) -> None:
         if self._running.get(generation.request_id) is generation:
@@ -549,6 +564,14 @@ class UpstreamGeneration:
         self.backend.counters.error(error.kind)
         self._accept(error)
         self._put(self.reader.fail(Failed.of(error)))
+
+    def fail_now(self, error: LmserveError) -> None:
+        """End every unfinished choice with this error and stop reading (the drain timeout)."""
+        if self._queue is not None:
+            self._put(self.reader.fail(Failed.of(error)))
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     def _cancelled_steps(self) -> list[ChoiceStep]:
         out = []

@@ -38,7 +38,8 @@ def message_request(body: MessageRequest) -> tuple[GenerationRequest, str | None
                                 sampling=sampling, max_tokens=body.max_tokens,
                                 stop=list(body.stop_sequences or []),
                                 reasoning=thinking(body, body.max_tokens).reasoning,
-                                context_overflow=body.context_overflow, **tool_fields(body))
+                                context_overflow=body.context_overflow,
+                                priority=body.priority, **tool_fields(body))
     return request, conversation.prefill
 
 

@@ -31,6 +31,7 @@ _ERROR_TYPES = {
     # 503 (Anthropic answers 529 when overloaded; clients retry on either): the KV cache
     # filled up under a running request.
     ErrorKind.CAPACITY: "overloaded_error",
+    ErrorKind.DRAINING: "overloaded_error",  # 503: the server is shutting down
     ErrorKind.UPSTREAM: "api_error",  # 502
     ErrorKind.UPSTREAM_TIMEOUT: "api_error",  # 504
     ErrorKind.INTERNAL: "api_error",

@@ -16,6 +16,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# vLLM's request priority: lower values are admitted first (engine.admission); default 0.
+Priority = Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1)]
+
+
 class ContentBlock(BaseModel):
     """Any content block; the adapter reads the fields that belong to its `type`."""
 
@@ -74,6 +78,7 @@ class MessageRequest(MessagesBase):
     diagnostics: dict[str, Any] | None = None
     # lmserve extension: a conversation that does not fit the context (see chat.overflow)
     context_overflow: Literal["error", "truncate"] | None = None
+    priority: Priority = 0  # lmserve extension (vLLM's field)
 
 
 class CountTokensRequest(MessagesBase):

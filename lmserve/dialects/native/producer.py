@@ -73,6 +73,11 @@ class StreamProducers:
         task.add_done_callback(lambda _: self._tasks.pop(ident, None))
         return ident
 
+    @property
+    def running(self) -> int:
+        """Producers still writing frames (a drain waits for them before the store closes)."""
+        return len(self._tasks)
+
     def cancel(self, ident: str) -> bool:
         """Cancel a running generation of this process; False if none runs here."""
         entry = self._tasks.get(ident)

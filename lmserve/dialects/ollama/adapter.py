@@ -180,7 +180,8 @@ def chat_job(body: ChatRequest) -> Job:
                                 stop=list(options.stop),
                                 messages=[_message(m, i) for i, m in enumerate(body.messages)],
                                 tools=tool_specs(body.tools), **output_fields(body),
-                                context_overflow=overflow_policy(body.truncate))
+                                context_overflow=overflow_policy(body.truncate),
+                                priority=body.priority)
     return Job(request, options, keep_alive_seconds(body.keep_alive), shows_thinking(body))
 
 
@@ -202,7 +203,8 @@ def generate_job(body: GenerateRequest) -> Job:
     options = parse_options(body.options)
     request = GenerationRequest(model=body.model, sampling=options.sampling,
                                 stop=list(options.stop), **output_fields(body),
-                                context_overflow=overflow_policy(body.truncate))
+                                context_overflow=overflow_policy(body.truncate),
+                                priority=body.priority)
     if body.raw:
         request.prompt = body.prompt
     else:

@@ -17,6 +17,8 @@ class _Lenient(BaseModel):
 Options = dict[str, Any] | None
 KeepAlive = float | str | None  # a number of seconds or a Go-style duration ("5m", "-1")
 Think = bool | Literal["low", "medium", "high"] | None
+# vLLM's request priority: lower values are admitted first (engine.admission); default 0.
+Priority = Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1)]
 
 
 class Message(_Lenient):
@@ -39,6 +41,7 @@ class GenerationFields(_Lenient):
     top_logprobs: int | None = None
     # Drop the oldest turns when the prompt overflows (null: the server's --context-overflow).
     truncate: bool | None = None
+    priority: Priority = 0  # lmserve extension (vLLM's field)
 
 
 class ChatRequest(GenerationFields):

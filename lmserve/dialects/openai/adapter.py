@@ -74,6 +74,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         template_kwargs={**effort_kwargs(body), **(body.chat_template_kwargs or {})},
         context_overflow=body.context_overflow,
         lora=selection_field(body.lora, "lora"),
+        priority=body.priority,
         **tool_fields(body),
     )
 
@@ -168,4 +169,5 @@ def completion_request(body: CompletionRequest, prompt: str | list[int]) -> Gene
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,  # echo shows the prompt's too
         lora=selection_field(body.lora, "lora"),
+        priority=body.priority,
     )

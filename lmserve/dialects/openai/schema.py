@@ -39,6 +39,9 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # alternatives per token (vLLM's cap too)
 
 
+# vLLM's request priority: lower values are admitted first (engine.admission); default 0.
+Priority = Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1)]
+
 # lmserve: LoRA adapter(s) by alias, or [{"name", "scale"}] (core.lora)
 LoraField = str | dict[str, Any] | list[str | dict[str, Any]] | None
 
@@ -63,6 +66,7 @@ class SamplingFields(_Lenient):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     lora: LoraField = None
+    priority: Priority = 0
 
 
 class ChatCompletionRequest(SamplingFields):

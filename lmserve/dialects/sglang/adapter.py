@@ -69,6 +69,8 @@ def generate_plan(body: GenerateRequest, new_rid: Callable[[], str]) -> Generate
     jobs = [_job(prompt, p, rid, body.model, lp, lora)
             for prompt, p, rid, lp, lora in zip(prompts, params, rids, logprobs, loras,
                                                 strict=True)]
+    for job in jobs:
+        job.request.priority = body.priority
     return GeneratePlan(jobs, listed=batch or any(j.request.n > 1 for j in jobs))
 
 

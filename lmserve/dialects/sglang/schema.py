@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# vLLM's request priority: lower values are admitted first (engine.admission); default 0.
+Priority = Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1)]
 # One stop string or a list of them, held as a list (no union, so errors name the item).
 Stops = Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
                   Field(max_length=16)]
@@ -77,6 +79,7 @@ class GenerateRequest(BaseModel):
     session_params: dict[str, Any] | list[Any] | None = None
     custom_logit_processor: str | list[Any] | None = None
     return_hidden_states: bool | list[bool] = False
+    priority: Priority = 0  # SGLang's field: applies to every prompt of a batch
 
 
 class AbortRequest(BaseModel):

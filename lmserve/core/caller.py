@@ -1,0 +1,16 @@
+"""Who is asking, for the engine's fair share: the caller of the request being served.
+
+The HTTP layer (lmserve.http.drain.CallerContext) sets it for each request from the API key's
+name, or the client's address when the server has no keys; a backend reads it when a
+GenerationRequest names no caller of its own. Outside a request it is None: one shared class.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+CURRENT_CALLER: ContextVar[str | None] = ContextVar("lmserve_caller", default=None)
+
+
+def current_caller() -> str | None:
+    return CURRENT_CALLER.get()
