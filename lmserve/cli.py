@@ -11,6 +11,7 @@ from typing import Any
 from lmserve import config
 from lmserve._version import __version__
 from lmserve.core.lora import assign as assign_loras
+from lmserve.engine.disk_cache import ByteSize
 from lmserve.models.resolve import DEFAULT_MODEL, resolve
 
 
@@ -48,6 +49,25 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--media-max-images", type=int, help="most images per request (default 16)")
     p.add_argument("--api-key", action="append", dest="api_keys",
                    help="require this key (Authorization: Bearer or x-api-key); repeatable")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="keys, one a line: KEY [name=NAME] [rpm=N] [tpm=N] [max_tokens=N] "
+                        "[max_prompt_tokens=N] [admin]; reread on SIGHUP")
+    p.add_argument("--admin-key", action="append", dest="admin_keys", metavar="KEY",
+                   help="a key that may also use the admin routes (/flush_cache, aborting "
+                        "another key's request, changing a model's defaults); repeatable")
+    p.add_argument("--max-body-bytes", type=ByteSize, metavar="SIZE",
+                   help="largest request body, e.g. 8M (default 32M); larger ones get 413")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N",
+                   help="most prompt tokens of one request (default: the context)")
+    p.add_argument("--max-output-tokens", type=int, metavar="N",
+                   help="most max_tokens of one request, and the max_tokens of a request "
+                        "that sets none (default: the context)")
+    p.add_argument("--cors-origin", action="append", dest="cors_origins", metavar="ORIGIN",
+                   help="a browser origin (https://app.example.com, or *) allowed to call the "
+                        "API from its pages; repeatable (default: none, CORS off)")
+    p.add_argument("--ssl-certfile", metavar="FILE", help="serve HTTPS with this certificate "
+                                                          "(PEM; may hold the key too)")
+    p.add_argument("--ssl-keyfile", metavar="FILE", help="the certificate's private key (PEM)")
     p.add_argument("--store", help="where sessions, stored responses and resumable streams "
                                    "live: sqlite:///path.db, memory or redis://host:port/db; "
                                    "none keeps no responses or sessions "
@@ -69,8 +89,11 @@ def serve_config(args: argparse.Namespace) -> config.ServerConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from lmserve.core.quota import TokenLimits
     from lmserve.http import drain
+    from lmserve.http.access import AccessSettings
     from lmserve.http.app import StoreSettings, create_app, stream_retention
+    from lmserve.http.keys import KeyRing
     from lmserve.models.registry import ModelRegistry
 
     try:
@@ -89,17 +112,27 @@ def serve(args: argparse.Namespace) -> int:
         for model in models:
             registry.add(model.name, model.path, replace(cfg.engine, loras=loras[model.name]),
                          aliases=_aliases(model.name, model.path))
+        keys = KeyRing(cfg.api_keys, cfg.admin_keys, cfg.api_key_file)  # a bad line: exit 2
         app = create_app(registry, api_keys=cfg.api_keys, upstreams=cfg.upstreams,
                          store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir,
-                                             retention=stream_retention(cfg.stream_ttl)))
+                                             retention=stream_retention(cfg.stream_ttl)),
+                         access=AccessSettings(
+                             keys=keys, max_body_bytes=cfg.max_body_bytes,
+                             limits=TokenLimits(cfg.max_prompt_tokens, cfg.max_output_tokens),
+                             cors_origins=cfg.cors_origins))
     except (LmserveError, ValueError) as exc:
         print(f"lmserve: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
+    scheme = "https" if cfg.ssl_certfile else "http"
     print(f"lmserve {__version__}: serving {', '.join(s.name for s in registry)} on "
-          f"http://{cfg.host}:{cfg.port} (models load after the port is bound)", file=sys.stderr)
+          f"{scheme}://{cfg.host}:{cfg.port} (models load after the port is bound)",
+          file=sys.stderr)
+    keys.reload_on_sighup()
     return drain.serve(app, registry, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                        drain_timeout=cfg.drain_timeout,
-                       writers=lambda: app.state.lmserve.producers.running)
+                       writers=lambda: app.state.lmserve.producers.running,
+                       options={"ssl_certfile": cfg.ssl_certfile, "ssl_keyfile": cfg.ssl_keyfile,
+                                "ws_max_size": cfg.max_body_bytes})
 
 
 def _aliases(name: str, path: str) -> list[str]:

@@ -38,6 +38,14 @@ class ServerConfig:
     port: int = 8000
     models: tuple[str, ...] = ()
     api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # keys that may also use the admin routes
+    api_key_file: str | None = None  # one key a line with its name and limits; SIGHUP rereads
+    max_body_bytes: int = 32 * 1024 * 1024  # request bodies over this get 413
+    max_prompt_tokens: int | None = None  # per request, for every caller
+    max_output_tokens: int | None = None  # the most max_tokens of one request
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (CORS)
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     log_level: str = "info"
     store: str | None = None  # None: SQLite under data_dir; "memory"; "redis://host:port/db"
     data_dir: str | None = None
@@ -50,7 +58,9 @@ class ServerConfig:
 
 # name -> (section in the file, type); engine keys live in EngineSettings.
 _SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_dir": str,
-                "stream_ttl": float, "drain_timeout": float}
+                "stream_ttl": float, "drain_timeout": float, "api_key_file": str,
+                "max_body_bytes": ByteSize, "max_prompt_tokens": int, "max_output_tokens": int,
+                "ssl_certfile": str, "ssl_keyfile": str}
 
 
 @dataclass(frozen=True)
@@ -200,9 +210,16 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
             out[key] = value
     if env.get("LMSERVE_API_KEY"):
         out["api_keys"] = [k.strip() for k in env["LMSERVE_API_KEY"].split(",") if k.strip()]
+    for key, var in (("admin_keys", "LMSERVE_ADMIN_KEY"), ("cors_origins", "LMSERVE_CORS_ORIGIN")):
+        if env.get(var):
+            out[key] = [k.strip() for k in env[var].split(",") if k.strip()]
     if env.get("LMSERVE_MODELS"):
         out["models"] = [m.strip() for m in env["LMSERVE_MODELS"].split(",") if m.strip()]
     return out
+
+
+_LISTS = ("models", "api_keys", "admin_keys", "cors_origins", "upstreams")
+_POSITIVE = ("max_body_bytes", "max_prompt_tokens", "max_output_tokens")
 
 
 def build(*layers: dict[str, Any]) -> ServerConfig:
@@ -210,7 +227,7 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
     merged: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            if value is None or (key in ("models", "api_keys", "upstreams") and not value):
+            if value is None or (key in _LISTS and not value):
                 continue
             if key == "kv_split":  # the --kv-split flag: kv_layout split (or shared if false)
                 key, value = "kv_layout", "split" if _coerce(key, value, Flag) else "shared"
@@ -229,7 +246,9 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             engine[key] = parse_specs(value)
         elif key in MEDIA_KEYS:
             media[key] = value
-        elif key in ("models", "api_keys"):
+        elif key in ("models", "api_keys", "admin_keys", "cors_origins"):
+            if isinstance(value, str):  # a single value in a config file
+                value = [value]
             server[key] = tuple(str(v) for v in value)
         elif key == "upstreams":
             server[key] = tuple(upstream_spec(v) for v in value)
@@ -248,6 +267,11 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             raise ValueError(f"{key} must be one of {', '.join(option.choices)}")
     if server.get("drain_timeout", 0.0) < 0:
         raise ValueError("drain_timeout must be 0 or more seconds")
+    for key in _POSITIVE:
+        if server.get(key) is not None and server[key] < 1:
+            raise ValueError(f"{key} must be at least 1")
+    if server.get("ssl_keyfile") and not server.get("ssl_certfile"):
+        raise ValueError("ssl_keyfile needs ssl_certfile (the certificate) too")
     engine["media"] = media_policy(media)
     return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
 

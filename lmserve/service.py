@@ -17,12 +17,20 @@ from lmserve.chat.media import MediaPolicy
 from lmserve.chat.reasoning import detect_reasoning_tags
 from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import StreamParser
-from lmserve.core.backend import EngineStats, LoadState, ModelCard, PreparedPrompt, WeightsFacts
+from lmserve.core.backend import (
+    BackendGeneration,
+    EngineStats,
+    LoadState,
+    ModelCard,
+    PreparedPrompt,
+    WeightsFacts,
+)
 from lmserve.core.caller import current_caller
 from lmserve.core.errors import ErrorKind, LmserveError, draining_error, invalid
 from lmserve.core.events import TokenOutput
 from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, describe
 from lmserve.core.lora import resolve as resolve_lora
+from lmserve.core.quota import metered
 from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.engine import kv_layout
 from lmserve.engine.client import EngineClient, Generation
@@ -332,10 +340,16 @@ class ModelService:
 
     # -- generation -------------------------------------------------------------------------
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
-              parse: bool | None = None) -> ParsedGeneration:
+              parse: bool | None = None) -> BackendGeneration:
         """Validate and submit now, so every refusal happens before a response starts.
-        `parse`: run each choice's output through the chat parser (default: chat requests)."""
+        `parse`: run each choice's output through the chat parser (default: chat requests).
+        The request's meter (core.quota: per-request and per-key token limits) applies."""
         prepared = prepared or self.prepare(request)
+        return metered(request, len(prepared.tokens),
+                       lambda admitted: self._start(admitted, prepared, parse))
+
+    def _start(self, request: GenerationRequest, prepared: PreparedPrompt,
+               parse: bool | None) -> ParsedGeneration:
         generation = self.submit(request, prepared)
         if parse is None:
             parse = request.messages is not None

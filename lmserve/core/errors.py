@@ -12,6 +12,9 @@ class ErrorKind(enum.StrEnum):
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     UNSUPPORTED = "unsupported"
     AUTHENTICATION = "authentication"
+    PERMISSION = "permission"  # a valid key that may not do this (an admin route)
+    PAYLOAD_TOO_LARGE = "payload_too_large"  # the body is over --max-body-bytes
+    RATE_LIMITED = "rate_limited"  # the caller's key is over its requests or tokens a minute
     OVERLOADED = "overloaded"
     LOADING = "loading"
     CAPACITY = "capacity"  # the engine ran out of room (KV cache) for a running request
@@ -33,6 +36,9 @@ _STATUS = {
     ErrorKind.UNSUPPORTED: 400,
     ErrorKind.AUTHENTICATION: 401,
     ErrorKind.OVERLOADED: 429,
+    ErrorKind.PERMISSION: 403,
+    ErrorKind.PAYLOAD_TOO_LARGE: 413,
+    ErrorKind.RATE_LIMITED: 429,
     ErrorKind.LOADING: 503,
     ErrorKind.CAPACITY: 503,
     ErrorKind.DRAINING: 503,

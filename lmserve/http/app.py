@@ -24,8 +24,8 @@ from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.dialects.native.producer import StreamProducers
 from lmserve.dialects.openai import encoder as openai_encoder
 from lmserve.http import dialects, metrics
+from lmserve.http.access import AccessControl, AccessSettings
 from lmserve.http.callers import CallerContext
-from lmserve.http.middleware import ApiKeyMiddleware
 from lmserve.http.routing import error_response, validation_error
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resource import LLMResource
@@ -92,9 +92,12 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
               load_on_startup: bool = True, store: StoreSettings | None = None,
               title: str = "lmserve", description: str | None = None,
               openapi: dict[str, Any] | None = None, docs: str | None = "/docs",
-              redoc: str | None = "/redoc") -> FastAPI:
-    """The shell every lmserve app shares; dialects and resources are mounted on it after."""
+              redoc: str | None = "/redoc", access: AccessSettings | None = None) -> FastAPI:
+    """The shell every lmserve app shares; dialects and resources are mounted on it after.
+    `access`: the key ring (else `api_keys`), body and token limits, CORS (http.access)."""
     state = AppState(registry, store or StoreSettings())
+    control = AccessControl(access or AccessSettings(), plain_keys=api_keys,
+                            store_url=state.store_settings.url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,6 +109,7 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
             yield
         finally:
             await state.close()
+            await control.close()
             await asyncio.to_thread(registry.close)
 
     info = dict((openapi or {}).get("info", {}))
@@ -118,7 +122,8 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
     app.state.registry = registry
     app.state.api_keys = api_keys
     app.add_middleware(CallerContext)  # inside the key middleware: it reads its verdict
-    app.add_middleware(ApiKeyMiddleware, keys=lambda: app.state.api_keys)
+    app.state.access = control
+    control.install(app)  # the key middleware, the body limit and CORS
     app.state.lmserve = state
     _install_fallback_errors(app)
     _install_operations(app, registry)
@@ -153,7 +158,8 @@ def mount_resource(app: FastAPI, resource: LLMResource) -> None:
 
 def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
                load_on_startup: bool = True, store: StoreSettings | None = None,
-               upstreams: tuple[tuple[str, str, str | None, str | None], ...] = ()) -> FastAPI:
+               upstreams: tuple[tuple[str, str, str | None, str | None], ...] = (),
+               access: AccessSettings | None = None) -> FastAPI:
     """The app of `lmserve serve`: dialects at the root, each model's native routes at
     /models/<name>/, and the chat page of the first model at /chat/. `upstreams`:
     (name, url, api_key, model) of models served by other OpenAI-compatible servers."""
@@ -161,6 +167,7 @@ def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
         backend = UpstreamBackend(name, UpstreamSettings(url, model=model, api_key=api_key))
         registry.add_backend(backend, key=f"upstream:{name}")
     app = build_app(registry, api_keys=api_keys, load_on_startup=load_on_startup, store=store,
+                    access=access,
                     description="Local LLM serving over llama.cpp: OpenAI, Anthropic, Ollama "
                                 "and native APIs.")
     mount_root_dialects(app, registry)

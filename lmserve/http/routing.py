@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.http.middleware import require_key
+from lmserve.http.middleware import admit, caller_of, require_admin, require_key
 
 log = logging.getLogger("lmserve.http")
 
@@ -127,6 +127,27 @@ def check_api_key(connection: HTTPConnection) -> None:
     require_key(connection.scope)
 
 
+async def admit_connection(connection: HTTPConnection) -> None:
+    """A dialect route's admission for one request over a connection the route serves by
+    itself (each response.create of a WebSocket): key, rate limit, token limits."""
+    await admit(connection.scope)
+
+
+def admin_only(request: Request) -> None:
+    """A route dependency: the route administers the server (needs an admin key when the
+    server has keys; 403 in the route's dialect for another key)."""
+    require_admin(request.scope)
+
+
+def caller_name(connection: HTTPConnection) -> str | None:
+    """The name of the caller's key (None without keys): who owns what a request starts."""
+    return caller_of(connection.scope).name
+
+
+def caller_is_admin(connection: HTTPConnection) -> bool:
+    return caller_of(connection.scope).admin
+
+
 def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
     """An APIRoute class whose errors come out as `body(error)` with the error's status. Its
     routes need an API key when the server has keys (checked by http.middleware, which
@@ -141,13 +162,15 @@ def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
             async def guarded(request: Request) -> Response:
                 try:
                     if not public:
-                        require_key(request.scope)
+                        await admit(request.scope)  # key, body size, rate and token limits
                     return await handler(request)
                 except LmserveError as exc:
                     return error_response(exc, body)
                 except RequestValidationError as exc:
                     return error_response(validation_error(exc), body)
                 except HTTPException as exc:
+                    if isinstance(exc.__cause__, LmserveError):  # raised while reading the
+                        return error_response(exc.__cause__, body)  # body (over the limit)
                     error = parse_error(exc)
                     if error is not None:
                         return error_response(error, body)

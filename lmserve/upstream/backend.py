@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from lmserve.core.backend import (
+    BackendGeneration,
     ChoiceStep,
     EngineStats,
     Failed,
@@ -39,6 +40,7 @@ from lmserve.core.backend import (
 from lmserve.core.errors import ErrorKind, LmserveError, draining_error, invalid, unsupported
 from lmserve.core.events import Usage
 from lmserve.core.lora import AdapterSet, LoraSelection
+from lmserve.core.quota import metered
 from lmserve.core.request import GenerationRequest
 from lmserve.upstream import wire
 
@@ -332,9 +334,15 @@ class UpstreamBackend:
 
     # -- generation -------------------------------------------------------------------------
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
-              parse: bool | None = None) -> UpstreamGeneration:
+              parse: bool | None = None) -> BackendGeneration:
         """Validate now (refusals before any response starts) and send the request: on the
-        running event loop it goes out at once; the answer is read by a task of its own."""
+        running event loop it goes out at once; the answer is read by a task of its own.
+        The request's meter (core.quota) applies; the prompt's tokens are charged where the
+        prepared prompt knows them, the output from the upstream's usage."""
+        return metered(request, len(prepared.tokens) if prepared is not None else 0,
+                       lambda admitted: self._start(admitted, parse))
+
+    def _start(self, request: GenerationRequest, parse: bool | None) -> UpstreamGeneration:
         self.require_ready()
         if self._draining:
             raise draining_error()
@@ -368,7 +376,7 @@ class UpstreamBackend:
         must count a prompt (Anthropic's count_tokens) where no /tokenize serves."""
         probe = dataclasses.replace(request, max_tokens=1, n=1, request_id=None,
                                     logprobs=None, stop=[])
-        generation = self.start(probe, parse=False)
+        generation = self._start(probe, parse=False)  # a probe: not charged to the caller
         try:
             async for steps in generation:
                 for step in steps:

@@ -25,7 +25,9 @@ from lmserve.core.events import (
 )
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import GenerateRequest
+from lmserve.http.access import AccessSettings
 from lmserve.http.app import StoreSettings, create_app
+from lmserve.http.keys import KeyRing
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resolve import resolve
 from lmserve.service import EngineSettings, ModelService
@@ -351,7 +353,8 @@ def test_generate_returns_logprobs_over_http():
 
 
 def test_errors_info_flush_and_abort():
-    with client(FakeRunner(n_ctx=64), api_keys=("sekret",)) as c:
+    keys = KeyRing(["sekret"], admin_keys=["root"])
+    with client(FakeRunner(n_ctx=64), access=AccessSettings(keys=keys)) as c:
         key = {"x-api-key": "sekret"}
         assert c.post("/generate", json={"text": "a"}).status_code == 401
         r = c.post("/generate", headers=key, json={"text": "a" * 80})
@@ -368,6 +371,10 @@ def test_errors_info_flush_and_abort():
         assert json.loads(text)["models"][0]["max_running_requests"] == 8
         assert c.get("/get_server_info", headers=key).status_code == 200
         assert c.get("/health_generate", headers=key).status_code == 200
+        assert c.post("/flush_cache").status_code == 401
+        refused = c.post("/flush_cache", headers=key)  # administers the server: admin keys only
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == 403
+        key = {"x-api-key": "root"}
         flushed = c.post("/flush_cache", headers=key)
         assert flushed.status_code == 200 and flushed.text.startswith("Cache flushed.")
         assert c.get("/flush_cache", headers=key).status_code == 200

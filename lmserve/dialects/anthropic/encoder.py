@@ -27,6 +27,9 @@ _ERROR_TYPES = {
     ErrorKind.MODEL_NOT_FOUND: "not_found_error",
     ErrorKind.AUTHENTICATION: "authentication_error",
     ErrorKind.OVERLOADED: "rate_limit_error",  # 429: the queue is full, retry after a second
+    ErrorKind.PERMISSION: "permission_error",
+    ErrorKind.PAYLOAD_TOO_LARGE: "request_too_large",
+    ErrorKind.RATE_LIMITED: "rate_limit_error",
     ErrorKind.LOADING: "overloaded_error",  # 503: weights still loading, retry after two
     # 503 (Anthropic answers 529 when overloaded; clients retry on either): the KV cache
     # filled up under a running request.

@@ -8,7 +8,7 @@ import uuid
 from enum import Enum
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from lmserve import web
@@ -17,7 +17,7 @@ from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.dialects.native import adapter, encoder
 from lmserve.dialects.native.producer import StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
-from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.routing import admin_only, dialect_route, unless_disconnected
 from lmserve.http.streaming import accepted, truncation_headers
 from lmserve.models.resource import LLMResource, check_params
 
@@ -31,7 +31,9 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
     async def describe() -> Any:
         return introspection(resource)
 
-    @router.put("/", summary="Replace the default generation parameters")
+    @router.put("/", summary="Replace the default generation parameters (for every caller: "
+                "needs an admin key when the server has keys)",
+                dependencies=[Depends(admin_only)])
     async def configure(body: ConfigureBody) -> Any:
         return {"params": _with_reasoning(resource, resource.set_defaults(body.params))}
 

@@ -17,6 +17,7 @@ from lmserve.core.events import (
     TokenLogprob,
     Usage,
 )
+from lmserve.core.quota import RateLimited
 from lmserve.dialects.openai.chat_events import assistant_message, chat_finish_reason
 from lmserve.dialects.openai.logprobs import chat_logprobs, choice_completion_logprobs
 
@@ -29,6 +30,9 @@ _ERROR_TYPES = {
     ErrorKind.NOT_FOUND: "invalid_request_error",
     ErrorKind.MODEL_NOT_FOUND: "invalid_request_error",
     ErrorKind.AUTHENTICATION: "authentication_error",
+    ErrorKind.PERMISSION: "permission_error",
+    ErrorKind.PAYLOAD_TOO_LARGE: "invalid_request_error",
+    ErrorKind.RATE_LIMITED: "rate_limit_error",
     ErrorKind.OVERLOADED: "rate_limit_error",
     ErrorKind.LOADING: "service_unavailable_error",
     ErrorKind.CAPACITY: "service_unavailable_error",  # the KV cache is full: retry shortly
@@ -44,8 +48,13 @@ def error_type(kind: ErrorKind) -> str:
     return _ERROR_TYPES.get(kind, "server_error")
 
 
+def _error_type(exc: LmserveError) -> str:
+    """A key's rate limit names the limit, as OpenAI's do (requests or tokens)."""
+    return exc.dimension if isinstance(exc, RateLimited) else error_type(exc.kind)
+
+
 def error_body(exc: LmserveError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": error_type(exc.kind),
+    return {"error": {"message": exc.message, "type": _error_type(exc),
                       "param": exc.param, "code": exc.code or exc.kind.value}}
 
 

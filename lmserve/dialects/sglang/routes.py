@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from enum import Enum
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from lmserve._version import __version__
@@ -27,7 +27,13 @@ from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.request import GenerationRequest, SamplingParams
 from lmserve.dialects.sglang import adapter, encoder
 from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
-from lmserve.http.routing import dialect_route, unless_disconnected
+from lmserve.http.routing import (
+    admin_only,
+    caller_is_admin,
+    caller_name,
+    dialect_route,
+    unless_disconnected,
+)
 from lmserve.http.streaming import SSE_HEADERS, accepted, merge, sse, start_all
 from lmserve.models.gguf_header import GGUFError, GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
@@ -67,7 +73,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         arrival = time.monotonic()
         jobs = [(j.request, p) for j, p in zip(plan.jobs, prepared, strict=True)]
         generations = start_all(service, jobs, parse=False)
-        live.add(plan.jobs, generations)
+        live.add(plan.jobs, generations, caller_name(request))
         samples = _samples(plan, prepared)
         if body.stream:
             await accepted(generations)  # an upstream's refusal is a status here too
@@ -95,14 +101,25 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         return PlainTextResponse(f"Cache flushed.\n{dropped} cached prefixes dropped.\n")
 
     _route(router, "/flush_cache", flush_cache, "Drop the idle prefix cache (refused while "
-           "requests run)", methods=("POST", "GET"))
+           "requests run; needs an admin key when the server has keys)",
+           methods=("POST", "GET"), dependencies=[Depends(admin_only)])
 
-    @router.post("/abort_request", summary="Abort a running request by rid")
-    async def abort_request(body: AbortRequest) -> Response:
+    @router.post("/abort_request", summary="Abort a running request by rid (another key's "
+                 "request, or abort_all of every key's, needs an admin key)")
+    async def abort_request(body: AbortRequest, request: Request) -> Response:
         if not body.abort_all and not body.rid:
             raise invalid("send the rid of the request to abort, or abort_all", param="rid",
                           code="missing_required_parameter")
-        rids = live.rids() if body.abort_all else [body.rid or ""]
+        admin, caller = caller_is_admin(request), caller_name(request)
+        if body.abort_all:  # without an admin key: only the caller's own requests
+            rids = live.rids() if admin else live.rids(owner=caller)
+        else:
+            rid = body.rid or ""
+            if not admin and live.owner(rid, caller) is False:
+                raise LmserveError(ErrorKind.PERMISSION, f"request '{rid}' was sent with "
+                                   "another key; aborting it needs an admin key",
+                                   param="rid", code="admin_key_required")
+            rids = [rid]
         for service in models():
             for rid in rids:
                 await service.abort(rid)
@@ -112,26 +129,33 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
 
 
 def _route(router: APIRouter, path: str, endpoint: Callable[..., Any], summary: str, *,
-           alias: str | None = None, methods: tuple[str, ...] = ("GET",)) -> None:
+           alias: str | None = None, methods: tuple[str, ...] = ("GET",),
+           dependencies: list[Any] | None = None) -> None:
     """One documented operation; other methods and the alias path work but stay out of the
     docs (one operation id each)."""
     first, *others = methods
-    router.add_api_route(path, endpoint, methods=[first], summary=summary)
+    router.add_api_route(path, endpoint, methods=[first], summary=summary,
+                         dependencies=dependencies)
     for method in others:
-        router.add_api_route(path, endpoint, methods=[method], include_in_schema=False)
+        router.add_api_route(path, endpoint, methods=[method], include_in_schema=False,
+                             dependencies=dependencies)
     if alias:
-        router.add_api_route(alias, endpoint, methods=[first], include_in_schema=False)
+        router.add_api_route(alias, endpoint, methods=[first], include_in_schema=False,
+                             dependencies=dependencies)
 
 
 class LiveRequests:
-    """rid -> its running generation: a rid in use is refused, abort_all finds them all."""
+    """rid -> its running generation: a rid in use is refused, abort_all finds them all.
+    Each rid remembers the name of the key that started it (None without keys)."""
 
     def __init__(self) -> None:
         self._by_rid: dict[str, BackendGeneration] = {}
+        self._owners: dict[str, str | None] = {}
 
     def _prune(self) -> None:
         for rid in [r for r, g in self._by_rid.items() if backend_done(g)]:
             del self._by_rid[rid]
+            self._owners.pop(rid, None)
 
     def check_free(self, rids: Iterable[str]) -> None:
         self._prune()
@@ -140,13 +164,25 @@ class LiveRequests:
                 raise invalid(f"rid '{rid}' is already used by a running request", param="rid",
                               code="duplicate_rid")
 
-    def add(self, jobs: list[adapter.Job], generations: list[BackendGeneration]) -> None:
+    def add(self, jobs: list[adapter.Job], generations: list[BackendGeneration],
+            owner: str | None = None) -> None:
         for job, generation in zip(jobs, generations, strict=True):
             self._by_rid[job.rid] = generation
+            self._owners[job.rid] = owner
 
-    def rids(self) -> list[str]:
+    def rids(self, *, owner: str | None = None) -> list[str]:
+        """Every running rid, or only those of one key's name."""
         self._prune()
-        return list(self._by_rid)
+        if owner is None:
+            return list(self._by_rid)
+        return [rid for rid in self._by_rid if self._owners.get(rid) == owner]
+
+    def owner(self, rid: str, caller: str | None) -> bool | None:
+        """Whether `caller` started this running rid; None when no such rid runs."""
+        self._prune()
+        if rid not in self._by_rid:
+            return None
+        return self._owners.get(rid) == caller
 
 
 def backend_done(generation: BackendGeneration) -> bool:
@@ -270,13 +306,18 @@ def _model_info(service: ModelBackend, name: str) -> dict[str, Any]:
 
 def _server_info(request: Request, registry: ModelRegistry) -> dict[str, Any]:
     state = request.app.state.lmserve
-    api_keys: tuple[str, ...] = getattr(request.app.state, "api_keys", ())
+    access = getattr(request.app.state, "access", None)  # http.access.AccessControl
+    if access is not None:
+        secrets, key_names = access.table.secrets(), access.table.names()
+    else:  # an app assembled without build_app
+        secrets, key_names = frozenset(getattr(request.app.state, "api_keys", ())), []
     host, port = request.scope.get("server") or (None, None)
     services = list(registry)
     cards = [s.card for s in services]
     config = {
         "version": __version__, "host": host, "port": port,
-        "api_key": list(api_keys) or None,
+        "api_key": encoder.REDACTED if secrets else None,
+        "api_key_names": key_names,  # the keys' names stand for them; keys are never shown
         "served_model_name": [n for s in services for n in registry.names(s)],
         "model_path": cards[0].source if cards else None,
         "store": {"url": state.store_settings.url,
@@ -288,7 +329,7 @@ def _server_info(request: Request, registry: ModelRegistry) -> dict[str, Any]:
         "internal_states": [_internal_state(s, c)
                             for s, c in zip(services, cards, strict=True)],
     }
-    redacted: dict[str, Any] = encoder.redact(config, frozenset(api_keys))
+    redacted: dict[str, Any] = encoder.redact(config, secrets)
     return redacted
 
 

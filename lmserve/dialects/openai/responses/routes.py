@@ -21,6 +21,7 @@ from lmserve.dialects.openai.encoder import error_body
 from lmserve.dialects.openai.responses import adapter, encoder, turns
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
 from lmserve.http.routing import (
+    admit_connection,
     check_api_key,
     dialect_route,
     error_response,
@@ -133,6 +134,7 @@ async def _serve_message(websocket: WebSocket, models: Models, raw: str) -> None
     """One response.create; errors before the response starts are error events, and the
     connection stays open for the next message."""
     try:
+        await admit_connection(websocket)  # each response.create counts against the key's limits
         body, stream_id = _create_event(raw)
         turn = await turns.begin(websocket.app.state.lmserve, models(), body,
                                  nested_errors=True)
