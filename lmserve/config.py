@@ -249,6 +249,8 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
         elif key in ("models", "api_keys", "admin_keys", "cors_origins"):
             if isinstance(value, str):  # a single value in a config file
                 value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{key} must be a list of strings, got {value!r}")
             server[key] = tuple(str(v) for v in value)
         elif key == "upstreams":
             server[key] = tuple(upstream_spec(v) for v in value)
@@ -265,6 +267,8 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             raise ValueError(f"{key} must be at least {option.minimum}")
         if option.choices is not None and value not in option.choices:
             raise ValueError(f"{key} must be one of {', '.join(option.choices)}")
+    if not 0 <= server.get("port", 0) <= 65535:  # uvicorn would bind port % 65536
+        raise ValueError(f"port must be 0-65535, got {server['port']}")
     if server.get("drain_timeout", 0.0) < 0:
         raise ValueError("drain_timeout must be 0 or more seconds")
     for key in _POSITIVE:
@@ -277,6 +281,9 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool) and kind in (int, float) or (  # int(True) would quietly be 1,
+            kind is int and isinstance(value, float) and not value.is_integer()):  # int(1.5) 1
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
     try:
         return kind(value)
     except (TypeError, ValueError):

@@ -19,6 +19,7 @@ class ErrorKind(enum.StrEnum):
     LOADING = "loading"
     CAPACITY = "capacity"  # the engine ran out of room (KV cache) for a running request
     DRAINING = "draining"  # the server is shutting down: no new work; running work was cut
+    UNAVAILABLE = "unavailable"  # a service a request needs (the store) cannot be reached
     UPSTREAM = "upstream"  # an upstream server refused the connection or answered badly
     UPSTREAM_TIMEOUT = "upstream_timeout"
     INTERNAL = "internal"
@@ -42,6 +43,7 @@ _STATUS = {
     ErrorKind.LOADING: 503,
     ErrorKind.CAPACITY: 503,
     ErrorKind.DRAINING: 503,
+    ErrorKind.UNAVAILABLE: 503,
     ErrorKind.UPSTREAM: 502,
     ErrorKind.UPSTREAM_TIMEOUT: 504,
     ErrorKind.INTERNAL: 500,

@@ -39,6 +39,15 @@ class NotFoundError(LmserveError):
                          code="not_found")
 
 
+class StoreUnavailable(LmserveError):
+    """The store cannot be reached (Redis stopped or unreachable): a 503 with Retry-After in
+    the caller's dialect, not a 500; the next request tries again (redis-py reconnects)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorKind.UNAVAILABLE, message, code="store_unavailable",
+                         retry_after=1.0)
+
+
 class ConflictError(LmserveError):
     """The operation contradicts the stored state (duplicate id, append to a finished stream)."""
 

@@ -31,9 +31,10 @@ from lmserve.stores.records import (
 )
 from lmserve.stores.redis_scripts import APPEND_MESSAGES, CREATE, PUT_RECORD
 from lmserve.stores.redis_streams import RedisStreams
-from lmserve.stores.redis_table import RedisTable, expiry_args
+from lmserve.stores.redis_table import RedisTable, expiry_args, unavailable_when_down
 
 
+@unavailable_when_down
 class RedisResponses(ResponseStore):
     """One JSON string per record; a page of input items is cut from the decoded record."""
 
@@ -76,6 +77,7 @@ def _session_info(session_id: str, fields: dict[str, str], count: int) -> Sessio
                        float(fields["updated_at"]), count)
 
 
+@unavailable_when_down
 class RedisSessions(SessionStore):
     """A hash per session and a list of JSON messages; the order set is least recently used."""
 

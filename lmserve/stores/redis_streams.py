@@ -31,7 +31,7 @@ from lmserve.stores.records import (
     dumps,
 )
 from lmserve.stores.redis_scripts import APPEND_FRAME, CREATE, FINISH
-from lmserve.stores.redis_table import RedisTable, expiry_args
+from lmserve.stores.redis_table import RedisTable, expiry_args, unavailable_when_down
 
 log = logging.getLogger("lmserve.stores")
 _RETRY_DELAY = 1.0  # seconds between attempts to restore the wake-up subscription
@@ -45,6 +45,7 @@ def _info(stream_id: str, fields: dict[str, str]) -> StreamInfo:
                       int(fields["last_id"]))
 
 
+@unavailable_when_down
 class RedisStreams(StreamStore):
     def __init__(self, redis: Redis, prefix: str, retention: StreamRetention, clock: Clock,
                  poll_interval: float = 0.5) -> None:

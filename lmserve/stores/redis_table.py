@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import math
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lmserve.stores.records import Clock, Retention
+from lmserve.stores.records import Clock, Retention, StoreUnavailable
 from lmserve.stores.redis_scripts import DELETE, EVICT
+
+log = logging.getLogger("lmserve.stores")
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
+
+
+def unavailable_when_down(cls: C) -> C:
+    """Every coroutine method of a Redis store class raises StoreUnavailable (503) when Redis
+    cannot be reached, instead of redis-py's ConnectionError or TimeoutError (which reached
+    clients as a 500). The base class's methods call these, so they are covered too."""
+    for name, method in list(vars(cls).items()):
+        if inspect.iscoroutinefunction(method):
+            setattr(cls, name, _unavailable_when_down(method))
+    return cls
+
+
+def _unavailable_when_down(method: Callable[P, Awaitable[R]]
+                           ) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(method)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("the Redis store cannot be reached: %s", exc)
+            raise StoreUnavailable("the store (Redis) cannot be reached; retry shortly") \
+                from exc
+    return guarded
 
 
 def expiry_args(expires_at: float | None, now: float) -> list[str]:

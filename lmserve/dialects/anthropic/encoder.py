@@ -35,6 +35,7 @@ _ERROR_TYPES = {
     # filled up under a running request.
     ErrorKind.CAPACITY: "overloaded_error",
     ErrorKind.DRAINING: "overloaded_error",  # 503: the server is shutting down
+    ErrorKind.UNAVAILABLE: "overloaded_error",  # 503: the store cannot be reached
     ErrorKind.UPSTREAM: "api_error",  # 502
     ErrorKind.UPSTREAM_TIMEOUT: "api_error",  # 504
     ErrorKind.INTERNAL: "api_error",

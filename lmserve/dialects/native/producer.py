@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from lmserve.core.backend import BackendGeneration, ChoiceStep
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import CHANNEL_REASONING, FINISH_CANCELLED, ChatEvent, TextDelta, Usage
 from lmserve.dialects.native.encoder import Blocks, Frame, FrameEncoder
-from lmserve.stores import StreamState, StreamStore
+from lmserve.stores import ConflictError, StreamInfo, StreamState, StreamStore
 
 log = logging.getLogger("lmserve.native")
 
@@ -54,6 +57,11 @@ class StreamProducers:
     def __init__(self, store: Callable[[], StreamStore]) -> None:
         self._store = store
         self._tasks: dict[str, tuple[asyncio.Task[None], BackendGeneration]] = {}
+        # Written into each stream's meta, so a later reader can tell a stream whose producer
+        # is gone (this process killed, or the store failed under it) from a live one.
+        self.owner: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                                      "instance": uuid.uuid4().hex}
+        self._ending: set[str] = set()
 
     @property
     def store(self) -> StreamStore:
@@ -64,7 +72,7 @@ class StreamProducers:
         """`show_reasoning`: stream the reasoning channel too; `truncated`: the oldest messages
         dropped to fit the context (in message.start)."""
         ident = str(uuid.uuid4())
-        await self.store.create(ident, {"model": model})
+        await self.store.create(ident, {"model": model, "owner": self.owner})
         encoder = FrameEncoder(ident, model, int(time.time()), truncated)
         task = asyncio.create_task(self._produce(ident, generation, show_reasoning, encoder,
                                                  n_prompt),
@@ -77,6 +85,39 @@ class StreamProducers:
     def running(self) -> int:
         """Producers still writing frames (a drain waits for them before the store closes)."""
         return len(self._tasks)
+
+    async def end_if_orphaned(self, info: StreamInfo) -> StreamInfo:
+        """End a stream its producer left open, with an error frame and message.stop, so its
+        readers do not wait for ever. Orphaned: produced by this process but no producer runs
+        (its store writes failed), or by a process of this host that is gone (killed; a restart
+        reads the stream from the same store). A stream of another host is left alone: its
+        producer may be alive there."""
+        if info.finished or info.id in self._ending or not self._orphaned(info):
+            return info
+        self._ending.add(info.id)
+        try:
+            encoder = FrameEncoder(info.id, str(info.meta.get("model", "")), int(info.created_at))
+            await self._emit(info.id, encoder.error(LmserveError(
+                ErrorKind.INTERNAL, "the server process producing this stream stopped before it "
+                "finished"), Usage()))
+            await self.store.finish(info.id, StreamState.FAILED)
+            log.warning("native stream %s: its producer is gone; ended it with an error", info.id)
+        except ConflictError:
+            pass  # it finished meanwhile
+        finally:
+            self._ending.discard(info.id)
+        return await self.store.get(info.id) or info
+
+    def _orphaned(self, info: StreamInfo) -> bool:
+        owner = info.meta.get("owner")
+        if not isinstance(owner, dict):
+            return False  # written before owners were recorded: cannot tell
+        if owner.get("instance") == self.owner["instance"]:
+            return info.id not in self._tasks
+        if owner.get("host") != self.owner["host"]:
+            return False
+        pid = owner.get("pid")
+        return pid == self.owner["pid"] or not isinstance(pid, int) or not _alive(pid)
 
     def cancel(self, ident: str) -> bool:
         """Cancel a running generation of this process; False if none runs here."""
@@ -141,6 +182,16 @@ class StreamProducers:
         for event, data in frames:
             await self.store.append(ident, event, json.dumps(data, ensure_ascii=False,
                                                              separators=(",", ":")))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 async def sse_frames(store: StreamStore, ident: str, after: int, heartbeat: float

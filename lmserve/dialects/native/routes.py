@@ -60,8 +60,10 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
                 response_class=StreamingResponse)
     async def read_stream(stream_id: str, request: Request) -> Any:
         ident = _stream_id(stream_id)
-        if await producers.store.get(ident) is None:
+        info = await producers.store.get(ident)
+        if info is None:
             raise _unknown_stream(ident)
+        await producers.end_if_orphaned(info)  # its producer was killed: it ends, not hangs
         after = _last_event_id(request.headers.get("last-event-id"))
         return StreamingResponse(sse_frames(producers.store, ident, after,
                                             resource.heartbeat_interval),
@@ -74,6 +76,7 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
         info = await producers.store.get(ident)
         if info is None:
             raise _unknown_stream(ident)
+        info = await producers.end_if_orphaned(info)
         if producers.cancel(ident):
             return {"id": ident, "cancelled": True}
         if info.finished:

@@ -37,6 +37,7 @@ _ERROR_TYPES = {
     ErrorKind.LOADING: "service_unavailable_error",
     ErrorKind.CAPACITY: "service_unavailable_error",  # the KV cache is full: retry shortly
     ErrorKind.DRAINING: "service_unavailable_error",  # shutting down: retry on another replica
+    ErrorKind.UNAVAILABLE: "service_unavailable_error",  # the store is down: retry shortly
     ErrorKind.UPSTREAM: "server_error",
     ErrorKind.UPSTREAM_TIMEOUT: "server_error",
     ErrorKind.INTERNAL: "server_error",
