@@ -7,6 +7,7 @@ lets the scheduling logic be tested without a model.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from lmserve.engine.lookup import DraftLength, NgramIndex
 from lmserve.engine.lora import AdapterRotation, AdapterTarget
 from lmserve.engine.prefix_cache import KVMemory, SlotPool
 from lmserve.engine.sequence import EngineRequest, SamplerLike, SeqState, Sequence
+
+log = logging.getLogger("lmserve.engine")
 
 StepOutputs = list[tuple[EngineRequest, list[TokenOutput]]]
 
@@ -191,9 +194,18 @@ class EngineCore(Generic[B]):
             if first_admission:
                 seq.n_cached = placement.n_reused
                 seq.sampler = self._sampler_for(seq)
+                seq.admitted_at = time.monotonic()
+                if seq.index == 0 and log.isEnabledFor(logging.DEBUG):
+                    request = seq.request
+                    log.debug("admitted %s: %d prompt tokens, %d cached, queued %.1f ms",
+                              request.request_id, seq.n_prompt, seq.n_cached,
+                              (seq.admitted_at - request.arrival) * 1000,
+                              extra={"request_id": request.correlation_id})
             self.running.append(seq)
             for sib in siblings:  # n > 1: siblings fork the first choice's prompt KV later
                 self.waiting.remove(sib)
+                if sib.admitted_at is None:
+                    sib.admitted_at = time.monotonic()
                 sib.slot = self.pool.reserve(sib)
                 sib.sampler = self._sampler_for(sib)
                 sib.state = SeqState.FORK_WAIT
@@ -337,6 +349,9 @@ class EngineCore(Generic[B]):
             self.stats.generated_tokens += 1
             if seq.first_token_at is None:
                 seq.first_token_at = now
+            elif seq.last_token_at is not None:
+                seq.token_gaps.append(now - seq.last_token_at)
+            seq.last_token_at = now
             self._on_token(seq, token)
 
     def _on_token(self, seq: Sequence, token: int) -> None:
@@ -372,6 +387,11 @@ class EngineCore(Generic[B]):
             out.error_kind = error_kind
         out.usage = seq.usage()
         seq.finish_reason, seq.state = reason, SeqState.FINISHED
+        seq.finished_at = time.monotonic()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("finished %s choice %d: %s, %d output tokens", seq.request.request_id,
+                      seq.index, reason, seq.n_output,
+                      extra={"request_id": seq.request.correlation_id})
         if seq.slot is not None and seq.n_computed > len(seq.tokens):
             # Accepted guesses past a stop: their KV is not part of the kept conversation.
             seq.n_computed = len(seq.tokens)
@@ -422,6 +442,9 @@ class EngineCore(Generic[B]):
         """Free a sequence's KV and requeue it at the front; it recomputes prompt + output."""
         self.stats.preemptions += 1
         self._kv_pressure = True
+        log.info("preempted %s choice %d for lack of KV room; it will be recomputed",
+                 seq.request.request_id, seq.index,
+                 extra={"request_id": seq.request.correlation_id})
         assert seq.slot is not None
         self.pool.release(seq.slot, keep=False)
         seq.slot, seq.n_computed, seq.state = None, 0, SeqState.WAITING

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lmserve.core.events import TokenLogprob, TokenOutput, Usage
+from lmserve.core.observe import RequestTiming
 from lmserve.core.request import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDecoder, StopMatcher
 
@@ -57,6 +58,8 @@ class EngineRequest:
     priority: int = 0
     caller: str | None = None
     dequeued: bool = False  # left the wait queue once (its prompt no longer counts as queued)
+    # The HTTP request's correlation id (X-Request-Id), for the engine's log lines about it.
+    correlation_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_logprobs is not None and self.prompt_scores is None:
@@ -65,6 +68,23 @@ class EngineRequest:
     @property
     def finished(self) -> bool:
         return bool(self.sequences) and all(s.finished for s in self.sequences)
+
+    def timing(self) -> RequestTiming:
+        """Where the request is in its life (read from the event loop while the engine thread
+        writes: each field has one writer, and a reading a step old is fine)."""
+        seqs = list(self.sequences)
+        admitted = [s.admitted_at for s in seqs if s.admitted_at is not None]
+        first = [s.first_token_at for s in seqs if s.first_token_at is not None]
+        ends = [s.finished_at for s in seqs]
+        return RequestTiming(
+            queued_at=self.arrival, admitted_at=min(admitted) if admitted else None,
+            first_token_at=min(first) if first else None,
+            finished_at=max(e for e in ends if e is not None) if seqs and None not in ends
+            else None,
+            prompt_tokens=len(self.prompt_tokens),
+            output_tokens=sum(s.n_output for s in seqs),
+            cached_tokens=seqs[0].n_cached if seqs else 0,
+            token_gaps=tuple(g for s in seqs for g in list(s.token_gaps)))
 
 
 class SeqState(enum.Enum):
@@ -90,7 +110,11 @@ class Sequence:
     n_cached: int = 0  # prompt tokens whose KV came from the prefix cache
     decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
     finish_reason: str | None = None
+    admitted_at: float | None = None  # time.monotonic() of the first admission
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    finished_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # seconds between output tokens
     sampled_logprob: TokenLogprob | None = None  # this step's token, until output() takes it
     prompt_scores_sent: bool = False
     lookup: NgramIndex | None = None  # prompt-lookup speculation, made on the first draft

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -16,6 +16,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
+    from lmserve.core.observe import RequestRecord, RequestTiming
     from lmserve.models.registry import ModelRegistry
 
 
@@ -138,7 +139,73 @@ def _upstream_families(registry: ModelRegistry) -> Iterator[Metric]:
     yield from (requests, errors, ttft, duration)
 
 
-def render(registry: ModelRegistry) -> tuple[bytes, str]:
+# Bucket bounds: latencies from a few ms (a cached prompt on a GPU) to minutes (a long prompt
+# on a CPU); token counts in powers of two up to the largest contexts served.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+                   160.0, 320.0)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+TOKEN_BUCKETS = tuple(float(2 ** i) for i in range(18))  # 1 .. 131072
+
+
+class RequestMetrics:
+    """Per-request histograms and counters, observed once when a request ends (by
+    lmserve.http.observe), so the engine's hot path still makes no metric calls. One per app:
+    its own prometheus_client registry, scraped beside the engine collector (http.access
+    registers lmserve_rate_limited_requests_total there)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("model", "dialect")
+        r = self.registry
+        self.ttft = Histogram("lmserve_time_to_first_token_seconds", "Seconds from the "
+                              "request's arrival to its first output token",
+                              labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lmserve_inter_token_latency_seconds", "Seconds between two "
+                             "consecutive output tokens of a choice", labels,
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("lmserve_request_duration_seconds", "Seconds from the request's "
+                             "arrival to the end of its response (end-to-end latency)", labels,
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("lmserve_request_queue_seconds", "Seconds a request waited for "
+                               "the engine to admit it", labels, buckets=LATENCY_BUCKETS,
+                               registry=r)
+        self.prompt = Histogram("lmserve_request_prompt_tokens", "Prompt tokens of a request",
+                                labels, buckets=TOKEN_BUCKETS, registry=r)
+        self.output = Histogram("lmserve_request_output_tokens", "Output tokens of a request "
+                                "(all its choices)", labels, buckets=TOKEN_BUCKETS, registry=r)
+        self.requests = Counter("lmserve_requests", "Requests answered by a dialect, by HTTP "
+                                "status", ("model", "dialect", "status"), registry=r)
+
+    def observe(self, record: RequestRecord, timing: RequestTiming | None,
+                duration: float) -> None:
+        """A finished request: counted when a dialect answered it; its histograms filled from
+        its generation's timing, where it started one."""
+        if record.dialect is None:
+            return
+        model, dialect = record.model or "", record.dialect
+        self.requests.labels(model, dialect, str(record.status or 0)).inc()
+        self.e2e.labels(model, dialect).observe(duration)
+        if timing is None:
+            return
+        if timing.queue_wait is not None:
+            self.queue.labels(model, dialect).observe(timing.queue_wait)
+        if timing.first_token_at is not None:
+            self.ttft.labels(model, dialect).observe(timing.first_token_at - record.started)
+        if timing.token_gaps:
+            itl = self.itl.labels(model, dialect)
+            for gap in timing.token_gaps:
+                itl.observe(gap)
+        self.prompt.labels(model, dialect).observe(timing.prompt_tokens)
+        self.output.labels(model, dialect).observe(timing.output_tokens)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
+
+
+def render(registry: ModelRegistry, requests: RequestMetrics | None = None
+           ) -> tuple[bytes, str]:
     prom = CollectorRegistry()
     prom.register(EngineCollector(registry))
+    if requests is not None:
+        prom.register(requests)
     return generate_latest(prom), CONTENT_TYPE_LATEST
