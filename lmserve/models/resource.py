@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from lmserve.chat.overflow import OVERFLOW_POLICIES
+from lmserve.core import observe
 from lmserve.core.backend import ModelBackend
 from lmserve.core.errors import invalid
 from lmserve.core.lora import selection_field
@@ -174,7 +175,9 @@ class ResourceModels:
         return self.resource.service
 
     def get(self, name: str | None) -> ModelBackend:
-        return self._service()
+        service = self._service()
+        observe.note_model(service.name)
+        return service
 
     def names(self, service: ModelBackend) -> list[str]:
         return [self.resource.name]

@@ -18,6 +18,7 @@ from lmserve.core.events import (
     ToolCallStart,
     Usage,
 )
+from lmserve.core.observe import with_request_id
 
 Frame = tuple[str, dict[str, Any]]  # (event name, data)
 
@@ -42,7 +43,7 @@ def error_body(exc: LmserveError) -> dict[str, Any]:
         error["param"] = exc.param
     if exc.code is not None:
         error["code"] = exc.code
-    return {"error": error}
+    return with_request_id({"error": error})
 
 
 @dataclass

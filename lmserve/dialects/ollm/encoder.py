@@ -10,18 +10,19 @@ from typing import Any
 from lmserve.core.backend import ChoiceStep
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import TokenOutput, Usage
+from lmserve.core.observe import with_request_id
 
 BACKEND = "llama.cpp"
 Event = tuple[str, dict[str, Any]]
 
 
 def error_body(exc: LmserveError) -> dict[str, Any]:
-    return {"detail": exc.message}
+    return with_request_id({"detail": exc.message})
 
 
 def validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
     """FastAPI's 422 body, which oLLM's server answers for a malformed request."""
-    return {"detail": errors}
+    return with_request_id({"detail": errors})
 
 
 def usage_body(usage: Usage) -> dict[str, int]:

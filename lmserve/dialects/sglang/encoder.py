@@ -19,6 +19,7 @@ from lmserve.core.events import (
     TokenLogprob,
     TokenOutput,
 )
+from lmserve.core.observe import with_request_id
 
 Step = ChoiceStep | TokenOutput  # what a sample reads: the same attribute names on both
 
@@ -29,8 +30,8 @@ _SECRET_KEY = re.compile(r"(^|_)(api_?keys?|passwords?|secrets?|token|credential
 def error_body(exc: LmserveError) -> dict[str, Any]:
     """SGLang's error envelope: {"error": {"message"}}, with its ErrorResponse fields beside."""
     status = exc.kind.http_status
-    return {"error": {"message": exc.message, "type": HTTPStatus(status).phrase,
-                      "param": exc.param, "code": status}}
+    return with_request_id({"error": {"message": exc.message, "type": HTTPStatus(status).phrase,
+                                      "param": exc.param, "code": status}})
 
 
 def finish_reason(out: Step, stop_token_ids: frozenset[int]) -> dict[str, Any] | None:
