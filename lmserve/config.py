@@ -276,6 +276,9 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             raise ValueError(f"{key} must be at least 1")
     if server.get("ssl_keyfile") and not server.get("ssl_certfile"):
         raise ValueError("ssl_keyfile needs ssl_certfile (the certificate) too")
+    for key in ("ssl_certfile", "ssl_keyfile", "api_key_file"):
+        if server.get(key) and not os.path.isfile(server[key]):
+            raise ValueError(f"{key}: no such file: {server[key]}")
     engine["media"] = media_policy(media)
     return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
 

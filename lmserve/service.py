@@ -30,7 +30,7 @@ from lmserve.core.errors import ErrorKind, LmserveError, draining_error, invalid
 from lmserve.core.events import TokenOutput
 from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, describe
 from lmserve.core.lora import resolve as resolve_lora
-from lmserve.core.quota import metered
+from lmserve.core.quota import charge_tokens, metered
 from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.engine import kv_layout
 from lmserve.engine.client import EngineClient, Generation
@@ -436,6 +436,7 @@ class ModelService:
                 raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                                    f"input[{i}] has {len(tokens)} tokens; the embedding context "
                                    f"holds {limit}", param="input", code="context_length_exceeded")
+        charge_tokens(sum(len(tokens) for tokens in token_lists))  # the key's tokens a minute
         return await asyncio.to_thread(self._embed_blocking, token_lists, adapters)
 
     def _embed_blocking(self, inputs: list[list[int]], adapters: AdapterSet) -> list[np.ndarray]:

@@ -103,6 +103,14 @@ def metered(request: GenerationRequest, prompt_tokens: int,
     return meter.track(start(meter.admit(request, prompt_tokens)))
 
 
+def charge_tokens(tokens: int) -> None:
+    """Charge tokens that no generation carries (embedding inputs) to the current request's
+    key, when it has a tokens limit."""
+    meter = METER.get()
+    if meter is not None and meter.charge is not None and tokens > 0:
+        meter.charge(tokens)
+
+
 class MeteredGeneration:
     """A BackendGeneration that charges each choice's completion tokens: its usage when it
     ends, or the tokens it had written when the reader stopped early (a client that left)."""

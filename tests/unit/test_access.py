@@ -13,10 +13,18 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from lmserve import cli, config
 from lmserve.core.backend import ChoiceStep, Finished, FinishReason
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import Usage
-from lmserve.core.quota import Meter, MeteredGeneration, RateLimited, TokenLimits
+from lmserve.core.quota import (
+    METER,
+    Meter,
+    MeteredGeneration,
+    RateLimited,
+    TokenLimits,
+    charge_tokens,
+)
 from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.dialects.anthropic import encoder as anthropic_encoder
 from lmserve.dialects.native import encoder as native_encoder
@@ -101,7 +109,8 @@ def test_reload_swaps_the_table_and_a_bad_file_keeps_the_old(tmp_path: Path,
     ring = KeyRing(["sk-flag"], admin_keys=["sk-root"], key_file=path)
     old = ring.table
     assert old.match("sk-one") == KeyPolicy("one")
-    assert old.match("sk-root") is not None and old.match("sk-root").admin  # type: ignore[union-attr]
+    root = old.match("sk-root")
+    assert root is not None and root.admin
     assert old.match("sk-flag") == KeyPolicy(default_name("sk-flag"))
     assert old.match("sk-on") is None and old.match("") is None
     path.write_text(f"{SECRET} name=two rpm=5\n", encoding="utf-8")
@@ -115,6 +124,36 @@ def test_reload_swaps_the_table_and_a_bad_file_keeps_the_old(tmp_path: Path,
         assert not ring.reload()
     assert ring.table.match(SECRET) == KeyPolicy("two", rpm=5)
     assert "not reloaded" in caplog.text and SECRET not in caplog.text
+
+
+def test_access_settings_come_from_the_file_the_environment_and_flags(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-a name=a\n", encoding="utf-8")
+    env = config.from_env({"LMSERVE_ADMIN_KEY": "sk-r1, sk-r2",
+                           "LMSERVE_API_KEY_FILE": str(keys), "LMSERVE_MAX_BODY_BYTES": "1M",
+                           "LMSERVE_CORS_ORIGIN": "https://a,https://b"})
+    cfg = config.build({"admin_keys": "sk-file", "max_output_tokens": 64,
+                        "cors_origins": ["https://file"]}, env, {"max_prompt_tokens": 100})
+    assert cfg.admin_keys == ("sk-r1", "sk-r2") and cfg.api_key_file == str(keys)
+    assert cfg.max_body_bytes == 1024 * 1024 and cfg.cors_origins == ("https://a", "https://b")
+    assert (cfg.max_output_tokens, cfg.max_prompt_tokens) == (64, 100)
+    assert config.ServerConfig().max_body_bytes == 32 * 1024 * 1024
+    for bad, message in [({"max_output_tokens": 0}, "at least 1"),
+                         ({"ssl_keyfile": str(keys)}, "needs ssl_certfile"),
+                         ({"ssl_certfile": str(tmp_path / "none.pem")}, "no such file"),
+                         ({"api_key_file": str(tmp_path / "none")}, "no such file")]:
+        with pytest.raises(ValueError, match=message):
+            config.build(bad)
+
+
+def test_serve_stops_at_a_bad_key_file_naming_the_line(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"sk-good name=a\n{SECRET} tpm=-3\n", encoding="utf-8")
+    assert cli.main(["serve", "--api-key-file", str(keys), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{keys}:2: tpm must be at least 1" in err and SECRET not in err
 
 
 # ---- the rate limiter -----------------------------------------------------------------------
@@ -186,6 +225,18 @@ def test_token_limits_refuse_naming_the_parameter_and_cap_an_unset_max_tokens() 
     assert TokenLimits(None, 8).tighter(TokenLimits(3, 9)) == TokenLimits(3, 8)
 
 
+def test_embedding_inputs_are_charged_under_the_request_meter() -> None:
+    charged: list[int] = []
+    charge_tokens(5)  # no meter: nothing to charge
+    token = METER.set(Meter(charge=charged.append))
+    try:
+        charge_tokens(7)
+        charge_tokens(0)
+    finally:
+        METER.reset(token)
+    assert charged == [7]
+
+
 class Scripted:
     def __init__(self, steps: list[list[ChoiceStep]]) -> None:
         self.steps = steps
@@ -228,8 +279,9 @@ def test_live_requests_know_their_owner() -> None:
     class Running:
         finished = False
 
-    live.add([type("Job", (), {"rid": "a"})(), type("Job", (), {"rid": "b"})()],  # type: ignore[list-item]
-             [Running(), Running()], "alice")  # type: ignore[list-item]
+    jobs: Any = [type("Job", (), {"rid": rid})() for rid in ("a", "b")]
+    running: Any = [Running(), Running()]
+    live.add(jobs, running, "alice")
     assert live.owner("a", "alice") is True and live.owner("a", "bob") is False
     assert live.owner("zzz", "bob") is None
     assert live.rids(owner="bob") == [] and sorted(live.rids(owner="alice")) == ["a", "b"]
