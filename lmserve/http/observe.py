@@ -34,6 +34,7 @@ DIALECT_ATTRIBUTE = "lmserve_dialect"  # set on each route a dialect's router co
 ACCESS_FIELDS = ("request_id", "method", "path", "dialect", "model", "status", "prompt_tokens",
                  "output_tokens", "cached_tokens", "queue_ms", "ttft_ms", "duration_ms", "key")
 LOG_FORMATS = ("text", "json")
+_IN_MESSAGE = ("request_id", "method", "path", "status")  # text: in the line already
 
 
 def tag_routes(routes: list[Any], dialect: str) -> None:
@@ -150,8 +151,8 @@ class TextFormatter(logging.Formatter):
         line = super().formatMessage(record)
         if record.name == access_log.name:
             line += "".join(f" {name}={getattr(record, name, None)}"
-                            for name in ACCESS_FIELDS[3:] if getattr(record, name, None)
-                            is not None)
+                            for name in ACCESS_FIELDS if name not in _IN_MESSAGE
+                            and getattr(record, name, None) is not None)
         return line
 
 
