@@ -98,11 +98,20 @@ def _resolve(model: str) -> str:
 
 def run(app: App | str, *, host: str = "127.0.0.1", port: int = 8000,
         log_level: str = "info") -> None:
-    """Serve an App (or an "module:attribute" reference to one) with uvicorn."""
+    """Serve an App (or an "module:attribute" reference to one) with uvicorn. Logging is
+    lmserve's text format unless the caller configured the root logger already; lmserve's
+    access line replaces uvicorn's."""
+    import logging
+
     import uvicorn
 
+    from lmserve.http.observe import configure_logging
+
     target = load_app(app) if isinstance(app, str) else app
-    uvicorn.run(target, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if not logging.getLogger().handlers:
+        configure_logging(log_level)
+    uvicorn.run(target, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                log_config=None, access_log=False)
 
 
 def load_app(reference: str) -> App:
