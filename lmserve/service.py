@@ -22,6 +22,7 @@ from lmserve.core.backend import (
     EngineStats,
     LoadState,
     ModelCard,
+    PlacementFacts,
     PreparedPrompt,
     WeightsFacts,
 )
@@ -32,7 +33,7 @@ from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec, describe
 from lmserve.core.lora import resolve as resolve_lora
 from lmserve.core.quota import charge_tokens, metered
 from lmserve.core.request import ChatMessage, GenerationRequest
-from lmserve.engine import kv_layout
+from lmserve.engine import hardware, kv_layout
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.disk_cache import DiskCache
 from lmserve.engine.lora import load_adapters
@@ -43,7 +44,11 @@ from lmserve.engine.runner import (
     Batch,
     Context,
     Model,
+    Placement,
     default_threads,
+    gpu_build,
+    gpu_devices,
+    read_info,
     validate_grammar,
 )
 from lmserve.engine.scheduler import EngineCore, StepOutputs
@@ -60,16 +65,21 @@ STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "
                  "decode_failures", "draft_tokens", "accepted_tokens")
 
 
+def gpu_facts() -> tuple[bool, list[hardware.Device]]:
+    """Whether llama.cpp has a GPU backend here, and the GPUs it sees (for /v1/plan)."""
+    return gpu_build(), gpu_devices()
+
+
 @dataclass(frozen=True)
 class EngineSettings:
-    n_ctx: int | None = None  # None: the model's training context, capped at 8192
+    n_ctx: int | None = None  # None: the model's training context, capped (kv_layout.default_ctx)
     parallel: int = 8
     step_tokens: int = 512  # per-step token budget: decode tokens + prompt chunks
     threads: int | None = None
     threads_batch: int | None = None
     max_queue: int = 256
     max_queued_tokens: int | None = None  # prompt tokens waiting before 429; None: no cap
-    cache_slots: int | None = None  # idle sequences kept for prefix reuse; default = parallel
+    cache_slots: int | None = None  # idle sequences kept for prefix reuse (default: parallel/4)
     cache_tokens: int | None = None  # idle KV tokens kept besides the newest; default n_ctx/4
     disk_cache_dir: str | None = None  # saved sequence states of long prefixes; None: off
     disk_cache_max_bytes: int = 4 << 30  # per model
@@ -83,6 +93,18 @@ class EngineSettings:
     loras: tuple[LoraSpec, ...] = ()  # LoRA adapters loaded with the model (core.lora)
     context_overflow: str = "error"  # a chat that does not fit: error | truncate
     media: MediaPolicy = MediaPolicy()  # image input: sizes, hosts, directory (chat.media)
+    # Where the model runs (engine.hardware): GPU offload and the KV cache's element types.
+    gpu_layers: str = "auto"  # auto | all | a count; auto is 0 on a CPU-only build
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] | None = None
+    flash_attn: str = "auto"
+    kv_offload: bool = True  # the KV cache on the GPU with its layers
+    op_offload: bool = True
+    mlock: bool = False
+    mmap: bool = True
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
 
 class ModelService:
@@ -107,6 +129,9 @@ class ModelService:
         self.prompter: Prompter | None = None  # once loaded
         self.n_ctx = 0
         self.layout = kv_layout.Layout(False, "not loaded")  # the engine's KV layout, and why
+        self.placement = Placement()  # where llama.cpp puts the weights and KV, once loading
+        self.offload = hardware.Offload(0, 0, "not loaded")  # the GPU layers, and why
+        self.kv_bytes = 0  # the KV cache's size (all streams), once loaded
         self._embed_ctx: Context | None = None
         self._embed_lock = threading.Lock()
         self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
@@ -124,7 +149,14 @@ class ModelService:
                 progress(fraction)
 
         try:
-            self.model = Model(self.path, progress=on_progress)
+            self.placement, self.offload = self._placement()
+            log.info("model %s: %s", self.name, self.offload.reason)
+            self.model = Model(self.path, progress=on_progress, placement=self.placement)
+            shape = kv_layout.kv_shape_from_metadata(self.model.info.metadata)
+            hardware.check_kv_types(self.placement.cache_type_k, self.placement.cache_type_v,
+                                    self.placement.flash_attn,
+                                    key_width=shape[2] if shape else None,
+                                    value_width=shape[3] if shape else None)
             self._start_engine(loop)
             self.template = self._load_template()
             self.state, self.progress = "ready", 1.0
@@ -133,16 +165,47 @@ class ModelService:
             log.error("could not load model %s from %s: %s", self.name, self.path, self.error)
             raise
 
+    def _cache_slots(self) -> int:
+        s = self.settings
+        return s.cache_slots if s.cache_slots is not None else \
+            kv_layout.default_cache_slots(s.parallel)
+
+    def _placement(self) -> tuple[Placement, hardware.Offload]:
+        """The layers to offload (engine.hardware.offload) and the KV types, before loading.
+        Only an auto setting on a machine with a GPU needs the model's shape (read without
+        its weights)."""
+        s = self.settings
+        devices = gpu_devices() if s.gpu_layers != "0" else []
+        n_layer, size, kv_bytes = 0, 0, 0
+        if devices:
+            info = read_info(self.path)
+            n_layer, size = info.n_layer, info.size_bytes
+            per_token = kv_layout.bytes_per_token_from_metadata(
+                info.metadata, s.cache_type_k, s.cache_type_v) or 0
+            n_ctx = s.n_ctx or kv_layout.default_ctx(info.n_ctx_train)
+            slots = s.parallel + self._cache_slots()
+            kv_bytes = per_token * n_ctx * slots
+        plan = hardware.offload(s.gpu_layers, n_layer=n_layer, size_bytes=size,
+                                kv_bytes=kv_bytes, kv_offload=s.kv_offload, devices=devices,
+                                gpu_build=bool(devices) or gpu_build())
+        layers = plan.layers
+        return Placement(
+            gpu_layers=layers, split_mode=s.split_mode, main_gpu=s.main_gpu,
+            tensor_split=s.tensor_split, mmap=s.mmap, mlock=s.mlock,
+            cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
+            flash_attn=s.flash_attn, kv_offload=s.kv_offload, op_offload=s.op_offload), plan
+
     def _start_engine(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.model is not None
         s, info = self.settings, self.model.info
         load_adapters(self.model, s.loras)
-        self.n_ctx = s.n_ctx or min(info.n_ctx_train or 4096, 8192)
-        n_slots = s.parallel + (s.cache_slots if s.cache_slots is not None else s.parallel)
+        self.n_ctx = s.n_ctx or kv_layout.default_ctx(info.n_ctx_train)
+        n_slots = s.parallel + self._cache_slots()
         threads = s.threads or default_threads()
         layout = kv_layout.choose(
             s.kv_layout, n_ctx=self.n_ctx, n_slots=n_slots, memory=kv_layout.machine_memory(),
-            bytes_per_token=kv_layout.bytes_per_token_from_metadata(info.metadata))
+            bytes_per_token=kv_layout.bytes_per_token_from_metadata(
+                info.metadata, s.cache_type_k, s.cache_type_v))
 
         model = self.model
 
@@ -150,7 +213,7 @@ class ModelService:
             return Context(model, n_ctx=self.n_ctx * (n_slots if split else 1),
                            n_seq_max=n_slots, n_batch=max(s.step_tokens, s.parallel),
                            n_threads=threads, n_threads_batch=s.threads_batch or threads,
-                           kv_unified=not split)
+                           kv_unified=not split, placement=self.placement)
 
         try:
             ctx = context(layout.split)
@@ -161,6 +224,9 @@ class ModelService:
             ctx = context(False)
         self.layout = layout
         log.info("model %s: %s", self.name, layout.reason)
+        per_token = kv_layout.bytes_per_token_from_metadata(
+            info.metadata, s.cache_type_k, s.cache_type_v) or 0
+        self.kv_bytes = per_token * self.n_ctx * (n_slots if layout.split else 1)
         self.n_ctx = ctx.n_ctx  # one sequence's room
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
@@ -242,7 +308,19 @@ class ModelService:
             chat_template=self.template.source if self.template is not None else None,
             reasoning_tags=self.reasoning_tags, vision=self.vision, loras=s.loras,
             kv_layout=("split" if self.layout.split else "shared") if model else None,
-            weights=weights, settings=settings)
+            weights=weights, placement=self._placement_facts() if model else None,
+            settings=settings)
+
+    def _placement_facts(self) -> PlacementFacts:
+        place, plan = self.placement, self.offload
+        size = self.model.info.size_bytes if self.model is not None else 0
+        return PlacementFacts(
+            where=plan.where, gpu_layers=plan.layers, reason=plan.reason,
+            n_layer=plan.n_layer or (self.model.info.n_layer if self.model is not None else 0),
+            weights_gpu_bytes=plan.weights_on_gpu(size) if plan.n_layer else 0,
+            kv_where="gpu" if plan.layers > 0 and place.kv_offload else "cpu",
+            cache_type_k=place.cache_type_k, cache_type_v=place.cache_type_v,
+            kv_bytes=self.kv_bytes, flash_attn=place.flash_attn)
 
     def _settings_view(self) -> tuple[Mapping[str, Any], int]:
         """The card's read-only view of the settings and the threads they mean, made once per
@@ -469,5 +547,5 @@ class ModelService:
         n = self.settings.embedding_ctx
         return Context(self.model, n_ctx=n, n_seq_max=1, n_batch=n,
                        n_threads=self.settings.threads or default_threads(),
-                       embeddings=True, pooling_type=pooling)
+                       embeddings=True, pooling_type=pooling, placement=self.placement)
 

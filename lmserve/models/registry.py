@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 from lmserve.core.backend import LoadState, ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.service import EngineSettings, ModelService
+from lmserve.engine.hardware import Device
+from lmserve.service import EngineSettings, ModelService, gpu_facts
 
 if TYPE_CHECKING:
     from tqdm import tqdm  # imported when a bar is shown (a terminal), see _Progress
@@ -55,6 +56,12 @@ class ModelRegistry:
 
     def __len__(self) -> int:
         return len(self._services)
+
+    @staticmethod
+    def gpu() -> tuple[bool, list[Device]]:
+        """Whether this llama.cpp build has a GPU backend, and the GPUs it sees now (with
+        their free memory): what /v1/plan sizes offload against."""
+        return gpu_facts()
 
     def names(self, service: ModelBackend) -> list[str]:
         return [k for k, s in self._by_key.items() if s is service]

@@ -32,10 +32,10 @@ def layout(server: Server) -> str:
 
 def test_layout_is_reported_and_auto_splits_a_small_model(split_server, shared_server, server):
     assert (layout(split_server), layout(shared_server)) == ("split", "shared")
-    assert layout(server) == "split"  # auto: 8 slots x 4096 cells of SmolLM2 are 0.7 GiB
+    assert layout(server) == "split"  # auto: 4 + 1 slots x 4096 cells of SmolLM2: 0.44 GiB
     with open(server.log_path, encoding="utf-8") as f:
         log = f.read()
-    assert "a KV stream of 4096 cells per slot (auto: 8 x 4096 cells would take 0.70 GiB" in log
+    assert "a KV stream of 4096 cells per slot (auto: 5 x 4096 cells would take 0.44 GiB" in log
 
 
 def ask(server: Server, question: str, **extra) -> dict:

@@ -19,7 +19,11 @@ SAMPLE = {"parallel": "3", "n_ctx": "1024", "threads": "2", "threads_batch": "2"
           "cache_tokens": "64",
           "kv_layout": "shared", "lookup": "4", "lookup_budget": "8",
           "context_overflow": "truncate", "disk_cache_dir": "/tmp/dc",
-          "disk_cache_max_bytes": "2M", "disk_cache_min_tokens": "32", "embedding_ctx": "512"}
+          "disk_cache_max_bytes": "2M", "disk_cache_min_tokens": "32", "embedding_ctx": "512",
+          "gpu_layers": "12", "split_mode": "row", "main_gpu": "1", "tensor_split": "3,1",
+          "flash_attn": "on", "cache_type_k": "q8_0", "cache_type_v": "q4_0",
+          # switches: the flag alone sets the value a file or the environment spells out
+          "kv_offload": "false", "op_offload": "false", "mlock": "true", "mmap": "false"}
 
 
 def test_every_engine_setting_is_declared_once() -> None:
@@ -38,7 +42,8 @@ def _expected(key: str) -> object:
 def test_each_option_reaches_the_settings_by_flag_env_and_file(option: config.Option,
                                                                 tmp_path) -> None:
     value = SAMPLE[option.key]
-    args = build_parser().parse_args(["serve", option.flags[0], value])
+    flag = [option.flags[0]] if option.const is not None else [option.flags[0], value]
+    args = build_parser().parse_args(["serve", *flag])
     by_flag = serve_config(args)
     by_env = config.build(config.from_env({f"LMSERVE_{option.key.upper()}": value}))
     path = tmp_path / "c.json"

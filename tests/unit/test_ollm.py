@@ -40,7 +40,7 @@ def test_runtime_fields_that_match_this_server_pass():
 
 @pytest.mark.parametrize("field, value", [
     ("backend", "transformers"), ("device", "cuda:0"), ("use_cache", False),
-    ("offload_gpu_layers", 4), ("offload_cpu_layers", 2), ("multimodal", True),
+    ("offload_cpu_layers", 2), ("multimodal", True),
     ("use_specialization", True), ("force_download", True), ("models_dir", "/m"),
     ("adapter_dir", "/a"), ("cache_dir", "/c"), ("kv_cache_strategy", "paged"),
     ("kv_cache_window_tokens", 64), ("offload_cpu_policy", "auto"),
@@ -98,7 +98,8 @@ def test_memory_matches_what_llama_cpp_allocates():
     """llama.cpp itself reports, for SmolLM2 at 4096 cells, n_ubatch 512 and 8 sequences:
     KV 90.00 MiB, CPU compute buffer 98.25 MiB, output buffer 1.50 MiB."""
     f = smollm2()
-    knobs = plan.choose(f, {"n_ctx": 4096, "parallel": 4, "step_tokens": 512}, {}, cpu_count=2)
+    knobs = plan.choose(f, {"n_ctx": 4096, "parallel": 4, "cache_slots": 4, "step_tokens": 512},
+                        {}, cpu_count=2)
     mem = plan.memory(f, knobs, available=10 * 1024 * MIB)
     assert mem["kv_cache_bytes"] == 90 * MIB
     assert mem["compute_buffer_bytes"] == int(98.25 * MIB)
@@ -112,7 +113,8 @@ def test_split_streams_need_a_stream_per_slot():
     """llama.cpp reports, for SmolLM2 with kv_unified false, 8 sequences of 1024 cells:
     KV 180.00 MiB (1024 cells x 8 seqs)."""
     f = smollm2()
-    knobs = plan.choose(f, {"n_ctx": 1024, "parallel": 4, "kv_layout": "split"}, {}, cpu_count=2)
+    knobs = plan.choose(f, {"n_ctx": 1024, "parallel": 4, "cache_slots": 4, "kv_layout": "split"},
+                        {}, cpu_count=2)
     mem = plan.memory(f, knobs, available=None)
     assert knobs.n_seq_max == 8 and mem["kv_cache_bytes"] == 180 * MIB
     assert knobs.cache_tokens.value == 0  # no idle budget: idle streams cost others nothing
@@ -137,11 +139,13 @@ def test_a_running_engine_reports_its_own_kv_layout():
 def test_choices_say_where_they_came_from():
     f = smollm2()
     default = plan.choose(f, {}, {}, cpu_count=16)
-    assert default.context.value == 8192 and "training context" in default.context.reason
+    assert default.context.value == 4096 and "training context" in default.context.reason
     assert default.threads.value == 16 and "all 16 CPU cores" in default.threads.reason
     assert default.threads_batch.value == 16 and default.parallel.value == 8
-    assert (default.cache_slots.value, default.cache_tokens.value) == (8, 2048)
-    assert (default.n_ubatch, default.n_seq_max) == (512, 16)
+    # a quarter as many cache slots as running ones; memory unknown, so one shared pool whose
+    # idle budget is a quarter of the context
+    assert (default.cache_slots.value, default.cache_tokens.value) == (2, 1024)
+    assert (default.n_ubatch, default.n_seq_max) == (512, 10)
     flags = plan.choose(f, {"n_ctx": 2048, "threads": 3, "parallel": 2, "cache_slots": 1,
                             "cache_tokens": 100, "step_tokens": 64}, {}, cpu_count=16)
     assert (flags.context.value, flags.threads.value, flags.parallel.value) == (2048, 3, 2)
@@ -158,7 +162,7 @@ def test_choices_say_where_they_came_from():
 def test_context_defaults_cap_and_fallback_and_separate_kv_widths():
     long = plan.facts_from_header({"general.architecture": "q", "q.context_length": 131072},
                                   size_bytes=1, quantization=None)
-    assert plan.choose(long, {}, {}, cpu_count=1).context.value == 8192
+    assert plan.choose(long, {}, {}, cpu_count=1).context.value == 4096
     none = plan.facts_from_header({"general.architecture": "q"}, size_bytes=1, quantization=None)
     assert plan.choose(none, {}, {}, cpu_count=1).context.value == 4096
     assert none.kv_bytes_per_token == 0
@@ -288,9 +292,9 @@ def test_health_models_plan_and_errors():
         p = c.post("/v1/plan", json={"runtime": {"model_reference": "smollm2",
                                                  "context_length": 1024}}).json()
         assert p["runtime_config"]["context_length"] == 1024 and p["runtime_config"]["parallel"] == 2
-        # auto layout: 4 slots x 1024 cells (90 MiB) fit in an eighth of any test machine
+        # auto layout: 2 + 1 slots x 1024 cells (68 MiB) fit in an eighth of any test machine
         assert p["runtime_config"]["kv_unified"] is False
-        assert p["runtime_plan"]["memory"]["kv_cache_bytes"] == 4 * 1024 * 23040
+        assert p["runtime_plan"]["memory"]["kv_cache_bytes"] == 3 * 1024 * 23040
         assert "auto" in p["runtime_plan"]["details"]["parallel"]
         r = c.post("/v1/plan", json={"runtime": {"model_reference": "/no/such.gguf"}})
         assert r.status_code == 404 and "no model" in r.json()["detail"]

@@ -118,4 +118,5 @@ def test_the_dialect_imports_only_the_contract():
         assert not module.startswith("lmserve.service"), (file, module)
         if module.startswith("lmserve.engine"):
             assert file == "plan.py" and module in ("lmserve.engine",
-                                                    "lmserve.engine.kv_layout"), (file, module)
+                                                    "lmserve.engine.kv_layout",
+                                                    "lmserve.engine.hardware"), (file, module)

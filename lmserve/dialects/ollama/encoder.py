@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from gguf import LlamaFileType
 
-from lmserve.core.backend import ChoiceStep, Failed, WeightsFacts
+from lmserve.core.backend import ChoiceStep, Failed, PlacementFacts, WeightsFacts
 from lmserve.core.errors import LmserveError
 from lmserve.core.events import (
     CHANNEL_REASONING,
@@ -229,16 +229,22 @@ def tag_entry(facts: ModelFacts) -> dict[str, Any]:
 
 
 def ps_entry(facts: ModelFacts, weights: WeightsFacts, n_ctx: int,
-             metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """`size` is the weights plus the KV cache allocated for the loaded context (where the
-    metadata gives the attention shapes)."""
+             metadata: Mapping[str, str] | None = None,
+             placement: PlacementFacts | None = None) -> dict[str, Any]:
+    """`size` is the weights plus the KV cache allocated for the loaded context: the backend's
+    own figure (all streams, in its KV types) where it gives one, else f16 cells of one
+    context from the metadata's attention shapes. `size_vram` is what sits on the GPU."""
     metadata = metadata or {}
     arch = weights.architecture or ""
     n_layer = metadata_value(metadata.get(f"{arch}.block_count", ""))
     kv = kv_cache_bytes(metadata, arch, n_layer, n_ctx) if isinstance(n_layer, int) else 0
+    vram = 0
+    if placement is not None and placement.kv_bytes:
+        kv = placement.kv_bytes
+        vram = placement.weights_gpu_bytes + (kv if placement.kv_where == "gpu" else 0)
     memory = (weights.size_bytes or 0) + kv
     return {"name": facts.name, "model": facts.name, "size": memory, "digest": facts.digest,
-            "details": details(facts), "expires_at": NEVER_EXPIRES, "size_vram": 0,
+            "details": details(facts), "expires_at": NEVER_EXPIRES, "size_vram": vram,
             "context_length": n_ctx}
 
 

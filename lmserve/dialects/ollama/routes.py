@@ -120,7 +120,8 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
                 continue
             metadata = _metadata(card)
             entries += [encoder.ps_entry(_facts(card, name), card.weights, card.n_ctx,
-                                         metadata) for name in registry.names(service)]
+                                         metadata, card.placement)
+                        for name in registry.names(service)]
         return {"models": entries}
 
     @router.post("/api/show", summary="Show a model")

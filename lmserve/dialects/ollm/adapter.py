@@ -14,18 +14,17 @@ DEFAULT_MAX_NEW_TOKENS = 512
 LLAMA_CPP = ("llama.cpp", "llama-cpp", "llamacpp", "llama_cpp")
 # A runtime field is accepted when unset or set to what this server does anyway.
 _ACCEPTED: dict[str, tuple[Any, ...]] = {
-    "backend": (None, *LLAMA_CPP), "device": (None, "cpu"), "use_cache": (None, True),
-    "offload_gpu_layers": (None, 0), "offload_cpu_layers": (None, 0),
+    "backend": (None, *LLAMA_CPP), "device": (None, "cpu", "auto"),
+    "use_cache": (None, True), "offload_cpu_layers": (None, 0),
     "multimodal": (None, False), "use_specialization": (None, False),
     "force_download": (None, False),
 }
 _WHY = {
     "backend": "this server runs GGUF models through llama.cpp only",
-    "device": "llama.cpp runs on the CPU on this server",
+    "device": "this llama.cpp build runs on the CPU only (no GPU backend)",
     "use_cache": "the prefix cache is always on (POST /flush_cache drops it)",
-    "offload_gpu_layers": "llama.cpp runs on the CPU on this server",
-    "offload_cpu_layers": "every layer already runs on the CPU",
-    "offload_cpu_policy": "every layer already runs on the CPU",
+    "offload_cpu_layers": "layers not on the GPU run on the CPU (offload_gpu_layers)",
+    "offload_cpu_policy": "layers not on the GPU run on the CPU (offload_gpu_layers)",
     "multimodal": "this server takes text only",
     "use_specialization": "there are no specialized runtimes; llama.cpp runs every model",
     "force_download": "lmserve never downloads a model on request",
@@ -36,13 +35,16 @@ _WHY = {
 _UNSUPPORTED = ("models_dir", "adapter_dir", "cache_dir", "kv_cache_strategy",
                 "strategy_selector_profile", "kv_cache_lifecycle", "kv_cache_adaptation_mode",
                 "kv_cache_window_tokens", "dense_projection_chunk_rows", "offload_cpu_policy")
-SERVED_KNOBS = ("context_length", "threads", "threads_batch", "parallel")
+SERVED_KNOBS = ("context_length", "threads", "threads_batch", "parallel", "offload_gpu_layers")
 
 
-def check_runtime(runtime: RuntimeIn) -> None:
-    """Refuse runtime fields this server cannot honour, naming them."""
+def check_runtime(runtime: RuntimeIn, *, gpu: bool = False) -> None:
+    """Refuse runtime fields this server cannot honour, naming them; `gpu`: llama.cpp was
+    built with a GPU backend, so a GPU device can be asked for."""
     for name, accepted in _ACCEPTED.items():
         value = getattr(runtime, name)
+        if name == "device" and gpu and str(value).lower() in ("gpu", "cuda", "metal"):
+            continue
         if (value.lower() if isinstance(value, str) else value) not in accepted:
             raise unsupported(f"runtime.{name}", f"{value!r}: {_WHY[name]}")
     for name in _UNSUPPORTED:

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lmserve.engine import kv_layout
+from lmserve.engine import hardware, kv_layout
 
 F32_BYTES = 4
 MIB = 1024 * 1024
-DEFAULT_CTX_CAP = 8192  # lmserve's default: the training context, capped (service.py)
-FALLBACK_CTX = 4096
+DEFAULT_CTX_CAP = kv_layout.DEFAULT_CTX_CAP  # the training context, capped (service.py)
+FALLBACK_CTX = kv_layout.FALLBACK_CTX
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class ModelFacts:
     size_bytes: int
     name: str | None
     chat_template: bool
+
+    def kv_bytes(self, type_k: str, type_v: str) -> int:
+        """K and V rows for one cell, on every layer, in the given KV cache types."""
+        return kv_layout.kv_bytes_per_token(self.n_layer, self.n_head_kv, self.key_length,
+                                            self.value_length, type_k, type_v)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -88,6 +93,9 @@ class Knobs:
     cache_tokens: Choice
     kv_split: bool = False  # one stream of `context` cells per slot (engine.kv_layout)
     disk_cache: bool = False  # --disk-cache is set
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    offload: hardware.Offload = hardware.Offload(0, 0, "CPU only")  # layers on the GPU
 
     @property
     def n_ubatch(self) -> int:
@@ -96,6 +104,12 @@ class Knobs:
     @property
     def n_seq_max(self) -> int:
         return self.parallel.value + self.cache_slots.value
+
+
+def running_offload(layers: int, n_layer: int, reason: str, kv_on_gpu: bool
+                    ) -> hardware.Offload:
+    """A served model's GPU layers (its card's placement) as the plan rules state them."""
+    return hardware.Offload(layers, n_layer, reason, kv_on_gpu)
 
 
 def default_threads() -> int:
@@ -110,13 +124,18 @@ def machine_memory() -> int | None:
 
 def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[str, Any], *,
            cpu_count: int, running_ctx: int | None = None, memory: int | None = None,
-           running_layout: kv_layout.Layout | str | None = None) -> Knobs:
+           running_layout: kv_layout.Layout | str | None = None,
+           running_offload: hardware.Offload | None = None,
+           gpu: tuple[bool, list[hardware.Device]] = (False, [])) -> Knobs:
     """configured: the server's engine settings (None: default); requested: the plan request's
-    overrides; running_ctx and running_layout: the context and KV layout of the engine already
-    serving this model (a Layout, or as a model card names it: "split" or "shared"); memory:
-    the machine's, which the auto KV layout weighs (engine.kv_layout)."""
+    overrides; running_ctx, running_layout and running_offload: the context, KV layout and
+    GPU layers of the engine already serving this model (a Layout, or as a model card names
+    it: "split" or "shared"); memory: the machine's, which the auto KV layout weighs
+    (engine.kv_layout); gpu: whether llama.cpp has a GPU backend, and its GPUs."""
     context = _context(facts, configured.get("n_ctx"), requested.get("context_length"),
                        running_ctx)
+    type_k = str(configured.get("cache_type_k") or "f16")
+    type_v = str(configured.get("cache_type_v") or "f16")
     threads = _pick(requested.get("threads"), configured.get("threads"), cpu_count,
                     "--threads", f"all {cpu_count} CPU cores (lmserve's default)")
     batch_default = Choice(threads.value, "the same as threads (--threads-batch unset)")
@@ -125,7 +144,8 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
     parallel = _pick(requested.get("parallel"), configured.get("parallel"), 8, "--parallel",
                      "lmserve's default")
     configured_slots = configured.get("cache_slots")
-    idle_slots = parallel.value if configured_slots is None else int(configured_slots)
+    idle_slots = kv_layout.default_cache_slots(parallel.value) if configured_slots is None \
+        else int(configured_slots)
     n_slots = parallel.value + idle_slots
     running = running_layout is not None and requested.get("context_length") is None and \
         requested.get("parallel") is None
@@ -133,7 +153,7 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
         layout = running_layout  # what the engine was given, a fallback included
     else:
         layout = kv_layout.choose(str(configured.get("kv_layout") or "auto"),
-                                  bytes_per_token=facts.kv_bytes_per_token or None,
+                                  bytes_per_token=facts.kv_bytes(type_k, type_v) or None,
                                   n_ctx=context.value, n_slots=n_slots, memory=memory)
         if isinstance(running_layout, str) and running:
             layout = _engine_layout(running_layout == "split", layout, context.value, n_slots)
@@ -149,13 +169,21 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
                            "prompt chunks; llama.cpp's n_batch = n_ubatch = max(batch, parallel)"),
         cache_slots=Choice(idle_slots,
                            "finished sequences kept resident for prefix reuse (--cache-slots, "
-                           "default: as many as --parallel)"),
+                           "default: a quarter of --parallel, at least 1)"),
         cache_tokens=Choice(idle_default if cache_tokens is None else int(cache_tokens),
                             "idle KV tokens kept besides the newest finished conversation "
                             "(--cache-tokens; default a quarter of the context, as idle cells "
                             "slow every decode step of a shared pool; 0 = no budget with "
                             "--kv-split, where they do not)"),
-        kv_split=split, disk_cache=bool(configured.get("disk_cache_dir")))
+        kv_split=split, disk_cache=bool(configured.get("disk_cache_dir")),
+        cache_type_k=type_k, cache_type_v=type_v,
+        offload=running_offload if running_offload is not None and running else hardware.offload(
+            str(requested.get("offload_gpu_layers") if requested.get("offload_gpu_layers")
+                is not None else configured.get("gpu_layers") or "auto"),
+            n_layer=facts.n_layer, size_bytes=facts.size_bytes,
+            kv_bytes=facts.kv_bytes(type_k, type_v) * context.value * (n_slots if split else 1),
+            kv_offload=bool(configured.get("kv_offload", True)), devices=gpu[1],
+            gpu_build=gpu[0]))
 
 
 def _engine_layout(split: bool, rule: kv_layout.Layout, n_ctx: int, n_slots: int
@@ -202,12 +230,20 @@ def _context(facts: ModelFacts, configured: Any, requested: Any, running: int | 
 
 def memory(facts: ModelFacts, knobs: Knobs, *, available: int | None) -> dict[str, Any]:
     cells = knobs.context.value * (knobs.n_seq_max if knobs.kv_split else 1)
-    kv = facts.kv_bytes_per_token * cells
+    per_token = facts.kv_bytes(knobs.cache_type_k, knobs.cache_type_v)
+    kv = per_token * cells
+    offload = knobs.offload
+    gpu_weights = offload.weights_on_gpu(facts.size_bytes) if offload.n_layer else 0
     compute = knobs.n_ubatch * (facts.n_vocab + 2 * facts.n_embd) * F32_BYTES
     output = knobs.n_seq_max * facts.n_vocab * F32_BYTES
     total = facts.size_bytes + kv + compute + output
     return {"weights_bytes": facts.size_bytes, "kv_cache_bytes": kv,
-            "kv_bytes_per_token": facts.kv_bytes_per_token, "kv_cache_type": "f16",
+            "kv_bytes_per_token": per_token,
+            "kv_cache_type": knobs.cache_type_k if knobs.cache_type_k == knobs.cache_type_v
+            else f"{knobs.cache_type_k}/{knobs.cache_type_v}",
+            "kv_cache_type_k": knobs.cache_type_k, "kv_cache_type_v": knobs.cache_type_v,
+            "gpu_layers": offload.layers, "weights_gpu_bytes": gpu_weights,
+            "kv_cache_gpu_bytes": kv if offload.layers and offload.kv_on_gpu else 0,
             "compute_buffer_bytes": compute, "output_buffer_bytes": output,
             "total_bytes": total, "available_bytes": available,
             "fits": None if available is None else total <= available}
@@ -227,13 +263,15 @@ def reasons(facts: ModelFacts, knobs: Knobs, mem: dict[str, Any]) -> dict[str, s
         "threads": f"{k.threads.value} for decoding: {k.threads.reason}; "
                    f"{k.threads_batch.value} for prompts: {k.threads_batch.reason}",
         "parallel": f"{k.parallel.value} sequences: {k.parallel.reason}",
-        "offload": "none: llama.cpp runs on the CPU here (n_gpu_layers = 0); weights, KV cache "
-                   "and buffers stay in system memory",
+        "offload": f"{k.offload.where}: {k.offload.reason}" + (
+            "; weights, KV cache and buffers stay in system memory"
+            if k.offload.layers == 0 else ""),
         "weights": f"{_mib(f.size_bytes)}: the GGUF file is memory-mapped, so its size is what "
                    f"the weights take ({f.quantization or 'unknown'} quantization)",
         "kv_cache": f"{_mib(mem['kv_cache_bytes'])} = {f.n_layer} layers x "
                     f"{_cells(k)} cells x {f.n_head_kv} KV heads x ({f.key_length} + "
-                    f"{f.value_length}) x {kv_layout.F16_BYTES} bytes (f16), " +
+                    f"{f.value_length}) x the bytes of {k.cache_type_k}/{k.cache_type_v} "
+                    f"elements, " +
                     (f"one stream per slot ({k.n_seq_max} slots)" if k.kv_split else
                      "one unified pool for all sequences"),
         "compute_buffer": f"about {_mib(mem['compute_buffer_bytes'])}: one micro-batch of "
@@ -274,18 +312,22 @@ def plan_body(target: Target, facts: ModelFacts, knobs: Knobs,
     details = reasons(facts, knobs, mem)
     fit = "" if mem["fits"] is None else (", fits in memory" if mem["fits"]
                                           else ", does NOT fit in available memory")
-    summary = (f"{target.name}: llama.cpp on the CPU, {knobs.context.value}-token context, "
+    device = {"cpu": "on the CPU", "gpu": "on the GPU", "split": "on the GPU and CPU"}[
+        knobs.offload.where]
+    summary = (f"{target.name}: llama.cpp {device}, {knobs.context.value}-token context, "
                f"{knobs.parallel.value} parallel sequences, {knobs.threads.value} threads; "
                f"about {_mib(mem['total_bytes'])}{fit}")
     return {
         "runtime_config": {
-            "model_reference": target.reference, "backend": "llama.cpp", "device": "cpu",
+            "model_reference": target.reference, "backend": "llama.cpp",
+            "device": "cpu" if knobs.offload.layers == 0 else "gpu",
             "context_length": knobs.context.value, "threads": knobs.threads.value,
             "threads_batch": knobs.threads_batch.value, "parallel": knobs.parallel.value,
             "step_tokens": knobs.step_tokens.value, "cache_slots": knobs.cache_slots.value,
             "cache_tokens": knobs.cache_tokens.value, "use_cache": True,
             "kv_unified": not knobs.kv_split, "disk_cache": knobs.disk_cache,
-            "offload_gpu_layers": 0},
+            "offload_gpu_layers": knobs.offload.layers,
+            "cache_type_k": knobs.cache_type_k, "cache_type_v": knobs.cache_type_v},
         "resolved_model": {
             "model_reference": target.reference, "normalized_name": target.name,
             "source_kind": target.source, "path": target.path,
@@ -297,8 +339,11 @@ def plan_body(target: Target, facts: ModelFacts, knobs: Knobs,
             "served_as": target.served_as, "loaded": target.loaded,
             "resolution_message": _resolution(target)},
         "runtime_plan": {
-            "backend_id": "llama.cpp", "offload": "none", "supports_disk_cache": True,
-            "supports_cpu_offload": False, "supports_gpu_offload": False, "memory": mem,
+            "backend_id": "llama.cpp",
+            "offload": "none" if knobs.offload.layers == 0 else knobs.offload.where,
+            "supports_disk_cache": True, "supports_cpu_offload": knobs.offload.layers > 0,
+            "supports_gpu_offload": knobs.offload.reason.startswith("CPU only") is False,
+            "memory": mem,
             "reason": summary, "details": details},
     }
 

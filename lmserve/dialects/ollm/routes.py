@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from lmserve._version import __version__
-from lmserve.core.backend import ModelBackend
+from lmserve.core.backend import ModelBackend, PlacementFacts
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.request import ChatMessage
 from lmserve.dialects.ollm import adapter, discovery, encoder, plan
@@ -153,18 +153,20 @@ def _sessions(request: Request) -> SessionStore:
 
 def _served(models: Models, runtime: RuntimeIn) -> tuple[ModelBackend, str]:
     """The served model a prompt runs on; its runtime must match the request's."""
-    adapter.check_runtime(runtime)
+    adapter.check_runtime(runtime, gpu=models().gpu()[0])
     service, name = discovery.served(models(), runtime.model_reference)
     card = service.card
     threads = card.threads or plan.default_threads()
     adapter.check_served(runtime, {"context_length": card.n_ctx, "threads": threads,
                                    "threads_batch": card.settings.get("threads_batch") or threads,
-                                   "parallel": card.parallel})
+                                   "parallel": card.parallel,
+                                   "offload_gpu_layers": card.placement.gpu_layers
+                                   if card.placement is not None else 0})
     return service, name
 
 
 def _plan(registry: ModelRegistry, runtime: RuntimeIn) -> dict[str, Any]:
-    adapter.check_runtime(runtime)
+    adapter.check_runtime(runtime, gpu=registry.gpu()[0])
     target, header, service = discovery.plan_target(registry, runtime.model_reference)
     facts = plan.facts_from_header(header.metadata, size_bytes=header.size_bytes,
                                    quantization=header.quantization)
@@ -177,9 +179,19 @@ def _plan(registry: ModelRegistry, runtime: RuntimeIn) -> dict[str, Any]:
                         cpu_count=plan.default_threads(),
                         running_ctx=running.n_ctx if running else None,
                         memory=plan.machine_memory(),
-                        running_layout=running.kv_layout if running else None)
+                        running_layout=running.kv_layout if running else None,
+                        running_offload=_offload(running.placement) if running else None,
+                        gpu=registry.gpu())
     return plan.plan_body(target, facts, knobs,
                           plan.memory(facts, knobs, available=_available_memory()))
+
+
+def _offload(placement: PlacementFacts | None) -> Any:
+    """The running engine's GPU layers, as the plan rules state them."""
+    if placement is None:
+        return None
+    return plan.running_offload(placement.gpu_layers, placement.n_layer, placement.reason,
+                                placement.kv_where == "gpu")
 
 
 def _available_memory() -> int | None:

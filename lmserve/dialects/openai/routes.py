@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
 from enum import Enum
 from typing import Any
@@ -123,6 +124,8 @@ def _model_card(service: ModelBackend, name: str) -> dict[str, Any]:
                          "n_ctx_train": weights.n_ctx_train, "n_params": weights.n_params,
                          "size": weights.size_bytes, "n_vocab": weights.n_vocab,
                          "chat_template": card.has_template, "kv_layout": card.kv_layout}
+        if card.placement is not None:  # where the weights and the KV cache live
+            entry["meta"]["placement"] = dataclasses.asdict(card.placement)
     lora = model_spec(name, card.loras, card.names)
     if lora is not None:  # vLLM's shape for an adapter: root is its file, parent the base
         entry.update(root=lora.path, parent=name.rpartition(":")[0],
