@@ -22,6 +22,7 @@ $(VENV)/.installed: $(PY) pyproject.toml requirements.lock scripts/build_llama.s
 # build_llama.sh runs every time (it returns at once when the installed build matches), so a
 # changed LMSERVE_CMAKE_ARGS (-DGGML_CUDA=ON) rebuilds llama-cpp-python in an existing .venv.
 install: $(VENV)/.installed
+	@scripts/build_llama.sh $(PY)
 
 serve: install
 	$(VENV)/bin/lmserve serve $(MODEL) --host $(HOST) --port $(PORT)
