@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +33,62 @@ class SamplingParams:
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
+
+    def check(self, name: FieldNames) -> None:
+        """Refuse values that make no sense, naming the field as the dialect spells it."""
+        for key in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty"):
+            value = getattr(self, key)
+            if not math.isfinite(value):
+                _refuse(name, key, "must be a finite number", value)
+        if self.temperature < 0:
+            _refuse(name, "temperature", "must be 0 (greedy) or more", self.temperature)
+        if not 0 < self.top_p <= 1:
+            _refuse(name, "top_p", "must be above 0 and at most 1", self.top_p)
+        if not 0 <= self.top_k <= TOP_K_MAX:
+            _refuse(name, "top_k", f"must be between 0 (off) and {TOP_K_MAX}", self.top_k)
+        if not 0 <= self.min_p <= 1:
+            _refuse(name, "min_p", "must be between 0 and 1", self.min_p)
+        low, high = REPETITION_PENALTY
+        if not low <= self.repetition_penalty <= high:
+            _refuse(name, "repetition_penalty", f"must be between {low} and {high:g} (1 is off)",
+                    self.repetition_penalty)
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -PENALTY_MAX <= getattr(self, key) <= PENALTY_MAX:
+                _refuse(name, key, f"must be between {-PENALTY_MAX:g} and {PENALTY_MAX:g}",
+                        getattr(self, key))
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            _refuse(name, "seed", "must fit in 64 bits", self.seed)
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                _refuse(name, "logit_bias", "keys must be token ids (0 or more)", token)
+            if not (math.isfinite(bias) and abs(bias) <= LOGIT_BIAS_MAX):
+                _refuse(name, "logit_bias",
+                        f"values must be between {-LOGIT_BIAS_MAX:g} and {LOGIT_BIAS_MAX:g}", bias)
+
+
+# Sampling values outside these bounds are refused in every dialect (SamplingParams.check).
+TOP_K_MAX = 2**31 - 1  # llama.cpp's int32; any k at or above the vocabulary keeps every token
+REPETITION_PENALTY = (0.01, 10.0)  # a divisor of repeated tokens' logits; llama.cpp's 1.1 is usual
+PENALTY_MAX = 2.0  # presence and frequency penalties: OpenAI's and vLLM's [-2, 2]
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # signed or unsigned 64-bit
+LOGIT_BIAS_MAX = 100.0  # OpenAI's [-100, 100]
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How a dialect spells the neutral request fields, for error messages and `param`: a
+    prefix ("options.") and renames (repetition_penalty -> repeat_penalty)."""
+
+    prefix: str = ""
+    renames: Mapping[str, str] = field(default_factory=dict)
+
+    def __call__(self, key: str) -> str:
+        return self.prefix + self.renames.get(key, key)
+
+
+def _refuse(name: FieldNames, key: str, rule: str, value: Any) -> None:
+    raise invalid(f"'{name(key)}' {rule}; got {value!r}", param=name(key), code="invalid_value")
 
 
 @dataclass(frozen=True)
@@ -113,13 +170,19 @@ class ResponseFormat:
 
 @dataclass
 class GenerationRequest:
-    """One generation: exactly one of messages, prompt or prompt_tokens is set."""
+    """One generation: exactly one of messages, prompt or prompt_tokens is set. Sampling
+    values that make no sense are refused when it is made, in every dialect."""
+
+    def __post_init__(self) -> None:
+        self.sampling.check(self.fields)
 
     model: str | None = None
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     prompt_tokens: list[int] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # How the dialect names these fields, for the refusal of a value that makes no sense.
+    fields: FieldNames = field(default_factory=FieldNames)
     max_tokens: int | None = None  # None = up to the context limit
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)

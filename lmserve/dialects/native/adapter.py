@@ -10,7 +10,7 @@ from typing import Any
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_base64, image_from_path, image_from_url
 from lmserve.core.lora import selection_field
-from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.core.request import ChatMessage, FieldNames, GenerationRequest, SamplingParams
 from lmserve.dialects.native.schema import GenerateBody, ImageIn
 from lmserve.dialects.native.tools import chat_message, tool_fields
 
@@ -40,7 +40,7 @@ def generation_request(body: GenerateBody, *, defaults: Mapping[str, Any],
                       "use transport 'raw'", param="transport")
     reasoning = bool(params.pop("reasoning", reasoning_default))
     request = GenerationRequest(
-        sampling=_sampling(params),
+        sampling=_sampling(params), fields=FieldNames("params."),
         max_tokens=_max_tokens(params.get("max_tokens")),
         stop=_stops(params.get("stop")),
         reasoning=reasoning if transport != "raw" else None,

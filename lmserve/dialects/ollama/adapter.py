@@ -32,11 +32,15 @@ from pydantic import ValidationError
 
 from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_base64
-from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.core.request import ChatMessage, FieldNames, GenerationRequest, SamplingParams
 from lmserve.dialects.ollama.schema import ChatRequest, GenerateRequest, Message, OptionValues
 from lmserve.dialects.ollama.tools import output_fields, shows_thinking, tool_specs
 
 T = TypeVar("T")
+
+# Ollama's names of the neutral sampling fields, for errors.
+FIELDS = FieldNames("options.", {"repetition_penalty": "repeat_penalty",
+                                  "penalty_last_n": "repeat_last_n"})
 
 OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.0,
                                  repetition_penalty=1.1, penalty_last_n=64)
@@ -176,7 +180,7 @@ def notice(options: Options, loaded_ctx: int | None, keep_alive: float | None, *
 
 def chat_job(body: ChatRequest) -> Job:
     options = parse_options(body.options)
-    request = GenerationRequest(model=body.model, sampling=options.sampling,
+    request = GenerationRequest(model=body.model, sampling=options.sampling, fields=FIELDS,
                                 stop=list(options.stop),
                                 messages=[_message(m, i) for i, m in enumerate(body.messages)],
                                 tools=tool_specs(body.tools), **output_fields(body),
@@ -201,7 +205,7 @@ def generate_job(body: GenerateRequest) -> Job:
         raise unsupported("truncate", "a raw prompt is sent verbatim and never cut; a prompt "
                           "that does not fit the context is refused")
     options = parse_options(body.options)
-    request = GenerationRequest(model=body.model, sampling=options.sampling,
+    request = GenerationRequest(model=body.model, sampling=options.sampling, fields=FIELDS,
                                 stop=list(options.stop), **output_fields(body),
                                 context_overflow=overflow_policy(body.truncate),
                                 priority=body.priority)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmserve.core.errors import invalid, unsupported
-from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.core.request import ChatMessage, FieldNames, GenerationRequest, SamplingParams
 from lmserve.dialects.ollm.schema import GenerationIn, RuntimeIn
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -79,7 +79,7 @@ def generation_request(messages: list[ChatMessage], gen: GenerationIn,
         sampling=SamplingParams(
             temperature=defaults.temperature if gen.temperature is None else gen.temperature,
             top_p=defaults.top_p if gen.top_p is None else gen.top_p,
-            top_k=gen.top_k or 0, seed=gen.seed),
+            top_k=gen.top_k or 0, seed=gen.seed), fields=FieldNames("generation."),
         max_tokens=gen.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         stop=[s for s in gen.stop or [] if s], context_overflow=gen.context_overflow)
 

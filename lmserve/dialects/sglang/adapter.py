@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.lora import selection_field
-from lmserve.core.request import GenerationRequest, ResponseFormat
+from lmserve.core.request import FieldNames, GenerationRequest, ResponseFormat
 from lmserve.core.request import SamplingParams as CoreSampling
 from lmserve.dialects.sglang.encoder import LogprobShape
 from lmserve.dialects.sglang.schema import GenerateRequest, SamplingParams
@@ -191,7 +191,7 @@ def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str |
         model=model,
         prompt=prompt if isinstance(prompt, str) else None,
         prompt_tokens=prompt if isinstance(prompt, list) else None,
-        sampling=sampling(params),
+        sampling=sampling(params), fields=FIELDS,
         max_tokens=params.max_new_tokens,
         stop=[s for s in params.stop or [] if s],
         stop_token_ids=list(params.stop_token_ids or []),
@@ -255,6 +255,10 @@ def _schema(raw: str | dict[str, Any] | None) -> dict[str, Any] | bool:
         raise invalid("sampling_params.json_schema must be a JSON Schema object",
                       param="sampling_params.json_schema")
     return raw
+
+
+# SGLang's names of the neutral sampling fields, for errors.
+FIELDS = FieldNames("sampling_params.", {"seed": "sampling_seed"})
 
 
 def sampling(params: SamplingParams) -> CoreSampling:
