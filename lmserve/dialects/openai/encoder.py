@@ -163,12 +163,35 @@ def text_completion(model: str, collected: Collected, usage: Usage) -> dict[str,
     }
 
 
+class RunningUsage:
+    """vLLM's `stream_options.continuous_usage_stats`: the usage so far, which every chunk
+    carries. The prompt counts once per prompt (its n choices share it); a choice's tokens
+    count as its steps bring them, and its final usage replaces that count when it ends."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self._completion: dict[int, int] = {}  # per choice, over every prompt's choices
+
+    def add(self, index: int, step: ChoiceStep) -> None:
+        if step.usage is not None:
+            self._completion[index] = step.usage.completion_tokens
+        else:
+            self._completion[index] = self._completion.get(index, 0) + len(step.token_ids)
+
+    def body(self) -> dict[str, int]:
+        completion = sum(self._completion.values())
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+
 class ChunkEncoder:
     """Builds stream chunks for chat (chat.completion.chunk) or completions (text_completion)."""
 
-    def __init__(self, model: str, *, chat: bool, include_usage: bool) -> None:
+    def __init__(self, model: str, *, chat: bool, include_usage: bool,
+                 running: RunningUsage | None = None) -> None:
         self.chat = chat
         self.include_usage = include_usage
+        self.running = running
         self._base = {"id": new_id("chatcmpl" if chat else "cmpl"),
                       "object": "chat.completion.chunk" if chat else "text_completion",
                       "created": int(time.time()), "model": model,
@@ -176,7 +199,9 @@ class ChunkEncoder:
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {**self._base, "choices": choices}
-        if self.include_usage:
+        if self.running is not None:
+            chunk["usage"] = self.running.body()
+        elif self.include_usage:
             chunk["usage"] = None
         return chunk
 

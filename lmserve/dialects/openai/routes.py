@@ -46,7 +46,8 @@ def make_router(models: Callable[[], ModelRegistry], *,
         gen = adapter.chat_request(body)
         prepared = service.prepare(gen)
         return await _respond(request, service, body.model, [(gen, prepared)], chat=True, echo=[],
-                              stream=body.stream, include_usage=_include_usage(body))
+                              stream=body.stream, include_usage=_include_usage(body),
+                              continuous_usage=_continuous_usage(body))
 
     @router.post("/v1/completions", summary="Create a text completion")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -59,7 +60,8 @@ def make_router(models: Callable[[], ModelRegistry], *,
             jobs.append((gen, service.prepare(gen)))
         echo = [_echo_text(service, p) for _, p in jobs] if body.echo else []
         return await _respond(request, service, body.model, jobs, chat=False, echo=echo,
-                              stream=body.stream, include_usage=_include_usage(body))
+                              stream=body.stream, include_usage=_include_usage(body),
+                              continuous_usage=_continuous_usage(body))
 
     @router.post("/v1/embeddings", summary="Create embeddings")
     async def embeddings(body: EmbeddingRequest) -> Any:
@@ -101,6 +103,10 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
+def _continuous_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+
 def _chat_defaults(body: ChatCompletionRequest, defaults: Mapping[str, Any]) -> dict[str, Any]:
     """max_completion_tokens is the chat field's newer name: a request that set it keeps it."""
     if body.max_completion_tokens is not None:
@@ -140,7 +146,8 @@ def _echo_text(service: ModelBackend, prepared: PreparedPrompt) -> str:
 
 
 async def _respond(request: Request, service: ModelBackend, model: str, jobs: list[Job], *,
-                   chat: bool, echo: list[str], stream: bool, include_usage: bool) -> Any:
+                   chat: bool, echo: list[str], stream: bool, include_usage: bool,
+                   continuous_usage: bool = False) -> Any:
     """`chat`: each choice's parsed output (reasoning, tool calls) becomes its message."""
     n = jobs[0][0].n
     generations = start_all(service, jobs)  # refusals (context, capacity) happen here
@@ -149,8 +156,10 @@ async def _respond(request: Request, service: ModelBackend, model: str, jobs: li
         await accepted(generations)  # an upstream's refusal is a status, not a stream error
         # With logprobs, each choice's echo waits for its prompt logprobs (on its first step).
         scored_echo = bool(echo) and jobs[0][0].prompt_logprobs is not None
+        running = encoder.RunningUsage(sum(len(prepared.tokens) for _, prepared in jobs)) \
+            if continuous_usage else None
         return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,
-                                         scored_echo),
+                                         scored_echo, running),
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
@@ -177,11 +186,11 @@ async def _collect(generations: list[BackendGeneration], n: int) -> encoder.Coll
 
 
 async def _stream(generations: list[BackendGeneration], n: int, model: str, chat: bool,
-                  echo: list[str], include_usage: bool, scored_echo: bool = False
-                  ) -> AsyncIterator[bytes]:
+                  echo: list[str], include_usage: bool, scored_echo: bool = False,
+                  running: encoder.RunningUsage | None = None) -> AsyncIterator[bytes]:
     """`scored_echo`: the echo goes out with the prompt's logprobs, on each choice's first
-    step, instead of up front."""
-    enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage)
+    step, instead of up front. `running`: every chunk carries the usage so far."""
+    enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage, running=running)
     parsed = _ParsedChoices(enc) if chat else None
     groups: list[list[Usage]] = [[] for _ in generations]
     offsets = StreamOffsets()
@@ -198,6 +207,8 @@ async def _stream(generations: list[BackendGeneration], n: int, model: str, chat
                 if step.usage is not None:
                     groups[job_index].append(step.usage)
                 index = job_index * n + step.index
+                if running is not None:
+                    running.add(index, step)
                 if parsed is not None:
                     for chunk in parsed.chunks(index, step):
                         yield sse(chunk)

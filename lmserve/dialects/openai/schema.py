@@ -31,6 +31,7 @@ class ChatMessageIn(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk
 
 
 StopField = str | Annotated[list[str], Field(max_length=16)] | None
