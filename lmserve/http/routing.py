@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.http.fields import body_model, note_ignored_fields
 from lmserve.http.middleware import admit, caller_of, require_admin, require_key
 
 log = logging.getLogger("lmserve.http")
@@ -158,12 +159,14 @@ def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
 
         def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
             handler = super().get_route_handler()
+            fields_model = body_model(self)  # its unknown fields are named in a header
 
             async def guarded(request: Request) -> Response:
                 try:
                     if not public:
                         await admit(request.scope)  # key, body size, rate and token limits
-                    return await handler(request)
+                    response = await handler(request)
+                    return await note_ignored_fields(request, response, fields_model)
                 except LmserveError as exc:
                     return error_response(exc, body)
                 except RequestValidationError as exc:

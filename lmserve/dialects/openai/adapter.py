@@ -42,6 +42,27 @@ def sampling_from(body: SamplingFields) -> SamplingParams:
     )
 
 
+# Fields of OpenAI's chat API whose effect on the answer lmserve cannot deliver: refused by
+# name (docs/architecture.md, "Unknown fields"). Its bookkeeping fields (store, metadata,
+# service_tier, prompt_cache_key, safety_identifier, prediction) change no answer: they are
+# ignored and named in X-Lmserve-Ignored-Fields like any unknown field.
+_UNIMPLEMENTED_CHAT = {
+    "audio": "audio output is not available from this server",
+    "web_search_options": "this server does not search the web",
+}
+_ONLY_VALUE_CHAT = {"modalities": (["text"], "only text output is available"),
+                    "verbosity": ("medium", "the model's verbosity cannot be steered")}
+
+
+def _refuse_unimplemented(extra: dict[str, Any]) -> None:
+    for name, reason in _UNIMPLEMENTED_CHAT.items():
+        if extra.get(name) is not None:
+            raise unsupported(name, reason)
+    for name, (only, reason) in _ONLY_VALUE_CHAT.items():
+        if extra.get(name) not in (None, only):
+            raise unsupported(name, reason)
+
+
 _T = TypeVar("_T")
 
 
@@ -60,6 +81,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
             and body.max_tokens != body.max_completion_tokens:
         raise invalid("max_tokens and max_completion_tokens disagree; send one of them",
                       param="max_completion_tokens")
+    _refuse_unimplemented(body.model_extra or {})
     return GenerationRequest(
         model=body.model,
         messages=[_message(m, i) for i, m in enumerate(body.messages)],
