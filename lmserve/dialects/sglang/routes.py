@@ -47,7 +47,8 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
     router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["SGLang"])
     live = LiveRequests()
 
-    @router.get("/health_generate", summary="Health check that generates one token")
+    @router.get("/health_generate", summary="Health check that generates one token",
+                response_class=Response)  # an empty 200, as SGLang answers
     async def health_generate(model: str | None = None) -> Response:
         for service in _services(models, model):
             await _one_token(service)
@@ -105,7 +106,8 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
            methods=("POST", "GET"), dependencies=[Depends(admin_only)])
 
     @router.post("/abort_request", summary="Abort a running request by rid (another key's "
-                 "request, or abort_all of every key's, needs an admin key)")
+                 "request, or abort_all of every key's, needs an admin key)",
+                 response_class=Response)  # an empty 200
     async def abort_request(body: AbortRequest, request: Request) -> Response:
         if not body.abort_all and not body.rid:
             raise invalid("send the rid of the request to abort, or abort_all", param="rid",
