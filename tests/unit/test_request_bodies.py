@@ -39,7 +39,7 @@ def _anthropic(body: dict[str, Any]) -> bool:
 
 
 def _ollama(body: dict[str, Any]) -> bool:
-    return set(body) == {"error"} and isinstance(body["error"], str)
+    return isinstance(body.get("error"), str)
 
 
 def _sglang(body: dict[str, Any]) -> bool:
@@ -47,7 +47,7 @@ def _sglang(body: dict[str, Any]) -> bool:
 
 
 def _ollm(body: dict[str, Any]) -> bool:
-    return set(body) == {"detail"} and isinstance(body["detail"], str)
+    return isinstance(body.get("detail"), str)
 
 
 def _native(body: dict[str, Any]) -> bool:
@@ -112,8 +112,8 @@ def test_bad_json_names_what_is_wrong(client: TestClient) -> None:
     assert r.status_code == 400 and "UTF-8" in r.json()["error"]
     r = client.post("/v1/prompt", content=b"[]", headers={"content-type": "application/json"})
     assert r.status_code == 400
-    assert r.json() == {"detail": "the request body must be a JSON object, not an array "
-                                  "(Content-Type: application/json)"}
+    assert r.json()["detail"] == ("the request body must be a JSON object, not an array "
+                                  "(Content-Type: application/json)")
 
 
 def test_ollm_field_errors_keep_fastapis_422(client: TestClient) -> None:
