@@ -17,6 +17,7 @@ from lmserve.core.events import (
     TokenLogprob,
     Usage,
 )
+from lmserve.core.observe import with_request_id
 from lmserve.core.quota import RateLimited
 from lmserve.dialects.openai.chat_events import assistant_message, chat_finish_reason
 from lmserve.dialects.openai.logprobs import chat_logprobs, choice_completion_logprobs
@@ -55,8 +56,8 @@ def _error_type(exc: LmserveError) -> str:
 
 
 def error_body(exc: LmserveError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": _error_type(exc),
-                      "param": exc.param, "code": exc.code or exc.kind.value}}
+    return with_request_id({"error": {"message": exc.message, "type": _error_type(exc),
+                                      "param": exc.param, "code": exc.code or exc.kind.value}})
 
 
 def finish_reason(reason: str | None) -> str | None:
