@@ -125,6 +125,7 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
     app.state.access = control
     control.install(app)  # the key middleware, the body limit and CORS
     app.state.lmserve = state
+    app.state.collectors = [control.collector()]  # /metrics: 429s by key name
     _install_fallback_errors(app)
     _install_operations(app, registry)
     return app

@@ -47,6 +47,8 @@ def install(app: FastAPI) -> None:
     """Add the observer to an app; call it after every other middleware (it must be the
     outermost, so that their refusals carry the request id too)."""
     app.state.request_metrics = RequestMetrics()
+    for collector in getattr(app.state, "collectors", ()):  # the app's own (http.access's)
+        app.state.request_metrics.registry.register(collector)
     app.state.tracer = None  # a RequestTracer when traces are on (enable_tracing)
     app.add_middleware(RequestObserver, metrics=app.state.request_metrics,
                        tracer=lambda: app.state.tracer)
