@@ -538,9 +538,15 @@ async def _write_streams(http: httpx.AsyncClient, acked: Acked, stop: asyncio.Ev
                 "prompt": USER[0]["content"], "params": {"max_tokens": 40}})
         except httpx.HTTPError:
             return
-        if r.status_code == 201:
-            acked.streams.append(r.json()["id"])
-        await asyncio.sleep(0.5)
+        if r.status_code != 201:
+            continue
+        acked.streams.append(r.json()["id"])
+        try:  # a reader follows it to the end, then the next stream starts
+            async with http.stream("GET", f"{NATIVE}stream/{r.json()['id']}/") as reply:
+                async for _ in reply.aiter_lines():
+                    pass
+        except httpx.HTTPError:
+            return
 
 
 async def _write_until_killed(server: Lmserve, chains: int, sessions: int, streams: int,

@@ -8,7 +8,11 @@ from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lmserve.stores.base import ResponseStore, SessionStore, Store
 from lmserve.stores.records import (
@@ -159,7 +163,12 @@ def redacted(url: str) -> str:
 
 async def open_redis(url: str, retention: RetentionPolicy, clock: Clock, *,
                      prefix: str = "lmserve:", poll_interval: float = 0.5) -> Store:
-    client = Redis.from_url(url, decode_responses=True)
+    # A pooled connection left from before a Redis restart fails on its next command; retried
+    # on a fresh connection, so lmserve recovers at once. While Redis is down, the two quick
+    # retries keep the 503 prompt.
+    client = Redis.from_url(url, decode_responses=True,
+                            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+                            retry_on_error=[RedisConnectionError, RedisTimeoutError])
     try:
         await client.ping()
     except RedisError as exc:

@@ -23,11 +23,13 @@ C = TypeVar("C", bound=type)
 
 
 def unavailable_when_down(cls: C) -> C:
-    """Every coroutine method of a Redis store class raises StoreUnavailable (503) when Redis
-    cannot be reached, instead of redis-py's ConnectionError or TimeoutError (which reached
-    clients as a 500). The base class's methods call these, so they are covered too."""
+    """The public coroutine methods of a Redis store class, and the abstract hooks its base
+    class's methods call (SessionStore._recent), raise StoreUnavailable (503) when Redis cannot
+    be reached, instead of redis-py's ConnectionError or TimeoutError (which reached clients
+    as a 500). Private helpers keep redis-py's errors: the pub/sub listener handles them."""
+    hooks = {name for base in cls.__mro__[1:] for name in getattr(base, "__abstractmethods__", ())}
     for name, method in list(vars(cls).items()):
-        if inspect.iscoroutinefunction(method):
+        if inspect.iscoroutinefunction(method) and (not name.startswith("_") or name in hooks):
             setattr(cls, name, _unavailable_when_down(method))
     return cls
 

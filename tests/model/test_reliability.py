@@ -17,7 +17,7 @@ needs_redis = pytest.mark.skipif(rel.redis_binary() is None,
 
 
 def test_a_disconnect_storm_leaves_no_sequence_and_no_memory_behind(tmp_path: Path) -> None:
-    r = rel.storm(tmp_path, clients=16, warmup=8, max_tokens=16, parallel=2, margin_mib=150)
+    r = rel.storm(tmp_path, clients=16, warmup=4, max_tokens=12, parallel=2, margin_mib=150)
     assert r["running_after"] == 0 and r["waiting_after"] == 0, r
     assert r["rss_growth_mib"] <= r["margin_mib"], r
     assert r["5xx"] == 0, r
@@ -27,7 +27,7 @@ def test_a_disconnect_storm_leaves_no_sequence_and_no_memory_behind(tmp_path: Pa
 
 def test_overload_gets_429s_with_retry_after_and_the_accepted_all_complete(
         tmp_path: Path) -> None:
-    r = rel.overload(tmp_path, parallel=2, max_queue=1, factor=10, max_tokens=8)
+    r = rel.overload(tmp_path, parallel=2, max_queue=1, factor=10, max_tokens=4)
     assert set(r["statuses"]) <= {"200", "429"}, r
     assert r["refused_429"] > 0 and r["429_without_retry_after"] == 0, r
     assert r["accepted"] > 0 and r["complete"] == r["accepted"], r
