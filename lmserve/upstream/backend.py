@@ -40,6 +40,7 @@ from lmserve.core.backend import (
 from lmserve.core.errors import ErrorKind, LmserveError, draining_error, invalid, unsupported
 from lmserve.core.events import Usage
 from lmserve.core.lora import AdapterSet, LoraSelection
+from lmserve.core.observe import RequestTiming, note_generation
 from lmserve.core.quota import metered
 from lmserve.core.request import GenerationRequest
 from lmserve.upstream import wire
@@ -361,6 +362,7 @@ class UpstreamBackend:
                                         parse=chat if parse is None else parse)
         self._running[request_id] = generation
         generation.begin()
+        note_generation(self.name, generation.timing)
         return generation
 
     async def abort(self, request_id: str) -> bool:
@@ -478,10 +480,25 @@ class UpstreamGeneration:
         self._closed = False
         self._delivered = False  # every choice's terminal is queued
         self._ran = False  # the reader task started
+        # time.monotonic() of sending, the first content, the end (for the request's timing)
+        self.sent_at = time.monotonic()
+        self.first_at: float | None = None
+        self.ended_at: float | None = None
 
     @property
     def request_id(self) -> str:
         return self._request_id
+
+    def timing(self) -> RequestTiming:
+        """The request as this side sees it: no queue of its own (the upstream's queue is
+        part of its time to the first token); tokens from the upstream's usage."""
+        usage = self.reader.usage
+        return RequestTiming(
+            queued_at=self.sent_at, admitted_at=self.sent_at, first_token_at=self.first_at,
+            finished_at=self.ended_at,
+            prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+            output_tokens=usage.completion_tokens if usage is not None else 0,
+            cached_tokens=usage.cached_tokens if usage is not None else 0)
 
     @property
     def finished(self) -> bool:
@@ -625,6 +642,7 @@ class UpstreamGeneration:
                     if first is None and self.reader.content_seen:
                         first = time.perf_counter()
                         counters.ttft(first - started)
+                        self.first_at = time.monotonic()
                     self._put(steps)
             if not self._delivered:
                 for payload in decoder.flush():
@@ -650,6 +668,7 @@ class UpstreamGeneration:
                 counters.generated_tokens += usage.completion_tokens
             counters.duration_sum += time.perf_counter() - started
             counters.duration_count += 1
+            self.ended_at = time.monotonic()
             backend._finished(self)
             try:
                 if response is not None:
