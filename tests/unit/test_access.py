@@ -341,6 +341,10 @@ def test_429_with_retry_after_in_each_dialect(tmp_path: Path, dialect: int) -> N
         assert r.headers["retry-after"] == "50"
         assert shape(r.json()) == RATE_SHAPES[dialect]
         assert SECRET not in r.text
+        family = next(iter(c.app.state.access.collector().collect()))  # type: ignore[attr-defined]
+        assert [(s.name, s.labels, s.value) for s in family.samples][0] == (
+            "lmserve_rate_limited_requests_total", {"key": "ci", "limit": "requests"}, 1)
+        assert SECRET not in c.get("/metrics").text
 
 
 def test_tokens_a_minute_over_http(tmp_path: Path) -> None:
