@@ -28,6 +28,7 @@ from lmserve.http.middleware import caller_of
 from lmserve.http.tracing import RequestTracer
 
 access_log = logging.getLogger("lmserve.access")
+log = logging.getLogger("lmserve.http")
 
 DIALECT_ATTRIBUTE = "lmserve_dialect"  # set on each route a dialect's router contributes
 # The access line's fields, in order (JSON: top-level keys; text: key=value after the line).
@@ -104,6 +105,8 @@ class RequestObserver:
         finally:
             try:
                 self._finish(scope, record, tracer, span)
+            except Exception:  # observing must never fail the request it observes
+                log.exception("could not record the end of request %s", record.request_id)
             finally:
                 observe.end(token)
 
