@@ -61,8 +61,18 @@ def read_info(path: str) -> ModelInfo:
     """A model's facts without its weights (llama.cpp's vocab-only load), to size the load."""
     model = Model(path, header_only=True)
     try:
-        size = model.info.size_bytes or os.path.getsize(path)
-        return dataclasses.replace(model.info, size_bytes=size)
+        info = model.info
+        # A vocab-only load reads no hyperparameters: the layer count and the training
+        # context come from the header's metadata, the size from the file.
+        def number(key: str) -> int:
+            try:
+                return int(info.metadata.get(f"{info.architecture}.{key}", 0))
+            except ValueError:
+                return 0
+        return dataclasses.replace(
+            info, size_bytes=info.size_bytes or os.path.getsize(path),
+            n_layer=info.n_layer or number("block_count"),
+            n_ctx_train=info.n_ctx_train or number("context_length"))
     finally:
         model.close()
 
