@@ -135,7 +135,8 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         card = service.require_ready()
         return encoder.show_body(_facts(card, name), _metadata(card),
                                  template=card.chat_template or "",
-                                 parameters=adapter.default_parameters(card.n_ctx))
+                                 parameters=adapter.default_parameters(card.n_ctx),
+                                 vision=card.vision)
 
     @router.post("/api/pull", summary="Pull (succeeds only for a model already served)")
     async def pull(body: PullRequest) -> Response:
