@@ -10,6 +10,7 @@ from typing import Any
 
 from lmserve import config
 from lmserve._version import __version__
+from lmserve.cluster import add_arguments as cluster_arguments
 from lmserve.core.lora import assign as assign_loras
 from lmserve.engine.disk_cache import ByteSize
 from lmserve.models.resolve import DEFAULT_MODEL, resolve
@@ -173,6 +174,12 @@ def bench(args: argparse.Namespace) -> int:
     return bench_cli.main(args)
 
 
+def cluster_main(args: argparse.Namespace) -> int:
+    from lmserve import cluster
+
+    return cluster.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
@@ -194,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     inprocess.add_arguments(p_bench)
     bench_cli.register_backend("inprocess", inprocess.factory)
     p_bench.set_defaults(func=bench)
+    p_cluster = sub.add_parser("cluster", help="a local cluster: redis-server, N replicas and "
+                               "sglang-router in front (development and tests)")
+    cluster_arguments(p_cluster)
+    p_cluster.set_defaults(func=cluster_main)
     return parser
 
 

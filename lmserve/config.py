@@ -117,13 +117,6 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "context, verified in the batch (default 0: off; 8 is a good value)"),
     Option("lookup_budget", int, ("--lookup-budget",),
            "most drafted tokens verified per engine step (default 16)"),
-    Option("mmproj", str, ("--mmproj",),
-           "multimodal (vision) projector GGUF for the model (default: an mmproj-*.gguf in "
-           "the model file's folder, if there is one)", metavar="PATH",
-           aliases=("mmproj_path",)),
-    Option("media_cache_bytes", int, ("--media-cache-bytes",),
-           "memory for encoded images, reused when the same image comes again (default "
-           "256 MiB)", minimum=0, aliases=("embedding_cache_max_bytes",)),
     Option("context_overflow", str, ("--context-overflow",),
            "a chat that does not fit the context: refuse it (error, the default) or drop its "
            "oldest turns after the system prompt (truncate); requests may choose for "

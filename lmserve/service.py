@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -46,7 +45,6 @@ from lmserve.engine.runner import (
     Context,
     Model,
     Placement,
-    Projector,
     default_threads,
     gpu_build,
     gpu_devices,
@@ -64,8 +62,7 @@ log = logging.getLogger("lmserve.service")
 
 # The engine's cumulative step counters (engine.scheduler.StepStats) a card's stats carry.
 STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "preemptions",
-                 "decode_failures", "draft_tokens", "accepted_tokens", "media_chunks",
-                 "media_tokens", "media_cache_hits")
+                 "decode_failures", "draft_tokens", "accepted_tokens")
 
 
 def gpu_facts() -> tuple[bool, list[hardware.Device]]:
@@ -92,8 +89,6 @@ class EngineSettings:
     #                          of n_ctx cells; auto: split when that fits (engine.kv_layout)
     lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
-    mmproj: str | None = None  # vision projector GGUF; None: an mmproj-*.gguf beside the model
-    media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)
     chat_template: str | None = None  # override source
     loras: tuple[LoraSpec, ...] = ()  # LoRA adapters loaded with the model (core.lora)
     context_overflow: str = "error"  # a chat that does not fit: error | truncate
@@ -141,7 +136,6 @@ class ModelService:
         self._embed_lock = threading.Lock()
         self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
         self._draining = False
-        self.projector: Projector | None = None  # the vision projector (mmproj), if loaded
 
     # -- lifecycle --------------------------------------------------------------------------
     def load(self, loop: asyncio.AbstractEventLoop,
@@ -163,7 +157,6 @@ class ModelService:
                                     self.placement.flash_attn,
                                     key_width=shape[2] if shape else None,
                                     value_width=shape[3] if shape else None)
-            self._load_projector()
             self._start_engine(loop)
             self.template = self._load_template()
             self.state, self.progress = "ready", 1.0
@@ -235,7 +228,6 @@ class ModelService:
             info.metadata, s.cache_type_k, s.cache_type_v) or 0
         self.kv_bytes = per_token * self.n_ctx * (n_slots if layout.split else 1)
         self.n_ctx = ctx.n_ctx  # one sequence's room
-        ctx.projector = self.projector
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
             (None if layout.split else self.n_ctx // 4)
@@ -384,10 +376,10 @@ class ModelService:
         p = self.prompter
         if p is None or p.vocab is not model or p.template is not self.template or \
                 p.n_ctx != self.n_ctx or p.media != s.media or \
-                p.context_overflow != s.context_overflow or p.projector is not self.projector:
+                p.context_overflow != s.context_overflow:
             p = self.prompter = Prompter(self.name, model, self.template, n_ctx=self.n_ctx,
                                          media=s.media, context_overflow=s.context_overflow,
-                                         projector=self.projector)
+                                         vision=self.vision)
         return p
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
@@ -401,34 +393,8 @@ class ModelService:
 
     @property
     def vision(self) -> bool:
-        """Whether a vision projector (mmproj) is loaded."""
-        return self.projector is not None and self.projector.vision
-
-    def mmproj_path(self) -> str | None:
-        """The projector to load: --mmproj / mmproj_path, else the one mmproj-*.gguf beside
-        the model file (the first by name if there are several)."""
-        if self.settings.mmproj:
-            return os.path.expanduser(self.settings.mmproj)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            found = sorted(f for f in os.listdir(folder)
-                           if f.lower().startswith("mmproj") and f.lower().endswith(".gguf"))
-        except OSError:
-            return None
-        return os.path.join(folder, found[0]) if found else None
-
-    def _load_projector(self) -> None:
-        assert self.model is not None
-        path = self.mmproj_path()
-        if path is None:
-            return
-        if not os.path.isfile(path):
-            raise RuntimeError(f"the projector file {path!r} (--mmproj) does not exist")
-        self.projector = Projector(self.model, path,
-                                   n_threads=self.settings.threads or default_threads(),
-                                   use_gpu=self.placement.gpu_layers > 0,
-                                   cache_bytes=self.settings.media_cache_bytes)
-        log.info("model %s: vision projector %s", self.name, path)
+        """Whether a vision projector (mmproj) is loaded: never yet, as none can be loaded."""
+        return False
 
     @property
     def reasoning_tags(self) -> tuple[str, str] | None:
@@ -488,17 +454,13 @@ class ModelService:
         if sampling.grammar:
             self.check_grammar(sampling.grammar)
         assert self.client is not None
-        if prepared.media and request.prompt_logprobs is not None:
-            raise invalid("prompt logprobs are not available for a prompt with images",
-                          param="prompt_logprobs")
         engine_request = EngineRequest(
             prompt_tokens=prepared.tokens, sampling=sampling, max_tokens=max_tokens,
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
             ignore_eos=request.ignore_eos, n=request.n, logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs, render_special=prepared.markers,
             adapters=adapters, priority=request.priority,
-            caller=request.caller if request.caller is not None else current_caller(),
-            media=tuple(prepared.media))
+            caller=request.caller if request.caller is not None else current_caller())
         if request.request_id:
             engine_request.request_id = request.request_id
         return self.client.submit(engine_request)

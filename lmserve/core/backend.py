@@ -33,7 +33,6 @@ from lmserve.core.events import (
     TokenOutput,
     Usage,
 )
-from lmserve.core.images import MediaSpan
 from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec
 from lmserve.core.request import GenerationRequest
 
@@ -166,7 +165,6 @@ class PreparedPrompt:
     dropped_messages: int = 0  # oldest messages dropped to fit the context (chat.overflow)
     truncating: bool = False  # the chat was fitted under context_overflow "truncate"
     markers: frozenset[int] = frozenset()  # control tokens the chat parser reads, rendered
-    media: tuple[MediaSpan, ...] = ()  # images: their stand-in positions in tokens
 
 
 @runtime_checkable

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lmserve.core.events import TokenLogprob, TokenOutput, Usage
-from lmserve.core.images import MediaSpan
 from lmserve.core.observe import RequestTiming
 from lmserve.core.request import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDecoder, StopMatcher
@@ -61,8 +60,6 @@ class EngineRequest:
     dequeued: bool = False  # left the wait queue once (its prompt no longer counts as queued)
     # The HTTP request's correlation id (X-Request-Id), for the engine's log lines about it.
     correlation_id: str | None = None
-    # The prompt's images: their stand-in positions in prompt_tokens (core.images, runner).
-    media: tuple[MediaSpan, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prompt_logprobs is not None and self.prompt_scores is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmserve._version import __version__
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.dialects.native.producer import StreamProducers
+from lmserve.dialects.native.producer import CANCEL, StreamProducers
 from lmserve.dialects.openai import encoder as openai_encoder
 from lmserve.http import dialects, metrics
 from lmserve.http.access import AccessControl, AccessSettings
@@ -30,6 +30,7 @@ from lmserve.http.routing import error_response, validation_error
 from lmserve.models.registry import ModelRegistry
 from lmserve.models.resource import LLMResource
 from lmserve.stores import ResponseStore, RetentionPolicy, Store, StreamStore, open_store
+from lmserve.stores.cluster import Cluster
 from lmserve.upstream import UpstreamBackend, UpstreamSettings
 
 STORE_OFF = "none"  # keep no stored responses or sessions
@@ -58,7 +59,10 @@ class AppState:
         self.store_settings = store_settings
         self.store: Store | None = None
         self.storage_off = store_settings.url == STORE_OFF
-        self.producers = StreamProducers(self.streams)
+        self.producers = StreamProducers(self.streams, self.cluster)
+        # Handlers of the messages other replicas send through the store, by kind.
+        self.handlers: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {
+            CANCEL: self.producers.on_message}
         self.resources: list[LLMResource] = []
 
     def streams(self) -> StreamStore:
@@ -66,6 +70,23 @@ class AppState:
             raise LmserveError(ErrorKind.LOADING, "the server is still starting",
                                retry_after=1.0)
         return self.store.streams
+
+    def cluster(self) -> Cluster:
+        """The replicas sharing the store (this process alone, unless it is Redis)."""
+        if self.store is None:
+            raise LmserveError(ErrorKind.LOADING, "the server is still starting",
+                               retry_after=1.0)
+        return self.store.cluster
+
+    def on_message(self, kind: str, handler: Callable[[dict[str, Any]], Awaitable[None]]
+                   ) -> None:
+        """Handle the cluster messages of one kind (the first handler registered stays)."""
+        self.handlers.setdefault(kind, handler)
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        handler = self.handlers.get(str(message.get("kind")))
+        if handler is not None:
+            await handler(message)
 
     def responses(self) -> ResponseStore | None:
         """The stored responses; None when storage is off."""
@@ -81,6 +102,7 @@ class AppState:
         # With storage off, resumable streams still need their frames somewhere: memory.
         url = "memory" if self.storage_off else s.url
         self.store = await open_store(url, data_dir=s.data_dir, retention=s.retention)
+        await self.store.cluster.join(self.producers.owner["instance"], self._on_message)
 
     async def close(self) -> None:
         await self.producers.close()

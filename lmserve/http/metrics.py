@@ -37,10 +37,6 @@ class EngineCollector:
                              "Prompt-lookup tokens drafted and verified"),
             "accepted_tokens": ("lmserve_lookup_accepted_tokens",
                                 "Drafted tokens the sampler accepted"),
-            "media_chunks": ("lmserve_media_chunks", "Images decoded into sequences' KV"),
-            "media_tokens": ("lmserve_media_tokens", "Prompt positions filled by images"),
-            "media_cache_hits": ("lmserve_media_cache_hits",
-                                 "Images whose encoded embeddings came from the cache"),
         }
         families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
         phase = CounterMetricFamily("lmserve_step_phase_seconds",

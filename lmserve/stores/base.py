@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 
 from lmserve.core.errors import invalid
+from lmserve.stores.cluster import Cluster
 from lmserve.stores.notify import Notifier, wait_for_change
 from lmserve.stores.records import (
     JSON,
@@ -183,12 +184,13 @@ class Store:
 
     def __init__(self, kind: str, location: str, *, streams: StreamStore,
                  responses: ResponseStore, sessions: SessionStore,
-                 closer: Callable[[], Awaitable[None]]) -> None:
+                 closer: Callable[[], Awaitable[None]], cluster: Cluster | None = None) -> None:
         self.kind = kind  # "memory", "sqlite" or "redis"
         self.location = location  # where the data lives, without credentials
         self.streams = streams
         self.responses = responses
         self.sessions = sessions
+        self.cluster = cluster or Cluster()  # the replicas sharing this store
         self._closer = closer
         self._closed = False
 
@@ -200,6 +202,7 @@ class Store:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
+            await self.cluster.leave()
             await self._closer()
 
     async def __aenter__(self) -> Store:

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lmserve.stores.base import ResponseStore, SessionStore, Store
+from lmserve.stores.cluster import RedisCluster
 from lmserve.stores.records import (
     JSON,
     Clock,
@@ -182,4 +183,5 @@ async def open_redis(url: str, retention: RetentionPolicy, clock: Clock, *,
 
     return Store("redis", f"{redacted(url)} prefix={prefix!r}", streams=streams,
                  responses=RedisResponses(client, prefix, retention.responses, clock),
-                 sessions=RedisSessions(client, prefix, retention.sessions, clock), closer=close)
+                 sessions=RedisSessions(client, prefix, retention.sessions, clock), closer=close,
+                 cluster=RedisCluster(client, prefix))

@@ -37,8 +37,9 @@ def test_the_pubsub_listener_keeps_redis_errors_it_retries_on() -> None:
     assert not hasattr(RedisStreams._listen, "__wrapped__")
 
 
-def test_an_open_stream_is_orphaned_only_when_its_producer_is_gone() -> None:
+async def test_an_open_stream_is_orphaned_only_when_its_producer_is_gone() -> None:
     from lmserve.dialects.native.producer import StreamProducers
+    from lmserve.stores.cluster import Cluster
 
     producers = StreamProducers(lambda: None)  # type: ignore[arg-type, return-value]
 
@@ -46,10 +47,19 @@ def test_an_open_stream_is_orphaned_only_when_its_producer_is_gone() -> None:
         return StreamInfo("s", StreamState.OPEN, {"model": "m", "owner": owner}, 0.0, None, 3)
 
     me = producers.owner
-    assert producers._orphaned(info(me))  # ours, but no producer task runs
-    assert producers._orphaned(info({**me, "instance": "old", "pid": 2**22 + 7}))  # dead pid
-    assert producers._orphaned(info({**me, "instance": "old"}))  # our pid, an older process
-    assert not producers._orphaned(info({**me, "host": "elsewhere", "instance": "x"}))
-    assert not producers._orphaned(info({**me, "instance": "x", "pid": 1}))  # pid 1 lives
-    assert not producers._orphaned(StreamInfo("s", StreamState.OPEN, {"model": "m"}, 0.0,
-                                              None, 0))  # no owner recorded: cannot tell
+    assert await producers._orphaned(info(me))  # ours, but no producer task runs
+    assert await producers._orphaned(info({**me, "instance": "old", "pid": 2**22 + 7}))  # dead
+    assert await producers._orphaned(info({**me, "instance": "old"}))  # our pid, older process
+    assert not await producers._orphaned(info({**me, "host": "elsewhere", "instance": "x"}))
+    assert not await producers._orphaned(info({**me, "instance": "x", "pid": 1}))  # pid 1 lives
+    assert not await producers._orphaned(StreamInfo("s", StreamState.OPEN, {"model": "m"}, 0.0,
+                                                    None, 0))  # no owner recorded: cannot tell
+
+    class Leases(Cluster):  # a store that keeps leases (Redis): they decide, not the host
+        async def alive(self, instance: str) -> bool | None:
+            return instance == "live"
+
+    leased = StreamProducers(lambda: None, lambda: Leases())  # type: ignore[arg-type, return-value]
+    elsewhere = {**me, "host": "elsewhere"}
+    assert await leased._orphaned(info({**elsewhere, "instance": "gone"}))  # its lease ran out
+    assert not await leased._orphaned(info({**elsewhere, "instance": "live"}))

@@ -118,6 +118,8 @@ class ScriptedService:
         self.started: list[tuple[GenerationRequest, PreparedPrompt, ScriptedGeneration]] = []
         self.aborted: list[str] = []
         self.vision = False
+        self.draining = False
+        self.failed_with: LmserveError | None = None
 
     # -- the card --------------------------------------------------------------------------
     @property
@@ -156,7 +158,7 @@ class ScriptedService:
     def _prompts(self) -> Prompter:
         return Prompter(self.name, self.model, self.template,  # type: ignore[arg-type]
                         n_ctx=self.n_ctx, media=self.settings.media,
-                        context_overflow=self.settings.context_overflow)
+                        context_overflow=self.settings.context_overflow, vision=self.vision)
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         self.require_ready()
@@ -193,6 +195,17 @@ class ScriptedService:
     async def abort(self, request_id: str) -> bool:
         self.aborted.append(request_id)
         return False
+
+    # -- shutdown: the registry drains and then cuts what is left -----------------------------
+    def drain(self) -> None:
+        self.draining = True
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for *_, g in self.started if not g.closed)
+
+    async def fail_all(self, error: LmserveError) -> None:
+        self.failed_with = error
 
     async def embed(self, inputs: Any, adapters: Any = ()) -> list[np.ndarray]:
         return [np.ones(8, dtype=np.float32) for _ in inputs]

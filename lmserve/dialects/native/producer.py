@@ -22,10 +22,13 @@ from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import CHANNEL_REASONING, FINISH_CANCELLED, ChatEvent, TextDelta, Usage
 from lmserve.dialects.native.encoder import Blocks, Frame, FrameEncoder
 from lmserve.stores import ConflictError, StreamInfo, StreamState, StreamStore
+from lmserve.stores.cluster import Cluster
 
 log = logging.getLogger("lmserve.native")
 
 PROGRESS_EVERY = 32  # output tokens between message.delta usage frames
+ORPHAN_CHECK = 2.0  # seconds between a quiet reader's checks that the producer is still alive
+CANCEL = "cancel_stream"  # the cluster message that cancels a stream where its producer runs
 
 
 def visible(events: list[ChatEvent], show_reasoning: bool) -> list[ChatEvent]:
@@ -54,8 +57,13 @@ async def collect(generation: BackendGeneration, show_reasoning: bool
 class StreamProducers:
     """The running producers of this process, by stream id."""
 
-    def __init__(self, store: Callable[[], StreamStore]) -> None:
+    def __init__(self, store: Callable[[], StreamStore],
+                 cluster: Callable[[], Cluster] | None = None) -> None:
+        """`cluster`: the replicas sharing the store (leases, cancels sent to the owner);
+        without one, only this process."""
         self._store = store
+        alone = Cluster()
+        self._cluster = cluster or (lambda: alone)
         self._tasks: dict[str, tuple[asyncio.Task[None], BackendGeneration]] = {}
         # Written into each stream's meta, so a later reader can tell a stream whose producer
         # is gone (this process killed, or the store failed under it) from a live one.
@@ -66,6 +74,10 @@ class StreamProducers:
     @property
     def store(self) -> StreamStore:
         return self._store()
+
+    @property
+    def cluster(self) -> Cluster:
+        return self._cluster()
 
     async def start(self, generation: BackendGeneration, show_reasoning: bool, model: str,
                     n_prompt: int, truncated: int = 0) -> str:
@@ -89,10 +101,11 @@ class StreamProducers:
     async def end_if_orphaned(self, info: StreamInfo) -> StreamInfo:
         """End a stream its producer left open, with an error frame and message.stop, so its
         readers do not wait for ever. Orphaned: produced by this process but no producer runs
-        (its store writes failed), or by a process of this host that is gone (killed; a restart
-        reads the stream from the same store). A stream of another host is left alone: its
-        producer may be alive there."""
-        if info.finished or info.id in self._ending or not self._orphaned(info):
+        (its store writes failed), by a replica whose lease in the shared store ran out
+        (killed, or cut off), or, where the store keeps no leases, by a process of this host
+        that is gone (killed; a restart reads the stream from the same store). Without a
+        lease, a stream of another host is left alone: its producer may be alive there."""
+        if info.finished or info.id in self._ending or not await self._orphaned(info):
             return info
         self._ending.add(info.id)
         try:
@@ -108,12 +121,16 @@ class StreamProducers:
             self._ending.discard(info.id)
         return await self.store.get(info.id) or info
 
-    def _orphaned(self, info: StreamInfo) -> bool:
+    async def _orphaned(self, info: StreamInfo) -> bool:
         owner = info.meta.get("owner")
         if not isinstance(owner, dict):
             return False  # written before owners were recorded: cannot tell
-        if owner.get("instance") == self.owner["instance"]:
+        instance = owner.get("instance")
+        if instance == self.owner["instance"]:
             return info.id not in self._tasks
+        alive = await self.cluster.alive(instance) if isinstance(instance, str) else None
+        if alive is not None:
+            return not alive
         if owner.get("host") != self.owner["host"]:
             return False
         pid = owner.get("pid")
@@ -126,6 +143,25 @@ class StreamProducers:
             return False
         entry[1].close()  # the engine finishes it as cancelled; the producer writes the end
         return True
+
+    async def cancel_anywhere(self, info: StreamInfo) -> bool:
+        """Cancel a stream's generation in this process, or send the cancel to the replica
+        that runs it; False when no replica took it (none runs it, or its owner is not
+        listening)."""
+        if self.cancel(info.id):
+            return True
+        owner = info.meta.get("owner")
+        instance = owner.get("instance") if isinstance(owner, dict) else None
+        if not isinstance(instance, str) or instance == self.owner["instance"]:
+            return False
+        return await self.cluster.send(instance, {"kind": CANCEL, "id": info.id})
+
+    async def on_message(self, message: dict[str, Any]) -> None:
+        """A cluster message for the producers: a cancel sent by another replica."""
+        if message.get("kind") == CANCEL and isinstance(message.get("id"), str):
+            if not self.cancel(message["id"]):
+                log.info("native stream %s: a cancel came for it, but it runs no more",
+                         message["id"])
 
     async def close(self) -> None:
         for task, generation in list(self._tasks.values()):
@@ -194,11 +230,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def sse_frames(store: StreamStore, ident: str, after: int, heartbeat: float
+async def sse_frames(producers: StreamProducers, ident: str, after: int, heartbeat: float
                      ) -> AsyncIterator[bytes]:
-    async for frame in store.follow(ident, after, heartbeat=heartbeat):
-        if frame is None:
-            yield b": heartbeat\n\n"
-        else:
+    """A stream's frames after `after` as SSE, with a comment every `heartbeat` quiet
+    seconds. While it is quiet, the reader checks every ORPHAN_CHECK seconds that the stream's
+    producer is alive (its lease, on a shared store), and ends an orphan with an error frame,
+    so a reader of a killed replica's stream ends in bounded time instead of hanging."""
+    store = producers.store
+    check = min(heartbeat, ORPHAN_CHECK)
+    quiet = 0.0
+    async for frame in store.follow(ident, after, heartbeat=check):
+        if frame is not None:
+            quiet = 0.0
             yield f"id: {frame.id}\nevent: {frame.event}\ndata: {frame.data}\n\n".encode()
+            continue
+        info = await store.get(ident)
+        if info is not None and not info.finished:
+            await producers.end_if_orphaned(info)  # its frames come through follow next
+        quiet += check
+        if quiet >= heartbeat:
+            quiet = 0.0
+            yield b": heartbeat\n\n"
 

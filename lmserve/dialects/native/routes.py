@@ -65,7 +65,7 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
             raise _unknown_stream(ident)
         await producers.end_if_orphaned(info)  # its producer was killed: it ends, not hangs
         after = _last_event_id(request.headers.get("last-event-id"))
-        return StreamingResponse(sse_frames(producers.store, ident, after,
+        return StreamingResponse(sse_frames(producers, ident, after,
                                             resource.heartbeat_interval),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -81,8 +81,13 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
             return {"id": ident, "cancelled": True}
         if info.finished:
             return {"id": ident, "cancelled": False}
-        raise invalid("this stream's generation runs in another server process; send the "
-                      "cancel to that replica", code="stream_elsewhere")
+        # It runs on another replica sharing the store: the cancel goes there through it.
+        if await producers.cancel_anywhere(info):
+            return {"id": ident, "cancelled": True}
+        raise LmserveError(ErrorKind.UNAVAILABLE, "this stream's generation runs in another "
+                           "server process that did not take the cancel (it is not listening "
+                           "to the shared store); retry", code="stream_owner_unreachable",
+                           retry_after=1.0)
 
     router.include_router(_page_router(resource), tags=router.tags)
     return router

@@ -300,14 +300,13 @@ def modelfile(facts: ModelFacts, template: str, parameters: dict[str, Any]) -> s
 
 
 def show_body(facts: ModelFacts, metadata: Mapping[str, str], *, template: str,
-              parameters: dict[str, Any], vision: bool = False) -> dict[str, Any]:
+              parameters: dict[str, Any]) -> dict[str, Any]:
     # Every model here embeds (mean pooling when the GGUF declares none), so both are listed.
     return {"license": metadata.get("general.license", ""),
             "modelfile": modelfile(facts, template, parameters),
             "parameters": parameters_text(parameters), "template": template,
             "details": details(facts), "model_info": model_info(metadata, facts.n_params),
-            "capabilities": ["completion", "embedding", *(["vision"] if vision else [])],
-            "modified_at": timestamp(facts.modified)}
+            "capabilities": ["completion", "embedding"], "modified_at": timestamp(facts.modified)}
 
 
 def embedding(vector: np.ndarray, dimensions: int | None = None) -> list[float]:

@@ -135,8 +135,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         card = service.require_ready()
         return encoder.show_body(_facts(card, name), _metadata(card),
                                  template=card.chat_template or "",
-                                 parameters=adapter.default_parameters(card.n_ctx),
-                                 vision=card.vision)
+                                 parameters=adapter.default_parameters(card.n_ctx))
 
     @router.post("/api/pull", summary="Pull (succeeds only for a model already served)")
     async def pull(body: PullRequest) -> Response:

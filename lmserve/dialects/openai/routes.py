@@ -129,8 +129,7 @@ def _model_card(service: ModelBackend, name: str) -> dict[str, Any]:
         entry["meta"] = {"architecture": weights.architecture, "n_ctx": card.n_ctx,
                          "n_ctx_train": weights.n_ctx_train, "n_params": weights.n_params,
                          "size": weights.size_bytes, "n_vocab": weights.n_vocab,
-                         "chat_template": card.has_template, "kv_layout": card.kv_layout,
-                         "vision": card.vision}
+                         "chat_template": card.has_template, "kv_layout": card.kv_layout}
         if card.placement is not None:  # where the weights and the KV cache live
             entry["meta"]["placement"] = dataclasses.asdict(card.placement)
     lora = model_spec(name, card.loras, card.names)

@@ -39,6 +39,7 @@ from lmserve.models.gguf_header import GGUFError, GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
 
 HEALTH_TIMEOUT_S = 20.0  # SGLang's default health-check timeout
+ABORT = "sglang_abort"  # the cluster message: abort these rids (or all) on every replica
 Models = Callable[[], ModelRegistry]
 Samples = list[list[encoder.Sample]]  # per job, per sample
 
@@ -66,7 +67,27 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
     _route(router, "/server_info", server_info, "Runtime configuration (secrets redacted)",
            alias="/get_server_info")
 
+    async def remote_abort(message: dict[str, Any]) -> None:
+        """Another replica's /abort_request: abort what runs here, as the caller may."""
+        caller, admin = message.get("caller"), message.get("admin") is True
+        caller = caller if isinstance(caller, str) else None
+        if message.get("all") is True:
+            rids = live.rids() if admin else live.rids(owner=caller)
+        else:
+            sent = message.get("rids")
+            rids = [r for r in (sent if isinstance(sent, list) else []) if isinstance(r, str)
+                    and (admin or live.owner(r, caller) is True)]
+        await _abort(models, rids)
+
+    def listen(request: Request) -> None:
+        """Take other replicas' aborts from the first request on: a rid they abort runs here
+        only after a /generate came here."""
+        state = getattr(request.app.state, "lmserve", None)  # http.app.AppState
+        if state is not None:
+            state.on_message(ABORT, remote_abort)
+
     async def generate(body: GenerateRequest, request: Request) -> Response:
+        listen(request)
         service = models().get(body.model)
         plan = adapter.generate_plan(body, new_rid=lambda: uuid.uuid4().hex)
         live.check_free(job.rid for job in plan.jobs)
@@ -122,12 +143,21 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
                                    "another key; aborting it needs an admin key",
                                    param="rid", code="admin_key_required")
             rids = [rid]
-        for service in models():
-            for rid in rids:
-                await service.abort(rid)
+        await _abort(models, rids)
+        # The rid may run on another replica sharing the store: they abort it there too.
+        state = getattr(request.app.state, "lmserve", None)
+        if state is not None:
+            await state.cluster().broadcast({"kind": ABORT, "rids": rids, "all": body.abort_all,
+                                             "caller": caller, "admin": admin})
         return Response(status_code=200)
 
     return router
+
+
+async def _abort(models: Models, rids: list[str]) -> None:
+    for service in models():
+        for rid in rids:
+            await service.abort(rid)
 
 
 def _route(router: APIRouter, path: str, endpoint: Callable[..., Any], summary: str, *,
@@ -320,7 +350,9 @@ def _server_info(request: Request, registry: ModelRegistry) -> dict[str, Any]:
         "version": __version__, "host": host, "port": port,
         "api_key": encoder.REDACTED if secrets else None,
         "api_key_names": key_names,  # the keys' names stand for them; keys are never shown
-        "served_model_name": [n for s in services for n in registry.names(s)],
+        # one name, as SGLang's (the router reads it as a string); every name in the next
+        "served_model_name": registry.names(services[0])[0] if services else None,
+        "served_model_names": [n for s in services for n in registry.names(s)],
         "model_path": cards[0].source if cards else None,
         "store": {"url": state.store_settings.url,
                   "data_dir": str(state.store_settings.data_dir or "") or None,
