@@ -107,6 +107,11 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("cache_tokens", int, ("--cache-tokens",),
            "idle KV tokens kept for prefix reuse besides the newest finished conversation "
            "(default: a quarter of --ctx in a shared pool, no limit with split streams)"),
+    Option("session_kv_budget", int, ("--session-kv-budget",),
+           "KV tokens kept pinned for open sessions (SGLang /open_session, oLLM "
+           "/v1/sessions), all together, at most one --cache-slots slot each; 0: no pins "
+           "(default: a quarter of --ctx in a shared pool, no limit with split streams)",
+           metavar="N", minimum=0),
     Option("kv_layout", str, ("--kv-layout",),
            "KV cache layout: split gives every slot (--parallel + --cache-slots) its own "
            "stream of --ctx cells (fastest decoding of many sequences, the most memory); "

@@ -81,6 +81,9 @@ class EngineSettings:
     max_queued_tokens: int | None = None  # prompt tokens waiting before 429; None: no cap
     cache_slots: int | None = None  # idle sequences kept for prefix reuse (default: parallel/4)
     cache_tokens: int | None = None  # idle KV tokens kept besides the newest; default n_ctx/4
+    # KV tokens pinned for open sessions, all together (default: n_ctx/4 in a shared pool, no
+    # token limit with split streams); at most cache_slots sessions are pinned; 0: no pins.
+    session_kv_budget: int | None = None
     disk_cache_dir: str | None = None  # saved sequence states of long prefixes; None: off
     disk_cache_max_bytes: int = 4 << 30  # per model
     disk_cache_min_tokens: int = 256  # shorter prefixes are not saved or loaded
@@ -231,12 +234,15 @@ class ModelService:
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
             (None if layout.split else self.n_ctx // 4)
+        pin_tokens = s.session_kv_budget if s.session_kv_budget is not None else \
+            (None if layout.split else self.n_ctx // 4)
 
         def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore[Batch]:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
                               step_tokens=max(s.step_tokens, s.parallel), sink=sink,
                               idle_tokens=idle_tokens, lookup_tokens=s.lookup,
-                              lookup_budget=s.lookup_budget, packed=layout.split)
+                              lookup_budget=s.lookup_budget, packed=layout.split,
+                              pin_tokens=pin_tokens)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue,
                                    max_queued_tokens=s.max_queued_tokens, name=self.name)
@@ -459,7 +465,7 @@ class ModelService:
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
             ignore_eos=request.ignore_eos, n=request.n, logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs, render_special=prepared.markers,
-            adapters=adapters, priority=request.priority,
+            adapters=adapters, priority=request.priority, pin=request.session,
             caller=request.caller if request.caller is not None else current_caller())
         if request.request_id:
             engine_request.request_id = request.request_id
@@ -498,6 +504,13 @@ class ModelService:
         flushed: int | None = await self.client.call(
             lambda core: None if core.has_work else core.pool.flush())
         return flushed
+
+    async def release_session(self, session: str) -> bool:
+        """Unpin a session's KV (engine.prefix_cache); False when none was pinned."""
+        if self.client is None:
+            return False
+        released: bool = await self.client.call(lambda core: core.unpin(session))
+        return released
 
     # -- embeddings -------------------------------------------------------------------------
     async def embed(self, inputs: Sequence[Sequence[int] | str], adapters: AdapterSet = ()

@@ -362,4 +362,9 @@ class ModelBackend(Protocol):
 
     async def flush_cache(self) -> int | None: ...
 
+    async def release_session(self, session: str) -> bool:
+        """A session (`GenerationRequest.session`) ended: its KV is no longer pinned, and a
+        turn of it still running will not pin it. False: nothing was pinned for it."""
+        ...
+
     def stats(self) -> EngineStats | None: ...

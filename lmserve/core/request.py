@@ -202,6 +202,10 @@ class GenerationRequest:
     context_overflow: Literal["error", "truncate"] | None = None  # None: the server's default
     # LoRA adapters by alias (core.lora); a "<model>:<alias>" model name selects one too.
     lora: LoraSelection | None = None
+    # A session key (the dialect's, e.g. "sglang:<id>"): the KV this request leaves stays
+    # pinned for the session's next turn, within the session budget, until
+    # ModelBackend.release_session. None: ordinary prefix cache only.
+    session: str | None = None
     # Admission: a lower priority is admitted earlier (vLLM's field; FIFO within one value);
     # waiting requests of different callers take turns. caller None: core.caller's current
     # caller (the HTTP layer sets it from the API key's name or the client's address).

@@ -21,6 +21,15 @@ slots that add no run, it fills a hole inside the busy span before it widens the
 several sequences end in one step, their replacements then close the hole they left
 instead of growing a second run beside the first (Gemma 3 at 16 clients: 377 of 750 full
 decode steps ran as two graphs before).
+
+Sessions pin their KV: a request that carries a session key (`pin`) leaves its slot pinned to
+that session when it ends, and a pinned idle slot is neither evicted by LRU or the idle budget
+nor taken over by another request (which may still copy a prefix from it), so the session's
+next turn starts after everything the last one computed. Pins are bounded: at most
+`max_pinned` slots (the engine passes its cache slots, so running sequences always find a
+slot) and `pin_tokens` tokens; a new pin over either limit unpins the least recently used
+sessions first, which leaves their KV as ordinary idle cache. Only a KV pool that runs out
+evicts a pinned slot, after every unpinned one. `unpin` ends a session's pin.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ class KVMemory(Protocol):
 class _Adapters(Protocol):
     @property
     def adapters(self) -> tuple[tuple[str, float], ...]: ...
+    @property
+    def pin(self) -> str | None: ...
 
 
 class Occupant(Protocol):
@@ -66,6 +77,7 @@ class Slot:
     owner: Occupant | None = None
     last_used: float = 0.0
     adapters: tuple[tuple[str, float], ...] = ()  # the LoRA set its KV was computed under
+    pin: str | None = None  # idle, held for this session: not evicted, not taken by others
 
     @property
     def busy(self) -> bool:
@@ -85,12 +97,18 @@ class Placement:
 
 class SlotPool:
     def __init__(self, n_slots: int, memory: KVMemory, *, min_share: int = 16,
-                 idle_tokens: int | None = None, packed: bool = False) -> None:
+                 idle_tokens: int | None = None, packed: bool = False,
+                 max_pinned: int | None = None, pin_tokens: int | None = None) -> None:
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         self.memory = memory
         self.min_share = min_share  # shorter shared prefixes are not worth a copy
         self.packed = packed  # split KV: keep busy slots on consecutive ids, copies cost data
         self.idle_tokens = idle_tokens  # None: no budget, only LRU under KV pressure
+        # Session pins: at most this many slots (default all but one) and tokens (None: any).
+        self.max_pinned = n_slots - 1 if max_pinned is None else max_pinned
+        self.pin_tokens = pin_tokens
+        self.pins: dict[str, Slot] = {}  # session key -> its idle pinned slot
+        self.pins_dropped = 0  # pins ended by the budget or KV pressure, not by unpin
         self.hits = 0
         self.reused_tokens = 0
         self.disk: DiskCache | None = None  # saved states of long prefixes (disk_cache.py)
@@ -98,11 +116,16 @@ class SlotPool:
 
     @property
     def n_free(self) -> int:
-        return sum(1 for s in self.slots if not s.busy)
+        """Slots a new sequence can have: neither busy nor pinned to a session."""
+        return sum(1 for s in self.slots if not s.busy and s.pin is None)
 
     @property
     def resident_tokens(self) -> int:
         return sum(len(s.cached) for s in self.slots if not s.busy)
+
+    @property
+    def pinned_tokens(self) -> int:
+        return sum(len(s.cached) for s in self.pins.values())
 
     def place(self, seq: Occupant, *, use_disk: bool = True) -> Placement | None:
         """Give `seq` a slot, reusing the longest resident (or, failing that, stored) prefix.
@@ -127,7 +150,8 @@ class SlotPool:
         target = self._pick_free()
         if target is None:
             return None
-        if best is not None and not best.busy and best_len > 0:
+        if best is not None and not best.busy and best_len > 0 \
+                and best.pin in (None, seq.request.pin):  # another session's: copy, never take
             # Taking runs in place and drops what the resident conversation has past the
             # shared prefix; fine when that is nothing, or when no empty slot is left anyway.
             loses_nothing = target is best or best_len >= len(best.cached) or bool(target.cached)
@@ -176,6 +200,9 @@ class SlotPool:
         return self._assign(slot, seq, keep)
 
     def _assign(self, slot: Slot, seq: Occupant, reused: int) -> Placement:
+        if slot.pin is not None:  # its session's next turn runs here; released, it pins again
+            del self.pins[slot.pin]
+            slot.pin = None
         slot.owner, slot.cached, slot.adapters = seq, [], seq.request.adapters
         if reused:
             self.hits += 1
@@ -203,8 +230,8 @@ class SlotPool:
     def _pick_free(self) -> Slot | None:
         """The slot a new sequence should use: packed, the one that adds fewest runs and then
         widens the busy span least; then an empty slot before an idle one, and the least
-        recently used idle one first."""
-        free = [s for s in self.slots if not s.busy]
+        recently used idle one first. Pinned slots are never picked."""
+        free = [s for s in self.slots if not s.busy and s.pin is None]
         if not free:
             return None
         bounds = self._busy_bounds()
@@ -223,14 +250,20 @@ class SlotPool:
             self.evict(slot)
 
     def evict(self, slot: Slot) -> None:
+        if slot.pin is not None:
+            del self.pins[slot.pin]
+            slot.pin = None
+            self.pins_dropped += 1
         self.memory.seq_rm(slot.seq_id, -1, -1)
         slot.cached = []
 
     def evict_lru_idle(self) -> bool:
+        """The KV pool is full: evict the least recently used idle prefix, a session's pinned
+        one only when no other is left."""
         idle = [s for s in self.slots if not s.busy and s.cached]
         if not idle:
             return False
-        self.evict(min(idle, key=lambda s: s.last_used))
+        self.evict(min(idle, key=lambda s: (s.pin is not None, s.last_used)))
         return True
 
     def release(self, slot: Slot, *, keep: bool = True) -> None:
@@ -242,15 +275,51 @@ class SlotPool:
             slot.cached = owner.tokens[: owner.n_computed]
             if self.disk is not None:
                 self.disk.offer(slot.seq_id, slot.cached, slot.adapters)
+            if owner.request.pin is not None:
+                self._pin(slot, owner.request.pin)
             self._enforce_budget(newest=slot)
         else:
             self.evict(slot)
 
-    def _enforce_budget(self, newest: Slot) -> None:
+    def _pin(self, slot: Slot, key: str) -> None:
+        """Hold `slot` for session `key` (instead of the slot its last turn left, if another),
+        unpinning the least recently used sessions to stay within the pin budget."""
+        self._unpin(key)
+        size = len(slot.cached)
+        if self.max_pinned < 1 or not slot.cached or (
+                self.pin_tokens is not None and size > self.pin_tokens):
+            return
+        older = sorted(self.pins.values(), key=lambda s: s.last_used)
+        while older and (len(older) >= self.max_pinned or (
+                self.pin_tokens is not None
+                and sum(len(s.cached) for s in older) + size > self.pin_tokens)):
+            victim = older.pop(0)
+            self._unpin(victim.pin or "")
+            self.pins_dropped += 1
+        slot.pin = key
+        self.pins[key] = slot
+
+    def unpin(self, key: str) -> bool:
+        """End session `key`'s pin: its KV stays as ordinary idle cache (LRU, idle budget)."""
+        if not self._unpin(key):
+            return False
+        idle = [s for s in self.slots if not s.busy and s.cached and s.pin is None]
+        self._enforce_budget(newest=max(idle, key=lambda s: s.last_used) if idle else None)
+        return True
+
+    def _unpin(self, key: str) -> bool:
+        slot = self.pins.pop(key, None)
+        if slot is None:
+            return False
+        slot.pin = None
+        return True
+
+    def _enforce_budget(self, newest: Slot | None) -> None:
         if self.idle_tokens is None:
             return
         budget = self.idle_tokens
-        others = sorted((s for s in self.slots if not s.busy and s.cached and s is not newest),
+        others = sorted((s for s in self.slots
+                         if not s.busy and s.cached and s is not newest and s.pin is None),
                         key=lambda s: s.last_used)
         excess = sum(len(s.cached) for s in others) - budget
         for victim in others:
@@ -260,10 +329,11 @@ class SlotPool:
             self.evict(victim)
 
     def flush(self) -> int:
-        """Drop every idle slot's KV (the prefix cache); returns how many were dropped."""
+        """Drop every idle slot's KV (the prefix cache) but the sessions' pinned ones; returns
+        how many were dropped."""
         dropped = 0
         for slot in self.slots:
-            if not slot.busy and slot.cached:
+            if not slot.busy and slot.cached and slot.pin is None:
                 self.evict(slot)
                 dropped += 1
         return dropped

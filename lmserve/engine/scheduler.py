@@ -89,14 +89,17 @@ class StepStats:
 class EngineCore(Generic[B]):
     def __init__(self, runner: Runner[B], *, n_slots: int, max_running: int, step_tokens: int,
                  sink: Callable[[StepOutputs], None], idle_tokens: int | None = None,
-                 lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False) -> None:
+                 lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False,
+                 pin_tokens: int | None = None) -> None:
         self.runner = runner
         # Prompt-lookup speculation: at most lookup_tokens drafted per sequence and
         # lookup_budget per step (0: off). Verifying a draft costs batch rows, so the step
         # budget keeps a full batch of decoders from paying for many guesses at once.
         self.lookup_tokens = lookup_tokens
         self.lookup_budget = lookup_budget
-        self.pool = SlotPool(n_slots, runner, idle_tokens=idle_tokens, packed=packed)
+        # Sessions may pin the cache slots, never the slots running sequences need.
+        self.pool = SlotPool(n_slots, runner, idle_tokens=idle_tokens, packed=packed,
+                             max_pinned=n_slots - max_running, pin_tokens=pin_tokens)
         self.adapters = AdapterRotation()  # one LoRA group per step (adapters are per context)
         self.max_running = max_running
         self.step_tokens = step_tokens
@@ -123,6 +126,14 @@ class EngineCore(Generic[B]):
                 found = True
         self._flush_outputs()
         return found
+
+    def unpin(self, session: str) -> bool:
+        """End a session's KV pin (prefix_cache.py); its running or queued turns no longer pin
+        when they end. False: it held no pinned slot."""
+        for seq in [*self.running, *self.waiting]:
+            if seq.request.pin == session:
+                seq.request.pin = None
+        return self.pool.unpin(session)
 
     @property
     def has_work(self) -> bool:

@@ -60,6 +60,8 @@ class EngineRequest:
     dequeued: bool = False  # left the wait queue once (its prompt no longer counts as queued)
     # The HTTP request's correlation id (X-Request-Id), for the engine's log lines about it.
     correlation_id: str | None = None
+    # The session whose KV this request's slot stays pinned to when it ends (prefix_cache.py).
+    pin: str | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_logprobs is not None and self.prompt_scores is None:

@@ -393,6 +393,9 @@ class UpstreamBackend:
     async def flush_cache(self) -> int | None:
         return None  # the upstream's cache is its own
 
+    async def release_session(self, session: str) -> bool:
+        return False  # nothing is pinned here; the upstream's cache is its own
+
     # -- shutdown ---------------------------------------------------------------------------
     def drain(self) -> None:
         self._draining = True

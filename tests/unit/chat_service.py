@@ -117,6 +117,7 @@ class ScriptedService:
         self.steps = steps
         self.started: list[tuple[GenerationRequest, PreparedPrompt, ScriptedGeneration]] = []
         self.aborted: list[str] = []
+        self.released_sessions: list[str] = []
         self.vision = False
         self.draining = False
         self.failed_with: LmserveError | None = None
@@ -212,6 +213,10 @@ class ScriptedService:
 
     async def flush_cache(self) -> int | None:
         return 0
+
+    async def release_session(self, session: str) -> bool:
+        self.released_sessions.append(session)
+        return False
 
     def stats(self) -> EngineStats | None:
         return EngineStats(active_requests=sum(1 for *_, g in self.started if not g.closed))

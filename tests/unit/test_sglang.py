@@ -123,7 +123,6 @@ def test_invalid_requests_name_the_parameter(body, param):
 @pytest.mark.parametrize("body, param", [
     ({"token_ids_logprob": [1]}, "token_ids_logprob"),
     ({"image_data": "x.png"}, "image_data"),
-    ({"session_params": {"id": "s"}}, "session_params"),
     ({"return_hidden_states": True}, "return_hidden_states"),
     ({"sampling_params": {"structural_tag": "{}"}}, "sampling_params.structural_tag"),
     ({"sampling_params": {"stop_regex": "a+"}}, "sampling_params.stop_regex"),

@@ -20,8 +20,7 @@ T = TypeVar("T")
 GREEDY_BELOW = 1e-6  # SGLang samples greedily under this temperature
 
 MAX_TOP_LOGPROBS = 20  # alternatives per position, the cap the OpenAI endpoints have too
-_LATER = {"session_params": "SGLang sessions are not supported; use the /v1/sessions API",
-          "custom_logit_processor": "custom logit processors are not supported",
+_LATER = {"custom_logit_processor": "custom logit processors are not supported",
           "return_hidden_states": "hidden states are not returned by this server",
           "image_data": "this server takes text input only",
           "audio_data": "this server takes text input only",

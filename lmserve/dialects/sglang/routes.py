@@ -1,10 +1,12 @@
 """SGLang-style runtime routes: /generate, /health_generate, /model_info, /server_info,
-/flush_cache and /abort_request (plus SGLang's own /get_model_info and /get_server_info names,
-which its clients call). /health lives in the app shell: 200, or 503 when an engine died."""
+/flush_cache, /abort_request, /open_session and /close_session (plus SGLang's own
+/get_model_info and /get_server_info names, which its clients call). /health lives in the app
+shell: 200, or 503 when an engine died. Sessions: sessions.py."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -25,7 +27,7 @@ from lmserve.core.backend import (
 )
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.request import GenerationRequest, SamplingParams
-from lmserve.dialects.sglang import adapter, encoder
+from lmserve.dialects.sglang import adapter, encoder, sessions
 from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
 from lmserve.http.routing import (
     admin_only,
@@ -47,6 +49,7 @@ Samples = list[list[encoder.Sample]]  # per job, per sample
 def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIRouter:
     router = APIRouter(route_class=dialect_route(encoder.error_body), tags=tags or ["SGLang"])
     live = LiveRequests()
+    open_sessions = sessions.Sessions()
 
     @router.get("/health_generate", summary="Health check that generates one token",
                 response_class=Response)  # an empty 200, as SGLang answers
@@ -91,12 +94,19 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         service = models().get(body.model)
         plan = adapter.generate_plan(body, new_rid=lambda: uuid.uuid4().hex)
         live.check_free(job.rid for job in plan.jobs)
+        turn = None
+        if body.session_params is not None:
+            plan, turn = _session_turn(open_sessions, service, body, plan, request)
         prepared = [_prepare(service, job) for job in plan.jobs]
         arrival = time.monotonic()
         jobs = [(j.request, p) for j, p in zip(plan.jobs, prepared, strict=True)]
         generations = start_all(service, jobs, parse=False)
         live.add(plan.jobs, generations, caller_name(request))
         samples = _samples(plan, prepared)
+        if turn is not None:
+            job = plan.jobs[0]
+            sessions.add_turn(turn, job.rid, job.request.max_tokens, generations[0],
+                              samples[0][0])
         if body.stream:
             await accepted(generations)  # an upstream's refusal is a status here too
             return StreamingResponse(_stream(generations, plan, samples, arrival),
@@ -125,6 +135,24 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
     _route(router, "/flush_cache", flush_cache, "Drop the idle prefix cache (refused while "
            "requests run; needs an admin key when the server has keys)",
            methods=("POST", "GET"), dependencies=[Depends(admin_only)])
+
+    async def open_session(body: sessions.OpenSessionRequest, request: Request) -> Any:
+        return open_sessions.open(body, caller_name(request))  # the id, as a JSON string
+
+    _route(router, "/open_session", open_session, "Open a session: turns that continue "
+           "earlier turns, with the session's KV kept warm (another key's session needs an "
+           "admin key)", methods=("POST", "GET"))
+
+    async def close_session(body: sessions.CloseSessionRequest, request: Request) -> Response:
+        session = open_sessions.close(body.session_id, caller_name(request),
+                                      caller_is_admin(request))
+        for service in models():
+            if service.name == session.model:
+                await service.release_session(session.key)
+        return Response(status_code=200)
+
+    _route(router, "/close_session", close_session, "Close a session: abort its running "
+           "turns and release its KV", methods=("POST", "GET"))
 
     @router.post("/abort_request", summary="Abort a running request by rid (another key's "
                  "request, or abort_all of every key's, needs an admin key)",
@@ -226,6 +254,29 @@ def backend_done(generation: BackendGeneration) -> bool:
 def _services(models: Models, name: str | None) -> list[ModelBackend]:
     registry = models()
     return [registry.get(name)] if name else list(registry)
+
+
+def _session_turn(open_sessions: sessions.Sessions, service: ModelBackend,
+                  body: GenerateRequest, plan: adapter.GeneratePlan, request: Request
+                  ) -> tuple[adapter.GeneratePlan, sessions.TurnPlan]:
+    """A /generate with session_params: its one prompt becomes the session's history plus
+    that prompt, run under the session's key."""
+    params = sessions.parse_params(body.session_params)
+    if plan.listed:
+        raise invalid("a session turn is one prompt with n = 1", param="session_params")
+    session = open_sessions.get(params.id, caller_name(request), caller_is_admin(request))
+    job = plan.jobs[0]
+    req = job.request
+    if req.prompt_tokens is not None:
+        new_ids = list(req.prompt_tokens)
+    else:  # a continuation is not the start of a text: no BOS
+        new_ids = service.tokenize(req.prompt or "", add_special=params.rid is None)
+    bos = service.tokenize("", add_special=True)
+    turn = sessions.plan_turn(session, params, new_ids, bos[0] if bos else None,
+                              service.name, job.rid)
+    request_ = dataclasses.replace(req, prompt=None, prompt_tokens=turn.input_ids,
+                                   session=session.key)
+    return adapter.GeneratePlan([dataclasses.replace(job, request=request_)], listed=False), turn
 
 
 def _prepare(service: ModelBackend, job: adapter.Job) -> PreparedPrompt:
