@@ -1,7 +1,7 @@
-"""Sessions pin their KV (engine.prefix_cache): SGLang's /open_session turns continue from
-the session's resident KV after unrelated traffic that evicts it once the session is closed.
-A small server: 2 running slots and 1 cache slot, so three unrelated requests cycle every slot
-that is not pinned."""
+"""Sessions pin their KV (engine.prefix_cache): SGLang's /open_session turns and oLLM's
+/v1/sessions turns continue from the session's resident KV after unrelated traffic that evicts
+it once the session is closed. A small server: 2 running slots and 1 cache slot, so three
+unrelated requests cycle every slot that is not pinned."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ GREEDY = {"temperature": 0, "max_new_tokens": 6}
 # Long enough to be shared by copy under either KV layout (split streams copy 16 tokens or more).
 STORY = ("The lighthouse keeper climbed the stairs every evening at dusk, counted the ships in "
          "the bay, and wrote their names in a small green book. One night")
+SYSTEM = ("You keep the harbour log. Ships arrive from the north at dawn and leave for the "
+          "south at dusk; answer in one short sentence.")
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,24 @@ def test_sglang_session_errors(http):
     refused(http.post("/open_session", json={}))
     assert http.post("/close_session", json={"session_id": sid}).status_code == 200
 
+
+def ollm_prompt(http: httpx.Client, path: str, prompt: str, **extra: Any) -> dict[str, int]:
+    r = http.post(path, json={"prompt": prompt, "generation": GREEDY, **extra})
+    assert r.status_code == 200, r.text
+    usage: dict[str, int] = r.json()["usage"]
+    return usage
+
+
+def test_ollm_session_kv_is_pinned_until_the_session_is_deleted(http):
+    sid = http.post("/v1/sessions", json={"system_prompt": SYSTEM,
+                                          "generation": GREEDY}).json()["session_id"]
+    u1 = ollm_prompt(http, f"/v1/sessions/{sid}/prompt", "When do ships arrive?")
+    traffic(http)
+    u2 = ollm_prompt(http, f"/v1/sessions/{sid}/prompt", "And when do they leave?")
+    assert u2["cached_tokens"] >= u1["prompt_tokens"]  # turn 1 whole, after the traffic
+    assert http.delete(f"/v1/sessions/{sid}").status_code == 200
+    traffic(http)
+    # The same opening as a one-shot prompt: the deleted session's KV was evicted.
+    again = ollm_prompt(http, "/v1/prompt", "When do ships arrive?", system_prompt=SYSTEM)
+    assert again["prompt_tokens"] == u1["prompt_tokens"]
+    assert again["cached_tokens"] < u1["prompt_tokens"] - 1

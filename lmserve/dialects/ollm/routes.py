@@ -118,6 +118,8 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
     async def delete_session(session_id: str, request: Request) -> Any:
         if not await _sessions(request).delete(session_id):
             raise NotFoundError("Session", session_id)
+        for service in models():  # its KV is no longer pinned, wherever its turns ran
+            await service.release_session(session_key(session_id))
         return {"session_id": session_id, "deleted": True}
 
     @router.post("/v1/sessions/{session_id}/prompt", summary="Prompt within a session")
@@ -236,7 +238,8 @@ async def _turn(request: Request, models: Models, turns: Turns, session_id: str,
         generation = adapter.merge_generation(session.metadata.get("generation", {}),
                                               body.generation)
         messages = adapter.prompt_messages(session.system, session.messages, body.prompt)
-        job = _start(service, name, messages, generation, body.prompt, None)
+        job = _start(service, name, messages, generation, body.prompt, None,
+                     session=session_key(session_id))
         job.sessions, job.session_id = sessions, session_id
         claim.generation = job.generation
         headers = truncation_headers(job.truncated_messages)
@@ -258,9 +261,16 @@ def _own(claim: SessionTurn) -> None:
     claim.owned = True
 
 
+def session_key(session_id: str) -> str:
+    """The engine's pin key of a stored session: its turns' KV stays resident between turns
+    (GenerationRequest.session) until the session is deleted."""
+    return f"ollm:{session_id}"
+
+
 def _start(service: ModelBackend, name: str, messages: list[ChatMessage], gen: GenerationIn,
-           prompt: str, quiet: bool | None) -> PromptJob:
+           prompt: str, quiet: bool | None, session: str | None = None) -> PromptJob:
     request = adapter.generation_request(messages, gen, name)
+    request.session = session
     prepared = service.prepare(request)
     started = time.monotonic()
     # Refusals are real statuses, even streamed. oLLM answers the raw text: nothing to parse.
