@@ -27,12 +27,14 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/lmserve serve $(MODEL) --host $(HOST) --port $(PORT)
 
-# Test-only system packages from Debian: redis-server (the Redis store's tests start one on
-# loopback) and chromium (the chat page's browser test). Skipped where apt-get is unavailable;
-# those tests then skip with a reason.
+# Test-only system packages from Debian: redis-server (the Redis store's and the cluster's
+# tests start one on loopback), chromium (the chat page's browser test) and nginx-light
+# (`nginx -t` of deploy/nginx.conf). Skipped where apt-get is unavailable; those tests then
+# skip with a reason.
 system-deps:
 	@missing=""; command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null 2>&1 || missing="$$missing nginx-light"; \
 	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -115,6 +116,8 @@ class RouterProcess(Child):
                  host: str = "127.0.0.1", args: Sequence[str] = DEFAULT_ROUTER_ARGS,
                  log_path: Path) -> None:
         port = port or free_port(host)
+        if "--prometheus-port" not in args:  # its default (29000) is taken by a second router
+            args = (*args, "--prometheus-port", str(free_port(host)), "--prometheus-host", host)
         super().__init__("router", router_argv(workers, port=port, host=host, args=args),
                          log_path, f"http://{host}:{port}")
 
@@ -225,15 +228,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-arg", action="append", dest="router_args", metavar="ARG",
                    help="an argument for sglang-router, repeatable (replaces the default "
                         f"{' '.join(DEFAULT_ROUTER_ARGS)})")
-    p.add_argument("serve_args", nargs=argparse.REMAINDER,
-                   help="after --: arguments for each `lmserve serve` (--parallel 2 --ctx 1024)")
+    p.add_argument("--serve-args", default="", metavar="'ARGS'",
+                   help="more arguments for each `lmserve serve`, as one shell-quoted string "
+                        "(e.g. '--parallel 2 --ctx 1024')")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         print("lmserve cluster: --replicas must be at least 1", file=sys.stderr)
         return 2
-    serve_args = [a for a in args.serve_args if a != "--"]
+    serve_args = shlex.split(args.serve_args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lmserve-cluster-"))
     cluster = LocalCluster(args.model, args.replicas, workdir, redis=args.redis, host=args.host,
                            port=args.port, base_port=args.base_port, threads=args.threads,

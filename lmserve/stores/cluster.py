@@ -68,6 +68,11 @@ class Cluster:
     async def alive(self, instance: str) -> bool | None:
         return True if instance == self.instance else None
 
+    async def claim(self, name: str, ttl: float = 60.0) -> bool:
+        """True for the one replica that claims `name` first (for `ttl` seconds): who ends
+        an orphaned stream. One process: always True (the caller guards against itself)."""
+        return True
+
     async def _deliver(self, message: JSON) -> None:
         if self._handler is None:
             return
@@ -129,6 +134,10 @@ class RedisCluster(Cluster):
 
     async def alive(self, instance: str) -> bool | None:
         return bool(await self._redis.exists(self.lease_key(instance)))
+
+    async def claim(self, name: str, ttl: float = 60.0) -> bool:
+        return bool(await self._redis.set(f"{self._prefix}claim:{name}", self.instance or "",
+                                          nx=True, px=int(ttl * 1000)))
 
     async def _refresh_lease(self) -> None:
         assert self.instance is not None

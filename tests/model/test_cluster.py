@@ -6,6 +6,11 @@ wait has a generous deadline."""
 from __future__ import annotations
 
 import json
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,7 +22,8 @@ import httpx
 import pytest
 
 from benchmarks import reliability as rel
-from tests.model.conftest import Server, start_server, stop_server, wait_ready
+from lmserve.cluster import DEFAULT_ROUTER_ARGS, RouterProcess
+from tests.model.conftest import Server, free_port, start_server, stop_server, wait_ready
 from tests.model.sse import Frame, read_sse
 
 P = "/models/smollm2/"
@@ -171,8 +177,7 @@ def test_a_killed_replicas_stream_ends_with_an_error_on_the_other(
 
 # --- sglang-router in front of the replicas -------------------------------------------------
 
-ROUTER_ARGS = ("--policy", "cache_aware", "--balance-abs-threshold", "4",
-               "--balance-rel-threshold", "1.5")
+ROUTER_ARGS = DEFAULT_ROUTER_ARGS  # cache_aware, balanced over two replicas
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +191,7 @@ def router(tmp_path_factory: pytest.TempPathFactory, replicas: list[Server]) -> 
         proc.stop()
 
 
-def rel_router(log_dir: Path, workers: list[str], args: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    from lmserve.cluster import RouterProcess
+def rel_router(log_dir: Path, workers: list[str], args: tuple[str, ...]) -> RouterProcess:
     router = RouterProcess(workers, args=args, log_path=log_dir / "router.log")
     router.start()
     router.wait_ready(timeout=120)
@@ -235,3 +239,55 @@ def test_cache_aware_routing_spreads_concurrent_conversations_over_both_replicas
     assert statuses == [200] * 24
     after = generated(replicas)
     assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
+
+
+# --- lmserve cluster ------------------------------------------------------------------------
+
+CLUSTER_SERVE_ARGS = ("--parallel", "2", "--ctx", "1024")
+
+
+def test_lmserve_cluster_starts_redis_replicas_and_router_and_stops_them_on_sigterm(
+        tmp_path: Path) -> None:
+    pytest.importorskip("sglang_router", reason="sglang-router is not installed (dev extras)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmserve", "cluster", "--replicas", "2", "smollm2", "--threads",
+         "1", "--port", str(port), "--workdir", str(tmp_path),
+         "--serve-args", " ".join(CLUSTER_SERVE_ARGS)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready." in line or "exited" in line:
+                break
+        ready = lines[-1]
+        assert "ready." in ready, "".join(lines)
+        urls = re.findall(r"http://[\d.:]+", ready)
+        router, replicas = urls[0], urls[1:]
+        assert router == f"http://127.0.0.1:{port}" and len(replicas) == 2
+        store = re.search(r"store (redis://\S+)", ready)
+        assert store is not None
+        for _ in range(2):
+            r = httpx.post(f"{router}/v1/chat/completions", timeout=120, json={
+                "model": "smollm2", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Say hi."}]})
+            assert r.status_code == 200, r.text
+        for url in replicas:  # each runs with the thread count and serve arguments given
+            info = httpx.get(f"{url}/server_info", timeout=30).json()
+            engine = info["models"][0]["engine"]
+            assert (engine["threads"], engine["parallel"], engine["n_ctx"]) == (1, 2, 1024)
+            assert info["store"]["url"] == store.group(1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        for url in [router, *replicas]:
+            with pytest.raises(httpx.HTTPError):
+                httpx.get(f"{url}/health", timeout=5)
+        redis_port = int(store.group(1).rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -107,6 +107,8 @@ class StreamProducers:
         lease, a stream of another host is left alone: its producer may be alive there."""
         if info.finished or info.id in self._ending or not await self._orphaned(info):
             return info
+        if not await self.cluster.claim(f"orphan:{info.id}"):
+            return info  # another replica's reader ends it; its frames come through the store
         self._ending.add(info.id)
         try:
             encoder = FrameEncoder(info.id, str(info.meta.get("model", "")), int(info.created_at))
