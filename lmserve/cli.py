@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -117,6 +118,7 @@ def serve(args: argparse.Namespace) -> int:
         for model in models:
             registry.add(model.name, model.path, replace(cfg.engine, loras=loras[model.name]),
                          aliases=_aliases(model.name, model.path))
+        check_drafts(registry)  # a draft model with another vocabulary: exit 2
         keys = KeyRing(cfg.api_keys, cfg.admin_keys, cfg.api_key_file)  # a bad line: exit 2
         app = create_app(registry, api_keys=cfg.api_keys, upstreams=cfg.upstreams,
                          store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir,
@@ -138,6 +140,22 @@ def serve(args: argparse.Namespace) -> int:
                        writers=lambda: app.state.lmserve.producers.running,
                        options={"ssl_certfile": cfg.ssl_certfile, "ssl_keyfile": cfg.ssl_keyfile,
                                 "ws_max_size": cfg.max_body_bytes})
+
+
+def check_drafts(models: Iterable[Any]) -> None:
+    """Refuse, before the port is bound, a --draft model whose vocabulary is not that of a
+    model named at start (ValueError naming both). Models a library finds are checked when
+    they load (their load fails with the same message)."""
+    from lmserve.engine.draft_model import check_files
+
+    for backend in models:
+        settings = getattr(backend, "settings", None)
+        entry = getattr(backend, "entry", None)  # a model the load manager loads
+        path = entry.path if entry is not None else getattr(backend, "path", None)
+        if entry is not None and entry.source not in ("cli", "config"):
+            continue
+        if settings is not None and getattr(settings, "draft", None) and path:
+            check_files(path, settings.draft, backend.name)
 
 
 def _aliases(name: str, path: str) -> list[str]:

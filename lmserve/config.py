@@ -13,11 +13,21 @@ from typing import Any
 
 from lmserve.chat.media import MEDIA_KEYS, media_policy
 from lmserve.chat.overflow import OVERFLOW_POLICIES
+from lmserve.core.errors import LmserveError
 from lmserve.core.lora import parse_specs
 from lmserve.engine import hardware
 from lmserve.engine.disk_cache import ByteSize
 from lmserve.engine.kv_layout import LAYOUTS
+from lmserve.models.resolve import resolve
 from lmserve.service import EngineSettings
+
+
+def draft_path(reference: Any) -> str:
+    """--draft: a model reference (a GGUF path, a bundled name, hf://...) as its file."""
+    try:
+        return resolve(str(reference)).path
+    except LmserveError as exc:
+        raise ValueError(exc.message) from None
 
 
 class Flag(int):
@@ -122,6 +132,14 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "context, verified in the batch (default 0: off; 8 is a good value)"),
     Option("lookup_budget", int, ("--lookup-budget",),
            "most drafted tokens verified per engine step (default 16)"),
+    Option("draft", draft_path, ("--draft",),
+           "speculative decoding with a draft model: a smaller GGUF with the same vocabulary "
+           "(a path, bundled name or hf://...) guesses tokens for every decoding sequence, "
+           "verified in the batch like --lookup's (default: none)", metavar="MODEL",
+           aliases=("draft_model",)),
+    Option("draft_max", int, ("--draft-max",),
+           "most tokens the draft model guesses per sequence and step (default 8)",
+           minimum=1),
     Option("context_overflow", str, ("--context-overflow",),
            "a chat that does not fit the context: refuse it (error, the default) or drop its "
            "oldest turns after the system prompt (truncate); requests may choose for "

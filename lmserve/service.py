@@ -36,6 +36,7 @@ from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.engine import hardware, kv_layout
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.disk_cache import DiskCache
+from lmserve.engine.draft_model import ModelDrafter, check_vocabulary
 from lmserve.engine.lora import load_adapters
 from lmserve.engine.runner import (
     POOLING_MEAN,
@@ -62,7 +63,8 @@ log = logging.getLogger("lmserve.service")
 
 # The engine's cumulative step counters (engine.scheduler.StepStats) a card's stats carry.
 STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "preemptions",
-                 "decode_failures", "draft_tokens", "accepted_tokens")
+                 "decode_failures", "draft_tokens", "accepted_tokens", "model_draft_tokens",
+                 "model_accepted_tokens")
 
 
 def gpu_facts() -> tuple[bool, list[hardware.Device]]:
@@ -92,6 +94,8 @@ class EngineSettings:
     #                          of n_ctx cells; auto: split when that fits (engine.kv_layout)
     lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
+    draft: str | None = None  # a draft model's GGUF (resolved by config): draft-model speculation
+    draft_max: int = 8  # most tokens the draft model guesses per sequence and step
     chat_template: str | None = None  # override source
     loras: tuple[LoraSpec, ...] = ()  # LoRA adapters loaded with the model (core.lora)
     context_overflow: str = "error"  # a chat that does not fit: error | truncate
@@ -127,6 +131,9 @@ class ModelService:
         self.error: str | None = None
         self.created = int(time.time())
         self.model: Model | None = None
+        self.draft_model: Model | None = None  # --draft: its weights, and its context below
+        self._draft_ctx: Context | None = None
+        self._draft_place = Placement()
         self.client: EngineClient | None = None
         self.template: ChatTemplate | None = None
         self.prompter: Prompter | None = None  # once loaded
@@ -160,13 +167,61 @@ class ModelService:
                                     self.placement.flash_attn,
                                     key_width=shape[2] if shape else None,
                                     value_width=shape[3] if shape else None)
+            self._load_draft()
             self._start_engine(loop)
             self.template = self._load_template()
             self.state, self.progress = "ready", 1.0
         except Exception as exc:
+            self._close_draft()
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("could not load model %s from %s: %s", self.name, self.path, self.error)
             raise
+
+    def _load_draft(self) -> None:
+        """Load --draft's weights (whole on the GPU when the target uses one) and refuse a
+        model whose vocabulary is not the target's (engine.draft_model)."""
+        assert self.model is not None
+        if self.model.nextn_layers:
+            log.info("model %s carries %d MTP/NextN layers; lmserve does not draft with them "
+                     "(see --draft and --lookup)", self.name, self.model.nextn_layers)
+        if not self.settings.draft:
+            return
+        place = Placement(gpu_layers=999 if self.placement.gpu_layers else 0,
+                          main_gpu=self.placement.main_gpu, mmap=self.placement.mmap,
+                          flash_attn=self.placement.flash_attn)
+        self._draft_place = place
+        self.draft_model = Model(self.settings.draft, placement=place)
+        check_vocabulary(self.model, self.draft_model, self.name)
+
+    def _drafter(self, split: bool, threads: int) -> ModelDrafter[Batch] | None:
+        """The draft model's context, as many sequences as run at once, KV laid out like the
+        target's (a stream of one sequence's room each, or one pool with room for the
+        guesses), and its drafter."""
+        s, draft = self.settings, self.draft_model
+        if draft is None or self.model is None:
+            return None
+        n_ctx = self.n_ctx * s.parallel if split else self.n_ctx + s.parallel * (s.draft_max + 1)
+        self._draft_ctx = ctx = Context(
+            draft, n_ctx=n_ctx, n_seq_max=s.parallel, n_batch=max(s.step_tokens, s.parallel),
+            n_threads=threads, n_threads_batch=s.threads_batch or threads,
+            kv_unified=not split, placement=self._draft_place)
+        # A guess costs a verification row (about half a step) and a draft decode row (about
+        # the models' size ratio of a step); capped so that a draft right nearly every time
+        # is still tried whatever it costs.
+        ratio = draft.info.n_params / max(1, self.model.info.n_params)
+        log.info("model %s: drafting with %s (%.2f of its parameters)", self.name, draft.path,
+                 ratio)
+        return ModelDrafter(ctx, max_tokens=s.draft_max, n_seqs=s.parallel,
+                            n_vocab=self.model.n_vocab, eog_tokens=self.model.eog_tokens,
+                            row_cost=min(0.9, 0.5 + ratio))
+
+    def _close_draft(self) -> None:
+        if self._draft_ctx is not None:
+            self._draft_ctx.close()
+            self._draft_ctx = None
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
 
     def _cache_slots(self) -> int:
         s = self.settings
@@ -234,6 +289,7 @@ class ModelService:
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
             (None if layout.split else self.n_ctx // 4)
+        drafter = self._drafter(layout.split, threads)
         pin_tokens = s.session_kv_budget if s.session_kv_budget is not None else \
             (None if layout.split else self.n_ctx // 4)
 
@@ -242,6 +298,7 @@ class ModelService:
                               step_tokens=max(s.step_tokens, s.parallel), sink=sink,
                               idle_tokens=idle_tokens, lookup_tokens=s.lookup,
                               lookup_budget=s.lookup_budget, packed=layout.split,
+                              drafter=drafter,
                               pin_tokens=pin_tokens)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue,
@@ -284,6 +341,7 @@ class ModelService:
             self.client.stop()
             if self.client.core.pool.disk is not None:
                 self.client.core.pool.disk.close()  # finish the queued writes
+        self._close_draft()
 
     @property
     def ready(self) -> bool:

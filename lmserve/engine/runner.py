@@ -192,6 +192,9 @@ class Model:
         self.path = path
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.vocab_type = int(ll.llama_vocab_type(self.vocab))  # enum llama_vocab_type
+        # MTP / NextN layers the GGUF carries (engine.draft_model says why none are used)
+        self.nextn_layers = int(ll.llama_model_n_layer_nextn(model))
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._shown: list[bytes | None] = [None] * self.n_vocab
         self._piece_buf = ctypes.create_string_buffer(256)

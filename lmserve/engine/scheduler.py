@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from lmserve.core.errors import ErrorKind
 from lmserve.core.events import (
@@ -28,6 +28,9 @@ from lmserve.engine.lookup import DraftLength, NgramIndex
 from lmserve.engine.lora import AdapterRotation, AdapterTarget
 from lmserve.engine.prefix_cache import KVMemory, SlotPool
 from lmserve.engine.sequence import EngineRequest, SamplerLike, SeqState, Sequence
+
+if TYPE_CHECKING:  # the drafter's module loads llama.cpp; the core runs without it
+    from lmserve.engine.draft_model import ModelDrafter
 
 log = logging.getLogger("lmserve.engine")
 
@@ -81,15 +84,19 @@ class StepStats:
     draft_tokens: int = 0  # prompt-lookup tokens proposed and verified
     accepted_tokens: int = 0  # of those, the ones the sampler agreed with
     draft_steps: int = 0  # sequence-steps that carried a draft
+    model_draft_tokens: int = 0  # draft-model tokens proposed and verified
+    model_accepted_tokens: int = 0  # of those, the ones the sampler agreed with
+    draft: float = 0.0  # seconds the draft model spent drafting (not in schedule)
     last_step_sequences: int = 0
-    phases: tuple[str, ...] = field(default=("schedule", "batch_build", "decode", "sample",
-                                              "detokenize"), repr=False)
+    phases: tuple[str, ...] = field(default=("schedule", "draft", "batch_build", "decode",
+                                              "sample", "detokenize"), repr=False)
 
 
 class EngineCore(Generic[B]):
     def __init__(self, runner: Runner[B], *, n_slots: int, max_running: int, step_tokens: int,
                  sink: Callable[[StepOutputs], None], idle_tokens: int | None = None,
                  lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False,
+                 drafter: ModelDrafter[Any] | None = None,
                  pin_tokens: int | None = None) -> None:
         self.runner = runner
         # Prompt-lookup speculation: at most lookup_tokens drafted per sequence and
@@ -97,6 +104,9 @@ class EngineCore(Generic[B]):
         # budget keeps a full batch of decoders from paying for many guesses at once.
         self.lookup_tokens = lookup_tokens
         self.lookup_budget = lookup_budget
+        # Draft-model speculation (engine.draft_model): guesses for the sequences prompt
+        # lookup has none for, within the same per-step budget, verified the same way.
+        self.drafter = drafter
         # Sessions may pin the cache slots, never the slots running sequences need.
         self.pool = SlotPool(n_slots, runner, idle_tokens=idle_tokens, packed=packed,
                              max_pinned=n_slots - max_running, pin_tokens=pin_tokens)
@@ -112,6 +122,7 @@ class EngineCore(Generic[B]):
         # Set when the KV pool ran out: no admission until a sequence finishes, or a
         # preempted sequence would be readmitted at once and fail the next step again.
         self._kv_pressure = False
+        self._draft_time = 0.0  # this step's drafting, counted apart from scheduling
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -146,6 +157,9 @@ class EngineCore(Generic[B]):
         self._admit()
         plan = self._plan()
         t1 = time.perf_counter()
+        drafting, self._draft_time = self._draft_time, 0.0
+        self.stats.draft += drafting
+        t0 += drafting  # the draft model's time is its own phase, not scheduling's
         if not plan:
             self.stats.schedule += t1 - t0
             return False
@@ -246,15 +260,17 @@ class EngineCore(Generic[B]):
                     n = min(n, self.scorer.prompt_chunk)
                 plan.append((seq, n))
                 budget -= n
-        if self.lookup_tokens and decoding and budget > 0:
+        if (self.lookup_tokens or self.drafter is not None) and decoding and budget > 0:
             drafted = self._draft(decoding, min(budget, self.lookup_budget))
             if drafted:
                 plan = [(s, n + len(s.draft)) for s, n in plan]
         return plan
 
     def _draft(self, decoding: list[Sequence], budget: int) -> bool:
-        """Give decoding sequences prompt-lookup drafts within `budget` tokens in all."""
+        """Give decoding sequences prompt-lookup drafts, else draft-model ones, within
+        `budget` tokens in all."""
         drafted = False
+        wanted: list[tuple[Sequence, int]] = []  # (sequence, most tokens) for the draft model
         for seq in decoding:
             if budget <= 0:
                 break
@@ -262,16 +278,37 @@ class EngineCore(Generic[B]):
             if seq.n_output == 0 or request.logprobs is not None \
                     or request.prompt_scores is not None:
                 continue  # fresh siblings fork this KV; logprobs are reported token by token
-            if seq.lookup is None:
-                seq.lookup, seq.draft_len = NgramIndex(), DraftLength(self.lookup_tokens)
-            assert seq.draft_len is not None
-            limit = min(seq.draft_len.current, budget, request.max_tokens - seq.n_output - 1,
-                        self.runner.n_ctx - len(seq.tokens) - 1)
-            seq.draft = seq.lookup.draft(seq.tokens, limit)
-            if not seq.draft:
-                seq.draft_len.skipped()
-            budget -= len(seq.draft)
-            drafted = drafted or bool(seq.draft)
+            room = min(budget, request.max_tokens - seq.n_output - 1,
+                       self.runner.n_ctx - len(seq.tokens) - 1)
+            if self.lookup_tokens:
+                if seq.lookup is None:
+                    seq.lookup, seq.draft_len = NgramIndex(), DraftLength(self.lookup_tokens)
+                assert seq.draft_len is not None
+                seq.draft = seq.lookup.draft(seq.tokens, min(seq.draft_len.current, room))
+                if not seq.draft:
+                    seq.draft_len.skipped()
+                budget -= len(seq.draft)
+                drafted = drafted or bool(seq.draft)
+                if seq.draft:
+                    continue
+            if self.drafter is not None:
+                if seq.model_len is None:
+                    seq.model_len = self.drafter.length()
+                limit = min(seq.model_len.current, room)
+                if limit > 0:
+                    wanted.append((seq, limit))
+                    budget -= limit
+                else:
+                    seq.model_len.skipped()
+        if wanted:
+            assert self.drafter is not None
+            t0 = time.perf_counter()
+            drafts = self.drafter.draft(wanted)
+            self._draft_time += time.perf_counter() - t0
+            for seq, _ in wanted:
+                seq.draft = drafts.get(seq, [])
+                seq.drafted_by_model = bool(seq.draft)
+                drafted = drafted or bool(seq.draft)
         return drafted
 
     def _build_batch(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
@@ -327,9 +364,16 @@ class EngineCore(Generic[B]):
             assert seq.slot is not None
             seq.n_computed -= rejected
             self.runner.seq_rm(seq.slot.seq_id, seq.n_computed, -1)
+        self.stats.draft_steps += 1
+        if seq.drafted_by_model:
+            seq.drafted_by_model = False
+            assert seq.model_len is not None
+            seq.model_len.update(len(draft), accepted)
+            self.stats.model_draft_tokens += len(draft)
+            self.stats.model_accepted_tokens += accepted
+            return tokens
         assert seq.draft_len is not None
         seq.draft_len.update(len(draft), accepted)
-        self.stats.draft_steps += 1
         self.stats.draft_tokens += len(draft)
         self.stats.accepted_tokens += accepted
         return tokens
@@ -411,6 +455,8 @@ class EngineCore(Generic[B]):
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
+        if self.drafter is not None:
+            self.drafter.forget(seq)
         if seq.slot is not None:
             self.pool.release(seq.slot, keep=reason != FINISH_ERROR)
             seq.slot = None
@@ -434,6 +480,7 @@ class EngineCore(Generic[B]):
         self.stats.decode_failures += 1
         for seq, _ in plan:
             seq.draft = []  # guesses are re-proposed, if still apt, at the next step
+            seq.drafted_by_model = False
         if status == DECODE_NO_KV_SLOT:
             if self.pool.evict_lru_idle():
                 return
@@ -458,6 +505,8 @@ class EngineCore(Generic[B]):
                  extra={"request_id": seq.request.correlation_id})
         assert seq.slot is not None
         self.pool.release(seq.slot, keep=False)
+        if self.drafter is not None:
+            self.drafter.forget(seq)
         seq.slot, seq.n_computed, seq.state = None, 0, SeqState.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)

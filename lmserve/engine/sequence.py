@@ -122,6 +122,8 @@ class Sequence:
     lookup: NgramIndex | None = None  # prompt-lookup speculation, made on the first draft
     draft_len: DraftLength | None = None
     draft: list[int] = field(default_factory=list)  # this step's guesses, until verified
+    model_len: DraftLength | None = None  # draft-model speculation (engine.draft_model)
+    drafted_by_model: bool = False  # this step's guesses came from the draft model
 
     @classmethod
     def for_request(cls, request: EngineRequest, index: int) -> Sequence:

@@ -37,6 +37,10 @@ class EngineCollector:
                              "Prompt-lookup tokens drafted and verified"),
             "accepted_tokens": ("lmserve_lookup_accepted_tokens",
                                 "Drafted tokens the sampler accepted"),
+            "model_draft_tokens": ("lmserve_draft_model_tokens",
+                                   "Draft-model (--draft) tokens drafted and verified"),
+            "model_accepted_tokens": ("lmserve_draft_model_accepted_tokens",
+                                      "Draft-model tokens the sampler accepted"),
         }
         families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
         phase = CounterMetricFamily("lmserve_step_phase_seconds",

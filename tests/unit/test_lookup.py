@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from lmserve.core.request import SamplingParams
+from lmserve.engine.draft_model import ModelDrafter
 from lmserve.engine.lookup import DraftLength, NgramIndex
 from lmserve.engine.scheduler import EngineCore, StepOutputs
 from lmserve.engine.sequence import EngineRequest
@@ -40,7 +41,8 @@ class PatternRunner(FakeRunner):
 
 def run(prompts: list[list[int]], *, lookup: int, max_tokens: int = 60, running: int = 4,
         budget: int = 64, stop: list[str] | None = None, eos_after: int | None = None,
-        logprobs: int | None = None) -> tuple[list[list[int]], EngineCore, PatternRunner]:
+        logprobs: int | None = None, drafter: ModelDrafter | None = None
+        ) -> tuple[list[list[int]], EngineCore, PatternRunner]:
     runner = PatternRunner(eos_after=eos_after)
     outputs: dict[str, list[int]] = {}
 
@@ -50,7 +52,7 @@ def run(prompts: list[list[int]], *, lookup: int, max_tokens: int = 60, running:
                 t for o in items for t in o.token_ids)
 
     core = EngineCore(runner, n_slots=8, max_running=running, step_tokens=budget, sink=sink,
-                      lookup_tokens=lookup)
+                      lookup_tokens=lookup, drafter=drafter)
     requests = [EngineRequest(prompt_tokens=p, sampling=SamplingParams(temperature=0),
                               max_tokens=max_tokens, stop=stop or [], logprobs=logprobs)
                 for p in prompts]
