@@ -177,7 +177,8 @@ def choose(facts: ModelFacts, configured: Mapping[str, Any], requested: Mapping[
                             "--kv-split, where they do not)"),
         kv_split=split, disk_cache=bool(configured.get("disk_cache_dir")),
         cache_type_k=type_k, cache_type_v=type_v,
-        offload=running_offload if running_offload is not None and running else hardware.offload(
+        offload=running_offload if running_offload is not None and running and
+        requested.get("offload_gpu_layers") is None else hardware.offload(
             str(requested.get("offload_gpu_layers") if requested.get("offload_gpu_layers")
                 is not None else configured.get("gpu_layers") or "auto"),
             n_layer=facts.n_layer, size_bytes=facts.size_bytes,
