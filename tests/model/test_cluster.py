@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -291,3 +292,98 @@ def test_lmserve_cluster_starts_redis_replicas_and_router_and_stops_them_on_sigt
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+# --- failover and nginx ---------------------------------------------------------------------
+
+def test_kill_9_of_a_replica_under_load_the_other_serves_and_it_rejoins(
+        tmp_path: Path, redis: str, replicas: list[Server]) -> None:
+    doomed = start_server(str(tmp_path), *REPLICA, "--store", redis)
+    router = rel_router(tmp_path, [replicas[1].url, doomed.url],
+                        (*DEFAULT_ROUTER_ARGS, "--health-check-interval-secs", "2",
+                         "--health-failure-threshold", "1"))
+    chat = {"model": "smollm2", "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Tell me a story."}]}
+    try:
+        with httpx.Client(base_url=doomed.url, timeout=120) as c:
+            ident = start_stream(c)  # in flight on the replica that dies
+        with ThreadPoolExecutor(4) as pool:  # load on both replicas while it dies
+            running = [pool.submit(httpx.post, f"{router.url}/v1/chat/completions", json=chat,
+                                   timeout=300) for _ in range(8)]
+            wait_until(lambda: doomed.metric("lmserve_generated_tokens_total") > 0,
+                       what="generation on the doomed replica")
+            doomed.proc.kill()
+            doomed.proc.wait(30)
+            during = [f.result().status_code for f in running]
+        print("statuses while the replica died:", during)
+        assert all(s in (200, 500, 502, 503) for s in during), during  # cut ones may fail
+        after = [httpx.post(f"{router.url}/v1/chat/completions", json=chat,
+                            timeout=300).status_code for _ in range(6)]
+        assert after == [200] * 6  # the router retries elsewhere, then drops the dead worker
+        with httpx.Client(base_url=replicas[1].url, timeout=120) as b:
+            got = frames(b, ident, timeout=90)
+        assert [f.event for f in got[-2:]] == ["error", "message.stop"], got[-3:]
+        # Back on the same address, it rejoins: the router's health checks take it in again.
+        port = doomed.url.rsplit(":", 1)[1]
+        with open(tmp_path / "revived.log", "w") as log:
+            doomed.proc = subprocess.Popen(
+                [sys.executable, "-m", "lmserve", "serve", *REPLICA, "--store", redis,
+                 "--port", port], stdout=log, stderr=subprocess.STDOUT)
+        wait_ready(doomed, timeout=300)
+
+        def revived_generates() -> bool:
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(lambda _: httpx.post(
+                    f"{router.url}/v1/chat/completions", json=chat, timeout=300).status_code,
+                    range(8)))
+            assert codes == [200] * 8, codes
+            return doomed.metric("lmserve_generated_tokens_total") > 0
+
+        wait_until(revived_generates, timeout=180, what="the revived replica taking requests")
+    finally:
+        router.stop()
+        stop_server(doomed)
+
+
+def test_nginx_sends_each_dialect_to_the_router_or_the_replicas(
+        tmp_path: Path, router: str, replicas: list[Server]) -> None:
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/bin")
+    if nginx is None:
+        pytest.skip("nginx is not installed (make system-deps installs nginx-light)")
+    conf = (Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf").read_text()
+    conf = conf.replace("server router:30000;", f"server {router.removeprefix('http://')};")
+    for i, server in enumerate(replicas, 1):
+        conf = conf.replace(f"server replica-{i}:8000", f"server {server.url[7:]}")
+    port = free_port()
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};\n        access_log off;")
+    (tmp_path / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                             "-g", f"daemon off; pid {tmp_path}/nginx.pid; "
+                                   f"error_log {tmp_path}/error.log;"])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{base}/health"), timeout=30, what="nginx listening")
+        chat = {"model": "smollm2", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "Say hi."}]}
+        for path, body in [("/v1/chat/completions", chat), ("/v1/messages", chat),
+                           ("/api/chat", {**chat, "stream": False,
+                                          "options": {"num_predict": 4}}),
+                           ("/generate", {"text": "Hi", "sampling_params":
+                                          {"max_new_tokens": 4}})]:
+            headers = {"anthropic-version": "2023-06-01"} if path == "/v1/messages" else {}
+            r = httpx.post(f"{base}{path}", json=body, headers=headers, timeout=120)
+            assert r.status_code == 200, (path, r.text)
+        with httpx.Client(base_url=base, timeout=120) as c:
+            ident = start_stream(c, {"prompt": "Hi", "params": {"max_tokens": 4}})
+            got = frames(c, ident)
+        assert got[-1].event == "message.stop"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
