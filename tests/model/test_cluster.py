@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from benchmarks import reliability as rel
 from lmserve.cluster import DEFAULT_ROUTER_ARGS, RouterProcess
@@ -122,6 +123,30 @@ def test_stored_responses_cross_replicas(ab):
     assert a.get(f"/v1/responses/{second.json()['id']}").json()["previous_response_id"] == rid
     assert b.delete(f"/v1/responses/{rid}").json()["deleted"] is True
     assert a.get(f"/v1/responses/{rid}").status_code == 404
+
+
+def test_a_websocket_chain_goes_on_on_another_replica(ab, replicas):
+    a, b = ab
+    kw = {"model": "smollm2", "max_output_tokens": 8, "temperature": 0}
+
+    def ws_turn(server: Server, **fields: object) -> dict:
+        with connect(server.url.replace("http://", "ws://") + "/v1/responses") as ws:
+            ws.send(json.dumps({"type": "response.create", **kw, **fields}))
+            while True:
+                event = json.loads(ws.recv(timeout=120))
+                if event["type"] in ("error", "response.completed", "response.incomplete",
+                                     "response.failed"):
+                    assert event["type"] != "error", event
+                    return dict(event["response"])
+
+    first = ws_turn(replicas[0], input="My name is Ada.")
+    second = ws_turn(replicas[1], input="What is my name?", previous_response_id=first["id"])
+    assert second["previous_response_id"] == first["id"]
+    third = a.post("/v1/responses", json={**kw, "input": "Thanks.",
+                                          "previous_response_id": second["id"]})
+    assert third.status_code == 200, third.text
+    items = b.get(f"/v1/responses/{third.json()['id']}/input_items").json()["data"]
+    assert len(items) == 5  # three inputs and two answers, gathered across both replicas
 
 
 def test_an_ollm_session_goes_on_on_another_replica(ab):
