@@ -86,8 +86,9 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
         """Take other replicas' aborts from the first request on: a rid they abort runs here
         only after a /generate came here."""
         state = getattr(request.app.state, "lmserve", None)  # http.app.AppState
-        if state is not None:
-            state.on_message(ABORT, remote_abort)
+        register = getattr(state, "on_message", None)  # an app without one: no cluster
+        if register is not None:
+            register(ABORT, remote_abort)
 
     async def generate(body: GenerateRequest, request: Request) -> Response:
         listen(request)
@@ -173,10 +174,10 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
             rids = [rid]
         await _abort(models, rids)
         # The rid may run on another replica sharing the store: they abort it there too.
-        state = getattr(request.app.state, "lmserve", None)
-        if state is not None:
-            await state.cluster().broadcast({"kind": ABORT, "rids": rids, "all": body.abort_all,
-                                             "caller": caller, "admin": admin})
+        cluster = getattr(getattr(request.app.state, "lmserve", None), "cluster", None)
+        if cluster is not None:
+            await cluster().broadcast({"kind": ABORT, "rids": rids, "all": body.abort_all,
+                                       "caller": caller, "admin": admin})
         return Response(status_code=200)
 
     return router
