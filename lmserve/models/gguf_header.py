@@ -67,7 +67,9 @@ class GGUFHeader:
         return self.metadata.get(f"{self.architecture}.attention.causal") is False
 
 
-def read_header(path: str) -> GGUFHeader:
+def read_header(path: str, *, check_data: bool = False) -> GGUFHeader:
+    """The header's metadata. `check_data`: also read the tensor table and refuse a file too
+    short for the tensors it declares (a truncated download or copy)."""
     try:
         with open(path, "rb") as f:
             if f.read(4) != _MAGIC:
@@ -80,12 +82,42 @@ def read_header(path: str) -> GGUFHeader:
             for _ in range(kv_count):
                 key = _read_string(f)
                 metadata[key] = _read_value(f, _unpack(f, "<I")[0])
+            size = os.path.getsize(path)
+            if check_data:
+                needed = _data_end(f, tensor_count, int(metadata.get("general.alignment", 32)))
+                if needed > size:
+                    raise GGUFError(f"{path}: truncated: its tensors need {needed} bytes, the "
+                                    f"file has {size}")
     except struct.error as exc:
         raise GGUFError(f"{path}: truncated GGUF header") from exc
     except UnicodeDecodeError as exc:
         raise GGUFError(f"{path}: corrupt GGUF header ({exc})") from exc
     return GGUFHeader(path=path, version=version, tensor_count=tensor_count,
-                      size_bytes=os.path.getsize(path), metadata=metadata)
+                      size_bytes=size, metadata=metadata)
+
+
+def _data_end(f: BinaryIO, tensor_count: int, alignment: int) -> int:
+    """Where the last tensor's data ends: the tensor table (name, dims, type, offset), then
+    the data section at the next multiple of the alignment."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    end = 0
+    for _ in range(tensor_count):
+        _read_string(f)
+        n_dims, = _unpack(f, "<I")
+        dims = _unpack(f, f"<{n_dims}Q") if n_dims else ()
+        kind, offset = _unpack(f, "<IQ")
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            continue  # a type this table does not know: its size is not checked
+        elements = 1
+        for d in dims:
+            elements *= d
+        end = max(end, offset + elements // block * type_size)
+    start = f.tell()
+    alignment = max(alignment, 1)
+    return -(-start // alignment) * alignment + end
 
 
 def _unpack(f: BinaryIO, fmt: str) -> tuple[Any, ...]:
