@@ -211,3 +211,6 @@ class GenerationRequest:
     # caller (the HTTP layer sets it from the API key's name or the client's address).
     priority: int = 0
     caller: str | None = None
+    # Seconds the model stays loaded once idle after this request (Ollama's keep_alive, in
+    # every dialect that carries it): None: the model's default; 0: unload at once; < 0: never.
+    keep_alive: float | None = None

@@ -14,6 +14,7 @@ from typing import Any
 
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_base64, image_from_url, joined_offset
+from lmserve.core.lifecycle import keep_alive_seconds
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.anthropic.schema import ContentBlock, MessageIn, MessageRequest, MessagesBase
 from lmserve.dialects.anthropic.tools import thinking, tool_fields
@@ -39,7 +40,8 @@ def message_request(body: MessageRequest) -> tuple[GenerationRequest, str | None
                                 stop=list(body.stop_sequences or []),
                                 reasoning=thinking(body, body.max_tokens).reasoning,
                                 context_overflow=body.context_overflow,
-                                priority=body.priority, **tool_fields(body))
+                                priority=body.priority, **tool_fields(body),
+                                keep_alive=keep_alive_seconds(body.keep_alive))
     return request, conversation.prefill
 
 

@@ -79,6 +79,9 @@ class MessageRequest(MessagesBase):
     # lmserve extension: a conversation that does not fit the context (see chat.overflow)
     context_overflow: Literal["error", "truncate"] | None = None
     priority: Priority = 0  # lmserve extension (vLLM's field)
+    # lmserve extension (Ollama's field): how long the model stays loaded after this request,
+    # a duration ("5m") or seconds; 0: unload when idle; negative: forever
+    keep_alive: float | str | None = None
 
 
 class CountTokensRequest(MessagesBase):

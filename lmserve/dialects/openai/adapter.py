@@ -6,6 +6,7 @@ from typing import Any, TypeVar
 
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_url, joined_offset
+from lmserve.core.lifecycle import keep_alive_seconds
 from lmserve.core.lora import selection_field
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.openai.chat_tools import effort_kwargs, tool_fields
@@ -84,6 +85,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
     _refuse_unimplemented(body.model_extra or {})
     return GenerationRequest(
         model=body.model,
+        keep_alive=keep_alive_seconds((body.model_extra or {}).get("keep_alive")),
         messages=[_message(m, i) for i, m in enumerate(body.messages)],
         sampling=sampling_from(body),
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -180,6 +182,7 @@ def completion_request(body: CompletionRequest, prompt: str | list[int]) -> Gene
                           "that does not fit the context is refused")
     return GenerationRequest(
         model=body.model,
+        keep_alive=keep_alive_seconds((body.model_extra or {}).get("keep_alive")),
         prompt=prompt if isinstance(prompt, str) else None,
         prompt_tokens=prompt if isinstance(prompt, list) else None,
         sampling=sampling_from(body),

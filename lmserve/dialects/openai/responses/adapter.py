@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from lmserve.core.errors import invalid, unsupported
+from lmserve.core.lifecycle import keep_alive_seconds
 from lmserve.core.request import (
     ChatMessage,
     GenerationRequest,
@@ -219,6 +220,8 @@ def generation_request(body: ResponseCreate, messages: list[ChatMessage]) -> Gen
                              response_format=text_format(body.text),
                              context_overflow=OVERFLOW[body.truncation] if body.truncation
                              else None, logprobs=logprobs_count(body),
+                             keep_alive=keep_alive_seconds(
+                                 (body.model_extra or {}).get("keep_alive")),
                              **reasoning_fields(body.reasoning))
 
 
