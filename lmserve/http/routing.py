@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
 from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.lifecycle import ModelLoading
 from lmserve.http.fields import body_model, note_ignored_fields
 from lmserve.http.middleware import admit, caller_of, require_admin, require_key
 
@@ -27,6 +28,7 @@ log = logging.getLogger("lmserve.http")
 
 ErrorBody = Callable[[LmserveError], dict[str, Any]]
 T = TypeVar("T")
+LOAD_ATTEMPTS = 4  # a model unloaded again before its request started: load it again
 
 
 # pydantic's error types for a body that is not a JSON object at all (`[]`, `"x"`, `1`, null).
@@ -165,7 +167,7 @@ def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
                 try:
                     if not public:
                         await admit(request.scope)  # key, body size, rate and token limits
-                    response = await handler(request)
+                    response = await once_loaded(handler, request)
                     return await note_ignored_fields(request, response, fields_model)
                 except LmserveError as exc:
                     return error_response(exc, body)
@@ -190,6 +192,19 @@ def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
             return guarded
 
     return DialectRoute
+
+
+async def once_loaded(handler: Callable[[Request], Awaitable[Response]], request: Request
+                      ) -> Response:
+    """Run the handler; when the model it asks for is not loaded (core.lifecycle.ModelLoading,
+    raised before any response starts), wait for that model's load and run it again. The
+    body was read once and is cached on the request."""
+    for _ in range(LOAD_ATTEMPTS - 1):
+        try:
+            return await handler(request)
+        except ModelLoading as loading:
+            await loading.wait()  # the load's failure, or its timeout, is the answer
+    return await handler(request)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -232,6 +247,9 @@ def with_defaults(body: M, defaults: Mapping[str, Any],
     return body.model_copy(update=update) if update else body
 
 
-def defaults_of(models: Any) -> Mapping[str, Any]:
-    """The defaults of a resource's model view; the root registry has none."""
-    return getattr(models, "defaults", {}) or {}
+def defaults_of(models: Any, service: Any = None) -> Mapping[str, Any]:
+    """The default generation parameters: the model's own (its card's), under those of a
+    resource's model view (the root registry has none)."""
+    card = getattr(service, "card", None)
+    own = getattr(card, "defaults", None) or {}
+    return {**own, **(getattr(models, "defaults", {}) or {})}

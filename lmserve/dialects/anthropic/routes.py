@@ -36,7 +36,7 @@ def make_router(models: Callable[[], ModelRegistry], *,
         view = models()
         service = view.get(body.model)
         # max_tokens is required in this dialect, so a resource default never replaces it.
-        defaults = {k: v for k, v in defaults_of(view).items() if k != "max_tokens"}
+        defaults = {k: v for k, v in defaults_of(view, service).items() if k != "max_tokens"}
         if isinstance(defaults.get("stop"), str):
             defaults["stop"] = [defaults["stop"]]
         body = with_defaults(body, defaults, {"stop": "stop_sequences"})

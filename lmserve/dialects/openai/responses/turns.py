@@ -63,12 +63,12 @@ async def begin(state: HasResponseStore, registry: ModelRegistry, body: Response
                 nested_errors: bool = False) -> Turn:
     """Check, resolve and submit; every refusal happens here, before any event. A resource's
     default parameters fill what the request left unset."""
-    defaults = defaults_of(registry)
+    service = registry.get(body.model)
+    defaults = defaults_of(registry, service)
     body = with_defaults(body, defaults, {"max_tokens": "max_output_tokens"})
     body = _truncation_default(body, defaults)
     adapter.check_request(body)
     store = state.responses()
-    service = registry.get(body.model)
     conversation = [*await _history(store, body.previous_response_id),
                     *items.own_items(body.input)]
     items.check_unique_ids(conversation)
