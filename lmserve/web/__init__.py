@@ -27,6 +27,7 @@ ASSETS: tuple[str, ...] = (
     "api.js",
     "inline.js",
     "markdown.js",
+    "picker.js",
     "server.js",
     "settings.js",
     "sse.js",

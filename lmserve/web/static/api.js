@@ -43,6 +43,7 @@ export function createApi(base, apiKey = () => "") {
   const auth = () => authorization(apiKey());
   return {
     info: () => request("GET", base, auth),
+    models: () => request("GET", "/models/", auth), // lmserve serve's library (the picker)
     start: (body) => request("POST", `${base}stream/`, auth, body),
     cancel: (id) => request("DELETE", streamUrl(id), auth),
     follow: (id, after, handlers) => follow(streamUrl(id), after, handlers, auth),

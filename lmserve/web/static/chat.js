@@ -3,6 +3,7 @@
 
 import { applyFrame, newAnswer } from "./answer.js";
 import { ApiError, createApi } from "./api.js";
+import { createPicker } from "./picker.js";
 import { createServer, sleep } from "./server.js";
 import { bindSettings, requestParams, settingsValid } from "./settings.js";
 import { createStore } from "./store.js";
@@ -16,6 +17,7 @@ const store = createStore(config.base);
 const state = store.load();
 const api = createApi(config.base, () => state.settings.apiKey);
 const server = createServer(api, state.settings);
+const picker = createPicker(ui.picker, config.base, api.models);
 let active = null; // the answer being generated: {index, message, id, reader, cancelRequested}
 let drawQueued = false;
 let saveTimer = 0;
@@ -101,10 +103,15 @@ async function generate() {
 
 /** POST P stream/, waiting out a loading model; null after recording a failure. */
 async function startStream(run, body) {
+  server.loadingOnDemand(); // an unloaded model loads now; the answer waits for it
   for (;;) {
     try {
-      return (await api.start(body)).id;
+      const { id } = await api.start(body);
+      server.settled();
+      picker.refresh();
+      return id;
     } catch (error) {
+      server.settled();
       if (!(error instanceof ApiError)) throw error;
       if (active !== run) return null;
       if (error.type !== "loading" || run.cancelRequested) {
@@ -287,4 +294,5 @@ resume();
 renderAll();
 server.show();
 server.watch();
+picker.refresh();
 ui.prompt.focus();

@@ -4,10 +4,13 @@ import { markKey, showDefaults } from "./settings.js";
 import { setBanner, ui } from "./ui.js";
 
 const STATUS_TEXT = { ready: "Ready", loading: "Loading model…", pending: "Loading model…",
+  unloaded: "Not loaded",
   failed: "Model failed", offline: "Offline", error: "Unavailable", unauthorized: "API key needed",
   unknown: "Connecting…" };
 const LOADING = "The model is loading. Messages you send now go out as soon as it is ready.";
-const BANNERS = { loading: LOADING, pending: LOADING, offline: "Cannot reach the server. Retrying…",
+const BANNERS = { loading: LOADING, pending: LOADING,
+  unloaded: "The model is not loaded; it loads when you send a message.",
+  offline: "Cannot reach the server. Retrying…",
   failed: "The model failed to load; see the server log." };
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -27,10 +30,13 @@ function bannerText({ status, error }) {
 export function createServer(api, settings) {
   const server = { status: "unknown", info: null, error: null };
   let watching = false;
+  let awaitingLoad = false; // a message went to an unloaded model: its load is under way
 
   function show() {
     const { status, info } = server;
-    ui.status.textContent = STATUS_TEXT[status] ?? status;
+    const progress = info && status === "loading" && info.progress > 0
+      ? ` ${Math.round(info.progress * 100)}%` : "";
+    ui.status.textContent = (STATUS_TEXT[status] ?? status) + progress;
     ui.status.dataset.state = status;
     setBanner("server", bannerText(server));
     if (status !== "offline") markKey(status === "unauthorized");
@@ -59,7 +65,7 @@ export function createServer(api, settings) {
     watching = true;
     for (let delay = 1000; ; delay = Math.min(delay * 1.5, 5000)) {
       await refresh();
-      if (server.status === "ready") break;
+      if (server.status === "ready" || (server.status === "unloaded" && !awaitingLoad)) break;
       await sleep(delay);
     }
     watching = false;
@@ -72,5 +78,19 @@ export function createServer(api, settings) {
     watch();
   }
 
-  return { state: server, show, refresh, watch, loading };
+  /** A message goes to a model that is not loaded: its load starts; show its progress. */
+  function loadingOnDemand() {
+    if (server.status !== "unloaded") return;
+    awaitingLoad = true;
+    loading();
+  }
+
+  /** The server answered the message (it waited for the load): show the model's state. */
+  function settled() {
+    if (!awaitingLoad) return;
+    awaitingLoad = false;
+    refresh();
+  }
+
+  return { state: server, show, refresh, watch, loading, loadingOnDemand, settled };
 }

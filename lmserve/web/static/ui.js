@@ -8,7 +8,7 @@ export const ui = {
   status: $("status"), model: $("model"), live: $("live"), settings: $("settings"),
   toggle: $("settings-toggle"), newChat: $("new-chat"), system: $("system"),
   temperature: $("temperature"), maxTokens: $("max-tokens"), reasoning: $("reasoning"),
-  reasoningField: $("reasoning-field"), apiKey: $("api-key"),
+  reasoningField: $("reasoning-field"), apiKey: $("api-key"), picker: $("model-picker"),
 };
 
 // One banner line; the server's state (loading, offline) outranks the stream's (reconnecting).
