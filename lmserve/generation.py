@@ -3,12 +3,13 @@ choice steps, each choice's text already through its own chat parser (reasoning,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 from lmserve.chat.tools import StreamParser
-from lmserve.chat.turn import step_events
+from lmserve.chat.turn import step_events, turn_over
 from lmserve.core.backend import ChoiceStep, choice_step
-from lmserve.core.events import FINISH_ERROR, TokenOutput
+from lmserve.core.events import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, TokenOutput
 from lmserve.engine.client import Generation
 
 ParserFactory = Callable[[], StreamParser]
@@ -23,6 +24,7 @@ class ParsedGeneration:
         self.generation = generation
         self.new_parser = new_parser
         self._parsers: dict[int, StreamParser] = {}
+        self._stopping: set[int] = set()  # choices asked to stop where their turn ended
 
     @property
     def request_id(self) -> str:
@@ -55,7 +57,14 @@ class ParsedGeneration:
             parser = self._parsers[out.index] = self.new_parser()
         # A failed choice's held-back text is dropped with it: nothing half-parsed leaks.
         finished = out.finished and out.finish_reason != FINISH_ERROR
-        return choice_step(out, step_events(parser, out.text, finished))
+        events = step_events(parser, out.text, finished)
+        if turn_over(parser):  # the parser ended the turn (a repeated call): so does the choice
+            if not out.finished and out.index not in self._stopping:
+                self._stopping.add(out.index)
+                self.generation.stop_choice(out.index)
+            elif out.finish_reason == FINISH_LENGTH:  # the limit came after the turn's end
+                out = dataclasses.replace(out, finish_reason=FINISH_STOP)
+        return choice_step(out, events)
 
     def close(self) -> None:
         self.generation.close()

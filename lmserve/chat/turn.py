@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lmserve.chat.callgate import CallGate
 from lmserve.chat.grammar import (
     GrammarError,
     gbnf_grammar,
@@ -40,12 +41,12 @@ from lmserve.chat.tools import (
     detect_tool_format,
 )
 from lmserve.core.errors import invalid
-from lmserve.core.events import ChatEvent, ToolCallDelta, ToolCallEnd, ToolCallStart
+from lmserve.core.events import ChatEvent
 from lmserve.core.request import ChatMessage, GenerationRequest, NamedTool, ResponseFormat
 
 __all__ = [
-    "FirstCallOnly", "TurnPlan", "format_grammar", "plan_turn", "reasoning_grammar",
-    "step_events", "template_kwargs", "turn_parser", "with_reasoning_room",
+    "CallGate", "TurnPlan", "format_grammar", "plan_turn", "reasoning_grammar",
+    "step_events", "template_kwargs", "turn_over", "turn_parser", "with_reasoning_room",
 ]
 
 # The model's own call format -> (grammar format, arguments key) for a forced call.
@@ -156,8 +157,8 @@ def turn_parser(tool_format: str | None, tags: tuple[str, str] | None, prompt: s
     opens = tags is not None and prompt is not None and generation_opens_reasoning(prompt, tags)
     parser = make_chat_parser(tool_format=tool_format, reasoning_tags=tags,
                               starts_in_reasoning=opens)
-    if tool_format is not None and not parallel:
-        return FirstCallOnly(parser)
+    if tool_format is not None:  # no repeated call; with parallel off, one call
+        return CallGate(parser, parallel=parallel)
     return parser
 
 
@@ -195,20 +196,7 @@ def _text_without(tag: str) -> str:
     return "(" + " | ".join(pieces) + ")*"
 
 
-class FirstCallOnly:
-    """parallel_tool_calls false with tool_choice auto: calls after the first are dropped
-    (a forced call gets a one-call grammar instead)."""
-
-    def __init__(self, inner: StreamParser) -> None:
-        self.inner = inner
-
-    def feed(self, text: str) -> list[ChatEvent]:
-        return self._first(self.inner.feed(text))
-
-    def finish(self) -> list[ChatEvent]:
-        return self._first(self.inner.finish())
-
-    @staticmethod
-    def _first(events: list[ChatEvent]) -> list[ChatEvent]:
-        return [e for e in events if not isinstance(e, (ToolCallStart, ToolCallDelta, ToolCallEnd))
-                or e.index == 0]
+def turn_over(parser: StreamParser) -> bool:
+    """Whether a choice's parser ended the turn before the output did (a repeated call, or a
+    second call with parallel calls off: chat.callgate); the choice should stop there."""
+    return isinstance(parser, CallGate) and parser.done

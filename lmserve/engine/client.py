@@ -106,6 +106,10 @@ class EngineClient:
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
 
+    def stop_choice(self, request_id: str, index: int) -> None:
+        """End one choice of a running request as a stop, between steps (not waited for)."""
+        self._thread.call(lambda core: core.stop_choice(request_id, index))
+
     async def fail_all(self, message: str, kind: ErrorKind) -> None:
         """End every running and queued request with this error (the drain timeout)."""
         if self.alive:
@@ -141,6 +145,11 @@ class Generation:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def stop_choice(self, index: int) -> None:
+        """End choice `index` as if it had stopped by itself (finish_reason stop)."""
+        if not self._closed:
+            self.client.stop_choice(self.request.request_id, index)
 
     def close(self) -> None:
         if not self._closed:

@@ -138,6 +138,16 @@ class EngineCore(Generic[B]):
         self._flush_outputs()
         return found
 
+    def stop_choice(self, request_id: str, index: int) -> bool:
+        """End one choice now, as a stop: what it wrote ended the turn (chat.callgate)."""
+        for seq in [*self.running, *self.waiting]:
+            if seq.request.request_id == request_id and seq.index == index \
+                    and not seq.finished:
+                self._finish(seq, FINISH_STOP, "")
+                self._flush_outputs()
+                return True
+        return False
+
     def unpin(self, session: str) -> bool:
         """End a session's KV pin (prefix_cache.py); its running or queued turns no longer pin
         when they end. False: it held no pinned slot."""

@@ -77,14 +77,32 @@ class ScriptedGeneration:
         self.steps = steps
         self.closed = False
         self.request = _Request()
+        self.stopping: set[int] = set()  # choices asked to stop (ParsedGeneration)
+        self.ended: set[int] = set()
+
+    def stop_choice(self, index: int) -> None:
+        """As the engine does: the choice's next output is its end, a stop."""
+        self.stopping.add(index)
 
     def __aiter__(self):  # type: ignore[no-untyped-def]
         return self._run()
 
     async def _run(self):  # type: ignore[no-untyped-def]
         try:
+            made: dict[int, int] = {}
             for step in self.steps:
-                yield step
+                outs = []
+                for out in step:
+                    if out.index in self.ended:
+                        continue
+                    made[out.index] = made.get(out.index, 0) + len(out.token_ids)
+                    if out.index in self.stopping:
+                        self.ended.add(out.index)
+                        out = TokenOutput(out.index, "", finish_reason="stop", usage=Usage(
+                            prompt_tokens=10, completion_tokens=made[out.index]))
+                    outs.append(out)
+                if outs:
+                    yield outs
             self.request.finished = True
         finally:
             self.close()

@@ -250,6 +250,9 @@ def test_tool_call_grammar_hermes() -> None:
     one = hermes_call("get_weather", {"city": "Paris", "unit": "c"})
     assert matcher.matches(one)
     assert matcher.matches(one + "\n" + hermes_call("get_time", {}))
+    # a newline after any call may end the output: ending stays reachable
+    assert matcher.matches(one + "\n") and matcher.matches(one + "\n" + one + "\n")
+    assert not matcher.matches(one + "\n\n")
     assert not matcher.matches(hermes_call("get_weather", {"unit": "c"}))  # city is required
     assert not matcher.matches(hermes_call("get_weather", {"city": "P", "unit": "k"}))
     assert not matcher.matches(hermes_call("rm_rf", {}))

@@ -146,6 +146,34 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     assert [c["function"]["name"] for c in calls] == ["get_weather"]
 
 
+def test_a_forced_call_repeated_to_the_limit_ends_at_the_first_repeat() -> None:
+    """A small model repeating its call under tool_choice required ran to max_tokens: the repeat
+    now ends the turn (the engine is told to stop the choice), with one call, finish_reason
+    tool_calls and no marker in the content, streamed or not."""
+    repeat = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    chunks = [repeat, repeat, repeat, "<tool"]
+    for stream in (False, True):
+        client, service = scripted_client(routes.make_router, chunks, CHATML_TEMPLATE,
+                                          finish="length")
+        r = client.post("/v1/chat/completions", json={
+            "model": "m", "messages": MSG, "tools": [WEATHER, TIME], "tool_choice": "required",
+            "stream": stream})
+        if stream:
+            chunks_out = sse_chunks(r.content)
+            deltas = [c["choices"][0]["delta"] for c in chunks_out if c["choices"]]
+            assert not any(d.get("content") for d in deltas)
+            calls = [t for d in deltas for t in d.get("tool_calls") or []]
+            assert [t["function"].get("name") for t in calls if t.get("id")] == ["get_weather"]
+            finish = [c["choices"][0]["finish_reason"] for c in chunks_out if c["choices"]]
+            assert finish[-1] == "tool_calls"
+        else:
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+            assert [c["function"]["arguments"] for c in choice["message"]["tool_calls"]] == [
+                '{"city": "Paris"}']
+        assert service.started[0][2].stopping == {0}
+
+
 def test_response_format_json_schema_reaches_the_engine_as_a_grammar() -> None:
     client, service = client_for(['{"n": 1}'])
     r = client.post("/v1/chat/completions", json={

@@ -208,6 +208,20 @@ def test_abort_finishes_request_and_frees_slot():
     assert not h.core.abort(req.request_id)
 
 
+def test_stop_choice_ends_one_choice_as_a_stop_and_the_other_goes_on():
+    h = Harness(FakeRunner())
+    req = h.submit(prompt(18, 6), max_tokens=40, n=2)
+    for _ in range(4):
+        h.core.step()
+    assert h.core.stop_choice(req.request_id, 0)
+    stopped = h.final(req, 0)
+    assert stopped.finish_reason == "stop" and stopped.usage is not None
+    assert not h.core.stop_choice(req.request_id, 0)  # already over
+    h.run()
+    assert h.final(req, 1).finish_reason == "length" and len(h.tokens(req, 1)) == 40
+    assert len(h.tokens(req, 0)) < 40 and h.core.pool.n_free == len(h.core.pool.slots)
+
+
 def test_flush_drops_idle_prefixes():
     h = Harness(FakeRunner())
     h.submit(prompt(15, 12), max_tokens=2)

@@ -198,10 +198,22 @@ def test_arguments_that_are_not_an_object_are_kept_but_flagged() -> None:
         ("g", "[1, 2]", False)]
 
 
+def test_a_marker_the_output_ends_in_is_a_cut_call_never_text() -> None:
+    """Output cut off (max_tokens) on a marker or inside what it opened: no call was made,
+    and the marker never reaches the content, streamed or whole."""
+    for fmt, text in [("hermes", "<tool_call>"), ("hermes", "<tool_call>\n"), ("hermes", "<tool"),
+                      ("mistral", "[TOOL_CALLS]"), ("mistral", "[TOOL_"),
+                      ("hermes", '<tool_call>\n{"nam'), ("llama3_json", "<|python_tag|>{")]:
+        for chunks in (["Sure. " + text], list("Sure. " + text)):
+            turn = parse_all(make_tool_parser(fmt), chunks)
+            assert (turn.content, turn.tool_calls) == ("Sure.", []), (fmt, text)
+
+
 def test_text_is_never_lost_when_a_marker_leads_nowhere() -> None:
-    for fmt, text in [("hermes", "<tool_call>"), ("mistral", "[TOOL_CALLS]"),
-                      ("hermes", '<tool_call>{"nam'), ("pythonic", "[f(x=")]:
+    for fmt, text in [("hermes", "<tool_call> is the tag. "), ("pythonic", "[f(x="),
+                      ("llama3_json", '{"answer": 4'), ("hermes", "a < b")]:
         assert parse_all(make_tool_parser(fmt), text).content == text
+        assert parse_all(make_tool_parser(fmt), list(text)).content == text
 
 
 def test_harmony_reasoning_calls_and_final_answer() -> None:

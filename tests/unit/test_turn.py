@@ -10,7 +10,7 @@ import pytest
 from lmserve.chat.parsing import parse_all
 from lmserve.chat.templates import CHATML_TEMPLATE, ChatTemplate
 from lmserve.chat.turn import (
-    FirstCallOnly, format_grammar, plan_turn, reasoning_grammar, template_kwargs, turn_parser,
+    CallGate, format_grammar, plan_turn, reasoning_grammar, template_kwargs, turn_parser,
     with_reasoning_room,
 )
 from lmserve.core.errors import LmserveError
@@ -156,7 +156,7 @@ def test_turn_parser_reasoning_tools_and_single_call() -> None:
     assert turn.reasoning == "plan it" and turn.content == "On it."
     assert [c.name for c in turn.tool_calls] == ["get_time", "get_weather"]
     single = turn_parser("hermes", None, "x", parallel=False)
-    assert isinstance(single, FirstCallOnly)
+    assert isinstance(single, CallGate)
     turn = parse_all(single, list(text.partition("</think>")[2]))
     assert [(c.name, json.loads(c.arguments)) for c in turn.tool_calls] == \
         [("get_time", {"tz": "UTC"})]

@@ -43,8 +43,13 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, fmt: str = "hermes"
     one = rules.add("call", " | ".join(calls))
     if not parallel or function_name is not None:
         return rules.render(one)
-    separator = literal("\n" if fmt == "hermes" else "; ")
-    return rules.render(f"{one} ({separator} {one}){{0,{MAX_PARALLEL_CALLS - 1}}}")
+    if fmt == "hermes":
+        # A newline after a call may also end the output: a model that writes one there
+        # (as in its training data) is not then made to write another call. Ending stays
+        # reachable after every call; chat.callgate stops a call that repeats.
+        newline = literal("\n")
+        return rules.render(f"{one} ({newline} {one}){{0,{MAX_PARALLEL_CALLS - 1}}} {newline}?")
+    return rules.render(f"{one} ({literal('; ')} {one}){{0,{MAX_PARALLEL_CALLS - 1}}}")
 
 
 def _call_rule(rules: RuleSet, function: Mapping[str, Any], fmt: str, arguments_key: str) -> str:

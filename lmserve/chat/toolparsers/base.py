@@ -22,6 +22,7 @@ from lmserve.chat.toolparsers.jsonscan import JsonScanner
 from lmserve.core.events import (
     CHANNEL_OUTPUT,
     ChatEvent,
+    TextDelta,
     ToolCallDelta,
     ToolCallEnd,
     ToolCallStart,
@@ -209,18 +210,34 @@ class ToolParser(BufferedParser):
         self._body: Body | None = None
         self._call_position = bool(self.bare_openers)  # a bare call may start here
         self._after_call = False
+        self._marker_opened = False  # the open body began at a marker (not a bare opener)
 
     def open_body(self, opener: str) -> Body:
         raise NotImplementedError
 
     def finish(self) -> list[ChatEvent]:
+        """The output ended. A marker it ended inside or on (`<tool`, `<tool_call>` and what
+        followed without making a call) is a call cut off, not text: it never reaches the
+        output channel. A call opened by a bare character (a JSON answer) is text again."""
         if self._body is not None:
-            self._body.finish()
-            self._body = None
+            self._finish_body(self._body)
         elif not (self._after_call and not self._buffer.strip()):
-            self.out.text(self._buffer)
-        self._buffer = ""
+            keep = partial_marker_len(self._buffer, self.markers)
+            self.out.text(self._buffer[:len(self._buffer) - keep].rstrip() if keep
+                          else self._buffer)
+        self._body, self._buffer = None, ""
         return self.out.take()
+
+    def _finish_body(self, body: Body) -> None:
+        events, self.out.events = self.out.events, []
+        body.finish()
+        tail, self.out.events = self.out.events, events
+        if body.made_call or not self._marker_opened:
+            for event in tail:
+                if isinstance(event, TextDelta):
+                    self.out.text(event.text)
+                else:
+                    self.out.events.append(event)
 
     def _advance(self) -> bool:
         if self._body is not None:
@@ -250,12 +267,14 @@ class ToolParser(BufferedParser):
             self._call_position = False
             if head[0] in self.bare_openers:
                 self._body, self._buffer = self.open_body(head[0]), head
+                self._marker_opened = False
                 return True
         found = find_marker(buf, self.markers)
         if found is not None:
             pos, marker = found
             self.out.text(buf[:pos].rstrip())
             self._body, self._buffer = self.open_body(marker), buf[pos + len(marker):]
+            self._marker_opened = True
             return True
         keep = partial_marker_len(buf, self.markers)
         ready = buf[:len(buf) - keep].rstrip()  # trailing whitespace may precede a call
