@@ -19,6 +19,7 @@ from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import StreamParser
 from lmserve.core.backend import (
     BackendGeneration,
+    CacheFlush,
     EngineStats,
     LoadState,
     ModelCard,
@@ -553,15 +554,23 @@ class ModelService:
         self.client.abort(request_id)
         return True
 
-    async def flush_cache(self) -> int | None:
-        """Drop the idle prefix cache: the number of cached prefixes dropped, or None (nothing
-        done) while requests run or wait. Decided on the engine thread, so no request can start
-        between the check and the flush."""
+    async def flush_cache(self) -> CacheFlush | None:
+        """Drop the idle prefix cache, then the disk cache's saved states; None (nothing done)
+        while requests run or wait. The memory side is decided on the engine thread, so no
+        request can start between the check and the flush; the files are removed off it."""
         self._loaded()
         assert self.client is not None
-        flushed: int | None = await self.client.call(
-            lambda core: None if core.has_work else core.pool.flush())
-        return flushed
+        done: tuple[int, DiskCache | None] | None = await self.client.call(
+            lambda core: None if core.has_work else (core.pool.flush(), core.pool.disk))
+        if done is None:
+            return None
+        flushed, disk = done
+        if disk is None:
+            return CacheFlush(flushed)
+        removed = await asyncio.to_thread(disk.clear)
+        if removed is None:
+            return CacheFlush(flushed, disk_kept="states still being written after 30 s")
+        return CacheFlush(flushed, disk_states=removed)
 
     async def release_session(self, session: str) -> bool:
         """Unpin a session's KV (engine.prefix_cache); False when none was pinned."""

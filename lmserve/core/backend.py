@@ -255,6 +255,17 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class CacheFlush:
+    """What `flush_cache` dropped: the cached prefixes in memory and the saved states of the
+    disk cache (--disk-cache). `disk_kept`: why the disk cache was left as it was (None: it
+    was cleared, or there is none)."""
+
+    prefixes: int
+    disk_states: int = 0
+    disk_kept: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """What a dialect may know about a model: names, load state, context and limits,
     template capabilities, adapters. A snapshot: ask the backend again for a fresh one."""
@@ -360,7 +371,10 @@ class ModelBackend(Protocol):
     def adapters(self, model: str | None, selection: LoraSelection | None = None
                  ) -> AdapterSet: ...
 
-    async def flush_cache(self) -> int | None: ...
+    async def flush_cache(self) -> CacheFlush | None:
+        """Drop the idle prefix cache, in memory and on disk; None (nothing done) while
+        requests run or wait."""
+        ...
 
     async def release_session(self, session: str) -> bool:
         """A session (`GenerationRequest.session`) ended: its KV is no longer pinned, and a

@@ -310,6 +310,18 @@ class DiskCache:
             time.sleep(0.01)
         return not self._pending
 
+    def clear(self, timeout: float = 30.0) -> int | None:
+        """Remove every saved state (a cache flush); the states still being written are
+        waited for first, so none of them lands after. Returns how many were removed, or None
+        when those writes did not finish within `timeout` (nothing removed)."""
+        if not self.flush(timeout):
+            return None
+        with self._lock:
+            entries = list(self._entries.values())
+            self._drop(entries)
+            self._update_totals()
+        return len(entries)
+
     def close(self, timeout: float = 30.0) -> None:
         """Finish the queued writes (up to `timeout` seconds), then stop the writer."""
         self._closed = True

@@ -26,6 +26,7 @@ import numpy as np
 
 from lmserve.core.backend import (
     BackendGeneration,
+    CacheFlush,
     ChoiceStep,
     EngineStats,
     Failed,
@@ -390,7 +391,7 @@ class UpstreamBackend:
         raise LmserveError(ErrorKind.UNSUPPORTED, f"the upstream of '{self.name}' reports no "
                            "prompt token counts", code="unsupported_by_upstream")
 
-    async def flush_cache(self) -> int | None:
+    async def flush_cache(self) -> CacheFlush | None:
         return None  # the upstream's cache is its own
 
     async def release_session(self, session: str) -> bool:

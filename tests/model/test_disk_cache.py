@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from lmserve.engine.runner import Model
+from lmserve.engine.state_file import SUFFIX
 from tests.model.conftest import Server, start_server, stop_server
 
 SENTENCE = ("Section {i}. The harbour office logs ship {i} arriving from port {j} with {k} "
@@ -115,3 +116,26 @@ def test_a_restarted_server_loads_long_prefixes_from_disk(tmp_path: Path, tokeni
     assert_same_distribution(warm, cold)
     print(f"\nTTFT for a {len(long_doc)}-token prefix + {len(q2)}-token question: "
           f"cold {cold_ttft:.2f}s, loaded from disk {warm_ttft:.2f}s")
+
+
+def test_flush_cache_also_clears_the_disk_cache(tmp_path: Path, tokenizer: Model):
+    """SGLang's /flush_cache drops the saved states too, and says so; a prefix is then
+    computed again rather than loaded."""
+    states = tmp_path / "states"
+    tmp_path.joinpath("a").mkdir()
+    srv = start_server(str(tmp_path / "a"), "smollm2", "--parallel", "2", "--ctx", "1024",
+                       "--threads", "2", "--data-dir", str(tmp_path / "a"), "--disk-cache",
+                       str(states), "--disk-cache-min-tokens", "64")
+    try:
+        doc, q = document(tokenizer, 300, 3), question(tokenizer, "Which ship came first?")
+        complete(srv, doc + q)
+        wait_saved(srv, 1)
+        assert list(states.glob(f"*{SUFFIX}"))
+        flushed = httpx.post(f"{srv.url}/flush_cache", timeout=60)
+        assert flushed.status_code == 200, flushed.text
+        assert "1 saved states removed from the disk cache" in flushed.text, flushed.text
+        assert not list(states.glob(f"*{SUFFIX}"))
+        assert complete(srv, doc + q)[1] == 0  # neither resident nor on disk any more
+        assert srv.metric("lmserve_disk_cache_hits_total") == 0
+    finally:
+        stop_server(srv)

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from lmserve.chat.templates import ChatTemplate
 from lmserve.core.backend import (
+    CacheFlush,
     EngineStats,
     LoadState,
     ModelBackend,
@@ -229,8 +230,8 @@ class ScriptedService:
     async def embed(self, inputs: Any, adapters: Any = ()) -> list[np.ndarray]:
         return [np.ones(8, dtype=np.float32) for _ in inputs]
 
-    async def flush_cache(self) -> int | None:
-        return 0
+    async def flush_cache(self) -> CacheFlush | None:
+        return CacheFlush(0)
 
     async def release_session(self, session: str) -> bool:
         self.released_sessions.append(session)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from lmserve.core.backend import CacheFlush
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import (
     FINISH_CANCELLED,
@@ -280,7 +281,7 @@ def test_redaction_hides_secrets_and_keeps_the_rest():
 async def test_service_flush_cache_refuses_while_requests_run():
     service = ModelService("m", "/x.gguf", EngineSettings())
     service.state, service.model = "ready", object()  # type: ignore[assignment]
-    pool = SimpleNamespace(flush=lambda: 3)
+    pool = SimpleNamespace(flush=lambda: 3, disk=None)
     core = SimpleNamespace(has_work=True, pool=pool)
 
     async def call(fn):  # type: ignore[no-untyped-def]
@@ -288,7 +289,12 @@ async def test_service_flush_cache_refuses_while_requests_run():
     service.client = SimpleNamespace(call=call, alive=True)  # type: ignore[assignment]
     assert await service.flush_cache() is None
     core.has_work = False
-    assert await service.flush_cache() == 3
+    assert await service.flush_cache() == CacheFlush(3)
+    pool.disk = SimpleNamespace(clear=lambda: 2)  # --disk-cache: its states go too
+    assert await service.flush_cache() == CacheFlush(3, disk_states=2)
+    pool.disk = SimpleNamespace(clear=lambda: None)  # its writes did not finish in time
+    flushed = await service.flush_cache()
+    assert flushed is not None and flushed.disk_kept and flushed.disk_states == 0
 
 
 # -- HTTP over the fake engine ----------------------------------------------------------------

@@ -120,18 +120,24 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
            methods=("POST", "PUT"))
 
     async def flush_cache(model: str | None = None) -> Response:
-        dropped, busy = 0, []
+        dropped, removed, busy, kept = 0, 0, [], []
         for service in _services(models, model):
-            count = await service.flush_cache()
-            if count is None:
+            flushed = await service.flush_cache()
+            if flushed is None:
                 busy.append(service.name)
-            else:
-                dropped += count
+                continue
+            dropped += flushed.prefixes
+            removed += flushed.disk_states
+            if flushed.disk_kept is not None:
+                kept.append(f"The disk cache of {service.name} was not cleared: "
+                            f"{flushed.disk_kept}.\n")
         if busy:
             return PlainTextResponse(
                 f"Cache not flushed: requests are running or waiting on {', '.join(busy)}. "
                 "Retry when the server is idle.\n", status_code=400)
-        return PlainTextResponse(f"Cache flushed.\n{dropped} cached prefixes dropped.\n")
+        disk = f"{removed} saved states removed from the disk cache.\n" if removed else ""
+        return PlainTextResponse(f"Cache flushed.\n{dropped} cached prefixes dropped.\n"
+                                 + disk + "".join(kept))
 
     _route(router, "/flush_cache", flush_cache, "Drop the idle prefix cache (refused while "
            "requests run; needs an admin key when the server has keys)",
