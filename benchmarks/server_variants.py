@@ -48,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests per level (default: max(4, 2 x concurrency))")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--parallel", type=int, default=8)
-    p.add_argument("--ctx", type=int, default=4096)
+    p.add_argument("--parallel", type=int, default=None,
+                   help="every variant's --parallel (default: lmserve's, 8)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="every variant's --ctx (default: lmserve's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="server-variants")
     return p.parse_args(argv)
@@ -84,6 +86,16 @@ def card_facts(url: str, model: str) -> dict[str, Any]:
             "weights_bytes": meta.get("size")}
 
 
+def kv_cells(url: str, model: str) -> int | None:
+    """The KV cache's cells: the plan of the running engine says its layout, slots and
+    context."""
+    plan = httpx.post(f"{url}/v1/plan", timeout=30,
+                      json={"runtime": {"model_reference": model}}).json()
+    memory = plan.get("runtime_plan", {}).get("memory", {})
+    per_cell = memory.get("kv_bytes_per_token")
+    return memory["kv_cache_bytes"] // per_cell if per_cell else None
+
+
 def level_row(rounds: list[Round], names: list[str], c: int) -> dict[str, Any]:
     base = names[0]
     tok_s = {n: statistics.median(r[n][c].output_throughput for r in rounds) for n in names}
@@ -99,8 +111,9 @@ def markdown(args: argparse.Namespace, rows: list[dict[str, Any]],
              facts: dict[str, dict[str, Any]]) -> str:
     names = list(facts)
     base = names[0]
-    lines = [f"model {args.model}, --parallel {args.parallel} --ctx {args.ctx} --threads "
-             f"{args.threads}, {args.input_len} prompt / {args.output_len} output tokens, "
+    lines = [f"model {args.model}, --parallel {args.parallel or 'default'} --ctx "
+             f"{args.ctx or 'default'} --threads {args.threads}, {args.input_len} prompt / "
+             f"{args.output_len} output tokens, "
              f"{args.rounds} paired rounds", "",
              "| variant | flags | RSS (MiB) | KV (MiB) | KV bytes/cell | weights | " +
              " | ".join(f"tok/s c={r['concurrency']}" for r in rows) + " |",
@@ -146,8 +159,10 @@ async def measure(args: argparse.Namespace, urls: dict[str, str]) -> list[Round]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = variants(args.variant)
-    common = ["--parallel", str(args.parallel), "--ctx", str(args.ctx), "--threads",
-              str(args.threads), "--store", "memory"]
+    common = ["--threads", str(args.threads), "--store", "memory"]
+    for flag, value in (("--parallel", args.parallel), ("--ctx", args.ctx)):
+        if value is not None:
+            common += [flag, str(value)]
     procs, urls = {}, {}
     try:
         for name, flags in chosen.items():
@@ -159,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, proc in procs.items():
             facts[name] = {"flags": " ".join(chosen[name]), "rss_bytes": rss_bytes(proc.pid),
                            **card_facts(urls[name], args.model)}
-            place, layout = facts[name]["placement"], facts[name]["kv_layout"]
-            slots = 2 * args.parallel  # parallel + as many cache slots (the default)
-            facts[name]["kv_cells"] = args.ctx * (slots if layout == "split" else 1) \
-                if place.get("kv_bytes") else None
+            facts[name]["kv_cells"] = kv_cells(urls[name], args.model)
     finally:
         for proc in procs.values():
             stop(proc)

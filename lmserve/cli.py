@@ -22,6 +22,25 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="GGUF path, bundled name (smollm2), or hf://owner/repo/file.gguf; "
                         "NAME=MODEL to choose the served name. Default: smollm2")
     p.add_argument("--config", help="JSON or TOML configuration file")
+    p.add_argument("--models-dir", action="append", dest="models_dirs", metavar="DIR",
+                   help="serve every GGUF under DIR by its file stem (alpha.gguf is alpha), "
+                        "listed at start and loaded when a request asks for it; repeatable")
+    p.add_argument("--discover", action="append", metavar="hf,ollama",
+                   help="also list the GGUFs of the Hugging Face hub cache (hf) and Ollama's "
+                        "store (ollama), loaded on demand (default: neither)")
+    p.add_argument("--max-loaded", type=int, metavar="N",
+                   help="most models loaded at once; loading another unloads the least "
+                        "recently used idle one (default 3, or the models loaded at start)")
+    p.add_argument("--memory-budget", metavar="SIZE|FRACTION",
+                   help="memory the loaded models may take, estimated from their GGUF headers "
+                        "as /v1/plan does: bytes (16G) or a fraction of RAM (0.8) "
+                        "(default: no limit)")
+    p.add_argument("--keep-alive", metavar="DURATION",
+                   help="how long a model loaded on demand stays loaded after its last "
+                        "request: 5m, 30s, 0 (unload at once) or -1 (forever) (default 5m; "
+                        "models named on the command line stay loaded)")
+    p.add_argument("--load-timeout", metavar="DURATION",
+                   help="how long a request waits for its model to load (default 10m)")
     p.add_argument("--upstream", action="append", dest="upstreams", metavar="NAME=URL",
                    help="serve NAME from another OpenAI-compatible server (vLLM, SGLang, "
                         "llama-server, lmserve) at URL, its OpenAI base (http://host:8000/v1); "
@@ -86,6 +105,14 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                         "they are ended with an error (default 30); a second signal exits at "
                         "once")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="log lines as text or one JSON object each (default text); every line "
+                        "about a request carries its request id, and each request ends with "
+                        "one access line")
+    p.add_argument("--otel-endpoint", metavar="URL",
+                   help="send OpenTelemetry traces over OTLP/HTTP to this collector "
+                        "(http://host:4318); the OTEL_EXPORTER_OTLP_ENDPOINT environment "
+                        "does the same (default: no traces)")
 
 
 def serve_config(args: argparse.Namespace) -> config.ServerConfig:
@@ -100,24 +127,32 @@ def serve(args: argparse.Namespace) -> int:
     from lmserve.http.access import AccessSettings
     from lmserve.http.app import StoreSettings, create_app, stream_retention
     from lmserve.http.keys import KeyRing
+    from lmserve.http.observe import configure_logging, enable_tracing
     from lmserve.models.registry import ModelRegistry
+    from lmserve.models.setup import StartModel
+    from lmserve.models.setup import fill as fill_registry
 
     try:
         cfg = serve_config(args)
     except (ValueError, OSError) as exc:
         print(f"lmserve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(cfg.log_level, cfg.log_format)
     registry = ModelRegistry()
     from lmserve.core.errors import LmserveError
     try:
+        library = cfg.library
         models = [resolve(ref) for ref in cfg.models or
-                  (() if cfg.upstreams else (DEFAULT_MODEL,))]
+                  (() if cfg.upstreams or library.models_dirs or library.discover
+                   or cfg.model_sections else (DEFAULT_MODEL,))]
         loras = assign_loras(cfg.engine.loras, [m.name for m in models])
-        for model in models:
-            registry.add(model.name, model.path, replace(cfg.engine, loras=loras[model.name]),
-                         aliases=_aliases(model.name, model.path))
+        start = [StartModel(m.name, m.path, replace(cfg.engine, loras=loras[m.name]),
+                            tuple(_aliases(m.name, m.path))) for m in models]
+        for section, settings in cfg.model_sections:  # [models.NAME] with settings
+            path = resolve(section.reference).path
+            start.append(StartModel(section.name, path, settings, section.aliases,
+                                    section.keep_alive, section.at_start, section.params))
+        fill_registry(registry, start, library, cfg.engine)
         check_drafts(registry)  # a draft model with another vocabulary: exit 2
         keys = KeyRing(cfg.api_keys, cfg.admin_keys, cfg.api_key_file)  # a bad line: exit 2
         app = create_app(registry, api_keys=cfg.api_keys, upstreams=cfg.upstreams,
@@ -130,6 +165,8 @@ def serve(args: argparse.Namespace) -> int:
     except (LmserveError, ValueError) as exc:
         print(f"lmserve: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
+    if enable_tracing(app, cfg.otel_endpoint):
+        logging.getLogger("lmserve").info("tracing requests: OpenTelemetry over OTLP/HTTP")
     scheme = "https" if cfg.ssl_certfile else "http"
     print(f"lmserve {__version__}: serving {', '.join(s.name for s in registry)} on "
           f"{scheme}://{cfg.host}:{cfg.port} (models load after the port is bound)",
@@ -169,9 +206,9 @@ def run(args: argparse.Namespace) -> int:
     """`lmserve run module:app`: serve an App defined in code."""
     from lmserve.app import App, load_app
     from lmserve.app import run as run_app
+    from lmserve.http.observe import configure_logging
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     sys.path.insert(0, ".")
     try:
         app = load_app(args.app)

@@ -18,7 +18,9 @@ from lmserve.core.lora import parse_specs
 from lmserve.engine import hardware
 from lmserve.engine.disk_cache import ByteSize
 from lmserve.engine.kv_layout import LAYOUTS
+from lmserve.models.library import LIBRARY_KEYS, LibrarySettings, library_settings
 from lmserve.models.resolve import resolve
+from lmserve.models.sections import ModelSection, parse_section
 from lmserve.service import EngineSettings
 
 
@@ -63,7 +65,12 @@ class ServerConfig:
     data_dir: str | None = None
     stream_ttl: float = 600.0  # seconds a finished native stream stays readable
     drain_timeout: float = 30.0  # seconds running requests may finish after SIGTERM
+    log_format: str = "text"  # text | json (lmserve.http.observe)
+    otel_endpoint: str | None = None  # OTLP/HTTP collector for traces; None: OTEL_* or off
     engine: EngineSettings = field(default_factory=EngineSettings)
+    library: LibrarySettings = field(default_factory=LibrarySettings)  # models dirs, limits
+    # [models.NAME] tables with settings of their own, and the engine settings each gets
+    model_sections: tuple[tuple[ModelSection, EngineSettings], ...] = ()
     # Models of other OpenAI-compatible servers: (name, url, api_key, model), see lmserve.upstream
     upstreams: tuple[tuple[str, str, str | None, str | None], ...] = ()
 
@@ -72,7 +79,7 @@ class ServerConfig:
 _SERVER_KEYS = {"host": str, "port": int, "log_level": str, "store": str, "data_dir": str,
                 "stream_ttl": float, "drain_timeout": float, "api_key_file": str,
                 "max_body_bytes": ByteSize, "max_prompt_tokens": int, "max_output_tokens": int,
-                "ssl_certfile": str, "ssl_keyfile": str}
+                "ssl_certfile": str, "ssl_keyfile": str, "log_format": str, "otel_endpoint": str}
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "context, verified in the batch (default 0: off; 8 is a good value)"),
     Option("lookup_budget", int, ("--lookup-budget",),
            "most drafted tokens verified per engine step (default 16)"),
+    Option("mmproj", str, ("--mmproj",),
+           "multimodal (vision) projector GGUF for the model (default: an mmproj-*.gguf in "
+           "the model file's folder, if there is one)", metavar="PATH",
+           aliases=("mmproj_path",)),
+    Option("media_cache_bytes", int, ("--media-cache-bytes",),
+           "memory for encoded images, reused when the same image comes again (default "
+           "256 MiB)", minimum=0, aliases=("embedding_cache_max_bytes",)),
     Option("draft", draft_path, ("--draft",),
            "speculative decoding with a draft model: a smaller GGUF with the same vocabulary "
            "(a path, bundled name or hf://...) guesses tokens for every decoding sequence, "
@@ -201,7 +215,9 @@ def load_file(path: str) -> dict[str, Any]:
             flat.update(value)
         elif key == "models" and isinstance(value, list):
             flat["models"] = [m if isinstance(m, str) else _model_entry(m) for m in value
-                              if isinstance(m, str) or "upstream" not in m]
+                              if isinstance(m, str) or set(m) <= _PLAIN_MODEL_KEYS]
+            flat["model_sections"] = [m for m in value if isinstance(m, dict)
+                                      and "upstream" not in m and not set(m) <= _PLAIN_MODEL_KEYS]
             flat["upstreams"] = [_upstream_entry(str(m.get("name") or ""), m) for m in value
                                  if isinstance(m, dict) and "upstream" in m]
         elif key == "models" and isinstance(value, dict):  # [models.NAME] tables
@@ -210,8 +226,10 @@ def load_file(path: str) -> dict[str, Any]:
                     raise ValueError(f"models.{name}: expected a table")
                 if "upstream" in entry:
                     flat.setdefault("upstreams", []).append(_upstream_entry(name, entry))
-                else:
+                elif set(entry) <= _PLAIN_MODEL_KEYS:
                     flat.setdefault("models", []).append(_model_entry({"name": name, **entry}))
+                else:  # a model with settings of its own (lmserve.models.sections)
+                    flat.setdefault("model_sections", []).append({"name": name, **entry})
         else:
             flat[key] = value
     if "path" in flat:  # seed 003 style: model.path (+ alias)
@@ -219,6 +237,23 @@ def load_file(path: str) -> dict[str, Any]:
         alias = flat.pop("alias", None)
         flat.setdefault("models", []).append(f"{alias}={ref}" if alias else ref)
     return flat
+
+
+_PLAIN_MODEL_KEYS = {"name", "path", "model", "alias"}  # a model entry without settings
+
+
+def _model_section(entry: dict[str, Any], base: EngineSettings
+                   ) -> tuple[ModelSection, EngineSettings]:
+    """A model's own section, and its engine settings: the server's, with the section's."""
+    name = str(entry.get("name") or entry.get("alias") or "?")
+    section = parse_section(name, entry, lambda k: _ALIASES.get(k, k) in _ENGINE_KEYS or
+                            k in ("chat_template", "loras"))
+    try:
+        own = build(dict(section.engine)).engine
+    except ValueError as exc:
+        raise ValueError(f"models.{name}: {exc}") from None
+    fields = {_ALIASES.get(k, k) for k in section.engine}
+    return section, dataclasses.replace(base, **{f: getattr(own, f) for f in fields})
 
 
 def _model_entry(entry: dict[str, Any]) -> str:
@@ -260,7 +295,8 @@ def upstream_spec(value: Any) -> tuple[str, str, str | None, str | None]:
 def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if environ is None else environ
     out: dict[str, Any] = {}
-    for key in [*_SERVER_KEYS, *_ENGINE_KEYS, "kv_split", *MEDIA_KEYS, "chat_template"]:
+    for key in [*_SERVER_KEYS, *_ENGINE_KEYS, "kv_split", *MEDIA_KEYS, *LIBRARY_KEYS,
+                "chat_template"]:
         value = env.get(f"LMSERVE_{key.upper()}")
         if value is not None:
             out[key] = value
@@ -291,15 +327,22 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
     server: dict[str, Any] = {}
     engine: dict[str, Any] = {}
     media: dict[str, Any] = {}
+    library: dict[str, Any] = {}
+    sections: list[dict[str, Any]] = []
     for key, value in merged.items():
         if key in _SERVER_KEYS:
             server[key] = _coerce(key, value, _SERVER_KEYS[key])
         elif key in _ENGINE_KEYS:
             engine[key] = _coerce(key, value, _ENGINE_KEYS[key])
-        elif key == "chat_template":
-            engine[key] = _template_source(str(value))
+        elif key == "chat_template":  # a string, or its lines as a list of strings (seed 003)
+            engine[key] = _template_source("\n".join(map(str, value)) if isinstance(value, list)
+                                           else str(value))
         elif key == "loras":
             engine[key] = parse_specs(value)
+        elif key in LIBRARY_KEYS:
+            library[key] = value
+        elif key == "model_sections":
+            sections = list(value)
         elif key in MEDIA_KEYS:
             media[key] = value
         elif key in ("models", "api_keys", "admin_keys", "cors_origins"):
@@ -325,6 +368,8 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
             raise ValueError(f"{key} must be one of {', '.join(option.choices)}")
     if not 0 <= server.get("port", 0) <= 65535:  # uvicorn would bind port % 65536
         raise ValueError(f"port must be 0-65535, got {server['port']}")
+    if server.get("log_format", "text") not in ("text", "json"):
+        raise ValueError("log_format must be text or json")
     if server.get("drain_timeout", 0.0) < 0:
         raise ValueError("drain_timeout must be 0 or more seconds")
     for key in _POSITIVE:
@@ -339,7 +384,8 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
     settings = dataclasses.replace(EngineSettings(), **engine)
     # A quantized V cache without flash attention: llama.cpp would refuse it at load.
     hardware.check_kv_types(settings.cache_type_k, settings.cache_type_v, settings.flash_attn)
-    return ServerConfig(**server, engine=settings)
+    return ServerConfig(**server, engine=settings, library=library_settings(library),
+                        model_sections=tuple(_model_section(e, settings) for e in sections))
 
 
 def _coerce(key: str, value: Any, kind: Callable[[Any], Any]) -> Any:

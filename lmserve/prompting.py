@@ -6,12 +6,21 @@ vocabulary (tests/unit/chat_service.py) to drive the dialects through a scripted
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
-from lmserve.chat.media import MediaPolicy, check_images, no_projector
+from lmserve.chat.media import (
+    MediaPolicy,
+    check_images,
+    decode_inline,
+    is_local,
+    local_file,
+    no_projector,
+    verified,
+)
 from lmserve.chat.overflow import TRUNCATION_NOTE, fit_chat
 from lmserve.chat.reasoning import detect_reasoning_tags
 from lmserve.chat.templates import ChatTemplate, TemplateError
@@ -26,6 +35,7 @@ from lmserve.chat.turn import (
 )
 from lmserve.core.backend import PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.images import MEDIA_MARKER, ImageInput, MediaSpan
 from lmserve.core.request import ChatMessage, GenerationRequest, ResponseFormat
 
 __all__ = ["Prompter", "Vocabulary"]
@@ -57,19 +67,31 @@ class Vocabulary(Protocol):
     def control_tokens(self, texts: set[str]) -> frozenset[int]: ...
 
 
+class MediaTokenizer(Protocol):
+    """A vision projector's side of prompt preparation (engine.runner.Projector)."""
+
+    @property
+    def vision(self) -> bool: ...
+
+    def tokenize(self, text: str, images: Sequence[tuple[bytes, str]], *, add_special: bool,
+                 params: Sequence[str] = ()) -> tuple[list[int], list[MediaSpan]]: ...
+
+
 class Prompter:
     """Requests -> prompts for one vocabulary, template and context size."""
 
     def __init__(self, name: str, vocab: Vocabulary, template: ChatTemplate | None, *,
                  n_ctx: int, media: MediaPolicy | None = None,
-                 context_overflow: str = "error", vision: bool = False) -> None:
+                 context_overflow: str = "error",
+                 projector: MediaTokenizer | None = None) -> None:
         self.name = name
         self.vocab = vocab
         self.template = template
         self.n_ctx = n_ctx
         self.media = media or MediaPolicy()
         self.context_overflow = context_overflow
-        self.vision = vision
+        self.projector = projector
+        self.vision = projector is not None and projector.vision
         self.reasoning_tags = detect_reasoning_tags(template.source if template else None)
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
@@ -77,7 +99,7 @@ class Prompter:
                     tools: list[dict[str, Any]] | None = None) -> str:
         template = self._chat_template()
         try:
-            return template.render([_template_message(m) for m in messages],
+            return template.render([_template_message(m, self.vision) for m in messages],
                                    add_generation_prompt=add_generation_prompt, tools=tools,
                                    **(template_kwargs or {}))
         except TemplateError as exc:
@@ -131,8 +153,45 @@ class Prompter:
         grammar = reasoning_grammar(plan, self.reasoning_tags, text, request.reasoning)
         markers = self.vocab.control_tokens(
             marker_texts(plan.tool_format, self.reasoning_tags))
+        images = [image for message in plan.messages for image in _in_order(message)]
+        if images and self.vision:
+            tokens, media = self._tokenize_media(text, images)
+            return PreparedPrompt(tokens, text, grammar, plan.tool_format, markers=markers,
+                                  media=tuple(media))
         return PreparedPrompt(self.tokenize(text), text, grammar, plan.tool_format,
                               markers=markers)
+
+    def _tokenize_media(self, text: str, images: list[ImageInput]
+                        ) -> tuple[list[int], list[MediaSpan]]:
+        """The prompt's ids with each image's stand-ins, its images read (inline data, or a
+        file of the media directory) and keyed by their content hash."""
+        assert self.projector is not None
+        loaded = []
+        for image in images:
+            data = self._image_bytes(image)
+            loaded.append((data, hashlib.sha256(data).hexdigest()))
+        tokens, spans = self.projector.tokenize(text, loaded, add_special=True,
+                                                params=[i.param for i in images])
+        if spans and spans[-1].end >= len(tokens):
+            raise invalid("the prompt ends with an image; a text turn must follow it",
+                          param="messages")
+        bos = self.vocab.info.bos_token
+        if len(tokens) >= 2 and tokens[0] == tokens[1] and bos and text.startswith(bos) \
+                and self.vocab.info.add_bos:  # the template's BOS plus the vocabulary's
+            tokens = tokens[1:]
+            spans = [replace(s, start=s.start - 1) for s in spans]
+        return tokens, spans
+
+    def _image_bytes(self, image: ImageInput) -> bytes:
+        if image.source == "base64":
+            return decode_inline(image, self.media).data
+        if is_local(image):
+            path = local_file(image, self.media)
+            with path.open("rb") as f:
+                return verified(f.read(self.media.max_bytes + 1), None, image, self.media).data
+        raise invalid(f"{image.param}: this server reads images for a model from inline data "
+                      "(base64 / data: URLs) or the media directory; fetching image URLs for "
+                      "a model is not built yet", param=image.param, code="invalid_image")
 
     def chat_parser(self, request: GenerationRequest, prepared: PreparedPrompt) -> StreamParser:
         """A fresh parser for one choice: reasoning first, then tool calls."""
@@ -171,8 +230,18 @@ class Prompter:
         return max_tokens
 
 
-def _template_message(message: ChatMessage) -> dict[str, Any]:
+def _in_order(message: ChatMessage) -> list[ImageInput]:
+    return sorted(message.images, key=lambda image: image.offset)
+
+
+def _template_message(message: ChatMessage, vision: bool = False) -> dict[str, Any]:
     data = message.as_template_dict()
+    if vision and message.images and isinstance(data.get("content"), str):
+        content = data["content"]  # each image's media marker where it stood in the text
+        for image in reversed(_in_order(message)):
+            at = min(image.offset, len(content))
+            content = content[:at] + MEDIA_MARKER + content[at:]
+        data["content"] = content
     # Clients send tool-call arguments as JSON strings; HF templates expect mappings.
     for call in data.get("tool_calls") or []:
         fn = call.get("function") if isinstance(call, dict) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -17,6 +18,7 @@ from lmserve.chat.media import MediaPolicy
 from lmserve.chat.reasoning import detect_reasoning_tags
 from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import StreamParser
+from lmserve.core import observe
 from lmserve.core.backend import (
     BackendGeneration,
     CacheFlush,
@@ -47,6 +49,7 @@ from lmserve.engine.runner import (
     Context,
     Model,
     Placement,
+    Projector,
     default_threads,
     gpu_build,
     gpu_devices,
@@ -65,7 +68,7 @@ log = logging.getLogger("lmserve.service")
 # The engine's cumulative step counters (engine.scheduler.StepStats) a card's stats carry.
 STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "preemptions",
                  "decode_failures", "draft_tokens", "accepted_tokens", "model_draft_tokens",
-                 "model_accepted_tokens")
+                 "model_accepted_tokens", "media_chunks", "media_tokens", "media_cache_hits")
 
 
 def gpu_facts() -> tuple[bool, list[hardware.Device]]:
@@ -95,6 +98,8 @@ class EngineSettings:
     #                          of n_ctx cells; auto: split when that fits (engine.kv_layout)
     lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
+    mmproj: str | None = None  # vision projector GGUF; None: an mmproj-*.gguf beside the model
+    media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)
     draft: str | None = None  # a draft model's GGUF (resolved by config): draft-model speculation
     draft_max: int = 8  # most tokens the draft model guesses per sequence and step
     chat_template: str | None = None  # override source
@@ -147,6 +152,7 @@ class ModelService:
         self._embed_lock = threading.Lock()
         self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
         self._draining = False
+        self.projector: Projector | None = None  # the vision projector (mmproj), if loaded
 
     # -- lifecycle --------------------------------------------------------------------------
     def load(self, loop: asyncio.AbstractEventLoop,
@@ -169,6 +175,7 @@ class ModelService:
                                     key_width=shape[2] if shape else None,
                                     value_width=shape[3] if shape else None)
             self._load_draft()
+            self._load_projector()
             self._start_engine(loop)
             self.template = self._load_template()
             self.state, self.progress = "ready", 1.0
@@ -287,6 +294,7 @@ class ModelService:
             info.metadata, s.cache_type_k, s.cache_type_v) or 0
         self.kv_bytes = per_token * self.n_ctx * (n_slots if layout.split else 1)
         self.n_ctx = ctx.n_ctx  # one sequence's room
+        ctx.projector = self.projector
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
             (None if layout.split else self.n_ctx // 4)
@@ -343,6 +351,32 @@ class ModelService:
             if self.client.core.pool.disk is not None:
                 self.client.core.pool.disk.close()  # finish the queued writes
         self._close_draft()
+
+    def unload(self) -> None:
+        """Blocking: stop the engine thread (nothing may run: the caller checks `busy`), free
+        the context, the embedding context and the weights. The model is pending again, and
+        `load` loads it anew (the disk cache's states are kept on disk)."""
+        client, self.client = self.client, None
+        if client is not None:
+            client.stop()
+            if client.core.pool.disk is not None:
+                client.core.pool.disk.close()
+            if isinstance(client.core.runner, Context):
+                client.core.runner.close()
+        with self._embed_lock:
+            if self._embed_ctx is not None:
+                self._embed_ctx.close()
+                self._embed_ctx = None
+        self._close_draft()
+        projector, self.projector = self.projector, None
+        if projector is not None:
+            projector.close()
+        model, self.model = self.model, None
+        self.template, self.prompter = None, None
+        if model is not None:
+            model.close()
+        self.state, self.progress, self.error, self.n_ctx = "pending", 0.0, None, 0
+        self.layout = kv_layout.Layout(False, "not loaded")
 
     @property
     def ready(self) -> bool:
@@ -441,10 +475,10 @@ class ModelService:
         p = self.prompter
         if p is None or p.vocab is not model or p.template is not self.template or \
                 p.n_ctx != self.n_ctx or p.media != s.media or \
-                p.context_overflow != s.context_overflow:
+                p.context_overflow != s.context_overflow or p.projector is not self.projector:
             p = self.prompter = Prompter(self.name, model, self.template, n_ctx=self.n_ctx,
                                          media=s.media, context_overflow=s.context_overflow,
-                                         vision=self.vision)
+                                         projector=self.projector)
         return p
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
@@ -458,8 +492,34 @@ class ModelService:
 
     @property
     def vision(self) -> bool:
-        """Whether a vision projector (mmproj) is loaded: never yet, as none can be loaded."""
-        return False
+        """Whether a vision projector (mmproj) is loaded."""
+        return self.projector is not None and self.projector.vision
+
+    def mmproj_path(self) -> str | None:
+        """The projector to load: --mmproj / mmproj_path, else the one mmproj-*.gguf beside
+        the model file (the first by name if there are several)."""
+        if self.settings.mmproj:
+            return os.path.expanduser(self.settings.mmproj)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            found = sorted(f for f in os.listdir(folder)
+                           if f.lower().startswith("mmproj") and f.lower().endswith(".gguf"))
+        except OSError:
+            return None
+        return os.path.join(folder, found[0]) if found else None
+
+    def _load_projector(self) -> None:
+        assert self.model is not None
+        path = self.mmproj_path()
+        if path is None:
+            return
+        if not os.path.isfile(path):
+            raise RuntimeError(f"the projector file {path!r} (--mmproj) does not exist")
+        self.projector = Projector(self.model, path,
+                                   n_threads=self.settings.threads or default_threads(),
+                                   use_gpu=self.placement.gpu_layers > 0,
+                                   cache_bytes=self.settings.media_cache_bytes)
+        log.info("model %s: vision projector %s", self.name, path)
 
     @property
     def reasoning_tags(self) -> tuple[str, str] | None:
@@ -519,16 +579,23 @@ class ModelService:
         if sampling.grammar:
             self.check_grammar(sampling.grammar)
         assert self.client is not None
+        if prepared.media and request.prompt_logprobs is not None:
+            raise invalid("prompt logprobs are not available for a prompt with images",
+                          param="prompt_logprobs")
         engine_request = EngineRequest(
             prompt_tokens=prepared.tokens, sampling=sampling, max_tokens=max_tokens,
             stop=list(request.stop), stop_token_ids=list(request.stop_token_ids),
             ignore_eos=request.ignore_eos, n=request.n, logprobs=request.logprobs,
             prompt_logprobs=request.prompt_logprobs, render_special=prepared.markers,
             adapters=adapters, priority=request.priority, pin=request.session,
-            caller=request.caller if request.caller is not None else current_caller())
+            caller=request.caller if request.caller is not None else current_caller(),
+            media=tuple(prepared.media))
         if request.request_id:
             engine_request.request_id = request.request_id
-        return self.client.submit(engine_request)
+        engine_request.correlation_id = observe.current_request_id()
+        generation = self.client.submit(engine_request)
+        observe.note_generation(self.name, engine_request.timing)
+        return generation
 
     def adapters(self, model: str | None, selection: LoraSelection | None = None) -> AdapterSet:
         """The LoRA set a request runs under: from "<model>:<alias>" or its lora field."""
@@ -583,6 +650,7 @@ class ModelService:
     async def embed(self, inputs: Sequence[Sequence[int] | str], adapters: AdapterSet = ()
                     ) -> list[np.ndarray]:
         self._loaded()
+        observe.note_model(self.name)
         if self._draining:
             raise draining_error()
         token_lists = [self.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]

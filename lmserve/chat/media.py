@@ -4,8 +4,7 @@ check_images() runs for every chat request and needs no network and no file read
 stat: the number of images, inline bytes (base64-decoded, size-limited, sniffed against the
 declared type), remote URLs (http or https, host on the allow list) and local files (only
 inside the media directory, after symlinks and `..` are resolved). chat.media_load produces
-the bytes. Only a model with a vision projector would need them; lmserve cannot load a
-projector yet, so a request with valid images ends in no_projector().
+the bytes. A model without a vision projector refuses valid images with no_projector().
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 _TYPE_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg"}
 _DOMAIN = re.compile(r"(\*\.)?[a-z0-9_:.-]+")
 MEDIA_KEYS = ("media_max_bytes", "media_allowed_domains", "media_dir", "media_timeout",
-              "media_max_images")  # configuration keys (flags, LMSERVE_* env, file)
+              "media_max_images",  # configuration keys (flags, LMSERVE_* env, file)
+              "image_max_bytes", "image_timeout_seconds")  # seed 003's names for two of them
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,12 @@ def media_policy(values: Mapping[str, Any]) -> MediaPolicy:
         raise ValueError(f"unknown configuration key {unknown[0]!r}")
     default = MediaPolicy()
     policy = MediaPolicy(
-        max_bytes=_number(values, "media_max_bytes", int, default.max_bytes),
+        max_bytes=_number(values, "media_max_bytes", int,
+                          _number(values, "image_max_bytes", int, default.max_bytes)),
         allowed_domains=_domains(values.get("media_allowed_domains") or ()),
         local_dir=_directory(values.get("media_dir")),
-        timeout=_number(values, "media_timeout", float, default.timeout),
+        timeout=_number(values, "media_timeout", float,
+                        _number(values, "image_timeout_seconds", float, default.timeout)),
         max_images=_number(values, "media_max_images", int, default.max_images))
     if policy.max_bytes < 1 or policy.timeout <= 0 or policy.max_images < 0:
         raise ValueError("media_max_bytes and media_timeout must be positive and "

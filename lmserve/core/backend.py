@@ -33,13 +33,14 @@ from lmserve.core.events import (
     TokenOutput,
     Usage,
 )
+from lmserve.core.images import MediaSpan
 from lmserve.core.lora import AdapterSet, LoraSelection, LoraSpec
 from lmserve.core.request import GenerationRequest
 
 __all__ = [
     "BackendGeneration", "ChoiceStep", "EngineStats", "Failed", "FinishReason", "Finished",
     "LoadState", "ModelBackend", "ModelCard", "PreparedPrompt", "Terminal", "UpstreamStats",
-    "WeightsFacts", "choice_step",
+    "WeightsFacts", "WrappedGeneration", "choice_step",
 ]
 
 
@@ -165,6 +166,7 @@ class PreparedPrompt:
     dropped_messages: int = 0  # oldest messages dropped to fit the context (chat.overflow)
     truncating: bool = False  # the chat was fitted under context_overflow "truncate"
     markers: frozenset[int] = frozenset()  # control tokens the chat parser reads, rendered
+    media: tuple[MediaSpan, ...] = ()  # images: their stand-in positions in tokens
 
 
 @runtime_checkable
@@ -190,6 +192,31 @@ class BackendGeneration(Protocol):
     def __aiter__(self) -> AsyncIterator[list[ChoiceStep]]: ...
 
     def close(self) -> None: ...
+
+
+class WrappedGeneration:
+    """A BackendGeneration around another (`inner`): its id, state and acceptance are the
+    inner one's; a subclass watches the steps (`__aiter__`) or the close."""
+
+    def __init__(self, inner: BackendGeneration) -> None:
+        self.inner = inner
+
+    @property
+    def request_id(self) -> str:
+        return self.inner.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
+    async def ready(self) -> None:
+        await self.inner.ready()
+
+    def __aiter__(self) -> AsyncIterator[list[ChoiceStep]]:
+        return self.inner.__aiter__()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 @dataclass(frozen=True)
@@ -254,6 +281,10 @@ class EngineStats:
     upstream: UpstreamStats | None = None  # a backend that relays to another server
 
 
+_STATUS = {LoadState.PENDING: "unloaded", LoadState.LOADING: "loading",
+           LoadState.READY: "loaded", LoadState.FAILED: "failed"}
+
+
 @dataclass(frozen=True)
 class CacheFlush:
     """What `flush_cache` dropped: the cached prefixes in memory and the saved states of the
@@ -293,10 +324,20 @@ class ModelCard:
     placement: PlacementFacts | None = None  # once loaded (llama.cpp)
     settings: Mapping[str, Any] = field(default_factory=dict)  # engine settings, for info
     upstream_model: str | None = None  # the model name the upstream serves
+    memory_bytes: int | None = None  # estimated bytes once loaded (a library model)
+    # The model's default generation parameters (its config section, Ollama's params layer);
+    # a request's own values, and a resource's defaults, win.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    expires_at: float | None = None  # unix time an idle loaded model unloads; None: never
 
     @property
     def ready(self) -> bool:
         return self.state == LoadState.READY
+
+    @property
+    def status(self) -> str:
+        """The load state in the model library's words: unloaded, loading, loaded, failed."""
+        return _STATUS[self.state]
 
     @property
     def has_template(self) -> bool:

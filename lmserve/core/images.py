@@ -16,6 +16,7 @@ from lmserve.core.errors import invalid
 # base64: bytes inline in the request; url: an http(s) or file:// URL; path: a local file
 ImageSource = Literal["base64", "url", "path"]
 DETAILS = ("auto", "low", "high")
+MEDIA_MARKER = "<__media__>"  # where an image goes in a rendered prompt (llama.cpp mtmd's)
 _URL_SCHEMES = ("http", "https", "file")
 
 
@@ -88,3 +89,19 @@ def _detail(detail: object, param: str) -> str | None:
 
 def _preview(url: str) -> str:
     return repr(url if len(url) <= 40 else url[:40] + "...")
+
+
+@dataclass(frozen=True, eq=False)
+class MediaSpan:
+    """An image's place in a prompt's token ids: `n_tokens` positions from `start`, whose ids
+    are stand-ins derived from the image's content hash `key` (so prefix reuse compares
+    images by content). `chunk` is the engine's handle to the encoded input (opaque here)."""
+
+    start: int
+    n_tokens: int
+    key: str
+    chunk: object
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n_tokens

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from lmserve.core.backend import BackendGeneration, ChoiceStep
+from lmserve.core.backend import BackendGeneration, ChoiceStep, WrappedGeneration
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.request import GenerationRequest
 
@@ -111,25 +111,14 @@ def charge_tokens(tokens: int) -> None:
         meter.charge(tokens)
 
 
-class MeteredGeneration:
+class MeteredGeneration(WrappedGeneration):
     """A BackendGeneration that charges each choice's completion tokens: its usage when it
     ends, or the tokens it had written when the reader stopped early (a client that left)."""
 
     def __init__(self, inner: BackendGeneration, charge: Charge) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.charge = charge
         self._written: dict[int, int] = {}  # unfinished choice -> tokens seen so far
-
-    @property
-    def request_id(self) -> str:
-        return self.inner.request_id
-
-    @property
-    def finished(self) -> bool:
-        return self.inner.finished
-
-    async def ready(self) -> None:
-        await self.inner.ready()
 
     async def __aiter__(self) -> AsyncIterator[list[ChoiceStep]]:
         try:

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import llama_cpp as ll
 import numpy as np
+from llama_cpp import mtmd_cpp as mtmd
 
+from lmserve.core.errors import invalid
+from lmserve.core.images import MEDIA_MARKER, MediaSpan
 from lmserve.core.request import SamplingParams
 from lmserve.engine import hardware
 
@@ -51,6 +54,8 @@ def _silence_llama_logs() -> None:
     if os.environ.get("LMSERVE_LLAMA_VERBOSE"):
         return
     ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    mtmd.mtmd_log_set(_log_callback, ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 def default_threads() -> int:
@@ -316,6 +321,171 @@ class Model:
             self.ptr = None
 
 
+class _Chunks:
+    """An mtmd_input_chunks list, freed when the last prompt that uses it goes."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __del__(self) -> None:
+        if self.ptr:
+            mtmd.mtmd_input_chunks_free(self.ptr)
+            self.ptr = 0
+
+
+@dataclass(frozen=True)
+class MediaChunk:
+    """The engine's handle to one image of a prompt (MediaSpan.chunk)."""
+
+    owner: _Chunks  # keeps the chunk list alive
+    ptr: int  # the mtmd_input_chunk inside it
+
+
+def stand_in_ids(key: str, n: int) -> list[int]:
+    """Token ids for an image's positions: negative (no vocabulary id is), and derived from
+    the content hash and the position, so two prompts share a prefix over an image exactly
+    when they hold the same image there."""
+    seed = int(key[:16], 16)
+    return [-1 - ((seed + i * 0x9E3779B97F4A7C15) & 0x3FFFFFFFFFFF) % 0x7FFFFFFE
+            for i in range(n)]
+
+
+class EmbeddingCache:
+    """Encoded images (the projector's output embeddings) by content hash, least recently
+    used first out once they pass `max_bytes`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: dict[str, np.ndarray] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        item = self._items.pop(key, None)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items[key] = item  # most recent last
+        self.hits += 1
+        return item
+
+    def put(self, key: str, embd: np.ndarray) -> None:
+        if embd.nbytes > self.max_bytes:
+            return
+        self._items[key] = embd
+        self.bytes += embd.nbytes
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self._items))
+            self.bytes -= self._items.pop(oldest).nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Projector:
+    """A multimodal projector (mmproj GGUF) loaded beside a model through llama.cpp's mtmd:
+    it turns a prompt with media markers plus images into token ids and MediaSpans
+    (tokenize, on any thread) and, on the engine thread, encodes an image and decodes its
+    embeddings into a sequence's KV (Context.decode_media)."""
+
+    def __init__(self, model: Model, path: str, *, n_threads: int, use_gpu: bool,
+                 cache_bytes: int = 256 << 20) -> None:
+        _init_backend()
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = n_threads
+        params.print_timings = False
+        params.warmup = False
+        params.media_marker = MEDIA_MARKER.encode()
+        ptr = mtmd.mtmd_init_from_file(path.encode(), model.ptr, params)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp could not load {path!r} as a multimodal projector "
+                               f"for this model (not an mmproj GGUF, or made for a model of "
+                               f"another embedding width; its log above says which)")
+        self.ptr = ptr
+        self.path = path
+        self.model = model
+        self.n_embd = model.info.n_embd
+        self.vision = bool(mtmd.mtmd_support_vision(ptr))
+        self.audio = bool(mtmd.mtmd_support_audio(ptr))
+        if mtmd.mtmd_decode_use_mrope(ptr):
+            self.close()
+            raise RuntimeError(f"{path!r} is a projector for M-RoPE models (Qwen2-VL and "
+                               f"kin), whose image positions lmserve does not place yet")
+        self.cache = EmbeddingCache(cache_bytes)
+        self.encoded = 0  # images run through the encoder (cache misses)
+
+    def tokenize(self, text: str, images: Sequence[tuple[bytes, str]], *, add_special: bool,
+                 params: Sequence[str] = ()) -> tuple[list[int], list[MediaSpan]]:
+        """Token ids of a prompt whose text holds one MEDIA_MARKER per image ((bytes, sha256
+        hex), in order), with stand-in ids at each image's positions, and the images' spans."""
+        bitmaps = []
+        try:
+            for i, (data, key) in enumerate(images):
+                buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+                bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self.ptr, buf, len(data), False)
+                if not bitmap:
+                    param = params[i] if i < len(params) else "images"
+                    raise invalid(f"{param}: the image could not be decoded", param=param,
+                                  code="invalid_image")
+                mtmd.mtmd_bitmap_set_id(bitmap, key.encode())
+                bitmaps.append(bitmap)
+            chunks = _Chunks(mtmd.mtmd_input_chunks_init())
+            data_text = text.encode("utf-8")
+            inp = mtmd.mtmd_input_text(text=data_text, text_len=len(data_text),
+                                       add_special=add_special, parse_special=True)
+            arr = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            status = mtmd.mtmd_tokenize(self.ptr, chunks.ptr, ctypes.byref(inp), arr,
+                                        len(bitmaps))
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+        if status != 0:
+            raise invalid(f"the prompt's media markers and images do not match (mtmd status "
+                          f"{status})", param="messages", code="invalid_image")
+        return self._read_chunks(chunks)
+
+    def _read_chunks(self, chunks: _Chunks) -> tuple[list[int], list[MediaSpan]]:
+        tokens: list[int] = []
+        spans: list[MediaSpan] = []
+        n_out = ctypes.c_size_t(0)
+        for i in range(mtmd.mtmd_input_chunks_size(chunks.ptr)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks.ptr, i)
+            kind = mtmd.mtmd_input_chunk_get_type(chunk)
+            if kind == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n_out))
+                tokens.extend(ids[:n_out.value])
+                continue
+            n = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+            key = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
+            spans.append(MediaSpan(len(tokens), n, key, MediaChunk(chunks, chunk)))
+            tokens.extend(stand_in_ids(key, n))
+        return tokens, spans
+
+    def embeddings(self, span: MediaSpan) -> tuple[np.ndarray, bool]:
+        """The image's encoded embeddings ([n_tokens * n_embd] float32), and whether they came
+        from the cache. Engine thread only (the encoder's buffers are the context's)."""
+        cached = self.cache.get(span.key)
+        if cached is not None:
+            return cached, True
+        chunk = span.chunk
+        assert isinstance(chunk, MediaChunk)
+        status = mtmd.mtmd_encode_chunk(self.ptr, chunk.ptr)
+        if status != 0:
+            raise RuntimeError(f"the projector could not encode the image (status {status})")
+        out = mtmd.mtmd_get_output_embd(self.ptr)
+        embd = np.ctypeslib.as_array(out, shape=(span.n_tokens * self.n_embd,)).copy()
+        self.encoded += 1
+        self.cache.put(span.key, embd)
+        return embd, False
+
+    def close(self) -> None:
+        if self.ptr:
+            mtmd.mtmd_free(self.ptr)
+            self.ptr = None
+
+
 class Sampler:
     """A per-sequence llama.cpp sampler chain; sampling runs in C over the logits row."""
 
@@ -461,6 +631,7 @@ class Context:
         self.piece = model.piece
         self.token_bytes = model.token_bytes
         self.n_vocab = model.n_vocab
+        self.projector: Projector | None = None  # set by the service when one is loaded
 
     def make_sampler(self, params: SamplingParams, seed: int, banned: Iterable[int]) -> Sampler:
         return Sampler(self.model, params, seed=seed, banned=list(banned))
@@ -477,6 +648,20 @@ class Context:
         batch.struct.n_tokens = batch.n
         status: int = ll.llama_decode(self.ptr, batch.struct)
         return status
+
+    def decode_media(self, span: MediaSpan, seq_id: int) -> tuple[int, bool]:
+        """Encode an image (or take its cached embeddings) and decode them into `seq_id`'s KV
+        at positions span.start..span.end-1, in batches of n_batch: (status, cache hit)."""
+        projector = self.projector
+        chunk = span.chunk
+        assert projector is not None and isinstance(chunk, MediaChunk)
+        embd, hit = projector.embeddings(span)
+        new_pos = ll.llama_pos(0)
+        status = mtmd.mtmd_helper_decode_image_chunk(
+            projector.ptr, self.ptr, chunk.ptr, embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+            span.start, seq_id, self.n_batch, ctypes.byref(new_pos),
+            mtmd.mtmd_helper_post_decode_callback(0), None)
+        return int(status), hit
 
     def logits_row(self, batch_index: int) -> np.ndarray:
         """The logits of a batch row decoded with logits: a view over llama.cpp's buffer (no

@@ -21,7 +21,9 @@ from lmserve.core.events import (
     FINISH_STOP,
     TokenOutput,
 )
+from lmserve.core.images import MediaSpan
 from lmserve.core.request import SamplingParams
+from lmserve.engine import media
 from lmserve.engine.admission import WaitQueue
 from lmserve.engine.logprobs import LogitsSource, LogprobScorer
 from lmserve.engine.lookup import DraftLength, NgramIndex
@@ -61,6 +63,7 @@ class Runner(KVMemory, LogitsSource, AdapterTarget, Protocol[B]):
     @property
     def batch(self) -> B: ...
     def decode(self, batch: B) -> int: ...
+    def decode_media(self, span: MediaSpan, seq_id: int) -> tuple[int, bool]: ...
     def piece(self, token: int) -> bytes: ...
     def make_sampler(self, params: SamplingParams, seed: int,
                      banned: Iterable[int]) -> SamplerLike: ...
@@ -87,6 +90,9 @@ class StepStats:
     model_draft_tokens: int = 0  # draft-model tokens proposed and verified
     model_accepted_tokens: int = 0  # of those, the ones the sampler agreed with
     draft: float = 0.0  # seconds the draft model spent drafting (not in schedule)
+    media_chunks: int = 0  # images decoded into sequences' KV (own steps)
+    media_tokens: int = 0  # the positions they filled
+    media_cache_hits: int = 0  # of those images, the ones whose embeddings were cached
     last_step_sequences: int = 0
     phases: tuple[str, ...] = field(default=("schedule", "draft", "batch_build", "decode",
                                               "sample", "detokenize"), repr=False)
@@ -165,6 +171,7 @@ class EngineCore(Generic[B]):
         """One scheduling step; False when nothing could run (so the caller may wait)."""
         t0 = time.perf_counter()
         self._admit()
+        imaged = self._media_step()
         plan = self._plan()
         t1 = time.perf_counter()
         drafting, self._draft_time = self._draft_time, 0.0
@@ -172,7 +179,8 @@ class EngineCore(Generic[B]):
         t0 += drafting  # the draft model's time is its own phase, not scheduling's
         if not plan:
             self.stats.schedule += t1 - t0
-            return False
+            self._flush_outputs()
+            return imaged
         sample_at = self._build_batch(plan)
         t2 = time.perf_counter()
         self.adapters.apply(self.runner)
@@ -225,6 +233,10 @@ class EngineCore(Generic[B]):
             del self.waiting[i]
             first_admission = seq.sampler is None
             seq.slot, seq.n_computed = placement.slot, placement.n_reused
+            if seq.request.media:  # reused KV never ends inside an image
+                seq.n_computed = media.whole(seq.request.media, placement.n_reused)
+                if seq.n_computed < placement.n_reused:
+                    self.runner.seq_rm(placement.slot.seq_id, seq.n_computed, -1)
             seq.state = SeqState.RUNNING
             if first_admission:
                 seq.n_cached = placement.n_reused
@@ -266,6 +278,10 @@ class EngineCore(Generic[B]):
         for seq in active:
             if seq.n_pending > 1 and budget > 0:
                 n = min(seq.n_pending, budget)
+                if seq.request.media:  # text up to the next image (media steps run those)
+                    n = media.text_room(seq.request.media, seq.n_computed, n)
+                    if n == 0:
+                        continue
                 if seq.scoring_prompt:  # every row has logits: bound llama.cpp's output buffer
                     n = min(n, self.scorer.prompt_chunk)
                 plan.append((seq, n))
@@ -286,8 +302,10 @@ class EngineCore(Generic[B]):
                 break
             request = seq.request
             if seq.n_output == 0 or request.logprobs is not None \
-                    or request.prompt_scores is not None:
-                continue  # fresh siblings fork this KV; logprobs are reported token by token
+                    or request.prompt_scores is not None or request.media:
+                # fresh siblings fork this KV; logprobs are reported token by token; an
+                # image's stand-in ids are no tokens to propose
+                continue
             room = min(budget, request.max_tokens - seq.n_output - 1,
                        self.runner.n_ctx - len(seq.tokens) - 1)
             if self.lookup_tokens:
@@ -320,6 +338,32 @@ class EngineCore(Generic[B]):
                 seq.drafted_by_model = bool(seq.draft)
                 drafted = drafted or bool(seq.draft)
         return drafted
+
+    def _media_step(self) -> bool:
+        """Decode one image into the KV of the first running sequence that stands at one, in
+        its own llama.cpp calls before this step's batch: decoding sequences wait for at most
+        one image per step. False when no sequence stands at an image."""
+        for seq in self.running:
+            spans = seq.request.media
+            span = media.span_at(spans, seq.n_computed) if spans else None
+            if span is None or seq.state is not SeqState.RUNNING or seq.slot is None:
+                continue
+            status, hit = self.runner.decode_media(span, seq.slot.seq_id)
+            if status == DECODE_OK:
+                seq.n_computed = span.end
+                self.stats.prompt_tokens += span.n_tokens
+                self.stats.media_chunks += 1
+                self.stats.media_tokens += span.n_tokens
+                self.stats.media_cache_hits += hit
+                return True
+            self.runner.seq_rm(seq.slot.seq_id, span.start, -1)  # no half image stays
+            if status == DECODE_NO_KV_SLOT and self.pool.evict_lru_idle():
+                return True  # tried again at the next step
+            self._finish(seq, FINISH_ERROR, "", error=f"decoding an image failed (status "
+                         f"{status}); the context may be full", error_kind=ErrorKind.CAPACITY
+                         if status == DECODE_NO_KV_SLOT else ErrorKind.INTERNAL)
+            return True
+        return False
 
     def _build_batch(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         batch = self.runner.batch

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lmserve.core.events import TokenLogprob, TokenOutput, Usage
+from lmserve.core.images import MediaSpan
 from lmserve.core.observe import RequestTiming
 from lmserve.core.request import SamplingParams
 from lmserve.engine.detokenizer import IncrementalDecoder, StopMatcher
@@ -60,6 +61,8 @@ class EngineRequest:
     dequeued: bool = False  # left the wait queue once (its prompt no longer counts as queued)
     # The HTTP request's correlation id (X-Request-Id), for the engine's log lines about it.
     correlation_id: str | None = None
+    # The prompt's images: their stand-in positions in prompt_tokens (core.images, runner).
+    media: tuple[MediaSpan, ...] = ()
     # The session whose KV this request's slot stays pinned to when it ends (prefix_cache.py).
     pin: str | None = None
 

@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.datastructures import Headers
@@ -23,7 +23,8 @@ from lmserve._version import __version__
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.dialects.native.producer import CANCEL, StreamProducers
 from lmserve.dialects.openai import encoder as openai_encoder
-from lmserve.http import dialects, metrics
+from lmserve.http import dialects, library, metrics
+from lmserve.http import observe as http_observe
 from lmserve.http.access import AccessControl, AccessSettings
 from lmserve.http.callers import CallerContext
 from lmserve.http.routing import error_response, validation_error
@@ -150,6 +151,7 @@ def build_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
     app.state.collectors = [control.collector()]  # /metrics: 429s by key name
     _install_fallback_errors(app)
     _install_operations(app, registry)
+    http_observe.install(app)  # the last middleware added: the outermost
     return app
 
 
@@ -159,8 +161,8 @@ def mount_root_dialects(app: FastAPI, registry: ModelRegistry) -> None:
     if "anthropic" in routers and "openai" in routers:
         _models_by_header(app, "anthropic-version", routers["anthropic"],
                           otherwise=routers["openai"])
-    for router in routers.values():
-        app.include_router(router)
+    for name, router in routers.items():
+        _include(app, router, name)
 
 
 def mount_resource(app: FastAPI, resource: LLMResource) -> None:
@@ -176,7 +178,16 @@ def mount_resource(app: FastAPI, resource: LLMResource) -> None:
     for dialect in chosen:
         assert dialect.resource is not None
         prefix = f"{base}/{dialect.prefix}" if dialect.prefix else base
-        app.include_router(dialect.resource(resource, state, tags), prefix=prefix)
+        _include(app, dialect.resource(resource, state, tags), dialect.name, prefix=prefix)
+
+
+def _include(app: FastAPI, router: APIRouter, dialect: str, prefix: str = "") -> None:
+    """Include a dialect's router, its routes marked as the dialect's (the access line and
+    the metrics name it; the router's own routes too, for the paths _ByHeader sends it)."""
+    before = len(app.router.routes)
+    app.include_router(router, prefix=prefix)
+    http_observe.tag_routes(router.routes, dialect)
+    http_observe.tag_routes(app.router.routes[before:], dialect)
 
 
 def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
@@ -194,6 +205,8 @@ def create_app(registry: ModelRegistry, *, api_keys: tuple[str, ...] = (),
                     description="Local LLM serving over llama.cpp: OpenAI, Anthropic, Ollama "
                                 "and native APIs.")
     mount_root_dialects(app, registry)
+    _include(app, library.admin_router(registry), "admin")  # the model library's routes
+    _include(app, library.listing_router(registry), "native")
     resources = [LLMResource.for_service(service, f"/models/{service.name}/")
                  for service in registry]
     for resource in resources:
@@ -238,7 +251,7 @@ def _install_operations(app: FastAPI, registry: ModelRegistry) -> None:
 
     @app.get("/metrics", tags=["Operations"], summary="Prometheus metrics")
     async def prometheus() -> Response:
-        data, content_type = metrics.render(registry)
+        data, content_type = metrics.render(registry, app.state.request_metrics)
         return Response(data, media_type=content_type)
 
 

@@ -41,6 +41,10 @@ class EngineCollector:
                                    "Draft-model (--draft) tokens drafted and verified"),
             "model_accepted_tokens": ("lmserve_draft_model_accepted_tokens",
                                       "Draft-model tokens the sampler accepted"),
+            "media_chunks": ("lmserve_media_chunks", "Images decoded into sequences' KV"),
+            "media_tokens": ("lmserve_media_tokens", "Prompt positions filled by images"),
+            "media_cache_hits": ("lmserve_media_cache_hits",
+                                 "Images whose encoded embeddings came from the cache"),
         }
         families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
         phase = CounterMetricFamily("lmserve_step_phase_seconds",

@@ -6,12 +6,15 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from lmserve.core import observe
 from lmserve.core.backend import LoadState, ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.engine.hardware import Device
+from lmserve.models.library import LibraryEntry
+from lmserve.models.managed import LoadManager, ManagedModel
 from lmserve.service import EngineSettings, ModelService, gpu_facts
 
 if TYPE_CHECKING:
@@ -21,7 +24,8 @@ log = logging.getLogger("lmserve.models")
 
 
 class ModelRegistry:
-    def __init__(self) -> None:
+    def __init__(self, manager: LoadManager | None = None) -> None:
+        self.manager = manager or LoadManager()  # loads and unloads the managed models
         self._services: list[ModelBackend] = []
         self._by_key: dict[str, ModelBackend] = {}
         self._by_path: dict[str, ModelBackend] = {}
@@ -33,6 +37,28 @@ class ModelRegistry:
         service = self._by_path.get(path) or ModelService(name, path, settings,
                                                           aliases=tuple(aliases))
         return self.add_backend(service, name, path, aliases)
+
+    def add_managed(self, entry: LibraryEntry, settings: EngineSettings, *,
+                    keep_alive: float | None = None, at_start: bool = False,
+                    defaults: Mapping[str, Any] | None = None) -> ModelBackend:
+        """Register a model the load manager loads (at start, or when a request asks for it)
+        and unloads when idle; a file already registered gets this entry's names too."""
+        existing = self._by_path.get(entry.key)
+        if existing is not None:
+            return self.add_backend(existing, entry.name, entry.key, entry.aliases)
+        model = ManagedModel(entry, settings, self.manager, keep_alive=keep_alive,
+                             at_start=at_start, defaults=defaults)
+        self.manager.add(model)
+        return self.add_backend(model, entry.name, entry.key, entry.aliases)
+
+    def managed(self, name: str) -> ManagedModel:
+        """The managed model of a name (admin routes); else MODEL_NOT_FOUND."""
+        service = self.get(name)
+        if not isinstance(service, ManagedModel):
+            raise LmserveError(ErrorKind.INVALID_REQUEST, f"the model '{name}' is not loaded "
+                               "and unloaded by this server (an upstream, or an app's model)",
+                               param="model", code="model_not_managed")
+        return service
 
     def add_backend(self, service: ModelBackend, name: str | None = None, key: str | None = None,
                     aliases: Iterable[str] = ()) -> ModelBackend:
@@ -69,6 +95,7 @@ class ModelRegistry:
     def get(self, name: str | None) -> ModelBackend:
         if name is None or name == "":
             if len(self._services) == 1:
+                observe.note_model(self._services[0].name)
                 return self._services[0]
             raise LmserveError(ErrorKind.INVALID_REQUEST, "the 'model' field is required",
                                param="model", code="missing_required_parameter")
@@ -80,6 +107,7 @@ class ModelRegistry:
                                f"the model '{name}' does not exist on this server "
                                f"(served: {known})",
                                param="model", code="model_not_found")
+        observe.note_model(service.name)
         return service
 
     def _adapter_model(self, name: str) -> ModelBackend | None:
@@ -114,8 +142,9 @@ class ModelRegistry:
 
     def _load_all(self, loop: asyncio.AbstractEventLoop) -> None:
         for service in self._services:
-            if service.card.state != LoadState.PENDING:
-                continue
+            if service.card.state != LoadState.PENDING or \
+                    (isinstance(service, ManagedModel) and not service.at_start):
+                continue  # library models load when a request asks for them
             with _Progress(service.name) as progress:
                 try:
                     service.load(loop, progress.update)

@@ -397,3 +397,54 @@ def test_api_key_setting_lets_the_page_stream(browser, keyed_server):
     assert tab.locator("#settings").is_hidden()
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def library_server(tmp_path_factory: pytest.TempPathFactory, model_path: str
+                   ) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("library")
+    models = tmp / "models"
+    models.mkdir()
+    os.symlink(model_path, models / "alpha.gguf")
+    (models / "broken.gguf").write_bytes(b"not a model")
+    srv = start_server(str(tmp), "--models-dir", str(models), "--parallel", "1", "--ctx", "1024",
+                       "--threads", "2", "--store", "memory", "--keep-alive", "1h")
+    yield srv
+    stop_server(srv)
+
+
+def test_model_picker_shows_the_library_and_an_on_demand_load(browser, library_server):
+    context = browser.new_context(bypass_csp=True)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(f"{library_server.url}/models/alpha/chat/")
+    tab.wait_for_selector("#status[data-state=unloaded]")
+    assert "loads when you send a message" in tab.inner_text("#banner")
+    tab.wait_for_selector("#model-picker:not([hidden])")
+    options = tab.eval_on_selector_all("#model-picker option",
+                                       "os => os.map(o => [o.value, o.dataset.status])")
+    assert options == [["/models/alpha/", "unloaded"], ["/models/broken/", "failed"]]
+    assert tab.input_value("#model-picker") == "/models/alpha/"
+    # every state the header pill shows, in order (the load's is set before the message goes)
+    tab.evaluate("""() => { window.states = [];
+        new MutationObserver(() => window.states.push(
+            document.querySelector('#status').dataset.state))
+          .observe(document.querySelector('#status'), {attributes: true}); }""")
+    configure(tab, temperature="0", max_tokens="8")
+    ask(tab, "Say hi.")
+    tab.wait_for_function("""() => { const s = JSON.parse(localStorage.getItem(
+        'lmserve.chat:/models/alpha/')); const m = s && s.messages.at(-1);
+        return s && !s.pending && m && m.role === 'assistant' && m.stop_reason; }""",
+                          timeout=120_000)
+    tab.wait_for_selector("#status[data-state=ready]")
+    states = tab.evaluate("window.states")
+    assert "loading" in states and states.index("loading") < states.index("ready"), states
+    tab.focus("#model-picker")  # the list is read again when opened
+    tab.wait_for_selector("#model-picker option[value='/models/alpha/'][data-status=loaded]",
+                          state="attached")
+    tab.select_option("#model-picker", "/models/broken/")
+    tab.wait_for_url("**/models/broken/chat/")
+    tab.wait_for_selector("#status[data-state=failed]")
+    context.close()
+    assert not errors, errors

@@ -127,4 +127,6 @@ def test_errors_are_ollama_shaped(oc, server):
     assert exc.value.status_code == 400 and "cannot pull" in exc.value.error
     assert oc.pull(MODEL).status == "success"
     body = httpx.post(f"{server.url}/api/chat", json={"model": MODEL, "messages": "hi"})
-    assert body.status_code == 400 and list(body.json()) == ["error"]
+    # Ollama's shape, plus the request id every error body carries (X-Request-Id's value)
+    assert body.status_code == 400 and set(body.json()) == {"error", "request_id"}
+    assert body.json()["request_id"] == body.headers["x-request-id"]

@@ -178,7 +178,7 @@ class ScriptedService:
     def _prompts(self) -> Prompter:
         return Prompter(self.name, self.model, self.template,  # type: ignore[arg-type]
                         n_ctx=self.n_ctx, media=self.settings.media,
-                        context_overflow=self.settings.context_overflow, vision=self.vision)
+                        context_overflow=self.settings.context_overflow)
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         self.require_ready()

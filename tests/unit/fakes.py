@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from lmserve.core.images import MediaSpan
 from lmserve.core.request import SamplingParams
 
 VOCAB = 50
@@ -87,6 +88,8 @@ class FakeRunner:
         self.kv_capacity = kv_capacity
         self.eos_after = eos_after
         self.decodes: list[list[tuple[int, int, int, bool]]] = []
+        self.encoded: set[str] = set()  # image keys decode_media has seen
+        self.media_decodes: list[tuple[int, str, int]] = []  # (seq, key, decodes before)
         self.samplers: list[FakeSampler] = []
         self.adapters: tuple[tuple[str, float], ...] = ()  # the LoRA set applied now
         self.adapter_switches = 0
@@ -125,6 +128,17 @@ class FakeRunner:
             cells.append(tok)
         self.decodes.append(list(batch.entries))
         return 0
+
+    def decode_media(self, span: MediaSpan, seq_id: int) -> tuple[int, bool]:
+        """An image's positions filled in the KV (with the span's key as their content), as
+        one call of its own; a key seen before counts as an embedding-cache hit."""
+        cells = self.kv.setdefault(seq_id, [])
+        assert span.start == len(cells), f"image at {span.start} but KV holds {len(cells)}"
+        cells.extend([span.key] * span.n_tokens)  # type: ignore[list-item]
+        hit = span.key in self.encoded
+        self.encoded.add(span.key)
+        self.media_decodes.append((seq_id, span.key, len(self.decodes)))
+        return 0, hit
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         cells = self.kv.get(seq_id, [])

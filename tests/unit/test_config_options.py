@@ -17,7 +17,7 @@ COMPOSITE = {"loras", "chat_template", "media"}
 SAMPLE = {"parallel": "3", "n_ctx": "1024", "threads": "2", "threads_batch": "2",
           "step_tokens": "256", "max_queue": "9", "max_queued_tokens": "500", "cache_slots": "2",
           "cache_tokens": "64", "session_kv_budget": "128",
-          "kv_layout": "shared", "lookup": "4", "lookup_budget": "8",
+          "kv_layout": "shared", "lookup": "4", "lookup_budget": "8", "mmproj": "/tmp/mmproj.gguf", "media_cache_bytes": "1000",
           "draft": "smollm2", "draft_max": "3",
           "context_overflow": "truncate", "disk_cache_dir": "/tmp/dc",
           "disk_cache_max_bytes": "2M", "disk_cache_min_tokens": "32", "embedding_ctx": "512",

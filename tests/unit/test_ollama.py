@@ -88,10 +88,10 @@ def test_num_predict_num_ctx_and_repeat_window():
     assert err.kind is ErrorKind.CONTEXT_LENGTH_EXCEEDED and "num_ctx" in err.message
     big = adapter.parse_options({"num_ctx": 8192, "num_thread": 2})
     assert adapter.window(big, 4096) == 4096
-    note = adapter.notice(big, 4096, keep_alive=300)
+    note = adapter.notice(big, 4096)
     assert "num_thread" in note and "capped at the loaded context of 4096" in note
-    assert "keep_alive" in note and adapter.notice(small, 100, keep_alive=-1) is None
-    assert adapter.notice(small, 100, None, embedding=True) == \
+    assert "keep_alive" not in note and adapter.notice(small, 100) is None
+    assert adapter.notice(small, 100, embedding=True) == \
         "no effect here: num_predict, repeat_last_n"
 
 
@@ -240,7 +240,8 @@ def test_liveness_version_errors_and_management_endpoints():
         assert c.get("/api/version").json()["version"]
         r = c.post("/api/chat", json={"model": "nope", "messages": USER})
         assert r.status_code == 404 and r.json()["error"].startswith('model "nope" not found')
-        assert c.post("/api/chat", json={"messages": USER}).json() == {"error": "model is required"}
+        refused = c.post("/api/chat", json={"messages": USER}).json()
+        assert refused == {"error": "model is required", "request_id": refused["request_id"]}
         bad = c.post("/api/chat", content=b"[1,", headers={"content-type": "application/json"})
         assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
         r = c.post("/api/generate", json={"model": "tiny:latest", "prompt": "hi"})
@@ -304,7 +305,7 @@ def test_error_after_the_stream_started_is_its_last_line():
     with client(FakeRunner(n_ctx=512, kv_capacity=8)) as c:
         r = c.post("/api/generate", json={"model": "tiny", "prompt": "x" * 20, "raw": True})
         assert r.status_code == 200
-        assert list(lines(r)[-1]) == ["error"]
+        assert list(lines(r)[-1]) == ["error", "request_id"]  # and the request's id
 
 
 def test_embed_show_tags_ps():

@@ -288,7 +288,7 @@ def test_health_models_plan_and_errors():
         bundled = c.get("/v1/ollm/models/smollm2").json()  # the served file, by bundled name
         assert bundled["runtime"]["served_as"] == "tiny"
         r = c.get("/v1/ollm/models/nope")
-        assert r.status_code == 404 and list(r.json()) == ["detail"]
+        assert r.status_code == 404 and list(r.json()) == ["detail", "request_id"]
         p = c.post("/v1/plan", json={"runtime": {"model_reference": "smollm2",
                                                  "context_length": 1024}}).json()
         assert p["runtime_config"]["context_length"] == 1024 and p["runtime_config"]["parallel"] == 2

@@ -234,9 +234,10 @@ def test_models_are_listed_from_the_card():
     assert list(data) == ["tiny", "small", "tiny:half"]
     assert data["tiny"] == {
         "id": "tiny", "object": "model", "created": 1700000000, "owned_by": "lmserve",
-        "status": "ready", "meta": {
+        "status": "loaded", "meta": {
             "architecture": "llama", "n_ctx": 2048, "n_ctx_train": 4096, "n_params": 1000,
-            "size": 2048, "n_vocab": 32000, "chat_template": True, "kv_layout": "split"}}
+            "size": 2048, "n_vocab": 32000, "chat_template": True, "kv_layout": "split",
+            "vision": False}}
     assert data["tiny:half"]["root"] == "/loras/half.gguf"
     assert data["tiny:half"]["parent"] == "tiny"
     assert data["tiny:half"]["lora"] == {"alias": "half", "scale": 0.5}

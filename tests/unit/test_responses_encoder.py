@@ -124,8 +124,8 @@ def test_a_failure_is_an_error_event_then_response_failed(nested):
     error = LmserveError(ErrorKind.INTERNAL, "generation failed: decode")
     out += [*events.fail(error), events.final_event()]
     fields = {"code": "server_error", "message": "generation failed: decode", "param": None}
-    expected = {"type": "error", "error": {"type": "server_error", **fields}} if nested else \
-        {"type": "error", **fields}
+    nested_error = {"type": "error", "error": {"type": "server_error", **fields}}
+    expected = nested_error if nested else {**nested_error, **fields}
     assert {k: v for k, v in out[-2].items() if k != "sequence_number"} == expected
     failed = out[-1]
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"

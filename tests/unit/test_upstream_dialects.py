@@ -179,3 +179,20 @@ def test_unsupported_parameters_are_a_400_naming_them(http):
                                                 "lora": "style"})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "lora"
+
+
+def test_an_upstream_request_is_timed_for_the_access_line_and_metrics(http, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lmserve.access")
+    r = http.post("/v1/chat/completions", json={"model": "smollm2", "messages": MSG},
+                  headers={"X-Request-Id": "up-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "up-1"
+    line: Any = next(x for x in caplog.records if getattr(x, "request_id", None) == "up-1"
+                     and x.name == "lmserve.access")
+    assert (line.model, line.dialect, line.prompt_tokens, line.output_tokens) == \
+        ("smollm2", "openai", 11, 3)
+    assert line.queue_ms == 0 and line.ttft_ms <= line.duration_ms
+    metrics = http.get("/metrics").text
+    assert 'lmserve_time_to_first_token_seconds_count{dialect="openai",model="smollm2"} 1.0' \
+        in metrics

@@ -17,6 +17,7 @@ from typing import Any
 from lmserve.core.backend import ChoiceStep
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import FINISH_LENGTH, ParsedTurn, Usage
+from lmserve.core.observe import with_request_id
 from lmserve.dialects.anthropic.blocks import BlockStream, content_blocks
 
 _ERROR_TYPES = {
@@ -26,10 +27,10 @@ _ERROR_TYPES = {
     ErrorKind.NOT_FOUND: "not_found_error",
     ErrorKind.MODEL_NOT_FOUND: "not_found_error",
     ErrorKind.AUTHENTICATION: "authentication_error",
-    ErrorKind.OVERLOADED: "rate_limit_error",  # 429: the queue is full, retry after a second
     ErrorKind.PERMISSION: "permission_error",
     ErrorKind.PAYLOAD_TOO_LARGE: "request_too_large",
     ErrorKind.RATE_LIMITED: "rate_limit_error",
+    ErrorKind.OVERLOADED: "rate_limit_error",  # 429: the queue is full, retry after a second
     ErrorKind.LOADING: "overloaded_error",  # 503: weights still loading, retry after two
     # 503 (Anthropic answers 529 when overloaded; clients retry on either): the KV cache
     # filled up under a running request.
@@ -43,7 +44,8 @@ _ERROR_TYPES = {
 
 
 def error_body(exc: LmserveError) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _ERROR_TYPES[exc.kind], "message": exc.message}}
+    return with_request_id({"type": "error", "error": {"type": _ERROR_TYPES[exc.kind],
+                                                       "message": exc.message}})
 
 
 def new_message_id() -> str:

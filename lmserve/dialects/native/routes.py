@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from lmserve import web
 from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
+from lmserve.core.lifecycle import Unloadable
 from lmserve.dialects.native import adapter, encoder
 from lmserve.dialects.native.producer import StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
@@ -126,16 +127,19 @@ def introspection(resource: LLMResource) -> dict[str, Any]:
         model.update(architecture=header.architecture, name=header.name, size=header.size_bytes,
                      quantization=header.quantization, n_ctx_train=header.context_length,
                      chat_template=header.chat_template is not None)
-    status = "pending"
+    status, progress = "pending", 0.0
     if service is not None:
         card = service.card
-        status = card.state.value
+        # an unloaded library model is "unloaded": it loads when a request asks for it
+        unloaded = isinstance(service, Unloadable) and card.status == "unloaded"
+        status = "unloaded" if unloaded else card.state.value
+        progress = round(card.progress, 3)
         if card.weights is not None:  # loaded
             model["context_length"] = card.n_ctx or None
             model["parameters"] = card.weights.n_params
             model["chat_template"] = card.has_template
     return {"name": resource.name, "verbose_name": resource.title, "path": resource.path,
-            "status": status, "serving": list(resource.dialects or ()),
+            "status": status, "progress": progress, "serving": list(resource.dialects or ()),
             "transports": ["raw", "chat", "conversation"] if model["chat_template"] else ["raw"],
             "default_transport": resource.default_transport,
             "reasoning": resource.reasoning_default,

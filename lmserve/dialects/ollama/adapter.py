@@ -14,8 +14,8 @@ Choices where Ollama and lmserve differ, so that nothing is silently ignored:
   absent, the server's --context-overflow decides (Ollama's own server truncates then, but its
   API docs do not document the field). A raw generate prompt is never cut.
 - Unset options take Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9, repeat 1.1/64).
-- keep_alive is validated and accepted; models stay loaded while the server runs, so an unload
-  request (empty prompt with keep_alive 0) is refused rather than answered "unload".
+- keep_alive (a duration or seconds; 0: unload when idle; negative: forever) rides on the
+  request to the model's keep-alive; an empty prompt with keep_alive 0 unloads the model.
 - A generate `context` is the token ids of the earlier prompt and reply (EOS included); the next
   prompt is appended token for token, so it continues from the KV the engine kept resident.
 """
@@ -23,13 +23,13 @@ Choices where Ollama and lmserve differ, so that nothing is silently ignored:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from pydantic import ValidationError
 
+from lmserve.core import lifecycle
 from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_base64
 from lmserve.core.request import ChatMessage, FieldNames, GenerationRequest, SamplingParams
@@ -162,8 +162,7 @@ def default_parameters(loaded_ctx: int) -> dict[str, Any]:
             "repeat_last_n": d.penalty_last_n}
 
 
-def notice(options: Options, loaded_ctx: int | None, keep_alive: float | None, *,
-           embedding: bool = False) -> str | None:
+def notice(options: Options, loaded_ctx: int | None, *, embedding: bool = False) -> str | None:
     """A one-line account of accepted parameters that change nothing or were capped."""
     parts = []
     idle = [k for k in options.given if k != "num_ctx"] if embedding else options.without_effect
@@ -171,8 +170,6 @@ def notice(options: Options, loaded_ctx: int | None, keep_alive: float | None, *
         parts.append(f"no effect here: {', '.join(idle)}")
     if loaded_ctx and options.num_ctx and options.num_ctx > loaded_ctx:
         parts.append(f"num_ctx {options.num_ctx} capped at the loaded context of {loaded_ctx}")
-    if keep_alive is not None and keep_alive >= 0:
-        parts.append("keep_alive has no effect: models stay loaded while the server runs")
     return "; ".join(parts) or None
 
 
@@ -186,7 +183,8 @@ def chat_job(body: ChatRequest) -> Job:
                                 tools=tool_specs(body.tools), **output_fields(body),
                                 context_overflow=overflow_policy(body.truncate),
                                 priority=body.priority)
-    return Job(request, options, keep_alive_seconds(body.keep_alive), shows_thinking(body))
+    request.keep_alive = keep_alive_seconds(body.keep_alive)
+    return Job(request, options, request.keep_alive, shows_thinking(body))
 
 
 def generate_job(body: GenerateRequest) -> Job:
@@ -215,7 +213,8 @@ def generate_job(body: GenerateRequest) -> Job:
         system = [ChatMessage("system", body.system)] if body.system else []
         request.messages = [*system, ChatMessage("user", body.prompt,
                                                  images=_images(body.images, "images"))]
-    return Job(request, options, keep_alive_seconds(body.keep_alive), shows_thinking(body))
+    request.keep_alive = keep_alive_seconds(body.keep_alive)
+    return Job(request, options, request.keep_alive, shows_thinking(body))
 
 
 def overflow_policy(truncate: bool | None) -> Literal["error", "truncate"] | None:
@@ -245,27 +244,7 @@ def _images(images: list[str] | None, param: str) -> tuple[ImageInput, ...]:
 
 # -- keep_alive -----------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
-                 "m": 60.0, "h": 3600.0}
-
-
-def keep_alive_seconds(value: float | str | None) -> float | None:
-    """A number of seconds, or a Go duration such as "5m" or "1h30m"; negative means forever."""
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else float(value)
-    text = value.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
-    parts = _DURATION_PART.findall(body)
-    if not parts or "".join(n + u for n, u in parts) != body:
-        raise invalid(f"invalid keep_alive {value!r}: send a duration such as \"5m\" or a "
-                      "number of seconds", param="keep_alive")
-    return sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+keep_alive_seconds = lifecycle.keep_alive_seconds  # a duration ("5m") or seconds; < 0: forever
 
 
 # -- embeddings -----------------------------------------------------------------------------

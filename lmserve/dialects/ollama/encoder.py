@@ -26,6 +26,7 @@ from lmserve.core.events import (
     ToolCallStart,
     Usage,
 )
+from lmserve.core.observe import with_request_id
 from lmserve.dialects.ollama.logprobs import logprob_entries
 
 # lmserve keeps every model loaded while it runs; Ollama clients show a far-future expiry as
@@ -34,7 +35,7 @@ NEVER_EXPIRES = "9999-12-31T23:59:59Z"
 
 
 def error_body(exc: LmserveError) -> dict[str, Any]:
-    return {"error": exc.message}
+    return with_request_id({"error": exc.message})
 
 
 def timestamp(moment: datetime | None = None) -> str:
@@ -74,9 +75,10 @@ def tool_call(index: int, call_id: str, name: str, arguments: str) -> dict[str, 
                                         "arguments": value if isinstance(value, dict) else {}}}
 
 
-def load_response(model: str, *, chat: bool) -> dict[str, Any]:
-    """The answer to an empty prompt or message list: the model is loaded and ready."""
-    return {**_head(model, chat, "", True), "done_reason": "load"}
+def load_response(model: str, *, chat: bool, unload: bool = False) -> dict[str, Any]:
+    """The answer to an empty prompt or message list: the model is loaded and ready (or,
+    with keep_alive 0, unloaded)."""
+    return {**_head(model, chat, "", True), "done_reason": "unload" if unload else "load"}
 
 
 @dataclass
@@ -230,7 +232,8 @@ def tag_entry(facts: ModelFacts) -> dict[str, Any]:
 
 def ps_entry(facts: ModelFacts, weights: WeightsFacts, n_ctx: int,
              metadata: Mapping[str, str] | None = None,
-             placement: PlacementFacts | None = None) -> dict[str, Any]:
+             placement: PlacementFacts | None = None, *, expires_at: float | None = None
+             ) -> dict[str, Any]:
     """`size` is the weights plus the KV cache allocated for the loaded context: the backend's
     own figure (all streams, in its KV types) where it gives one, else f16 cells of one
     context from the metadata's attention shapes. `size_vram` is what sits on the GPU."""
@@ -244,7 +247,9 @@ def ps_entry(facts: ModelFacts, weights: WeightsFacts, n_ctx: int,
         vram = placement.weights_gpu_bytes + (kv if placement.kv_where == "gpu" else 0)
     memory = (weights.size_bytes or 0) + kv
     return {"name": facts.name, "model": facts.name, "size": memory, "digest": facts.digest,
-            "details": details(facts), "expires_at": NEVER_EXPIRES, "size_vram": vram,
+            "details": details(facts), "size_vram": vram,
+            "expires_at": NEVER_EXPIRES if expires_at is None else
+            timestamp(datetime.fromtimestamp(expires_at, UTC)),
             "context_length": n_ctx}
 
 
@@ -300,13 +305,14 @@ def modelfile(facts: ModelFacts, template: str, parameters: dict[str, Any]) -> s
 
 
 def show_body(facts: ModelFacts, metadata: Mapping[str, str], *, template: str,
-              parameters: dict[str, Any]) -> dict[str, Any]:
+              parameters: dict[str, Any], vision: bool = False) -> dict[str, Any]:
     # Every model here embeds (mean pooling when the GGUF declares none), so both are listed.
     return {"license": metadata.get("general.license", ""),
             "modelfile": modelfile(facts, template, parameters),
             "parameters": parameters_text(parameters), "template": template,
             "details": details(facts), "model_info": model_info(metadata, facts.n_params),
-            "capabilities": ["completion", "embedding"], "modified_at": timestamp(facts.modified)}
+            "capabilities": ["completion", "embedding", *(["vision"] if vision else [])],
+            "modified_at": timestamp(facts.modified)}
 
 
 def embedding(vector: np.ndarray, dimensions: int | None = None) -> list[float]:

@@ -29,6 +29,7 @@ from lmserve.core.backend import (
     PreparedPrompt,
 )
 from lmserve.core.errors import ErrorKind, LmserveError
+from lmserve.core.lifecycle import ModelLoading, Unloadable
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.ollama import adapter, encoder
 from lmserve.dialects.ollama.schema import (
@@ -120,7 +121,8 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
                 continue
             metadata = _metadata(card)
             entries += [encoder.ps_entry(_facts(card, name), card.weights, card.n_ctx,
-                                         metadata, card.placement)
+                                         metadata, card.placement,
+                                         expires_at=card.expires_at)
                         for name in registry.names(service)]
         return {"models": entries}
 
@@ -132,10 +134,13 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
             raise LmserveError(ErrorKind.UNSUPPORTED, "'verbose' is not supported: lmserve does "
                                "not keep the GGUF's array metadata (tokens, merges) in memory",
                                param="verbose")
-        card = service.require_ready()
+        card = service.card  # an unloaded library model is shown from its header
+        if card.state in (LoadState.LOADING, LoadState.FAILED):
+            card = service.require_ready()  # wait for the load, or its error
         return encoder.show_body(_facts(card, name), _metadata(card),
                                  template=card.chat_template or "",
-                                 parameters=adapter.default_parameters(card.n_ctx))
+                                 parameters=adapter.default_parameters(card.n_ctx),
+                                 vision=card.vision)
 
     @router.post("/api/pull", summary="Pull (succeeds only for a model already served)")
     async def pull(body: PullRequest) -> Response:
@@ -230,8 +235,8 @@ def _embedding_request(models: Models, body: EmbedRequest | EmbeddingsRequest
     service = _lookup(models, body.model)
     embedding_ctx = service.card.embedding_ctx
     options = adapter.parse_options(body.options)
-    keep_alive = adapter.keep_alive_seconds(body.keep_alive)
-    text = adapter.notice(options, embedding_ctx, keep_alive, embedding=True)
+    adapter.keep_alive_seconds(body.keep_alive)  # checked; embeddings keep the default
+    text = adapter.notice(options, embedding_ctx, embedding=True)
     return service, embedding_ctx, options, _notice(text)
 
 
@@ -248,7 +253,7 @@ async def _turn(request: Request, models: Models, body: ChatRequest | GenerateRe
     """One chat or generate request; an empty message list or prompt only loads the model."""
     started = time.monotonic_ns()
     service = _lookup(models, body.model)
-    body = _with_resource_defaults(body, defaults_of(models()))
+    body = _with_resource_defaults(body, defaults_of(models(), service))
     chat = isinstance(body, ChatRequest)
     job = adapter.chat_job(body) if isinstance(body, ChatRequest) else adapter.generate_job(body)
     if not (body.messages if isinstance(body, ChatRequest) else body.prompt):
@@ -281,20 +286,38 @@ def _with_resource_defaults(body: ChatRequest | GenerateRequest, defaults: Mappi
 
 async def _load(request: Request, service: ModelBackend, model: str, job: adapter.Job, *,
                 chat: bool) -> Response:
-    """An empty prompt asks for the model to be loaded: wait for it, then say so."""
+    """An empty prompt asks for the model to be loaded (its keep_alive from now on), or with
+    keep_alive 0 unloaded: do it, then say so."""
+    managed = service if isinstance(service, Unloadable) else None
     if job.keep_alive == 0:
-        raise LmserveError(ErrorKind.UNSUPPORTED, f'lmserve keeps "{model}" loaded while the '
-                           "server runs; it cannot unload it (keep_alive: 0)", param="keep_alive")
+        if managed is None:
+            raise LmserveError(ErrorKind.UNSUPPORTED, f'lmserve keeps "{model}" loaded while '
+                               "the server runs; it cannot unload it (keep_alive: 0)",
+                               param="keep_alive")
+        if managed.loaded:
+            await managed.unload_now()  # a busy model unloads when its last request ends
+        return JSONResponse(encoder.load_response(model, chat=chat, unload=True))
     await unless_disconnected(request, _until_loaded(service))
+    if managed is not None:
+        managed.set_keep_alive(job.keep_alive)
     return JSONResponse(encoder.load_response(model, chat=chat))
 
 
 async def _until_loaded(service: ModelBackend) -> None:
+    """A library model's load is awaited by the route (ModelLoading); another backend that
+    loads by itself (an upstream) is polled."""
     deadline = time.monotonic() + LOAD_WAIT_S
-    while service.card.state in (LoadState.PENDING, LoadState.LOADING) \
-            and time.monotonic() < deadline:
+    while True:
+        try:
+            service.require_ready()
+            return
+        except ModelLoading:
+            raise
+        except LmserveError as exc:
+            waiting = service.card.state in (LoadState.PENDING, LoadState.LOADING)
+            if exc.kind is not ErrorKind.LOADING or not waiting or time.monotonic() >= deadline:
+                raise
         await asyncio.sleep(0.1)
-    service.require_ready()
 
 
 def _prepare(service: ModelBackend, n_ctx: int, job: adapter.Job, context: list[int] | None
@@ -332,7 +355,7 @@ async def _respond(request: Request, service: ModelBackend, card: ModelCard, mod
                       submitted_ns=submitted,
                       prompt_ids=list(prepared.tokens) if context is not None else None,
                       show_thinking=job.show_thinking)
-    headers = {**_notice(adapter.notice(job.options, card.n_ctx, job.keep_alive)),
+    headers = {**_notice(adapter.notice(job.options, card.n_ctx)),
                **truncation_headers(prepared.dropped_messages)}
     if stream:
         await accepted([generation])  # an upstream's refusal is a status here too

@@ -12,7 +12,13 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lmserve.core.backend import BackendGeneration, ChoiceStep, ModelBackend, PreparedPrompt
+from lmserve.core.backend import (
+    BackendGeneration,
+    ChoiceStep,
+    LoadState,
+    ModelBackend,
+    PreparedPrompt,
+)
 from lmserve.core.errors import LmserveError, invalid
 from lmserve.core.events import Usage
 from lmserve.core.lora import model_spec, selection_field
@@ -42,7 +48,7 @@ def make_router(models: Callable[[], ModelRegistry], *,
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         view = models()
         service = view.get(body.model)
-        body = with_defaults(body, _chat_defaults(body, defaults_of(view)))
+        body = with_defaults(body, _chat_defaults(body, defaults_of(view, service)))
         gen = adapter.chat_request(body)
         prepared = service.prepare(gen)
         return await _respond(request, service, body.model, [(gen, prepared)], chat=True, echo=[],
@@ -53,7 +59,7 @@ def make_router(models: Callable[[], ModelRegistry], *,
     async def completions(body: CompletionRequest, request: Request) -> Any:
         view = models()
         service = view.get(body.model)
-        body = with_defaults(body, defaults_of(view))
+        body = with_defaults(body, defaults_of(view, service))
         jobs = []
         for prompt in adapter.completion_prompts(body.prompt):
             gen = adapter.completion_request(body, prompt)
@@ -123,13 +129,18 @@ def _names(registry: ModelRegistry, service: ModelBackend) -> list[str]:
 def _model_card(service: ModelBackend, name: str) -> dict[str, Any]:
     card = service.card
     entry: dict[str, Any] = {"id": name, "object": "model", "created": card.created,
-                             "owned_by": "lmserve", "status": card.state.value}
+                             "owned_by": "lmserve", "status": card.status}
+    if card.state == LoadState.LOADING:
+        entry["progress"] = round(card.progress, 3)
+    if card.error is not None:
+        entry["error"] = card.error
     weights = card.weights
     if weights is not None:
         entry["meta"] = {"architecture": weights.architecture, "n_ctx": card.n_ctx,
                          "n_ctx_train": weights.n_ctx_train, "n_params": weights.n_params,
                          "size": weights.size_bytes, "n_vocab": weights.n_vocab,
-                         "chat_template": card.has_template, "kv_layout": card.kv_layout}
+                         "chat_template": card.has_template, "kv_layout": card.kv_layout,
+                         "vision": card.vision}
         if card.placement is not None:  # where the weights and the KV cache live
             entry["meta"]["placement"] = dataclasses.asdict(card.placement)
     lora = model_spec(name, card.loras, card.names)

@@ -62,11 +62,22 @@ def response_head(body: ResponseCreate, *, response_id: str, created_at: int,
         "store": stored, "temperature": _or(body.temperature, 1.0),
         "text": {"format": (body.text or {}).get("format") or {"type": "text"},
                  "verbosity": "medium"},
-        "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
+        "tool_choice": body.tool_choice or "auto", "tools": tools_echo(body.tools),
         "top_logprobs": body.top_logprobs or 0, "top_p": _or(body.top_p, 1.0),
+        "presence_penalty": _or(body.presence_penalty, 0.0),
+        "frequency_penalty": _or(body.frequency_penalty, 0.0),
         "truncation": body.truncation or "disabled", "usage": None, "user": body.user,
         "metadata": body.metadata or {},
     }
+
+
+def tools_echo(tools: list[JSON] | None) -> list[JSON]:
+    """The tools as the response object lists them: every field of a function tool, null
+    where the request left it out (the request's own extra keys are not echoed). The adapter
+    has refused every tool that is not a function."""
+    return [{"type": "function", "name": tool.get("name"),
+             "description": tool.get("description"), "parameters": tool.get("parameters"),
+             "strict": tool.get("strict")} for tool in tools or []]
 
 
 def _or(value: float | None, default: float) -> float:
@@ -154,6 +165,10 @@ class ResponseEvents:
         if status == "completed":
             self.response["completed_at"] = int(time.time())
         else:
+            # Also when the context filled up with no max_output_tokens set: the API allows
+            # only max_output_tokens and content_filter, and OpenAI documents this very mapping
+            # ("reach the context window limit or the max_output_tokens value you've set").
+            # The echoed max_output_tokens (null: no limit) tells the two apart.
             self.response["incomplete_details"] = {"reason": "max_output_tokens"}
         return events
 
@@ -164,9 +179,12 @@ class ResponseEvents:
         self.response["error"] = {"code": "server_error", "message": exc.message}
         kind = error_type(exc.kind)  # as the HTTP error body names it: server_error, ...
         fields = {"code": exc.code or kind, "message": exc.message, "param": exc.param}
+        payload = {"type": kind, **fields}
         if self.nested_errors:
-            return [self._event("error", error={"type": kind, **fields})]
-        return [self._event("error", **fields)]
+            return [self._event("error", error=payload)]
+        # SSE: OpenAI's fields at the top level (what its clients read) and, for Open
+        # Responses, the same again as an `error` object
+        return [self._event("error", **fields, error=payload)]
 
     def cancel(self) -> JSON:
         """The response of a client that left before it finished."""
