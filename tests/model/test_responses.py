@@ -196,7 +196,9 @@ def test_websocket_chains_within_and_across_connections(server, client):
         assert first[0]["type"] == "response.created"
         assert [e["sequence_number"] for e in first] == list(range(len(first)))
         error = ws_turn(ws, input="x", previous_response_id="resp_missing")
-        assert error == [{"type": "error", "status": 404, "error": error[0]["error"]}]
+        # the error event carries the connection's request id, as every error body does
+        assert error == [{"type": "error", "status": 404, "error": error[0]["error"],
+                          "request_id": ws.response.headers["X-Request-Id"]}]
         assert error[0]["error"]["code"] == "previous_response_not_found"
         second = ws_turn(ws, input="What is my name?",
                          previous_response_id=first[-1]["response"]["id"])
