@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 MODEL  ?= smollm2
 
-.PHONY: install system-deps serve lint test bench clean
+.PHONY: install system-deps serve lint test bench bench-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ test: install system-deps lint
 
 bench: install
 	$(PY) -m benchmarks.run_server_bench
+
+# Issue 19's workloads, lmserve against llama-server (built by install_peers.sh from the same
+# llama.cpp), in paired rounds: benchmarks/results/workloads-MODEL.{json,md,png}.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--workloads multiturn --rounds 3 --model gemma3-270m".
+bench-peers: install
+	benchmarks/peers/install_peers.sh
+	$(PY) -m benchmarks.workloads.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import json
 import os
 import platform
@@ -587,11 +588,16 @@ def _read_stream(http: httpx.Client, ident: str, deadline: float) -> tuple[int, 
 
 
 def kill9(workdir: Path, store: str = "sqlite", chains: int = 4, sessions: int = 2,
-          streams: int = 1, kill_after: int = 12, seed: int = 9) -> dict[str, Any]:
+          streams: int = 1, kill_after: int = 12, seed: int = 9,
+          lease_ttl: float | None = None) -> dict[str, Any]:
     """SIGKILL while Responses chains, oLLM sessions and native streams are written; after a
-    restart on the same store every acknowledged item is readable and every chain goes on."""
+    restart on the same store every acknowledged item is readable and every chain goes on.
+    `lease_ttl` (Redis): the store URL's option, how soon the restarted server counts the
+    killed one as gone and ends its open streams (None: the default, 15 s)."""
     with contextlib_redis(workdir, store == "redis") as redis:
         url = redis.url if redis else f"sqlite://{workdir / 'kill9.db'}"
+        if redis and lease_ttl is not None:
+            url += f"?lease_ttl={lease_ttl:g}"
         server = Lmserve((MODEL, *SMALL, "--parallel", "4", "--store", url), workdir)
         server.start()
         try:
@@ -892,11 +898,11 @@ BAD_CONFIGS = (  # (file name, content, what the message must name)
 )
 
 
-def corrupt_config(workdir: Path) -> dict[str, Any]:
+def corrupt_config(workdir: Path, workers: int = 4) -> dict[str, Any]:
     """Each bad config file stops `lmserve serve` at start with exit status 2 and a message
     naming the key or the line, before any port is bound."""
-    cases = []
-    for name, content, named in BAD_CONFIGS:
+    def start(case: tuple[str, str, str]) -> dict[str, Any]:
+        name, content, named = case
         path = workdir / name
         path.write_text(content)
         port = free_port()
@@ -909,8 +915,11 @@ def corrupt_config(workdir: Path) -> dict[str, Any]:
             message = (run.stderr.strip().splitlines() or [""])[-1]
         except subprocess.TimeoutExpired:
             rc, message = "hung", ""
-        cases.append({"file": name, "rc": rc, "message": message[:160],
-                      "names": named in message})
+        return {"file": name, "rc": rc, "message": message[:160], "names": named in message}
+
+    # Each start is a process of its own; a few at once (they only import and read a file).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        cases = list(pool.map(start, BAD_CONFIGS))
     statuses: list[int | str] = [c["rc"] for c in cases]
     return {"tried": len(cases), "statuses": tally(statuses), "5xx": 0, "lost": 0,
             "cases": cases, "ok": all(c["rc"] == 2 and c["names"] for c in cases)}

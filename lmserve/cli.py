@@ -52,7 +52,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(*option.flags, dest=option.key, help=option.help,
                            action="store_const", const=option.const)
             continue
-        convert: dict[str, Any] = {} if option.kind is str else {"type": option.kind}
+        convert: dict[str, Any] = {} if option.kind is str or option.flag_text \
+            else {"type": option.kind}
         p.add_argument(*option.flags, dest=option.key, help=option.help, metavar=option.metavar,
                        choices=option.choices, **convert)
     p.add_argument("--kv-split", action="store_true", default=None,

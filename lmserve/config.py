@@ -13,6 +13,7 @@ from typing import Any
 
 from lmserve.chat.media import MEDIA_KEYS, media_policy
 from lmserve.chat.overflow import OVERFLOW_POLICIES
+from lmserve.chat.response_schema import response_schema_text
 from lmserve.core.errors import LmserveError
 from lmserve.core.lora import parse_specs
 from lmserve.engine import hardware
@@ -97,6 +98,7 @@ class Option:
     minimum: int | None = None
     aliases: tuple[str, ...] = ()  # other key names (llama-cpp-python's config files, seed 003)
     const: Any = None  # a flag without a value that sets this (--no-mmap: False)
+    flag_text: bool = False  # the flag keeps its text; build() converts it and says why not
 
 
 ENGINE_OPTIONS: tuple[Option, ...] = (
@@ -113,6 +115,14 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("step_tokens", int, ("--batch", "-b"),
            "token budget per engine step: decode tokens + prompt chunks (default 512)",
            minimum=1, aliases=("n_batch", "batch")),
+    Option("mixed_prefill", int, ("--mixed-prefill",),
+           "prompt tokens one step computes while other sequences decode, so a long prompt "
+           "does not stall them (default 64; 0: the whole --batch budget)", metavar="N",
+           minimum=0),
+    Option("prefix_wait", int, ("--prefix-wait",),
+           "a request whose prompt shares at least N more tokens with a prompt still being "
+           "computed waits for it and copies the prefix (default 64; 0: never waits)",
+           metavar="N", minimum=0),
     Option("max_queue", int, ("--max-queue",),
            "requests waiting beyond --parallel before 429 (default 256)", minimum=1),
     Option("max_queued_tokens", int, ("--max-queued-tokens",),
@@ -140,12 +150,20 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("lookup_budget", int, ("--lookup-budget",),
            "most drafted tokens verified per engine step (default 16)"),
     Option("mmproj", str, ("--mmproj",),
-           "multimodal (vision) projector GGUF for the model (default: an mmproj-*.gguf in "
-           "the model file's folder, if there is one)", metavar="PATH",
+           "multimodal (vision) projector GGUF for the model (default: the mmproj GGUF of "
+           "the model file's folder that belongs to it: named after it, or alone with it)",
+           metavar="PATH",
            aliases=("mmproj_path",)),
     Option("media_cache_bytes", int, ("--media-cache-bytes",),
            "memory for encoded images, reused when the same image comes again (default "
-           "256 MiB)", minimum=0, aliases=("embedding_cache_max_bytes",)),
+           "256 MiB)", minimum=0),
+    Option("media_cache_dir", str, ("--media-cache-dir",),
+           "keep encoded images on disk here too, so a restarted server does not encode them "
+           "again (default: off)", metavar="DIR", aliases=("embedding_cache_path",)),
+    Option("media_cache_disk_bytes", ByteSize, ("--media-cache-disk-bytes",),
+           "most bytes of encoded images on disk, e.g. 500M or 2G (default 1G); least "
+           "recently used go first", metavar="SIZE", minimum=1,
+           aliases=("embedding_cache_max_bytes",)),
     Option("draft", draft_path, ("--draft",),
            "speculative decoding with a draft model: a smaller GGUF with the same vocabulary "
            "(a path, bundled name or hf://...) guesses tokens for every decoding sequence, "
@@ -154,6 +172,11 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("draft_max", int, ("--draft-max",),
            "most tokens the draft model guesses per sequence and step (default 8)",
            minimum=1),
+    Option("response_schema", response_schema_text, ("--response-schema",),
+           "parse the model's chat output with this JSON Schema (Hugging Face's x-regex "
+           "response parsing) into content, reasoning and tool calls, in place of the "
+           "built-in parsers: a JSON file, or inline JSON (default: none)", metavar="FILE",
+           flag_text=True),
     Option("context_overflow", str, ("--context-overflow",),
            "a chat that does not fit the context: refuse it (error, the default) or drop its "
            "oldest turns after the system prompt (truncate); requests may choose for "
@@ -229,9 +252,14 @@ def load_file(path: str) -> dict[str, Any]:
                 elif set(entry) <= _PLAIN_MODEL_KEYS:
                     flat.setdefault("models", []).append(_model_entry({"name": name, **entry}))
                 else:  # a model with settings of its own (lmserve.models.sections)
+                    if isinstance(entry.get("mtmd"), dict):
+                        entry = {**{k: v for k, v in entry.items() if k != "mtmd"},
+                                 **_mtmd_keys(entry["mtmd"])}
                     flat.setdefault("model_sections", []).append({"name": name, **entry})
         else:
             flat[key] = value
+    if isinstance(flat.get("mtmd"), dict):  # seed 003's model.mtmd table
+        flat.update(_mtmd_keys(flat.pop("mtmd")))
     if "path" in flat:  # seed 003 style: model.path (+ alias)
         ref = str(flat.pop("path"))
         alias = flat.pop("alias", None)
@@ -240,6 +268,17 @@ def load_file(path: str) -> dict[str, Any]:
 
 
 _PLAIN_MODEL_KEYS = {"name", "path", "model", "alias"}  # a model entry without settings
+
+
+def _mtmd_keys(table: dict[str, Any]) -> dict[str, Any]:
+    """Seed 003's `mtmd` table as flat keys: embedding_cache.path and .max_bytes become
+    embedding_cache_path and embedding_cache_max_bytes (the disk tier); the rest as named."""
+    flat = {k: v for k, v in table.items() if k != "embedding_cache"}
+    cache = table.get("embedding_cache") or {}
+    if not isinstance(cache, dict) or set(cache) - {"path", "max_bytes"}:
+        raise ValueError("mtmd.embedding_cache takes path and max_bytes")
+    flat.update({f"embedding_cache_{k}": v for k, v in cache.items()})
+    return flat
 
 
 def _model_section(entry: dict[str, Any], base: EngineSettings

@@ -23,10 +23,12 @@ from lmserve.chat.media import (
 )
 from lmserve.chat.overflow import TRUNCATION_NOTE, fit_chat
 from lmserve.chat.reasoning import detect_reasoning_tags
+from lmserve.chat.response_schema import ResponseSchema, schema_turn_parser
 from lmserve.chat.templates import ChatTemplate, TemplateError
 from lmserve.chat.toolparsers import marker_texts
 from lmserve.chat.tools import StreamParser
 from lmserve.chat.turn import (
+    forces_call,
     format_grammar,
     plan_turn,
     reasoning_grammar,
@@ -83,8 +85,10 @@ class Prompter:
     def __init__(self, name: str, vocab: Vocabulary, template: ChatTemplate | None, *,
                  n_ctx: int, media: MediaPolicy | None = None,
                  context_overflow: str = "error",
-                 projector: MediaTokenizer | None = None) -> None:
+                 projector: MediaTokenizer | None = None,
+                 response_schema: ResponseSchema | None = None) -> None:
         self.name = name
+        self.response_schema = response_schema  # parses the output in place of the built-ins
         self.vocab = vocab
         self.template = template
         self.n_ctx = n_ctx
@@ -151,8 +155,10 @@ class Prompter:
         text = self.render_chat(plan.messages, add_generation_prompt=request.add_generation_prompt,
                                 template_kwargs=template_kwargs(request), tools=plan.template_tools)
         grammar = reasoning_grammar(plan, self.reasoning_tags, text, request.reasoning)
-        markers = self.vocab.control_tokens(
-            marker_texts(plan.tool_format, self.reasoning_tags))
+        texts = marker_texts(plan.tool_format, self.reasoning_tags)
+        if self.response_schema is not None:
+            texts.update(self.response_schema.markers)
+        markers = self.vocab.control_tokens(texts)
         images = [image for message in plan.messages for image in _in_order(message)]
         if images and self.vision:
             tokens, media = self._tokenize_media(text, images)
@@ -189,14 +195,20 @@ class Prompter:
             path = local_file(image, self.media)
             with path.open("rb") as f:
                 return verified(f.read(self.media.max_bytes + 1), None, image, self.media).data
-        raise invalid(f"{image.param}: this server reads images for a model from inline data "
-                      "(base64 / data: URLs) or the media directory; fetching image URLs for "
-                      "a model is not built yet", param=image.param, code="invalid_image")
+        # http(s) URLs were downloaded and put inline before preparation (fetch_media); a
+        # caller that prepares without that step cannot take them.
+        raise invalid(f"{image.param}: image URLs are not taken here; send the image inline "
+                      "(base64 / data: URL)", param=image.param, code="invalid_image")
 
     def chat_parser(self, request: GenerationRequest, prepared: PreparedPrompt) -> StreamParser:
-        """A fresh parser for one choice: reasoning first, then tool calls."""
+        """A fresh parser for one choice: reasoning first, then tool calls (or the model's
+        response_schema, chat.response_schema)."""
+        if self.response_schema is not None:
+            return schema_turn_parser(self.response_schema, prepared.tool_format,
+                                      self.reasoning_tags, prepared.text,
+                                      parallel=request.parallel_tool_calls)
         return turn_parser(prepared.tool_format, self.reasoning_tags, prepared.text,
-                           parallel=request.parallel_tool_calls)
+                           parallel=request.parallel_tool_calls, forced=forces_call(request))
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         model = self.vocab
@@ -209,15 +221,16 @@ class Prompter:
         return tokens
 
     def check_context(self, n_prompt: int, max_tokens: int | None, *,
-                      truncating: bool = False) -> int:
-        """Validate prompt length against the context; returns the effective max_tokens."""
+                      truncating: bool = False, param: str = "messages") -> int:
+        """Validate prompt length against the context; returns the effective max_tokens.
+        `param`: the request field that holds the prompt (messages, or a completion's prompt)."""
         note = TRUNCATION_NOTE if truncating else ""
         if n_prompt == 0:
             raise invalid("the prompt is empty", param="prompt")
         if n_prompt >= self.n_ctx:
             raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                                f"this model's maximum context length is {self.n_ctx} tokens, "
-                               f"but the prompt has {n_prompt} tokens{note}", param="messages",
+                               f"but the prompt has {n_prompt} tokens{note}", param=param,
                                code="context_length_exceeded")
         if max_tokens is None:
             return self.n_ctx - n_prompt

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from lmserve.chat.media import MediaPolicy
+from lmserve.chat.media_load import MediaFetcher
 from lmserve.chat.reasoning import detect_reasoning_tags
+from lmserve.chat.response_schema import load_response_schema
 from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import StreamParser
 from lmserve.core import observe
@@ -68,7 +70,8 @@ log = logging.getLogger("lmserve.service")
 # The engine's cumulative step counters (engine.scheduler.StepStats) a card's stats carry.
 STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "preemptions",
                  "decode_failures", "draft_tokens", "accepted_tokens", "model_draft_tokens",
-                 "model_accepted_tokens", "media_chunks", "media_tokens", "media_cache_hits")
+                 "model_accepted_tokens", "media_chunks", "media_tokens", "media_cache_hits",
+                 "prefix_waits")
 
 
 def gpu_facts() -> tuple[bool, list[hardware.Device]]:
@@ -98,11 +101,18 @@ class EngineSettings:
     #                          of n_ctx cells; auto: split when that fits (engine.kv_layout)
     lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
-    mmproj: str | None = None  # vision projector GGUF; None: an mmproj-*.gguf beside the model
+    mixed_prefill: int = 64  # prompt tokens a step carries while others decode (0: no cap)
+    prefix_wait: int = 64  # wait for an in-flight prefix this much longer (0: never)
+    mmproj: str | None = None  # vision projector GGUF; None: the one found for the model, if any
     media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)
+    media_cache_dir: str | None = None  # and on disk here (engine.media_cache); None: not
+    media_cache_disk_bytes: int = 1 << 30  # the disk tier's bound (LRU files)
     draft: str | None = None  # a draft model's GGUF (resolved by config): draft-model speculation
     draft_max: int = 8  # most tokens the draft model guesses per sequence and step
     chat_template: str | None = None  # override source
+    # parses chat output into content, reasoning and tool calls in place of the built-in
+    # parsers: the schema's JSON text, checked (chat.response_schema)
+    response_schema: str | None = None
     loras: tuple[LoraSpec, ...] = ()  # LoRA adapters loaded with the model (core.lora)
     context_overflow: str = "error"  # a chat that does not fit: error | truncate
     media: MediaPolicy = MediaPolicy()  # image input: sizes, hosts, directory (chat.media)
@@ -153,6 +163,9 @@ class ModelService:
         self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
         self._draining = False
         self.projector: Projector | None = None  # the vision projector (mmproj), if loaded
+        self.found_mmproj: str | None = None  # a projector the library matched to the model
+        #                                       (models.projectors), used without settings.mmproj
+        self.media_fetcher = MediaFetcher()  # image URLs, downloaded before preparation
 
     # -- lifecycle --------------------------------------------------------------------------
     def load(self, loop: asyncio.AbstractEventLoop,
@@ -307,8 +320,9 @@ class ModelService:
                               step_tokens=max(s.step_tokens, s.parallel), sink=sink,
                               idle_tokens=idle_tokens, lookup_tokens=s.lookup,
                               lookup_budget=s.lookup_budget, packed=layout.split,
-                              drafter=drafter,
-                              pin_tokens=pin_tokens)
+                              drafter=drafter, pin_tokens=pin_tokens,
+                              mixed_prefill=s.mixed_prefill or None,
+                              prefix_wait=s.prefix_wait)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue,
                                    max_queued_tokens=s.max_queued_tokens, name=self.name)
@@ -351,6 +365,9 @@ class ModelService:
             if self.client.core.pool.disk is not None:
                 self.client.core.pool.disk.close()  # finish the queued writes
         self._close_draft()
+        self.media_fetcher.close()
+        if self.projector is not None:
+            self.projector.close_disk()  # finish the queued embedding writes
 
     def unload(self) -> None:
         """Blocking: stop the engine thread (nothing may run: the caller checks `busy`), free
@@ -426,8 +443,10 @@ class ModelService:
         settings object (the card is read several times a request; settings never change)."""
         s = self.settings
         if self._view is None or self._view[0] is not s:
-            view = {k: v for k, v in asdict(s).items() if k != "chat_template"}
+            view = {k: v for k, v in asdict(s).items()
+                    if k not in ("chat_template", "response_schema")}
             view["chat_template_override"] = s.chat_template is not None
+            view["response_schema"] = s.response_schema is not None
             self._view = (s, MappingProxyType(view), s.threads or default_threads())
         return self._view[1], self._view[2]
 
@@ -445,12 +464,17 @@ class ModelService:
             alive=client.alive, error=client.error, active_requests=client.active,
             running=len(core.running), waiting=len(core.waiting),
             prefix_cache_hits=core.pool.hits, prefix_cache_tokens=core.pool.reused_tokens,
-            counters={k: getattr(st, k) for k in STEP_COUNTERS},
+            counters={**{k: getattr(st, k) for k in STEP_COUNTERS}, **self._media_disk()},
             phases={p: getattr(st, p) for p in st.phases},
             last_step_sequences=st.last_step_sequences, disk_cache=disk_stats,
             adapter_steps={describe(a, self.settings.loras): n
                            for a, n in list(rotation.steps.items())} if self.settings.loras else {},
             adapter_switches=rotation.switches)
+
+    def _media_disk(self) -> dict[str, int]:
+        disk = self.projector.disk if self.projector is not None else None
+        return {"media_disk_hits": disk.stats.hits, "media_disk_writes": disk.stats.writes} \
+            if disk is not None else {}
 
     # -- prompts ----------------------------------------------------------------------------
     def require_ready(self) -> ModelCard:
@@ -475,10 +499,12 @@ class ModelService:
         p = self.prompter
         if p is None or p.vocab is not model or p.template is not self.template or \
                 p.n_ctx != self.n_ctx or p.media != s.media or \
-                p.context_overflow != s.context_overflow or p.projector is not self.projector:
+                p.context_overflow != s.context_overflow or p.projector is not self.projector \
+                or (p.response_schema and p.response_schema.source) != s.response_schema:
+            schema = load_response_schema(s.response_schema) if s.response_schema else None
             p = self.prompter = Prompter(self.name, model, self.template, n_ctx=self.n_ctx,
                                          media=s.media, context_overflow=s.context_overflow,
-                                         projector=self.projector)
+                                         projector=self.projector, response_schema=schema)
         return p
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
@@ -490,23 +516,25 @@ class ModelService:
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         return self._prompts().prepare(request)
 
+    async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
+        """Image URLs downloaded under the media policy, for a model with a vision projector
+        (without one, preparation refuses the images: nothing is fetched for nothing)."""
+        if not self.vision:
+            return request
+        return await self.media_fetcher.fetch_images(request, self.settings.media)
+
     @property
     def vision(self) -> bool:
         """Whether a vision projector (mmproj) is loaded."""
         return self.projector is not None and self.projector.vision
 
     def mmproj_path(self) -> str | None:
-        """The projector to load: --mmproj / mmproj_path, else the one mmproj-*.gguf beside
-        the model file (the first by name if there are several)."""
+        """The projector to load: --mmproj / mmproj_path, else the one the library found for
+        the model (models.projectors: one named after it, or the one beside it in a folder of
+        its own)."""
         if self.settings.mmproj:
             return os.path.expanduser(self.settings.mmproj)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            found = sorted(f for f in os.listdir(folder)
-                           if f.lower().startswith("mmproj") and f.lower().endswith(".gguf"))
-        except OSError:
-            return None
-        return os.path.join(folder, found[0]) if found else None
+        return self.found_mmproj
 
     def _load_projector(self) -> None:
         assert self.model is not None
@@ -515,10 +543,20 @@ class ModelService:
             return
         if not os.path.isfile(path):
             raise RuntimeError(f"the projector file {path!r} (--mmproj) does not exist")
-        self.projector = Projector(self.model, path,
-                                   n_threads=self.settings.threads or default_threads(),
-                                   use_gpu=self.placement.gpu_layers > 0,
-                                   cache_bytes=self.settings.media_cache_bytes)
+        try:
+            projector = Projector(self.model, path,
+                                  n_threads=self.settings.threads or default_threads(),
+                                  use_gpu=self.placement.gpu_layers > 0,
+                                  cache_bytes=self.settings.media_cache_bytes,
+                                  disk_dir=self.settings.media_cache_dir,
+                                  disk_bytes=self.settings.media_cache_disk_bytes)
+        except RuntimeError as exc:
+            if self.settings.mmproj:  # asked for: the load fails
+                raise
+            # found beside the model, not asked for: the model serves text only
+            log.warning("model %s: the projector found for it is not used: %s", self.name, exc)
+            return
+        self.projector = projector
         log.info("model %s: vision projector %s", self.name, path)
 
     @property
@@ -537,9 +575,10 @@ class ModelService:
         return self._prompts().tokenize(text, add_special=add_special)
 
     def check_context(self, n_prompt: int, max_tokens: int | None, *,
-                      truncating: bool = False) -> int:
+                      truncating: bool = False, param: str = "messages") -> int:
         """Validate prompt length against the context; returns the effective max_tokens."""
-        return self._prompts().check_context(n_prompt, max_tokens, truncating=truncating)
+        return self._prompts().check_context(n_prompt, max_tokens, truncating=truncating,
+                                             param=param)
 
     # -- generation -------------------------------------------------------------------------
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
@@ -565,8 +604,9 @@ class ModelService:
         """The engine-level start: raw step outputs, no parsing (the in-process benchmark)."""
         adapters = self.adapters(request.model, request.lora)
         prepared = prepared or self.prepare(request)
-        max_tokens = self.check_context(len(prepared.tokens), request.max_tokens,
-                                        truncating=prepared.truncating)
+        max_tokens = self.check_context(
+            len(prepared.tokens), request.max_tokens, truncating=prepared.truncating,
+            param="messages" if request.messages is not None else "prompt")
         if request.n > self.settings.parallel:
             raise invalid(f"n={request.n} is more than this server's parallel sequences "
                           f"({self.settings.parallel})", param="n")

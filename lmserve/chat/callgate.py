@@ -10,6 +10,10 @@ call starts.
 
 A later call of a function already called is held back until it is complete (it may be a
 repeat, which must never reach the client); any other call streams as it is parsed.
+
+Under a forced call (`forced`: the grammar allows nothing but calls, and reasoning where the
+model thinks first) output text can only be a call cut off before it could be read (a
+pythonic `[get_weather(city="Pa` at max_tokens), so it is dropped: it is never content.
 """
 
 from __future__ import annotations
@@ -18,13 +22,22 @@ import json
 from typing import Any
 
 from lmserve.chat.toolparsers import StreamParser
-from lmserve.core.events import ChatEvent, ToolCallDelta, ToolCallEnd, ToolCallStart
+from lmserve.core.events import (
+    CHANNEL_OUTPUT,
+    ChatEvent,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 
 
 class CallGate:
-    def __init__(self, inner: StreamParser, *, parallel: bool = True) -> None:
+    def __init__(self, inner: StreamParser, *, parallel: bool = True,
+                 forced: bool = False) -> None:
         self.inner = inner
         self.parallel = parallel
+        self.forced = forced
         self.done = False  # the turn is over: everything from here on is dropped
         self._names: dict[int, str] = {}  # a call's index -> its function
         self._made: dict[str, list[Any]] = {}  # name -> the arguments of its complete calls
@@ -43,6 +56,8 @@ class CallGate:
     def _gate(self, events: list[ChatEvent]) -> list[ChatEvent]:
         out: list[ChatEvent] = []
         for event in events:
+            if self.forced and isinstance(event, TextDelta) and event.channel == CHANNEL_OUTPUT:
+                continue
             if isinstance(event, ToolCallStart):
                 if not self.parallel and self._names:
                     self.done = True

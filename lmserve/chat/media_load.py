@@ -3,13 +3,17 @@ file from the media directory read, or a URL downloaded with httpx.
 
 A download has one deadline for the whole exchange (redirects included), stops reading as soon
 as the size limit is passed, and follows redirects by hand, so that every target passes the
-allow list. The server would load images only for a model with a vision projector, which
-lmserve cannot load yet.
+allow list. Prompt preparation is synchronous, so a model with a vision projector fetches a
+request's image URLs first (`MediaFetcher.fetch_images`, awaited by the dialect routes through
+the backend contract's `fetch_media`): each becomes inline data, checked as inline data is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import logging
 from pathlib import Path
 
 import httpx
@@ -18,6 +22,7 @@ from lmserve.chat.media import (
     LoadedImage,
     MediaPolicy,
     canonical_type,
+    check_images,
     check_remote_url,
     decode_inline,
     is_local,
@@ -27,8 +32,88 @@ from lmserve.chat.media import (
 )
 from lmserve.core.errors import LmserveError, invalid
 from lmserve.core.images import ImageInput
+from lmserve.core.request import ChatMessage, GenerationRequest
 
 MAX_REDIRECTS = 5
+log = logging.getLogger("lmserve.media")
+
+
+class MediaFetcher:
+    """Downloads a served model's image URLs with one pooled httpx client (keep-alive), made
+    on the event loop at the first download and closed with the model."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._transport = transport  # tests: an httpx.MockTransport
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._loop = asyncio.get_running_loop()
+            # No proxy from the environment, as for upstream models: the allow list names the
+            # hosts the server itself connects to.
+            self._client = httpx.AsyncClient(trust_env=False, transport=self._transport,
+                                             limits=httpx.Limits(max_connections=32))
+        return self._client
+
+    async def fetch_images(self, request: GenerationRequest, policy: MediaPolicy
+                           ) -> GenerationRequest:
+        """The request with each http(s) image URL downloaded and put inline (base64, the
+        type its bytes show), under the policy: the count and every URL are checked before
+        anything is fetched, then the downloads run together; the first refusal (in the
+        images' order) is the answer, and the other downloads are cancelled."""
+        messages = request.messages
+        if not messages or not any(i.remote for m in messages for i in m.images):
+            return request
+        check_images(messages, policy)  # count, hosts, inline data: 400s before any download
+        first: dict[str, ImageInput] = {}  # each URL is downloaded once
+        for message in messages:
+            for image in message.images:
+                if image.remote:
+                    first.setdefault(image.data, image)
+        client = self.client()
+        tasks: list[asyncio.Task[LoadedImage]] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(load_image(image, policy, client))
+                         for image in first.values()]
+        except BaseExceptionGroup:
+            for task in tasks:  # the first image that failed, in order
+                exc = None if task.cancelled() else task.exception()
+                if exc is not None:
+                    raise exc from None
+            raise
+        loaded = {url: task.result() for url, task in zip(first, tasks, strict=True)}
+        inline = {url: (base64.b64encode(image.data).decode(), image.media_type)
+                  for url, image in loaded.items()}
+        return dataclasses.replace(request, messages=[_replaced(m, inline) for m in messages])
+
+    def close(self) -> None:
+        """Close the pool, from any thread (the model is unloading or the server stops)."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None:
+            running.create_task(client.aclose())
+        elif self._loop is not None and self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(client.aclose(), self._loop).result(5)
+            except Exception:  # the loop is shutting down: the sockets close with it
+                log.debug("media client not closed cleanly", exc_info=True)
+
+
+def _replaced(message: ChatMessage, inline: dict[str, tuple[str, str]]) -> ChatMessage:
+    """The message with its downloaded images inline (each keeps its field name and place)."""
+    if not any(image.remote for image in message.images):
+        return message
+    return dataclasses.replace(message, images=tuple(
+        dataclasses.replace(image, source="base64", data=inline[image.data][0],
+                            media_type=inline[image.data][1]) if image.remote else image
+        for image in message.images))
 
 
 async def load_image(image: ImageInput, policy: MediaPolicy,

@@ -5,8 +5,10 @@ plan_turn() decides, from a GenerationRequest and the model's chat template:
 * how tools reach the model: through the template when it reads `tools` and lmserve knows the
   call format the model then writes; otherwise through the fallback prompt
   (lmserve.chat.tool_prompt), whose calls are read with the Hermes parser. A forced call
-  (tool_choice "required" or a named function) also uses the fallback prompt when the
-  model's own format is one no grammar is built for (only Hermes and Llama 3 JSON are).
+  (tool_choice "required" or a named function) is written in the model's own format
+  (Hermes, Llama 3 JSON, Mistral, pythonic, Gemma, harmony: chat.grammar.calls); only a
+  format no grammar is built for (tool_code), or a function name that format cannot spell,
+  goes through the fallback prompt.
 * which tool-call format to parse (None: tools are off, nothing is parsed as a call);
 * the grammar: a forced call (tool_call_grammar) or the response_format; both at once is
   refused. tool_choice "none" offers no tools and parses no calls.
@@ -30,7 +32,7 @@ from lmserve.chat.grammar import (
     tool_call_grammar,
 )
 from lmserve.chat.grammar.check import parse_gbnf
-from lmserve.chat.grammar.gbnf import char_class, literal
+from lmserve.chat.grammar.gbnf import literal, text_without
 from lmserve.chat.parsing import make_chat_parser
 from lmserve.chat.reasoning import generation_opens_reasoning
 from lmserve.chat.templates import ChatTemplate
@@ -45,12 +47,15 @@ from lmserve.core.events import ChatEvent
 from lmserve.core.request import ChatMessage, GenerationRequest, NamedTool, ResponseFormat
 
 __all__ = [
-    "CallGate", "TurnPlan", "format_grammar", "plan_turn", "reasoning_grammar",
-    "step_events", "template_kwargs", "turn_over", "turn_parser", "with_reasoning_room",
+    "CallGate", "TurnPlan", "forces_call", "format_grammar", "grammar_format", "plan_turn",
+    "reasoning_grammar", "step_events", "template_kwargs", "turn_over", "turn_parser",
+    "with_reasoning_room",
 ]
 
 # The model's own call format -> (grammar format, arguments key) for a forced call.
-_GRAMMAR_FORMATS = {"hermes": ("hermes", "arguments"), "llama3_json": ("json", "parameters")}
+_GRAMMAR_FORMATS = {"hermes": ("hermes", "arguments"), "llama3_json": ("json", "parameters"),
+                    "pythonic": ("pythonic", ""), "gemma": ("gemma", ""),
+                    "harmony": ("harmony", "")}
 _REASONING_RULE = "lmserve-reasoning"
 
 
@@ -63,22 +68,32 @@ class TurnPlan:
     client_grammar: bool = False  # the grammar is the client's raw GBNF, applied as written
 
 
+def forces_call(request: GenerationRequest) -> bool:
+    """tool_choice "required" or a named function: the output is the call(s) and nothing else."""
+    return request.tool_choice == "required" or isinstance(request.tool_choice, NamedTool)
+
+
 def plan_turn(request: GenerationRequest, template: ChatTemplate,
               model_metadata: Mapping[str, str] | None = None) -> TurnPlan:
     tools = [tool.as_template_dict() for tool in request.tools or []]
     choice = request.tool_choice
     forced_name = choice.name if isinstance(choice, NamedTool) else None
-    forced = choice == "required" or forced_name is not None
+    forced = forces_call(request)
     if forced and not tools:
         raise invalid("tool_choice asks for a tool call but no tools were given",
                       param="tool_choice")
     offered = tools if choice != "none" else []
     native = detect_tool_format(template.source, model_metadata) if template.supports_tools \
         else None
-    use_template = template.supports_tools and (not offered or _can_use(native, forced))
+    use_template = template.supports_tools and (not offered or native is not None)
+    grammar = None
+    if forced and use_template:  # in the model's own format, where lmserve can write it
+        grammar = _native_call_grammar(offered, native, template.source, forced_name,
+                                       request.parallel_tool_calls)
+        use_template = grammar is not None
     call_format = native if use_template else FALLBACK_TOOL_FORMAT
     tool_format = call_format if offered else None
-    if native == "harmony":
+    if native == "harmony" and use_template:
         tool_format = native  # its parser also splits the reasoning channel, tools or not
     messages = list(request.messages or [])
     if not use_template:
@@ -86,8 +101,9 @@ def plan_turn(request: GenerationRequest, template: ChatTemplate,
             messages, offered or None, tool_choice="required" if forced else "auto",
             function_name=forced_name, parallel=request.parallel_tool_calls,
             system_role=template.supports_system_role)
-    grammar = _forced_call_grammar(offered, call_format or FALLBACK_TOOL_FORMAT, forced_name,
-                                   request.parallel_tool_calls) if forced else None
+    if forced and grammar is None:
+        grammar = _forced_call_grammar(offered, FALLBACK_TOOL_FORMAT, forced_name,
+                                       request.parallel_tool_calls)
     if request.response_format is not None:
         if grammar is not None:
             raise invalid("response_format cannot be combined with a tool_choice that forces a "
@@ -97,15 +113,35 @@ def plan_turn(request: GenerationRequest, template: ChatTemplate,
                     client_grammar=getattr(request.response_format, "type", None) == "gbnf")
 
 
-def _can_use(native: str | None, forced: bool) -> bool:
-    """The template's own tool rendering works when lmserve parses the calls the model then
-    writes and, for a forced call, has a grammar for that format."""
-    return native is not None and (not forced or native in _GRAMMAR_FORMATS)
+def grammar_format(native: str | None, template_source: str | None) -> tuple[str, str] | None:
+    """The forcing grammar's format (and arguments key) for the calls a model writes, or None
+    where lmserve has no grammar for that format (a forced call then uses the fallback
+    prompt). Mistral's templates write `name[ARGS]{...}` calls from the v11 tokenizers on."""
+    if native == "mistral":
+        return ("mistral_args" if "[ARGS]" in (template_source or "") else "mistral",
+                "arguments")
+    return _GRAMMAR_FORMATS.get(native or "")
+
+
+def _native_call_grammar(tools: list[dict[str, Any]], native: str | None,
+                         template_source: str | None, function_name: str | None,
+                         parallel: bool) -> str | None:
+    """A forced call in the model's own format; None where none can be written (no grammar
+    for the format, or a name it cannot spell): the fallback prompt's grammar then forces it,
+    or refuses what no grammar can force."""
+    fmt = grammar_format(native, template_source)
+    if fmt is None:
+        return None
+    try:
+        return tool_call_grammar(tools, fmt=fmt[0], function_name=function_name,
+                                 parallel=parallel, arguments_key=fmt[1])
+    except GrammarError:
+        return None
 
 
 def _forced_call_grammar(tools: list[dict[str, Any]], call_format: str,
                          function_name: str | None, parallel: bool) -> str:
-    fmt, arguments_key = _GRAMMAR_FORMATS[call_format]
+    fmt, arguments_key = _GRAMMAR_FORMATS[call_format]  # (the fallback's: hermes)
     try:
         return tool_call_grammar(tools, fmt=fmt, function_name=function_name,
                                  parallel=parallel, arguments_key=arguments_key)
@@ -152,13 +188,13 @@ def reasoning_grammar(plan: TurnPlan, tags: tuple[str, str] | None, prompt: str,
 
 
 def turn_parser(tool_format: str | None, tags: tuple[str, str] | None, prompt: str | None, *,
-                parallel: bool = True) -> StreamParser:
+                parallel: bool = True, forced: bool = False) -> StreamParser:
     """The output parser of one choice: reasoning, then tool calls (chat.parsing)."""
     opens = tags is not None and prompt is not None and generation_opens_reasoning(prompt, tags)
     parser = make_chat_parser(tool_format=tool_format, reasoning_tags=tags,
                               starts_in_reasoning=opens)
     if tool_format is not None:  # no repeated call; with parallel off, one call
-        return CallGate(parser, parallel=parallel)
+        return CallGate(parser, parallel=parallel, forced=forced)
     return parser
 
 
@@ -182,18 +218,7 @@ def with_reasoning_room(grammar: str, tags: tuple[str, str], *, opened: bool) ->
     if not opened:
         reasoning = f"({literal(start)} {reasoning})?"
     return (f"root ::= {reasoning} ({head.removeprefix('root ::= ')})\n{rest}"
-            f"{_REASONING_RULE} ::= {_text_without(end)}\n")
-
-
-def _text_without(tag: str) -> str:
-    """Text in which `tag` never occurs: each piece is a proper prefix of the tag followed by
-    a character that neither continues it nor starts it again."""
-    pieces = []
-    for k in range(len(tag)):
-        stop = {tag[k], tag[0]}
-        prefix = literal(tag[:k]) + " " if k else ""
-        pieces.append(prefix + char_class([(c, c) for c in sorted(stop)], negated=True))
-    return "(" + " | ".join(pieces) + ")*"
+            f"{_REASONING_RULE} ::= {text_without(end)}\n")
 
 
 def turn_over(parser: StreamParser) -> bool:

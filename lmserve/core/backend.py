@@ -40,7 +40,7 @@ from lmserve.core.request import GenerationRequest
 __all__ = [
     "BackendGeneration", "ChoiceStep", "EngineStats", "Failed", "FinishReason", "Finished",
     "LoadState", "ModelBackend", "ModelCard", "PreparedPrompt", "Terminal", "UpstreamStats",
-    "WeightsFacts", "WrappedGeneration", "choice_step",
+    "WeightsFacts", "WrappedGeneration", "choice_step", "with_media",
 ]
 
 
@@ -153,6 +153,13 @@ def choice_step(out: TokenOutput, events: list[ChatEvent] | None = None) -> Choi
         end = Finished(FinishReason(out.finish_reason), out.usage or Usage(), out.stop_match)
     return ChoiceStep(out.index, out.text, events, out.token_ids, out.logprobs,
                       out.prompt_logprobs, end)
+
+
+async def with_media(backend: ModelBackend, request: GenerationRequest) -> GenerationRequest:
+    """The request ready for `backend.prepare`: its image URLs fetched, if it has any."""
+    if request.messages and any(image.remote for m in request.messages for image in m.images):
+        return await backend.fetch_media(request)
+    return request
 
 
 @dataclass
@@ -391,6 +398,13 @@ class ModelBackend(Protocol):
         ...
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt: ...
+
+    async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its image URLs downloaded and inline, under the model's media
+        policy (refusals are 400s naming the image's field); the request as it is where the
+        backend takes no images or passes URLs on. Preparation is synchronous, so routes
+        await this first (`with_media`)."""
+        ...
 
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
               parse: bool | None = None) -> BackendGeneration:

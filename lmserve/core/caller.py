@@ -1,6 +1,6 @@
 """Who is asking, for the engine's fair share: the caller of the request being served.
 
-The HTTP layer (lmserve.http.drain.CallerContext) sets it for each request from the API key's
+The HTTP layer (lmserve.http.callers.CallerContext) sets it for each request from the API key's
 name, or the client's address when the server has no keys; a backend reads it when a
 GenerationRequest names no caller of its own. Outside a request it is None: one shared class.
 """
@@ -10,7 +10,14 @@ from __future__ import annotations
 from contextvars import ContextVar
 
 CURRENT_CALLER: ContextVar[str | None] = ContextVar("lmserve_caller", default=None)
+# The name of the request's API key (None without keys): who owns what the request stores,
+# e.g. a stored response (only that key, or an admin key, may delete it).
+CURRENT_KEY: ContextVar[str | None] = ContextVar("lmserve_key", default=None)
 
 
 def current_caller() -> str | None:
     return CURRENT_CALLER.get()
+
+
+def current_key() -> str | None:
+    return CURRENT_KEY.get()

@@ -32,6 +32,11 @@ class ImageInput:
     def at(self, offset: int) -> ImageInput:
         return dataclasses.replace(self, offset=offset)
 
+    @property
+    def remote(self) -> bool:
+        """An http(s) URL: downloaded before the prompt is prepared (backend fetch_media)."""
+        return self.source == "url" and self.data[:5].lower() != "file:"
+
 
 def image_from_url(url: object, param: str, *, detail: object = None,
                    detail_param: str | None = None) -> ImageInput:

@@ -24,6 +24,7 @@ from lmserve.core.errors import invalid
 from lmserve.core.images import MEDIA_MARKER, MediaSpan
 from lmserve.core.request import SamplingParams
 from lmserve.engine import hardware
+from lmserve.engine.media_cache import EmbeddingDisk, projector_namespace
 
 log = logging.getLogger("lmserve.runner")
 
@@ -390,7 +391,8 @@ class Projector:
     embeddings into a sequence's KV (Context.decode_media)."""
 
     def __init__(self, model: Model, path: str, *, n_threads: int, use_gpu: bool,
-                 cache_bytes: int = 256 << 20) -> None:
+                 cache_bytes: int = 256 << 20, disk_dir: str | None = None,
+                 disk_bytes: int = 1 << 30) -> None:
         _init_backend()
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = use_gpu
@@ -405,6 +407,7 @@ class Projector:
                                f"another embedding width; its log above says which)")
         self.ptr = ptr
         self.path = path
+        self.disk: EmbeddingDisk | None = None
         self.model = model
         self.n_embd = model.info.n_embd
         self.vision = bool(mtmd.mtmd_support_vision(ptr))
@@ -414,6 +417,10 @@ class Projector:
             raise RuntimeError(f"{path!r} is a projector for M-RoPE models (Qwen2-VL and "
                                f"kin), whose image positions lmserve does not place yet")
         self.cache = EmbeddingCache(cache_bytes)
+        # The disk tier (--media-cache-dir): encoded images that outlive the process.
+        if disk_dir:
+            self.disk = EmbeddingDisk(disk_dir, projector_namespace(path, self.n_embd),
+                                      disk_bytes)
         self.encoded = 0  # images run through the encoder (cache misses)
 
     def tokenize(self, text: str, images: Sequence[tuple[bytes, str]], *, add_special: bool,
@@ -469,18 +476,31 @@ class Projector:
         cached = self.cache.get(span.key)
         if cached is not None:
             return cached, True
+        n_values = span.n_tokens * self.n_embd
+        stored = self.disk.get(span.key, n_values) if self.disk is not None else None
+        if stored is not None:
+            self.cache.put(span.key, stored)
+            return stored, True
         chunk = span.chunk
         assert isinstance(chunk, MediaChunk)
         status = mtmd.mtmd_encode_chunk(self.ptr, chunk.ptr)
         if status != 0:
             raise RuntimeError(f"the projector could not encode the image (status {status})")
         out = mtmd.mtmd_get_output_embd(self.ptr)
-        embd = np.ctypeslib.as_array(out, shape=(span.n_tokens * self.n_embd,)).copy()
+        embd = np.ctypeslib.as_array(out, shape=(n_values,)).copy()
         self.encoded += 1
         self.cache.put(span.key, embd)
+        if self.disk is not None:
+            self.disk.put(span.key, embd)  # written by the disk tier's own thread
         return embd, False
 
+    def close_disk(self) -> None:
+        """Finish the disk tier's queued writes (the server stops, or the model unloads)."""
+        if self.disk is not None:
+            self.disk.close()
+
     def close(self) -> None:
+        self.close_disk()
         if self.ptr:
             mtmd.mtmd_free(self.ptr)
             self.ptr = None

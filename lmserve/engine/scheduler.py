@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -30,6 +31,7 @@ from lmserve.engine.lookup import DraftLength, NgramIndex
 from lmserve.engine.lora import AdapterRotation, AdapterTarget
 from lmserve.engine.prefix_cache import KVMemory, SlotPool
 from lmserve.engine.sequence import EngineRequest, SamplerLike, SeqState, Sequence
+from lmserve.engine.token_prefix import common_prefix_len
 
 if TYPE_CHECKING:  # the drafter's module loads llama.cpp; the core runs without it
     from lmserve.engine.draft_model import ModelDrafter
@@ -93,6 +95,7 @@ class StepStats:
     media_chunks: int = 0  # images decoded into sequences' KV (own steps)
     media_tokens: int = 0  # the positions they filled
     media_cache_hits: int = 0  # of those images, the ones whose embeddings were cached
+    prefix_waits: int = 0  # requests held until a prefix another sequence computes was ready
     last_step_sequences: int = 0
     phases: tuple[str, ...] = field(default=("schedule", "draft", "batch_build", "decode",
                                               "sample", "detokenize"), repr=False)
@@ -103,8 +106,17 @@ class EngineCore(Generic[B]):
                  sink: Callable[[StepOutputs], None], idle_tokens: int | None = None,
                  lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False,
                  drafter: ModelDrafter[Any] | None = None,
-                 pin_tokens: int | None = None) -> None:
+                 pin_tokens: int | None = None, mixed_prefill: int | None = None,
+                 prefix_wait: int = 64) -> None:
         self.runner = runner
+        # While any sequence decodes, a step carries at most mixed_prefill prompt tokens (None:
+        # the whole step budget), so a long prompt cannot stall the decoders for a whole
+        # chunk; with nothing decoding, prompts get the whole budget.
+        self.mixed_prefill = mixed_prefill
+        # A waiting request whose prompt shares at least prefix_wait more tokens with a prompt
+        # still being computed than that computation has reached waits for it and then copies
+        # the prefix, instead of computing the same tokens alongside (0: never waits).
+        self.prefix_wait = prefix_wait
         # Prompt-lookup speculation: at most lookup_tokens drafted per sequence and
         # lookup_budget per step (0: off). Verifying a draft costs batch rows, so the step
         # budget keeps a full batch of decoders from paying for many guesses at once.
@@ -129,6 +141,8 @@ class EngineCore(Generic[B]):
         # preempted sequence would be readmitted at once and fail the next step again.
         self._kv_pressure = False
         self._draft_time = 0.0  # this step's drafting, counted apart from scheduling
+        # requests counted as waiting for an in-flight prefix (weak: an abort forgets them)
+        self._held: weakref.WeakSet[EngineRequest] = weakref.WeakSet()
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -214,10 +228,18 @@ class EngineCore(Generic[B]):
         self._kv_pressure = False
         i = 0  # the waiting sequences before i wait for a stored prefix to be read (deferred)
         deferred: EngineRequest | None = None
+        held: set[EngineRequest] = set()  # waiting for a prefix another sequence computes
         while i < len(self.waiting) and len(self.running) < self.max_running:
             seq = self.waiting[i]
-            if seq.request is deferred:
+            if seq.request is deferred or seq.request in held:
                 i += 1  # its n > 1 siblings wait with it
+                continue
+            if self._awaits_prefix(seq):
+                held.add(seq.request)  # admitted once the shared prefix is computed
+                if seq.request not in self._held:
+                    self._held.add(seq.request)
+                    self.stats.prefix_waits += 1
+                i += 1
                 continue
             siblings = self._unforked_siblings(seq)
             if len(self.running) + 1 + len(siblings) > self.max_running:
@@ -231,6 +253,7 @@ class EngineCore(Generic[B]):
                 deferred, i = seq.request, i + 1  # the ones behind it need not wait for the disk
                 continue
             del self.waiting[i]
+            self._held.discard(seq.request)
             first_admission = seq.sampler is None
             seq.slot, seq.n_computed = placement.slot, placement.n_reused
             if seq.request.media:  # reused KV never ends inside an image
@@ -258,6 +281,28 @@ class EngineCore(Generic[B]):
                 sib.state = SeqState.FORK_WAIT
                 self.running.append(sib)
 
+    def _awaits_prefix(self, seq: Sequence) -> bool:
+        """Whether `seq` should wait for a running sequence that is computing a prompt prefix
+        it shares: prefix_wait tokens or more of it still to compute, and no idle slot that
+        holds nearly as much of it already."""
+        if not self.prefix_wait or seq.request.media or seq.n_output:
+            return False
+        tokens = seq.tokens[: seq.reuse_limit]
+        adapters = seq.request.adapters
+        shared = 0
+        for other in self.running:
+            if other.n_computed >= other.n_prompt or other.slot is None \
+                    or other.slot.adapters != adapters:
+                continue
+            n = common_prefix_len(other.tokens[: other.n_prompt], tokens)
+            if n - other.n_computed >= self.prefix_wait:
+                shared = max(shared, n)
+        if not shared:
+            return False
+        return not any(not slot.busy and slot.adapters == adapters and
+                       common_prefix_len(slot.cached, tokens) + self.prefix_wait > shared
+                       for slot in self.pool.slots)
+
     @staticmethod
     def _unforked_siblings(seq: Sequence) -> list[Sequence]:
         if seq.index != 0 or seq.n_output:
@@ -275,6 +320,8 @@ class EngineCore(Generic[B]):
         decoding = [s for s in active if s.n_pending == 1]
         plan = [(s, 1) for s in decoding]
         budget = self.step_tokens - len(plan)
+        if decoding and self.mixed_prefill is not None:
+            budget = min(budget, self.mixed_prefill)
         for seq in active:
             if seq.n_pending > 1 and budget > 0:
                 n = min(seq.n_pending, budget)

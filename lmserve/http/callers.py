@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmserve.core.caller import CURRENT_CALLER
+from lmserve.core.caller import CURRENT_CALLER, CURRENT_KEY
 from lmserve.http.middleware import caller_of
 
 
@@ -23,7 +23,7 @@ def caller_name(scope: Scope) -> str | None:
 
 
 class CallerContext:
-    """Sets core.caller's current caller for the request's whole handling."""
+    """Sets core.caller's current caller and key name for the request's whole handling."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -33,7 +33,9 @@ class CallerContext:
             await self.app(scope, receive, send)
             return
         token = CURRENT_CALLER.set(caller_name(scope))
+        key = CURRENT_KEY.set(caller_of(scope).name)
         try:
             await self.app(scope, receive, send)
         finally:
+            CURRENT_KEY.reset(key)
             CURRENT_CALLER.reset(token)

@@ -151,6 +151,18 @@ def caller_is_admin(connection: HTTPConnection) -> bool:
     return caller_of(connection.scope).admin
 
 
+def require_owner(connection: HTTPConnection, owner: str | None, what: str, param: str
+                  ) -> None:
+    """Refuse (403 in the route's dialect) a caller that may not cancel or delete `what`:
+    a key other than `owner` (the name of the key that created it), unless an admin key.
+    Without keys every caller is an admin."""
+    caller = caller_of(connection.scope)
+    if not caller.admin and caller.name != owner:
+        raise LmserveError(ErrorKind.PERMISSION, f"{what} was created with another API key; "
+                           "only that key or an admin key may cancel or delete it",
+                           param=param, code="admin_key_required")
+
+
 def dialect_route(body: ErrorBody, *, public: bool = False) -> type[APIRoute]:
     """An APIRoute class whose errors come out as `body(error)` with the error's status. Its
     routes need an API key when the server has keys (checked by http.middleware, which
@@ -199,12 +211,20 @@ async def once_loaded(handler: Callable[[Request], Awaitable[Response]], request
     """Run the handler; when the model it asks for is not loaded (core.lifecycle.ModelLoading,
     raised before any response starts), wait for that model's load and run it again. The
     body was read once and is cached on the request."""
+    return await after_load(lambda: handler(request))
+
+
+async def after_load(call: Callable[[], Awaitable[T]],
+                     waiting: Callable[[Awaitable[None]], Awaitable[None]] | None = None) -> T:
+    """Run `call`; while the model it asks for is loading (core.lifecycle.ModelLoading, raised
+    before it did anything), wait for the load and run it again. `waiting(wait)` awaits the
+    wait in the caller's way (a WebSocket's: unless its client leaves first)."""
     for _ in range(LOAD_ATTEMPTS - 1):
         try:
-            return await handler(request)
-        except ModelLoading as loading:
-            await loading.wait()  # the load's failure, or its timeout, is the answer
-    return await handler(request)
+            return await call()
+        except ModelLoading as loading:  # the load's failure, or its timeout, is the answer
+            await (waiting(loading.wait()) if waiting is not None else loading.wait())
+    return await call()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmserve.engine import kv_layout
+from lmserve.models import projectors as projectors_of
 from lmserve.models.gguf_header import GGUFError, GGUFHeader, read_header
 
 log = logging.getLogger("lmserve.models")
@@ -50,6 +51,7 @@ class LibraryEntry:
     n_ctx: int | None = None  # a context the source asks for (Ollama's num_ctx)
     system: str | None = None  # a default system prompt (Ollama's system layer)
     files: tuple[str, ...] = ()  # every file of a sharded model
+    mmproj: str | None = None  # the vision projector found for it (models.projectors)
 
     @property
     def key(self) -> str:
@@ -88,29 +90,66 @@ def _inspect(name: str, path: str, source: str, aliases: Iterable[str], files: l
                         modified=stat.st_mtime)
 
 
-def _ggufs(root: Path) -> list[tuple[str, Path, list[Path], str | None]]:
-    """(stem, first file, every file, what is missing) for each model under `root`: a shard
-    set is one model, mmproj-* (vision projectors) are not models."""
-    singles: list[tuple[str, Path, list[Path], str | None]] = []
-    sets: dict[tuple[Path, str, int], dict[int, Path]] = {}
+Found = tuple[str, Path, list[Path], str | None, Path | None]
+
+
+def _ggufs(root: Path, *, one_model: bool = False) -> list[Found]:
+    """(stem, first file, every file, what is missing, its vision projector) for each model
+    under `root`: a shard set is one model; *mmproj* files are projectors, not models, given
+    to the models of their folder they belong to (models.projectors; `one_model`: the files
+    are one model's quantizations)."""
+    found: list[Found] = []
     for dirpath, _dirs, files in os.walk(root, followlinks=True):
-        for file in sorted(files):
-            if not file.lower().endswith(".gguf") or file.lower().startswith("mmproj"):
-                continue
-            path = Path(dirpath) / file
-            shard = _SHARD.match(file)
-            if shard:
-                key = (Path(dirpath), shard["base"], int(shard["count"]))
-                sets.setdefault(key, {})[int(shard["index"])] = path
-            else:
-                singles.append((path.stem, path, [path], None))
-    for (directory, base, count), found in sets.items():
-        absent = [i for i in range(1, count + 1) if i not in found]
-        first = found.get(1) or directory / f"{base}-00001-of-{count:05d}.gguf"
+        folder = _folder(Path(dirpath), sorted(files))
+        projectors = [Path(dirpath) / f for f in files if projectors_of.is_projector(f)]
+        chosen, stray = projectors_of.match([stem for stem, *_ in folder], projectors,
+                                            one_model=one_model)
+        projectors_of.report_unattached(stray)
+        found += [(*model, projector) for model, projector in zip(folder, chosen, strict=True)]
+    return sorted(found, key=lambda item: str(item[1]))
+
+
+def _folder(directory: Path, files: list[str]) -> list[tuple[str, Path, list[Path], str | None]]:
+    """The models of one folder's files (a shard set is one model)."""
+    singles: list[tuple[str, Path, list[Path], str | None]] = []
+    sets: dict[tuple[str, int], dict[int, Path]] = {}
+    for file in files:
+        if not file.lower().endswith(".gguf") or projectors_of.is_projector(file):
+            continue
+        path = directory / file
+        shard = _SHARD.match(file)
+        if shard:
+            sets.setdefault((shard["base"], int(shard["count"])), {})[int(shard["index"])] = path
+        else:
+            singles.append((path.stem, path, [path], None))
+    for (base, count), parts in sets.items():
+        absent = [i for i in range(1, count + 1) if i not in parts]
+        first = parts.get(1) or directory / f"{base}-00001-of-{count:05d}.gguf"
         missing = (f"{base}: shard(s) {', '.join(map(str, absent))} of {count} missing"
                    if absent else None)
-        singles.append((base, first, [found[i] for i in sorted(found)], missing))
-    return sorted(singles, key=lambda item: str(item[1]))
+        singles.append((base, first, [parts[i] for i in sorted(parts)], missing))
+    return singles
+
+
+def projector_for(model_path: str) -> str | None:
+    """The vision projector of a model given by its path (on the command line, in a model's
+    section, an app's model): the projector of its folder that belongs to it, if any."""
+    path = Path(os.path.abspath(os.path.expanduser(model_path)))
+    try:
+        files = sorted(os.listdir(path.parent))
+    except OSError:
+        return None
+    projectors = [path.parent / f for f in files if projectors_of.is_projector(f)]
+    if not projectors:
+        return None
+    stems = [stem for stem, *_ in _folder(path.parent, files)]
+    shard = _SHARD.match(path.name)
+    own = shard["base"] if shard else path.stem
+    if own not in stems:  # a file not named .gguf (an Ollama blob given by its path)
+        stems.append(own)
+    chosen, _ = projectors_of.match(stems, projectors)
+    found = chosen[stems.index(own)]
+    return str(found) if found is not None else None
 
 
 def scan_dir(directory: str) -> list[LibraryEntry]:
@@ -120,9 +159,10 @@ def scan_dir(directory: str) -> list[LibraryEntry]:
     if not root.is_dir():
         raise ValueError(f"--models-dir {directory}: not a directory")
     entries = []
-    for stem, first, files, missing in _ggufs(root):
-        entries.append(inspect(stem.lower(), str(first), "dir",
-                               shards=[str(f) for f in files], missing=missing))
+    for stem, first, files, missing, projector in _ggufs(root):
+        entry = inspect(stem.lower(), str(first), "dir", shards=[str(f) for f in files],
+                        missing=missing)
+        entries.append(replace(entry, mmproj=str(projector) if projector else None))
     return entries
 
 
@@ -147,10 +187,11 @@ def scan_hf_cache(root: Path | None = None) -> list[LibraryEntry]:
         snapshot = _snapshot(repo_dir)
         if snapshot is None:
             continue
-        for stem, first, files, missing in _ggufs(snapshot):
-            entries.append(inspect(f"{repo_id}:{stem}", str(first), "huggingface",
-                                   aliases=[stem.lower()], shards=[str(f) for f in files],
-                                   missing=missing))
+        for stem, first, files, missing, projector in _ggufs(snapshot, one_model=True):
+            entry = inspect(f"{repo_id}:{stem}", str(first), "huggingface",
+                            aliases=[stem.lower()], shards=[str(f) for f in files],
+                            missing=missing)
+            entries.append(replace(entry, mmproj=str(projector) if projector else None))
     return entries
 
 
@@ -173,8 +214,9 @@ def ollama_dir() -> Path:
 def scan_ollama(root: Path | None = None) -> list[LibraryEntry]:
     """Ollama's store: each manifest under manifests/HOST/NAMESPACE/MODEL/TAG names its layers;
     the model layer's blob is the GGUF, the params and system layers become the model's
-    defaults. Named as Ollama names them: `smollm2:135m` (library models of Ollama's own
-    registry), `NAMESPACE/MODEL:TAG`, or `HOST/NAMESPACE/MODEL:TAG`."""
+    defaults, a projector layer its vision projector. Named as Ollama names them:
+    `smollm2:135m` (library models of Ollama's own registry), `NAMESPACE/MODEL:TAG`, or
+    `HOST/NAMESPACE/MODEL:TAG`."""
     root = root or ollama_dir()
     manifests = root / "manifests"
     entries: list[LibraryEntry] = []
@@ -228,7 +270,14 @@ def _ollama_entry(root: Path, manifest: Path, name: str, aliases: list[str]) -> 
             log.warning("%s: Ollama system layer unreadable: %s", name, exc)
     if "template" in by_type:  # a Go template: lmserve renders the GGUF's own Jinja template
         log.debug("%s: Ollama's Go template is not used; the GGUF's template is", name)
-    return replace(entry, defaults=defaults, n_ctx=n_ctx, system=system)
+    mmproj = None
+    if "projector" in by_type:  # the model's vision projector, a layer of its own
+        blob = _blob(root, by_type["projector"])
+        if blob.is_file():
+            mmproj = str(blob)
+        else:
+            log.warning("%s: Ollama projector layer %s is missing", name, blob)
+    return replace(entry, defaults=defaults, n_ctx=n_ctx, system=system, mmproj=mmproj)
 
 
 def _blob(root: Path, digest: str) -> Path:

@@ -64,6 +64,7 @@ class ManagedModel:
         self.aliases = entry.aliases
         self.settings = settings
         self.service = ModelService(entry.name, entry.path, settings, aliases=entry.aliases)
+        self.service.found_mmproj = entry.mmproj
         self.manager = manager
         self.keep_alive = keep_alive  # seconds after the last request; < 0: never; None: default
         self.at_start = at_start  # loaded when the server starts
@@ -237,6 +238,9 @@ class ManagedModel:
                                                  *request.messages])
         return service.prepare(request)
 
+    async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
+        return await self._loaded().fetch_media(request)
+
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
               parse: bool | None = None) -> BackendGeneration:
         service = self._loaded()
@@ -291,13 +295,19 @@ class ManagedModel:
         if not self.busy:
             self._ended()
 
+    def attach_projector(self, path: str) -> None:
+        """The vision projector the library found for this model's file (under another of
+        its names), loaded with the model from its next load."""
+        self.entry = replace(self.entry, mmproj=path)
+        self.service.found_mmproj = path
+
     def refresh(self) -> None:
         """Read the file's header again (reload: the file changed, or was fixed)."""
         entry = self.entry
         fresh = inspect(entry.name, entry.path, entry.source, aliases=entry.aliases,
                         shards=entry.files)
         self.entry = replace(fresh, defaults=entry.defaults, n_ctx=entry.n_ctx,
-                             system=entry.system)
+                             system=entry.system, mmproj=entry.mmproj)
         if self.service.state == "failed":
             self.service.state, self.service.error = "pending", None
 

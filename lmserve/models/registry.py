@@ -13,7 +13,7 @@ from lmserve.core import observe
 from lmserve.core.backend import LoadState, ModelBackend
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.engine.hardware import Device
-from lmserve.models.library import LibraryEntry
+from lmserve.models.library import LibraryEntry, projector_for
 from lmserve.models.managed import LoadManager, ManagedModel
 from lmserve.service import EngineSettings, ModelService, gpu_facts
 
@@ -34,8 +34,10 @@ class ModelRegistry:
     def add(self, name: str, path: str, settings: EngineSettings,
             aliases: Iterable[str] = ()) -> ModelBackend:
         """Register a model; the same file registered twice shares one loaded engine."""
-        service = self._by_path.get(path) or ModelService(name, path, settings,
-                                                          aliases=tuple(aliases))
+        service = self._by_path.get(path)
+        if service is None:
+            service = ModelService(name, path, settings, aliases=tuple(aliases))
+            service.found_mmproj = projector_for(path)
         return self.add_backend(service, name, path, aliases)
 
     def add_managed(self, entry: LibraryEntry, settings: EngineSettings, *,
@@ -45,6 +47,8 @@ class ModelRegistry:
         and unloads when idle; a file already registered gets this entry's names too."""
         existing = self._by_path.get(entry.key)
         if existing is not None:
+            if isinstance(existing, ManagedModel) and entry.mmproj and not existing.entry.mmproj:
+                existing.attach_projector(entry.mmproj)  # found for another name of the file
             return self.add_backend(existing, entry.name, entry.key, entry.aliases)
         model = ManagedModel(entry, settings, self.manager, keep_alive=keep_alive,
                              at_start=at_start, defaults=defaults)

@@ -14,6 +14,7 @@ from lmserve.models.library import (
     LibrarySettings,
     discover,
     inspect,
+    projector_for,
     scan_dir,
     unique_names,
 )
@@ -51,7 +52,8 @@ def fill(registry: ModelRegistry, start: Sequence[StartModel], library: LibraryS
                          "loaded at start")
     manager.max_loaded = library.max_loaded or max(DEFAULT_MAX_LOADED, at_start)
     for model in start:
-        entry = inspect(model.name, model.path, "cli", aliases=model.aliases)
+        entry = replace(inspect(model.name, model.path, "cli", aliases=model.aliases),
+                        mmproj=projector_for(model.path))
         registry.add_managed(entry, model.settings, keep_alive=model.keep_alive,
                              at_start=model.at_start, defaults=model.defaults)
     found: list[LibraryEntry] = []

@@ -5,6 +5,8 @@
   sqlite:///abs/path.db         that file; sqlite://rel/path.db is relative to the working dir
      ?synchronous=normal|full|extra   (normal: survives SIGKILL; full: also a power cut)
   redis://[:password@]host:port/db, rediss://..., unix:///path.sock   shared by several replicas
+     ?lease_ttl=SECONDS   (default 15: how soon a replica that stopped refreshing its lease
+                          counts as gone, and its native streams are ended by the others)
 """
 
 from __future__ import annotations

@@ -154,6 +154,8 @@ class ResponseRecord:
     the previous response's `conversation()` followed by this request's own input items. A
     record therefore never needs its ancestors, so deleting or evicting a response breaks no
     response that chains from it. Items should carry an "id" (the pagination cursor).
+    `owner`: the name of the API key that created it (None without keys); only that key or
+    an admin key may delete it.
     """
 
     id: str
@@ -163,6 +165,7 @@ class ResponseRecord:
     response: JSON
     previous_response_id: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    owner: str | None = None
 
     def conversation(self) -> list[JSON]:
         """The input of a follow-up request: this record's input, then its output items."""
@@ -171,7 +174,8 @@ class ResponseRecord:
     def to_json(self) -> JSON:
         return {"id": self.id, "created_at": self.created_at, "model": self.model,
                 "input_items": self.input_items, "response": self.response,
-                "previous_response_id": self.previous_response_id, "metadata": self.metadata}
+                "previous_response_id": self.previous_response_id, "metadata": self.metadata,
+                "owner": self.owner}
 
     @classmethod
     def from_json(cls, data: JSON) -> ResponseRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lmserve.stores.base import ResponseStore, SessionStore, Store
-from lmserve.stores.cluster import RedisCluster
+from lmserve.stores.cluster import LEASE_REFRESH, LEASE_TTL, RedisCluster
 from lmserve.stores.records import (
     JSON,
     Clock,
@@ -162,11 +162,31 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
+def lease_option(url: str) -> tuple[str, float]:
+    """The URL without lmserve's own `lease_ttl=SECONDS` option (how soon the replicas sharing
+    the store count a silent replica as gone; default LEASE_TTL), and that option's value."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    given = [value for key, value in pairs if key == "lease_ttl"]
+    if not given:
+        return url, LEASE_TTL
+    try:
+        ttl = float(given[-1])
+    except ValueError:
+        ttl = float("nan")
+    if not 1.0 <= ttl <= 3600.0:
+        raise ValueError(f"the Redis store option lease_ttl={given[-1]!r} must be a number of "
+                         "seconds from 1 to 3600")
+    rest = urlencode([(key, value) for key, value in pairs if key != "lease_ttl"])
+    return urlunsplit(parts._replace(query=rest)), ttl
+
+
 async def open_redis(url: str, retention: RetentionPolicy, clock: Clock, *,
                      prefix: str = "lmserve:", poll_interval: float = 0.5) -> Store:
     # A pooled connection left from before a Redis restart fails on its next command; retried
     # on a fresh connection, so lmserve recovers at once. While Redis is down, the two quick
     # retries keep the 503 prompt.
+    url, lease_ttl = lease_option(url)
     client = Redis.from_url(url, decode_responses=True,
                             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
                             retry_on_error=[RedisConnectionError, RedisTimeoutError])
@@ -184,4 +204,5 @@ async def open_redis(url: str, retention: RetentionPolicy, clock: Clock, *,
     return Store("redis", f"{redacted(url)} prefix={prefix!r}", streams=streams,
                  responses=RedisResponses(client, prefix, retention.responses, clock),
                  sessions=RedisSessions(client, prefix, retention.sessions, clock), closer=close,
-                 cluster=RedisCluster(client, prefix))
+                 cluster=RedisCluster(client, prefix, lease_ttl=lease_ttl,
+                                      lease_refresh=min(LEASE_REFRESH, lease_ttl / 5)))

@@ -93,5 +93,10 @@ def item_rows(response_id: str, items: list[Any]) -> list[tuple[str, int, str | 
     return rows
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_input_items_table)
+def _v3_response_owner(conn: sqlite3.Connection) -> None:
+    """The name of the API key that created a response (NULL: none, or stored before)."""
+    conn.execute("ALTER TABLE responses ADD COLUMN owner TEXT")
+
+
+MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_input_items_table, _v3_response_owner)
 LATEST = len(MIGRATIONS)

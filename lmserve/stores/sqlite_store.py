@@ -43,19 +43,20 @@ class SqliteResponses(ResponseStore):
         check_id(record.id, "response")
         now = self._clock()
         fields = (record.created_at, record.model, record.previous_response_id,
-                  dumps(record.response), dumps(record.metadata))
+                  dumps(record.response), dumps(record.metadata), record.owner)
         items = item_rows(record.id, record.input_items)
 
         def upsert(conn: sqlite3.Connection) -> None:
             if is_live(conn, "responses", record.id, now):
                 conn.execute("UPDATE responses SET created_at = ?, model = ?, "
-                             "previous_response_id = ?, response = ?, metadata = ? WHERE id = ?",
-                             (*fields, record.id))
+                             "previous_response_id = ?, response = ?, metadata = ?, owner = ? "
+                             "WHERE id = ?", (*fields, record.id))
                 conn.execute("DELETE FROM response_items WHERE response_id = ?", (record.id,))
             else:
                 conn.execute("DELETE FROM responses WHERE id = ?", (record.id,))
                 conn.execute("INSERT INTO responses (created_at, model, previous_response_id, "
-                             "response, metadata, id, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             "response, metadata, owner, id, expires_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (*fields, record.id, self._retention.expires_at(now)))
             conn.executemany("INSERT INTO response_items VALUES (?, ?, ?, ?)", items)
             evict(conn, "responses", "seq", now, self._retention.max_entries)
@@ -67,15 +68,15 @@ class SqliteResponses(ResponseStore):
 
         def select(conn: sqlite3.Connection) -> ResponseRecord | None:
             row = conn.execute(
-                "SELECT id, created_at, model, previous_response_id, response, metadata "
-                f"FROM responses WHERE id = ? AND {LIVE}", (response_id, now)).fetchone()
+                "SELECT id, created_at, model, previous_response_id, response, metadata, "
+                f"owner FROM responses WHERE id = ? AND {LIVE}", (response_id, now)).fetchone()
             if row is None:
                 return None
             items = conn.execute("SELECT item FROM response_items WHERE response_id = ? "
                                  "ORDER BY position", (response_id,))
             return ResponseRecord(id=row[0], created_at=row[1], model=row[2],
                                   previous_response_id=row[3], response=json.loads(row[4]),
-                                  metadata=json.loads(row[5]),
+                                  metadata=json.loads(row[5]), owner=row[6],
                                   input_items=[json.loads(item) for (item,) in items])
 
         return await self._db.read(select)

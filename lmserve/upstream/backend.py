@@ -42,7 +42,7 @@ from lmserve.core.errors import ErrorKind, LmserveError, draining_error, invalid
 from lmserve.core.events import Usage
 from lmserve.core.lora import AdapterSet, LoraSelection
 from lmserve.core.observe import RequestTiming, note_generation
-from lmserve.core.quota import metered
+from lmserve.core.quota import charge_tokens, metered
 from lmserve.core.request import GenerationRequest
 from lmserve.upstream import wire
 
@@ -287,6 +287,10 @@ class UpstreamBackend:
         text = request.prompt if request.messages is None else None
         return PreparedPrompt(tokens, text)
 
+    async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
+        """Image URLs are passed on: the upstream fetches them under its own policy."""
+        return request
+
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Through the upstream's /tokenize (llama-server, vLLM); a blocking call."""
         self.require_ready()
@@ -437,15 +441,27 @@ class UpstreamBackend:
             raise wire.error_from_response(response.status_code, response.content,
                                            response.headers)
         try:
-            data = sorted(response.json()["data"], key=lambda d: d.get("index", 0))
+            answer = response.json()
+            data = sorted(answer["data"], key=lambda d: d.get("index", 0))
             vectors = [np.asarray(d["embedding"], dtype=np.float32) for d in data]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             raise LmserveError(ErrorKind.UPSTREAM, "the upstream's /embeddings answer has no "
                                "float vectors") from None
         if len(vectors) != len(items):
             raise LmserveError(ErrorKind.UPSTREAM, f"the upstream returned {len(vectors)} "
                                f"embeddings for {len(items)} inputs")
+        charge_tokens(_embedded_tokens(answer, items))  # the key's tokens a minute
         return vectors
+
+
+def _embedded_tokens(answer: Any, items: Sequence[Any]) -> int:
+    """The input tokens of an embeddings exchange: the upstream's usage.prompt_tokens when it
+    reports them, else the token ids sent (text it did not count cannot be counted here)."""
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+        return reported
+    return sum(len(item) for item in items if isinstance(item, list))
 
 
 def connection_error(exc: httpx.HTTPError, url: str) -> LmserveError:

@@ -20,11 +20,12 @@ import pytest
 
 from tests.model.conftest import Server, free_port, stop_server
 
-USER, LIMITED, ADMIN, NEW = ("sk-user-3f9a1c77", "sk-limited-8b2d4e51", "sk-admin-51c0ffee",
-                             "sk-new-77aa12bc")
+USER, LIMITED, ADMIN, NEW, OTHER = ("sk-user-3f9a1c77", "sk-limited-8b2d4e51",
+                                    "sk-admin-51c0ffee", "sk-new-77aa12bc", "sk-other-0d9e4a2b")
 KEYS = (f"{USER} name=user rpm=1000 tpm=1000000 max_tokens=16\n"
         f"{LIMITED} name=limited rpm=1\n"
-        f"{ADMIN} name=ops admin\n")
+        f"{ADMIN} name=ops admin\n"
+        f"{OTHER} name=other\n")
 
 
 def _certificate(tmp: Path) -> tuple[Path, Path]:
@@ -136,6 +137,63 @@ def test_a_chunked_body_over_the_limit_gets_413(tls_server: TlsServer) -> None:
         assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
 
 
+NATIVE = "/models/smollm2/"
+
+
+def _stream_events(http: httpx.Client, ident: str) -> list[tuple[str, dict]]:
+    events, name = [], ""
+    with http.stream("GET", f"{NATIVE}stream/{ident}/") as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
+def test_only_the_key_that_started_a_native_stream_or_an_admin_may_cancel_it(
+        tls_server: TlsServer) -> None:
+    body = {"prompt": "Count to twenty.", "params": {"max_tokens": 12, "temperature": 0}}
+    with tls_server.client(USER) as user, tls_server.client(OTHER) as other, \
+            tls_server.client(ADMIN) as admin:
+        ident = user.post(f"{NATIVE}stream/", json=body).json()["id"]
+        refused = other.delete(f"{NATIVE}stream/{ident}/")
+        assert refused.status_code == 403, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "permission" and error["code"] == "admin_key_required"
+        assert error["param"] == "stream_id" and OTHER not in refused.text
+        events = _stream_events(other, ident)  # any key reads it: the refusal cancelled nothing
+        assert events[-1][0] == "message.stop"
+        assert events[-1][1]["stop_reason"] in ("stop", "max_tokens"), events[-1]
+        mine = user.delete(f"{NATIVE}stream/{ident}/")
+        assert mine.status_code == 200 and mine.json() == {"id": ident, "cancelled": False}
+        ident = other.post(f"{NATIVE}stream/", json=body).json()["id"]
+        ops = admin.delete(f"{NATIVE}stream/{ident}/")
+        assert ops.status_code == 200 and ops.json()["id"] == ident, ops.text
+
+
+def test_only_the_key_that_stored_a_response_or_an_admin_may_delete_it(
+        tls_server: TlsServer) -> None:
+    body = {"model": "smollm2", "input": "Say hi.", "max_output_tokens": 2, "store": True}
+    with tls_server.client(USER) as user, tls_server.client(OTHER) as other, \
+            tls_server.client(ADMIN) as admin:
+        ident = user.post("/v1/responses", json=body).json()["id"]
+        refused = other.delete(f"/v1/responses/{ident}")
+        assert refused.status_code == 403, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "permission_error" and error["code"] == "admin_key_required"
+        assert error["param"] == "response_id"
+        assert user.get(f"/v1/responses/{ident}").status_code == 200  # not deleted
+        assert other.delete("/v1/responses/resp_unknown").status_code == 404
+        mine = user.delete(f"/v1/responses/{ident}")
+        assert mine.status_code == 200 and mine.json()["deleted"] is True, mine.text
+        assert user.get(f"/v1/responses/{ident}").status_code == 404
+        ident = other.post("/v1/responses", json=body).json()["id"]
+        ops = admin.delete(f"/v1/responses/{ident}")
+        assert ops.status_code == 200 and ops.json()["deleted"] is True, ops.text
+
+
 def _works(server: TlsServer, key: str) -> bool:
     with server.client(key) as http:
         return http.get("/v1/models").status_code == 200
@@ -184,5 +242,5 @@ def test_no_key_appears_in_info_routes_metrics_or_the_log(tls_server: TlsServer)
     assert set(info["api_key_names"]) >= {"user", "limited", "ops"}
     texts["log"] = Path(tls_server.log_path).read_text(encoding="utf-8", errors="replace")
     for where, text in texts.items():
-        for key in (USER, LIMITED, ADMIN, NEW, "sk-wrong-guess"):
+        for key in (USER, LIMITED, ADMIN, NEW, OTHER, "sk-wrong-guess"):
             assert key not in text, f"{key} in {where}"

@@ -34,16 +34,21 @@ def completion(server: Server, tokens: int, **fields) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/completions", json=body, timeout=600)
 
 
-def test_priority_orders_the_queue_and_queued_prompt_tokens_are_capped(one_slot):
-    server = one_slot
-    # A request that holds the only slot until it is aborted.
+def _hold_the_slot(server: Server, rid: str) -> threading.Thread:
+    """A request that holds the only slot until it is aborted."""
     blocker = threading.Thread(target=httpx.post, daemon=True, args=(f"{server.url}/generate",),
-                               kwargs={"json": {"text": "Count.", "rid": "blocker",
+                               kwargs={"json": {"text": "Count.", "rid": rid,
                                                 "sampling_params": {"max_new_tokens": 1500,
                                                                     "ignore_eos": True}},
                                        "timeout": 600})
     blocker.start()
     wait_metric(server, "lmserve_requests_running", 1)
+    return blocker
+
+
+def test_priority_orders_the_queue_and_queued_prompt_tokens_are_capped(one_slot):
+    server = one_slot
+    blocker = _hold_the_slot(server, "blocker")
 
     finished: list[str] = []
 
@@ -81,3 +86,61 @@ def test_a_priority_that_is_not_an_integer_is_a_400_naming_it(one_slot, value):
     response = completion(one_slot, 3, priority=value)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "priority"
+
+
+# `priority` in the native protocol, oLLM (in `generation`) and Responses; short prompts so
+# that all of them wait together within the module server's --max-queued-tokens.
+PRIORITIZED = {
+    "native": ("/models/smollm2/query/", lambda p: {
+        "transport": "raw", "prompt": "Hi", "params": {"max_tokens": 2}, "priority": p}),
+    "ollm": ("/v1/prompt", lambda p: {
+        "prompt": "Hi", "system_prompt": "Be brief.",
+        "generation": {"max_new_tokens": 2, "priority": p}}),
+    "responses": ("/v1/responses", lambda p: {
+        "model": "smollm2", "input": "Hi", "instructions": "Be brief.",
+        "max_output_tokens": 2, "store": False, "priority": p}),
+}
+
+
+def test_priority_reaches_admission_from_native_ollm_and_responses(one_slot):
+    server = one_slot
+    blocker = _hold_the_slot(server, "blocker-dialects")
+    finished: list[str] = []
+
+    def queued(name: str, path: str, body: dict) -> threading.Thread:
+        def run() -> None:
+            response = httpx.post(f"{server.url}{path}", json=body, timeout=600)
+            assert response.status_code == 200, response.text
+            finished.append(name)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    body = {"model": "smollm2", "prompt": [1000 + i for i in range(8)], "max_tokens": 2,
+            "temperature": 0, "priority": 5}
+    threads = [queued("openai", "/v1/completions", body)]
+    wait_metric(server, "lmserve_requests_waiting", 1)
+    for waiting, (name, priority) in enumerate((("native", -1), ("ollm", -2),
+                                               ("responses", -3)), start=2):
+        path, make = PRIORITIZED[name]
+        threads.append(queued(name, path, make(priority)))
+        wait_metric(server, "lmserve_requests_waiting", waiting)
+
+    aborted = httpx.post(f"{server.url}/abort_request", json={"rid": "blocker-dialects"},
+                         timeout=60)
+    assert aborted.status_code == 200, aborted.text
+    for thread in (*threads, blocker):
+        thread.join(600)
+    assert finished == ["responses", "ollm", "native", "openai"]
+
+
+@pytest.mark.parametrize("dialect", sorted(PRIORITIZED))
+def test_a_priority_that_is_not_an_integer_is_refused_in_each_dialect(one_slot, dialect):
+    path, make = PRIORITIZED[dialect]
+    response = httpx.post(f"{one_slot.url}{path}", json=make("1"), timeout=60)
+    if dialect == "ollm":  # oLLM's own shape for a bad field: FastAPI's 422 with its location
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"][-2:] == ["generation", "priority"]
+    else:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "priority", response.text

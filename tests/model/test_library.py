@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import have_gemma
 from tests.model.conftest import Server, start_server, stop_server
@@ -28,6 +31,7 @@ from tests.unit.test_library import make_hf_cache, make_ollama_store, tiny_gguf
 LIB = ["--ctx", "512", "--parallel", "2", "--threads", "2"]
 CHAT = [{"role": "user", "content": "Say hi."}]
 DEADLINE = 120.0  # generous: a busy 2-core CI machine
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_library(root: Path, model_path: str) -> Path:
@@ -47,8 +51,24 @@ def build_library(root: Path, model_path: str) -> Path:
     # a vision projector is not a model (in a folder of its own: a projector beside a model
     # file is loaded with it)
     tiny_gguf(lib / "projectors" / "mmproj-alpha-f16.gguf")
+    # a real projector in a model's folder of its own; one beside every other model (a stray:
+    # it names none of them); one made for another model's width (the model serves text)
+    # (hard links: files of their own, where a symlink would be another name of alpha's file)
+    os.link(lib / "beta.gguf", projector(lib / "seeing" / "mmproj-F16.gguf").parent /
+            "seeing.gguf")
+    shutil.copyfile(lib / "seeing" / "mmproj-F16.gguf", lib / "mmproj-F16.gguf")
+    os.link(lib / "beta.gguf", projector(lib / "odd" / "mmproj-odd.gguf", n_embd=64).parent /
+            "odd.gguf")
     (lib / "notes.txt").write_text("not a model")
     return lib
+
+
+def projector(path: Path, n_embd: int = 576) -> Path:
+    """A tiny random vision projector (scripts/make_test_mmproj.py) for SmolLM2's width."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_test_mmproj.py"), str(path),
+                    "--n-embd", str(n_embd)], check=True, capture_output=True)
+    return path
 
 
 def start_library(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Server:
@@ -191,6 +211,59 @@ def test_concurrent_first_requests_share_one_load(library: Server) -> None:
     assert len(re.findall(r"loading model gamma on demand", library.log())) == 1
 
 
+def ws_events(ws: ClientConnection) -> list[dict[str, Any]]:
+    """The events of one response.create, up to its last."""
+    events = [json.loads(ws.recv(timeout=DEADLINE))]
+    while events[-1]["type"] not in ("error", "response.completed", "response.incomplete",
+                                     "response.failed"):
+        events.append(json.loads(ws.recv(timeout=DEADLINE)))
+    return events
+
+
+def test_a_websocket_turn_waits_for_its_models_load(library: Server) -> None:
+    unload(library, "beta")
+    url = library.url.replace("http://", "ws://") + "/v1/responses"
+    ask = {"type": "response.create", "model": "beta", "input": "Say hi.",
+           "max_output_tokens": 4, "keep_alive": 0}
+    with connect(url) as first, connect(url) as second:
+        first.send(json.dumps(ask))  # both connections ask while beta is not loaded
+        second.send(json.dumps(ask))
+        for ws in (first, second):
+            events = ws_events(ws)
+            assert events[0]["type"] == "response.created", events
+            assert events[-1]["type"] in ("response.completed", "response.incomplete"), events
+            assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        # a load that fails (a header llama.cpp cannot load a model from): an error event in
+        # the WebSocket's shape, and the connection goes on
+        first.send(json.dumps({**ask, "model": "pair"}))
+        error = ws_events(first)
+        assert error == [{"type": "error", "status": 503, "error": error[0]["error"],
+                          "request_id": first.response.headers["X-Request-Id"]}]
+        assert error[0]["error"]["code"] == "model_load_failed", error
+        assert "could not be loaded" in error[0]["error"]["message"]
+        first.send(json.dumps(ask))
+        assert ws_events(first)[-1]["type"] in ("response.completed", "response.incomplete")
+    assert models(library)["pair"]["status"] == "failed"
+    assert httpx.get(f"{library.url}/health").status_code == 200
+
+
+def test_a_projector_is_attached_only_where_it_belongs(library: Server) -> None:
+    for name in ("seeing", "odd", "alpha"):
+        r = chat(library, name, keep_alive=-1)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    listed = models(library)
+    assert listed["seeing"]["meta"]["vision"] is True  # the projector of its own folder
+    assert listed["alpha"]["meta"]["vision"] is False  # the stray beside it is not its
+    assert listed["odd"]["meta"]["vision"] is False  # made for another width: text only
+    with open(library.log_path, encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    assert "model odd: the projector found for it is not used" in log
+    assert re.search(r"vision projector \S*/models/mmproj-F16\.gguf is attached to no model",
+                     log)
+    for name in ("seeing", "odd", "alpha"):
+        unload(library, name)
+
+
 # -- keep-alive ----------------------------------------------------------------------------
 
 def test_keep_alive_expiry_and_ps(library: Server) -> None:
@@ -271,6 +344,49 @@ def test_a_models_section_and_ollamas_layers_give_defaults(library: Server) -> N
 
     # the same file; Ollama's system layer ("You are terse.") replaces the template's default
     assert prompt_tokens("smollm2:135m") != prompt_tokens("beta")
+
+
+def test_the_disk_cache_and_sessions_work_across_unload_and_reload(tmp_path: Path,
+                                                                    model_path: str) -> None:
+    lib = tmp_path / "models"
+    lib.mkdir()
+    os.symlink(model_path, lib / "alpha.gguf")
+    srv = start_library(tmp_path, "--models-dir", str(lib), "--data-dir", str(tmp_path),
+                        "--disk-cache", str(tmp_path / "states"),
+                        "--disk-cache-min-tokens", "64")
+    prompt = " ".join(f"Ship {i} brought {i * 7 % 31} crates of tea to the north pier."
+                      for i in range(20))  # about 330 tokens
+
+    def cached_tokens() -> int:
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=DEADLINE,
+                       json={"model": "alpha", "prompt": prompt, "max_tokens": 2,
+                             "keep_alive": -1})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] > 64
+        return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    try:
+        assert cached_tokens() == 0
+        until(lambda: srv.metric("lmserve_disk_cache_saves_total") >= 1, "the state's save")
+        unload(srv, "alpha")
+        assert cached_tokens() >= 64  # the reloaded model found the saved state
+        assert srv.metric("lmserve_disk_cache_hits_total") == 1
+        # an SGLang session goes on after its model was unloaded (its turns are stored)
+        sid = httpx.post(f"{srv.url}/open_session", json={"capacity_of_str_len": 1000}).json()
+        greedy = {"temperature": 0, "max_new_tokens": 3}
+        first = httpx.post(f"{srv.url}/generate", timeout=DEADLINE, json={
+            "model": "alpha", "text": "Once upon a time", "session_params": {"id": sid},
+            "sampling_params": greedy}).json()["meta_info"]
+        unload(srv, "alpha")
+        r = httpx.post(f"{srv.url}/generate", timeout=DEADLINE, json={
+            "model": "alpha", "text": " the king", "session_params": {"id": sid,
+                                                                      "rid": first["id"]},
+            "sampling_params": greedy})
+        assert r.status_code == 200, r.text
+        assert r.json()["meta_info"]["prompt_tokens"] > first["prompt_tokens"] + \
+            first["completion_tokens"]  # the earlier turn is part of the prompt
+    finally:
+        stop_server(srv)
 
 
 # -- admin routes ---------------------------------------------------------------------------

@@ -21,6 +21,12 @@ def test_completion_raw_prompt(client):
     assert streamed == r.choices[0].text
 
 
+def test_a_completion_prompt_over_the_context_names_the_prompt(client):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="smollm2", prompt="word " * 9000, max_tokens=4)
+    assert exc.value.code == "context_length_exceeded" and exc.value.param == "prompt"
+
+
 def test_completion_batch_prompts_tokens_and_echo(client):
     r = client.completions.create(model="smollm2", prompt=["One, two,", "Alpha, beta,"],
                                   max_tokens=5, temperature=0, n=2)

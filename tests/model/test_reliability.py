@@ -17,7 +17,7 @@ needs_redis = pytest.mark.skipif(rel.redis_binary() is None,
 
 
 def test_a_disconnect_storm_leaves_no_sequence_and_no_memory_behind(tmp_path: Path) -> None:
-    r = rel.storm(tmp_path, clients=16, warmup=4, max_tokens=12, parallel=2, margin_mib=150)
+    r = rel.storm(tmp_path, clients=16, warmup=4, max_tokens=12, parallel=4, margin_mib=150)
     assert r["running_after"] == 0 and r["waiting_after"] == 0, r
     assert r["rss_growth_mib"] <= r["margin_mib"], r
     assert r["5xx"] == 0, r
@@ -38,7 +38,9 @@ def test_overload_gets_429s_with_retry_after_and_the_accepted_all_complete(
 
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("redis", marks=needs_redis)])
 def test_kill_9_loses_nothing_acknowledged_and_chains_go_on(tmp_path: Path, store: str) -> None:
-    r = rel.kill9(tmp_path, store, chains=2, sessions=1, streams=1, kill_after=6)
+    # A short Redis lease: the restarted server ends the killed one's open stream within
+    # seconds instead of the default 15 (what is checked is the same).
+    r = rel.kill9(tmp_path, store, chains=2, sessions=1, streams=1, kill_after=6, lease_ttl=2)
     assert r["responses"] >= 2 and r["session_turns"] >= 1 and r["streams"] >= 1, r
     assert r["lost"] == 0, r["lost_items"]
     assert r["continued"] == 2 + 1, r  # each chain and each session took another turn
@@ -47,12 +49,12 @@ def test_kill_9_loses_nothing_acknowledged_and_chains_go_on(tmp_path: Path, stor
 
 @needs_redis
 def test_redis_stopped_is_a_503_in_each_dialect_and_it_recovers(tmp_path: Path) -> None:
-    r = rel.redis_outage(tmp_path, ops=12)
+    r = rel.redis_outage(tmp_path, ops=6)  # one request of each kind in each phase, at once
     down = r["by_phase"]["down"]
     for kind in rel.STORE_DIALECTS:
-        assert down[kind] == {"503": 2}, r
+        assert down[kind] == {"503": 1}, r
     for kind in rel.PLAIN_DIALECTS:
-        assert down[kind] == {"200": 2}, r  # what needs no store keeps serving
+        assert down[kind] == {"200": 1}, r  # what needs no store keeps serving
     assert r["down_bad_shape"] == 0 and r["500s"] == 0, r
     assert r["recovered"] and not r["lmserve_restarted"], r
     for kind, statuses in r["by_phase"]["after"].items():

@@ -275,6 +275,39 @@ def test_an_upstream_that_was_never_up_is_a_502_in_each_shape(tmp_path):
         stop_server(front)
 
 
+# -- limits ------------------------------------------------------------------------------------
+
+EMBED_KEY = "sk-embed-5a1f0c3e"
+
+
+@pytest.fixture(scope="module")
+def keyed_front(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A front whose one key may use 8 tokens a minute."""
+    tmp = tmp_path_factory.mktemp("keyed-front")
+    keys = tmp / "keys"
+    keys.write_text(f"{EMBED_KEY} name=embedder tpm=8\n", encoding="utf-8")
+    yield from own_server(tmp_path_factory, "keyed-front", "--upstream",
+                          f"smollm2={server.base_url}", "--data-dir", str(tmp),
+                          "--api-key-file", str(keys))
+
+
+def test_upstream_embeddings_count_against_the_key_s_tokens_a_minute(keyed_front):
+    tokens = [1000 + i for i in range(12)]  # this upstream has no /tokenize: token ids
+    headers = {"Authorization": f"Bearer {EMBED_KEY}"}
+    with httpx.Client(base_url=keyed_front.url, headers=headers, timeout=120) as http:
+        # Each input alone is past the limit: of three quick requests (at most two minute
+        # windows), one at least comes after its window was used up.
+        answers = [http.post("/v1/embeddings", json={"model": "smollm2", "input": tokens})
+                   for _ in range(3)]
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["usage"]["prompt_tokens"] == 12
+    refused = [r for r in answers if r.status_code == 429]
+    assert refused, [r.status_code for r in answers]
+    error = refused[0].json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "tokens" in error["message"], error
+    assert 1 <= int(refused[0].headers["retry-after"]) <= 60
+
+
 # -- llama-server as the upstream --------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from lmserve.stores import Retention, open_store
 from lmserve.stores.factory import default_data_dir, sqlite_target
-from lmserve.stores.redis_store import redacted
+from lmserve.stores.redis_store import lease_option, redacted
 from tests.stores.conftest import free_port
 
 
@@ -55,3 +55,13 @@ async def test_unreachable_redis_is_a_clear_error() -> None:
 def test_redacted_hides_only_the_password() -> None:
     assert redacted("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
     assert redacted("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_the_lease_ttl_option_is_taken_out_of_the_redis_url() -> None:
+    assert lease_option("redis://h:1/0") == ("redis://h:1/0", 15.0)
+    assert lease_option("redis://h:1/0?lease_ttl=2.5") == ("redis://h:1/0", 2.5)
+    assert lease_option("redis://h:1/0?lease_ttl=4&socket_timeout=3") == (
+        "redis://h:1/0?socket_timeout=3", 4.0)
+    for bad in ("0", "0.5", "soon", "nan", "99999"):
+        with pytest.raises(ValueError, match="lease_ttl"):
+            lease_option(f"redis://h:1/0?lease_ttl={bad}")

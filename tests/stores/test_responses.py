@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -48,6 +49,15 @@ async def test_put_then_get_returns_an_equal_record(store: Store) -> None:
     await store.responses.put(r1)
     assert await store.responses.get("resp_1") == r1
     assert await store.responses.get("resp_unknown") is None
+
+
+async def test_the_owner_key_name_is_kept_and_replaced_with_the_record(store: Store) -> None:
+    owned = dataclasses.replace(record("resp_1", [message("msg_1")]), owner="ci")
+    await store.responses.put(owned)
+    assert await store.responses.get("resp_1") == owned
+    await store.responses.put(dataclasses.replace(owned, owner=None))  # replaced: owner too
+    stored = await store.responses.get("resp_1")
+    assert stored is not None and stored.owner is None
 
 
 async def test_the_store_keeps_its_own_copy(store: Store) -> None:

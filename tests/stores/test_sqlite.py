@@ -129,7 +129,7 @@ async def test_a_v1_database_is_migrated_with_its_data(tmp_path: Path) -> None:
     _make_v1_database(db)
     async with await open_store(url(db)) as store:
         record = await store.responses.get("resp_old")
-        assert record is not None
+        assert record is not None and record.owner is None  # stored before owners were kept
         assert [i["id"] for i in record.input_items] == ["msg_0", "msg_1", "msg_2"]
         page = await store.responses.input_items("resp_old")
         assert [i["id"] for i in page.data] == ["msg_2", "msg_1", "msg_0"]

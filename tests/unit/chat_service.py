@@ -184,6 +184,9 @@ class ScriptedService:
         self.require_ready()
         return self._prompts().prepare(request)
 
+    async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
+        return request  # no projector: preparation refuses images
+
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self._prompts().tokenize(text, add_special=add_special)
 

@@ -4,6 +4,7 @@ and the LMSERVE_* variables all come from that declaration."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +18,13 @@ COMPOSITE = {"loras", "chat_template", "media"}
 SAMPLE = {"parallel": "3", "n_ctx": "1024", "threads": "2", "threads_batch": "2",
           "step_tokens": "256", "max_queue": "9", "max_queued_tokens": "500", "cache_slots": "2",
           "cache_tokens": "64", "session_kv_budget": "128",
-          "kv_layout": "shared", "lookup": "4", "lookup_budget": "8", "mmproj": "/tmp/mmproj.gguf", "media_cache_bytes": "1000",
+          "kv_layout": "shared", "lookup": "4", "lookup_budget": "8",
+          "mixed_prefill": "32", "prefix_wait": "16", "mmproj": "/tmp/mmproj.gguf",
+          "media_cache_bytes": "1000",
+          "media_cache_dir": "/tmp/mc", "media_cache_disk_bytes": "3M",
           "draft": "smollm2", "draft_max": "3",
           "context_overflow": "truncate", "disk_cache_dir": "/tmp/dc",
+          "response_schema": str(Path(__file__).with_name("response_schema_think.json")),
           "disk_cache_max_bytes": "2M", "disk_cache_min_tokens": "32", "embedding_ctx": "512",
           "gpu_layers": "12", "split_mode": "row", "main_gpu": "1", "tensor_split": "3,1",
           "flash_attn": "on", "cache_type_k": "q8_0", "cache_type_v": "q4_0",

@@ -113,8 +113,8 @@ def test_hf_cache(tmp_path: Path) -> None:
 
 def make_ollama_store(root: Path, gguf_file: Path, *, namespace: str = "library",
                       model: str = "smollm2", tag: str = "135m",
-                      params: dict[str, object] | None = None, system: str | None = None
-                      ) -> None:
+                      params: dict[str, object] | None = None, system: str | None = None,
+                      projector: Path | None = None) -> None:
     """Ollama's layout: manifests/HOST/NAMESPACE/MODEL/TAG naming blobs/sha256-HEX layers."""
     blobs = root / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -131,6 +131,8 @@ def make_ollama_store(root: Path, gguf_file: Path, *, namespace: str = "library"
         layers.append(blob(json.dumps(params).encode(), "params"))
     if system is not None:
         layers.append(blob(system.encode(), "system"))
+    if projector is not None:
+        layers.append(blob(projector.read_bytes(), "projector"))
     manifest = root / "manifests" / "registry.ollama.ai" / namespace / model / tag
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({

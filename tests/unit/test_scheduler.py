@@ -249,3 +249,55 @@ def test_step_reports_whether_it_ran():
     h.submit(prompt(18, 4), max_tokens=1)
     assert h.core.step() is True
 
+
+
+def test_mixed_prefill_caps_prompt_tokens_while_others_decode():
+    h = Harness(FakeRunner(batch=64), budget=64)
+    h.core.mixed_prefill = 8
+    short = h.submit(prompt(2, 4), max_tokens=40)
+    h.core.step()
+    h.core.step()  # short is decoding now
+    long = h.submit(prompt(3, 60), max_tokens=2)
+    h.run()
+    seq_short = {e[2] for d in h.runner.decodes[2:3] for e in d}
+    mixed = [d for d in h.runner.decodes if len({e[2] for e in d}) == 2]
+    # every step that decoded `short` carried at most 8 prompt tokens of `long`
+    assert mixed and all(len([e for e in d if e[2] not in seq_short]) <= 8 for d in mixed)
+    assert h.tokens(short) == reference_output(prompt(2, 4), 40)
+    assert h.tokens(long) == reference_output(prompt(3, 60), 2)
+
+
+def test_mixed_prefill_leaves_the_whole_budget_when_nothing_decodes():
+    h = Harness(FakeRunner(batch=64), budget=64)
+    h.core.mixed_prefill = 8
+    h.submit(prompt(3, 60), max_tokens=2)
+    h.core.step()
+    assert len(h.runner.decodes[0]) == 60
+
+
+def test_a_request_waits_for_a_prefix_being_computed_then_shares_it():
+    h = Harness(FakeRunner(batch=16), budget=16)
+    h.core.prefix_wait = 8
+    system = prompt(6, 64)
+    a = h.submit(system + prompt(7, 4), max_tokens=3)
+    h.core.step()  # a computes the first 16 tokens of the shared prefix
+    b = h.submit(system + prompt(8, 4), max_tokens=3)
+    h.run()
+    # b computed only what follows the prefix a had computed, and answers as it would alone
+    assert h.final(b).usage.cached_tokens == 64
+    assert h.tokens(b) == reference_output(system + prompt(8, 4), 3)
+    assert h.tokens(a) == reference_output(system + prompt(7, 4), 3)
+    assert h.core.stats.prefix_waits == 1
+    prompt_rows = sum(1 for d in h.runner.decodes for e in d)
+    assert prompt_rows < 2 * 64  # the shared prefix was computed once
+
+
+def test_no_wait_for_a_prefix_shorter_than_prefix_wait():
+    h = Harness(FakeRunner(batch=16), budget=16)
+    h.core.prefix_wait = 32
+    system = prompt(6, 20)
+    h.submit(system + prompt(7, 30), max_tokens=3)
+    h.core.step()
+    h.submit(system + prompt(8, 30), max_tokens=3)
+    h.core.step()
+    assert len(h.core.running) == 2 and h.core.stats.prefix_waits == 0

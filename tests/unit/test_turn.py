@@ -32,6 +32,8 @@ HERMES = ChatTemplate(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MISTRAL = ChatTemplate("[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]"
                        "{% for m in messages %}{{ m.content }}{% endfor %}[TOOL_CALLS]")
+TOOL_CODE = ChatTemplate("{{ tools | tojson }} answer in ```tool_code blocks"
+                         "{% for m in messages %}{{ m.content }}{% endfor %}")
 
 
 def request(**kw: object) -> GenerationRequest:
@@ -89,11 +91,20 @@ def test_named_and_single_calls() -> None:
 
 
 def test_a_forced_call_in_a_format_without_grammar_falls_back_to_hermes() -> None:
+    auto = plan_turn(request(tools=[WEATHER]), TOOL_CODE)
+    assert auto.tool_format == "tool_code" and auto.template_tools is not None
+    forced = plan_turn(request(tools=[WEATHER], tool_choice="required"), TOOL_CODE)
+    assert forced.tool_format == "hermes" and forced.template_tools is None
+    assert "<tools>" in (forced.messages[0].content or "")
+
+
+def test_a_forced_call_in_mistral_format_goes_through_the_template() -> None:
     auto = plan_turn(request(tools=[WEATHER]), MISTRAL)
     assert auto.tool_format == "mistral" and auto.template_tools is not None
     forced = plan_turn(request(tools=[WEATHER], tool_choice="required"), MISTRAL)
-    assert forced.tool_format == "hermes" and forced.template_tools is None
-    assert "<tools>" in (forced.messages[0].content or "")
+    assert forced.tool_format == "mistral" and forced.template_tools is not None
+    assert GbnfMatcher(forced.grammar or "").matches(
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]')
 
 
 @pytest.mark.parametrize("kw,param", [

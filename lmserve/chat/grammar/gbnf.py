@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["GrammarError", "RuleSet", "char_class", "literal", "repeat"]
+__all__ = ["GrammarError", "RuleSet", "char_class", "literal", "repeat", "text_without"]
 
 
 class GrammarError(ValueError):
@@ -42,6 +42,17 @@ def char_class(ranges: list[tuple[str, str]], negated: bool = False) -> str:
         parts.append(_escape(first, _CLASS_ESCAPES) if first == last else
                      f"{_escape(first, _CLASS_ESCAPES)}-{_escape(last, _CLASS_ESCAPES)}")
     return "[" + ("^" if negated else "") + "".join(parts) + "]"
+
+
+def text_without(tag: str) -> str:
+    """Text (any length, empty too) in which `tag` never occurs: each piece is a proper prefix
+    of the tag followed by a character that neither continues it nor starts it again."""
+    pieces = []
+    for k in range(len(tag)):
+        stop = {tag[k], tag[0]}
+        prefix = literal(tag[:k]) + " " if k else ""
+        pieces.append(prefix + char_class([(c, c) for c in sorted(stop)], negated=True))
+    return "(" + " | ".join(pieces) + ")*"
 
 
 def repeat(expr: str, low: int, high: int | None) -> str:

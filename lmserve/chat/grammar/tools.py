@@ -7,11 +7,22 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lmserve.chat.grammar.calls import (
+    MISTRAL_CALLS,
+    gemma_call,
+    harmony_analysis,
+    harmony_call,
+    json_arguments,
+    mistral_args_call,
+    pythonic_call,
+)
 from lmserve.chat.grammar.gbnf import GrammarError, RuleSet, literal
-from lmserve.chat.grammar.json_schema import SchemaConverter
 from lmserve.chat.tool_prompt import function_of
 
-TOOL_CALL_GRAMMAR_FORMATS = ("hermes", "json")
+# hermes and json: JSON call objects; the rest write calls in a model family's own syntax
+# (grammar.calls). Every format ends after a complete call, so ending stays reachable.
+TOOL_CALL_GRAMMAR_FORMATS = ("hermes", "json", "mistral", "mistral_args", "pythonic", "gemma",
+                             "harmony")
 MAX_PARALLEL_CALLS = 8  # bounds a small model that would otherwise repeat calls to the limit
 _NO_PARAMETERS = {"type": "object", "properties": {}}
 _HERMES_OPEN = literal("<tool_call>\n")
@@ -27,7 +38,12 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, fmt: str = "hermes"
     fmt "hermes": `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks,
     one per line (the Hermes parser and the fallback prompt format).
     fmt "json": bare `{"name": ..., "<arguments_key>": {...}}` objects joined by "; " (the
-    Llama 3 JSON parser; use arguments_key="parameters" for Llama 3 templates)."""
+    Llama 3 JSON parser; use arguments_key="parameters" for Llama 3 templates).
+    fmt "mistral": `[TOOL_CALLS][call, ...]` of such objects; "mistral_args":
+    `[TOOL_CALLS]name[ARGS]{...}` per call; "pythonic": `[name(k=v), ...]`; "gemma":
+    `<start_function_call>call:name{...}<end_function_call>` per call; "harmony": one
+    commentary message to `functions.name` (gpt-oss makes one call a message), after an
+    optional analysis message."""
     if fmt not in TOOL_CALL_GRAMMAR_FORMATS:
         raise GrammarError(f"unknown tool-call grammar format {fmt!r}; "
                            f"known: {', '.join(TOOL_CALL_GRAMMAR_FORMATS)}")
@@ -41,8 +57,17 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], *, fmt: str = "hermes"
     rules = RuleSet()
     calls = [_call_rule(rules, f, fmt, arguments_key) for f in functions]
     one = rules.add("call", " | ".join(calls))
-    if not parallel or function_name is not None:
+    many = parallel and function_name is None
+    if fmt in ("mistral", "pythonic"):  # a list of calls: `]` may follow any of them
+        head = literal(f"{MISTRAL_CALLS}[") if fmt == "mistral" else literal("[")
+        more = f" ({literal(', ')} {one}){{0,{MAX_PARALLEL_CALLS - 1}}}" if many else ""
+        return rules.render(f"{head} {one}{more} {literal(']')}")
+    if fmt == "harmony":
+        return rules.render(f"{harmony_analysis(rules)} {one}")
+    if not many:
         return rules.render(one)
+    if fmt in ("mistral_args", "gemma"):  # calls one after another, each complete in itself
+        return rules.render(f"{one}{{1,{MAX_PARALLEL_CALLS}}}")
     if fmt == "hermes":
         # A newline after a call may also end the output: a model that writes one there
         # (as in its training data) is not then made to write another call. Ending stays
@@ -57,8 +82,15 @@ def _call_rule(rules: RuleSet, function: Mapping[str, Any], fmt: str, arguments_
     if not isinstance(name, str) or not name:
         raise GrammarError("every tool needs a function name")
     parameters = function.get("parameters") or _NO_PARAMETERS
-    hint = f"{name}-args"
-    arguments = SchemaConverter(rules, parameters, name=hint).convert()
+    if fmt == "pythonic":
+        return rules.add(f"call-{name}", pythonic_call(rules, name, parameters))
+    if fmt == "gemma":
+        return rules.add(f"call-{name}", gemma_call(rules, name, parameters))
+    arguments = json_arguments(rules, parameters, name)
+    if fmt == "mistral_args":
+        return rules.add(f"call-{name}", mistral_args_call(name, arguments))
+    if fmt == "harmony":
+        return rules.add(f"call-{name}", harmony_call(name, arguments))
     head = literal(f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{arguments_key}": ')
     body = f'{head} {arguments} "}}"'
     if fmt == "hermes":

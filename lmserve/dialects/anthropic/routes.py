@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.chat.overflow import reply_room
-from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
+from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt, with_media
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.request import GenerationRequest
 from lmserve.dialects.anthropic import adapter, encoder
@@ -41,6 +41,7 @@ def make_router(models: Callable[[], ModelRegistry], *,
             defaults["stop"] = [defaults["stop"]]
         body = with_defaults(body, defaults, {"stop": "stop_sequences"})
         gen, prefill = adapter.message_request(body)
+        gen = await with_media(service, gen)  # image URLs fetched under the media policy
         display = thinking(body, body.max_tokens).display
         n_ctx = service.require_ready().n_ctx
         # max_tokens is capped to the room left (below), so truncation keeps only a reserve
@@ -65,6 +66,7 @@ def make_router(models: Callable[[], ModelRegistry], *,
     async def count_tokens(body: CountTokensRequest) -> Any:
         service = models().get(body.model)
         gen, prefill = adapter.count_request(body)
+        gen = await with_media(service, gen)
         return {"input_tokens": len(_prepare(service, gen, prefill).tokens)}
 
     # Names differ from the OpenAI router's: both dialects own GET /v1/models at the root.

@@ -45,7 +45,7 @@ def generation_request(body: GenerateBody, *, defaults: Mapping[str, Any],
         stop=_stops(params.get("stop")),
         reasoning=reasoning if transport != "raw" else None,
         context_overflow=_context_overflow(params, body, transport),
-        lora=selection_field(params.get("lora"), "params.lora"),
+        lora=selection_field(params.get("lora"), "params.lora"), priority=body.priority,
         **tool_fields(body),
     )
     if transport == "raw":

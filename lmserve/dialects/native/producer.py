@@ -80,11 +80,15 @@ class StreamProducers:
         return self._cluster()
 
     async def start(self, generation: BackendGeneration, show_reasoning: bool, model: str,
-                    n_prompt: int, truncated: int = 0) -> str:
+                    n_prompt: int, truncated: int = 0, *, key: str | None = None) -> str:
         """`show_reasoning`: stream the reasoning channel too; `truncated`: the oldest messages
-        dropped to fit the context (in message.start)."""
+        dropped to fit the context (in message.start); `key`: the name of the API key that
+        starts it (only that key or an admin key may cancel it; None without keys)."""
         ident = str(uuid.uuid4())
-        await self.store.create(ident, {"model": model, "owner": self.owner})
+        meta: dict[str, Any] = {"model": model, "owner": self.owner}
+        if key is not None:
+            meta["key"] = key
+        await self.store.create(ident, meta)
         encoder = FrameEncoder(ident, model, int(time.time()), truncated)
         task = asyncio.create_task(self._produce(ident, generation, show_reasoning, encoder,
                                                  n_prompt),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -12,13 +13,19 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from lmserve import web
-from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
+from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt, with_media
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.lifecycle import Unloadable
 from lmserve.dialects.native import adapter, encoder
 from lmserve.dialects.native.producer import StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
-from lmserve.http.routing import admin_only, dialect_route, unless_disconnected
+from lmserve.http.routing import (
+    admin_only,
+    caller_name,
+    dialect_route,
+    require_owner,
+    unless_disconnected,
+)
 from lmserve.http.streaming import accepted, truncation_headers
 from lmserve.models.resource import LLMResource, check_params
 
@@ -40,7 +47,7 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
 
     @router.post("/query/", summary="Generate and answer when done (buffered)")
     async def query(body: GenerateBody, request: Request) -> Any:
-        native, prepared, generation = _start(resource, body)
+        native, prepared, generation = await _start(resource, body)
         blocks, finish, usage = await unless_disconnected(
             request, collect(generation, native.reasoning))
         dropped = prepared.dropped_messages
@@ -49,11 +56,12 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
                             headers=truncation_headers(dropped))
 
     @router.post("/stream/", status_code=201, summary="Start a generation; read it at stream/{id}/")
-    async def start_stream(body: GenerateBody) -> Any:
-        native, prepared, generation = _start(resource, body)
+    async def start_stream(body: GenerateBody, request: Request) -> Any:
+        native, prepared, generation = await _start(resource, body)
         await accepted([generation])  # a refusal is the POST's status, not a stream frame
         ident = await producers.start(generation, native.reasoning, resource.name,
-                                      len(prepared.tokens), prepared.dropped_messages)
+                                      len(prepared.tokens), prepared.dropped_messages,
+                                      key=caller_name(request))
         return JSONResponse({"id": ident}, status_code=201,
                             headers=truncation_headers(prepared.dropped_messages))
 
@@ -71,12 +79,16 @@ def make_router(resource: LLMResource, producers: StreamProducers, *,
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @router.delete("/stream/{stream_id}/", summary="Cancel a stream's generation")
-    async def cancel_stream(stream_id: str) -> Any:
+    @router.delete("/stream/{stream_id}/", summary="Cancel a stream's generation (the key "
+                   "that started it, or an admin key, when the server has keys)")
+    async def cancel_stream(stream_id: str, request: Request) -> Any:
         ident = _stream_id(stream_id)
         info = await producers.store.get(ident)
         if info is None:
             raise _unknown_stream(ident)
+        key = info.meta.get("key")
+        require_owner(request, key if isinstance(key, str) else None, f"stream {ident}",
+                      "stream_id")
         info = await producers.end_if_orphaned(info)
         if producers.cancel(ident):
             return {"id": ident, "cancelled": True}
@@ -151,16 +163,16 @@ def _with_reasoning(resource: LLMResource, params: dict[str, Any]) -> dict[str, 
     return {**params, "reasoning": resource.reasoning_default}
 
 
-def _start(resource: LLMResource, body: GenerateBody
-           ) -> tuple[adapter.Native, PreparedPrompt, BackendGeneration]:
-    service, native, prepared = _prepare(resource, body)
+async def _start(resource: LLMResource, body: GenerateBody
+                 ) -> tuple[adapter.Native, PreparedPrompt, BackendGeneration]:
+    service, native, prepared = await _prepare(resource, body)
     # The raw transport's text goes through the chat parser too: the template's reasoning
     # tags split it into channels.
     return native, prepared, service.start(native.request, prepared, parse=True)
 
 
-def _prepare(resource: LLMResource, body: GenerateBody
-             ) -> tuple[ModelBackend, adapter.Native, PreparedPrompt]:
+async def _prepare(resource: LLMResource, body: GenerateBody
+                   ) -> tuple[ModelBackend, adapter.Native, PreparedPrompt]:
     assert resource.service is not None
     service: ModelBackend = resource.service
     card = service.require_ready()
@@ -169,7 +181,9 @@ def _prepare(resource: LLMResource, body: GenerateBody
         body.model_copy(update={"params": overrides}), defaults=resource.defaults,
         default_transport=resource.default_transport, has_template=card.has_template,
         reasoning_default=resource.reasoning_default)
-    return service, native, service.prepare(native.request)
+    request = await with_media(service, native.request)  # image URLs fetched
+    native = dataclasses.replace(native, request=request)
+    return service, native, service.prepare(request)
 
 
 def _stream_id(raw: str) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Transport = Literal["raw", "chat", "conversation"]
+# vLLM's request priority: lower values are admitted first (engine.admission); default 0.
+Priority = Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1)]
 
 
 class ToolCallIn(BaseModel):
@@ -57,6 +59,7 @@ class GenerateBody(BaseModel):
     parallel_tool_calls: bool = True
     format: Literal["json"] | dict[str, Any] | None = None
     params: dict[str, Any] | None = None
+    priority: Priority = 0
 
 
 class ConfigureBody(BaseModel):

@@ -81,7 +81,8 @@ def generation_request(messages: list[ChatMessage], gen: GenerationIn,
             top_p=defaults.top_p if gen.top_p is None else gen.top_p,
             top_k=gen.top_k or 0, seed=gen.seed), fields=FieldNames("generation."),
         max_tokens=gen.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        stop=[s for s in gen.stop or [] if s], context_overflow=gen.context_overflow)
+        stop=[s for s in gen.stop or [] if s], context_overflow=gen.context_overflow,
+        priority=gen.priority or 0)
 
 
 def prompt_messages(system: str | None, transcript: Sequence[Mapping[str, Any]],

@@ -2,8 +2,9 @@
 runtime fields that make no sense for llama.cpp on this server are refused by the adapter.
 
 lmserve additions: `context_length`, `threads`, `threads_batch` and `parallel` in `runtime`
-(planned by /v1/plan; a prompt must match the served runtime), `stop` and `context_overflow`
-in `generation`, and an optional per-turn `generation` on a session prompt."""
+(planned by /v1/plan; a prompt must match the served runtime), `stop`, `context_overflow` and
+`priority` (vLLM's field) in `generation`, and an optional per-turn `generation` on a session
+prompt."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Positive = Annotated[int, Field(gt=0)]
+# vLLM's request priority: lower values are admitted first (engine.admission); None: 0.
+Priority = Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1)]
 
 
 class _Strict(BaseModel):
@@ -56,6 +59,7 @@ class GenerationIn(_Strict):
     stop: Annotated[list[str], Field(max_length=16)] | None = None
     # a transcript that outgrows the context: refuse (error) or drop its oldest turns
     context_overflow: Literal["error", "truncate"] | None = None
+    priority: Priority | None = None  # lmserve extension (vLLM's field)
 
 
 class PlanRequest(_Strict):

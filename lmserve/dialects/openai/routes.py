@@ -18,6 +18,7 @@ from lmserve.core.backend import (
     LoadState,
     ModelBackend,
     PreparedPrompt,
+    with_media,
 )
 from lmserve.core.errors import LmserveError, invalid
 from lmserve.core.events import Usage
@@ -49,7 +50,7 @@ def make_router(models: Callable[[], ModelRegistry], *,
         view = models()
         service = view.get(body.model)
         body = with_defaults(body, _chat_defaults(body, defaults_of(view, service)))
-        gen = adapter.chat_request(body)
+        gen = await with_media(service, adapter.chat_request(body))  # image URLs fetched
         prepared = service.prepare(gen)
         return await _respond(request, service, body.model, [(gen, prepared)], chat=True, echo=[],
                               stream=body.stream, include_usage=_include_usage(body),

@@ -214,7 +214,8 @@ def generation_request(body: ResponseCreate, messages: list[ChatMessage]) -> Gen
     tools = request_tools(body.tools)
     return GenerationRequest(model=body.model, messages=messages, sampling=_sampling(body),
                              max_tokens=body.max_output_tokens, stop=stop,
-                             ignore_eos=body.ignore_eos, tools=tools or None,
+                             ignore_eos=body.ignore_eos, priority=body.priority,
+                             tools=tools or None,
                              tool_choice=tool_choice(body.tool_choice, tools),
                              parallel_tool_calls=body.parallel_tool_calls is not False,
                              response_format=text_format(body.text),

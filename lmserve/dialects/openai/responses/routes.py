@@ -1,13 +1,16 @@
 """OpenAI Responses routes: POST/GET/DELETE /v1/responses[/{id}], GET .../input_items, and the
 WebSocket /v1/responses, where each {"type": "response.create", ...} message runs one response
-(sequentially, one at a time per connection) and its events come back as JSON messages."""
+(sequentially, one at a time per connection) and its events come back as JSON messages. A
+message for a model that is not loaded waits for its load (up to --load-timeout), as an HTTP
+request does; only its own connection waits."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from enum import Enum
 from typing import Any
 
@@ -15,6 +18,7 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.types import Message
 
 from lmserve.core.errors import LmserveError, invalid, unsupported
 from lmserve.dialects.openai.encoder import error_body
@@ -22,9 +26,11 @@ from lmserve.dialects.openai.responses import adapter, encoder, turns
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
 from lmserve.http.routing import (
     admit_connection,
+    after_load,
     check_api_key,
     dialect_route,
     error_response,
+    require_owner,
     unless_disconnected,
     validation_error,
 )
@@ -60,9 +66,14 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
             raise NotFoundError("Response", response_id)
         return record.response
 
-    @router.delete("/v1/responses/{response_id}", summary="Delete a stored model response")
+    @router.delete("/v1/responses/{response_id}", summary="Delete a stored model response "
+                   "(the key that created it, or an admin key, when the server has keys)")
     async def delete_response(response_id: str, request: Request) -> Any:
-        if not await _store(request).delete(response_id):
+        store = _store(request)
+        record = await store.get(response_id)
+        if record is not None:
+            require_owner(request, record.owner, f"response '{response_id}'", "response_id")
+        if record is None or not await store.delete(response_id):
             raise NotFoundError("Response", response_id)
         return encoder.deleted(response_id)
 
@@ -111,15 +122,52 @@ async def _serve_socket(websocket: WebSocket, models: Models) -> None:
         await _refuse(websocket, exc)
         return
     await websocket.accept()
+    inbox = _Inbox(websocket)
     try:
         while True:
-            message = await websocket.receive()
+            message = await inbox.next()
             if message["type"] == "websocket.disconnect":
                 return
-            await _serve_message(websocket, models, message.get("text") or
+            await _serve_message(websocket, inbox, models, message.get("text") or
                                  (message.get("bytes") or b"").decode("utf-8", "replace"))
     except WebSocketDisconnect:
         return
+    finally:
+        inbox.close()
+
+
+class _Inbox:
+    """The connection's messages, one read ahead while a turn waits for its model's load: a
+    client that leaves during the load is noticed (the load goes on for the others), and a
+    message that comes meanwhile is served next."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self._ahead: asyncio.Future[Message] | None = None
+
+    async def next(self) -> Message:
+        ahead, self._ahead = self._ahead, None
+        return await ahead if ahead is not None else await self.websocket.receive()
+
+    async def unless_left(self, work: Awaitable[None]) -> None:
+        """Await `work`; WebSocketDisconnect when the client leaves first."""
+        task: asyncio.Future[Any] = asyncio.ensure_future(work)
+        if self._ahead is None:
+            self._ahead = asyncio.ensure_future(self.websocket.receive())
+        try:
+            await asyncio.wait((task, self._ahead), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and self._ahead.done():
+                message = self._ahead.result()
+                if message["type"] == "websocket.disconnect":
+                    raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+            await task  # a message came: it waits its turn
+        finally:
+            if not task.done():
+                task.cancel()  # the wait only: the load itself is shielded
+
+    def close(self) -> None:
+        if self._ahead is not None and not self._ahead.done():
+            self._ahead.cancel()
 
 
 async def _refuse(websocket: WebSocket, exc: LmserveError) -> None:
@@ -130,14 +178,16 @@ async def _refuse(websocket: WebSocket, exc: LmserveError) -> None:
         await websocket.close(code=1008, reason=exc.message[:120])
 
 
-async def _serve_message(websocket: WebSocket, models: Models, raw: str) -> None:
-    """One response.create; errors before the response starts are error events, and the
-    connection stays open for the next message."""
+async def _serve_message(websocket: WebSocket, inbox: _Inbox, models: Models, raw: str
+                         ) -> None:
+    """One response.create; errors before the response starts (a failed or timed-out load
+    of its model included) are error events, and the connection stays open for the next
+    message."""
     try:
         await admit_connection(websocket)  # each response.create counts against the key's limits
         body, stream_id = _create_event(raw)
-        turn = await turns.begin(websocket.app.state.lmserve, models(), body,
-                                 nested_errors=True)
+        turn = await after_load(lambda: turns.begin(websocket.app.state.lmserve, models(), body,
+                                                    nested_errors=True), inbox.unless_left)
     except LmserveError as exc:
         await websocket.send_json(encoder.ws_error(exc))
         return

@@ -16,6 +16,8 @@ JSON = dict[str, Any]
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# vLLM's request priority: lower values are admitted first (engine.admission); default 0.
+Priority = Annotated[int, Field(strict=True, ge=-(2**31), le=2**31 - 1)]
 
 
 def new_id(prefix: str) -> str:
@@ -64,3 +66,4 @@ class ResponseCreate(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     ignore_eos: bool = False
+    priority: Priority = 0

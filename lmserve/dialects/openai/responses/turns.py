@@ -17,7 +17,8 @@ from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
+from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt, with_media
+from lmserve.core.caller import current_key
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_CANCELLED, Usage
 from lmserve.core.request import GenerationRequest
@@ -57,6 +58,7 @@ class Turn:
     events: ResponseEvents
     store: ResponseStore | None  # where the response goes; None when it is not kept
     truncated_messages: int = 0  # the oldest messages dropped to fit the context
+    owner: str | None = None  # the name of the API key that creates it (None without keys)
 
 
 async def begin(state: HasResponseStore, registry: ModelRegistry, body: ResponseCreate, *,
@@ -72,7 +74,7 @@ async def begin(state: HasResponseStore, registry: ModelRegistry, body: Response
     conversation = [*await _history(store, body.previous_response_id),
                     *items.own_items(body.input)]
     items.check_unique_ids(conversation)
-    gen, prepared = _prepare(service, body, conversation)
+    gen, prepared = await _prepare(service, body, conversation)
     generation = service.start(gen, prepared)
     if body.truncation is None:  # the server's default decided: the response says which
         body = body.model_copy(update={"truncation": "auto" if prepared.truncating
@@ -82,7 +84,7 @@ async def begin(state: HasResponseStore, registry: ModelRegistry, body: Response
                          stored=keep is not None)
     return Turn(body, conversation, generation,
                 ResponseEvents(head, nested_errors=nested_errors), keep,
-                prepared.dropped_messages)
+                prepared.dropped_messages, current_key())
 
 
 async def _history(store: ResponseStore | None, previous_id: str | None) -> list[JSON]:
@@ -104,12 +106,13 @@ def _truncation_default(body: ResponseCreate, defaults: Mapping[str, Any]) -> Re
     return body.model_copy(update={"truncation": "auto" if policy == "truncate" else "disabled"})
 
 
-def _prepare(service: ModelBackend, body: ResponseCreate, conversation: list[JSON]
-             ) -> tuple[GenerationRequest, PreparedPrompt]:
-    """The prompt of the conversation; truncation "auto" drops its oldest turns to fit the
-    context (the service does it, see chat.overflow); the stored conversation stays whole."""
+async def _prepare(service: ModelBackend, body: ResponseCreate, conversation: list[JSON]
+                   ) -> tuple[GenerationRequest, PreparedPrompt]:
+    """The prompt of the conversation (its image URLs fetched); truncation "auto" drops its
+    oldest turns to fit the context (the service does it, see chat.overflow); the stored
+    conversation stays whole, URLs and all."""
     messages = items.chat_messages(body.instructions, conversation)
-    gen = adapter.generation_request(body, messages)
+    gen = await with_media(service, adapter.generation_request(body, messages))
     return gen, service.prepare(gen)
 
 
@@ -180,7 +183,7 @@ async def _persist(turn: Turn) -> None:
             id=response["id"], created_at=response["created_at"], model=turn.body.model,
             input_items=turn.conversation, response=response,
             previous_response_id=turn.body.previous_response_id,
-            metadata=dict(turn.body.metadata or {})))
+            metadata=dict(turn.body.metadata or {}), owner=turn.owner))
     except LmserveError:
         raise
     except Exception as exc:

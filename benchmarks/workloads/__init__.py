@@ -1,0 +1,1 @@
+"""Issue 19's workloads: lmserve against llama-server where serving decides."""
