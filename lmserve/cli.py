@@ -185,12 +185,14 @@ def check_drafts(models: Iterable[Any]) -> None:
     model named at start (ValueError naming both). Models a library finds are checked when
     they load (their load fails with the same message)."""
     from lmserve.engine.draft_model import check_files
+    from lmserve.models.views import NameView
 
     for backend in models:
         settings = getattr(backend, "settings", None)
         entry = getattr(backend, "entry", None)  # a model the load manager loads
         path = entry.path if entry is not None else getattr(backend, "path", None)
-        if entry is not None and entry.source not in ("cli", "config"):
+        if entry is not None and entry.source not in ("cli", "config") or \
+                isinstance(backend, NameView):  # its engine's draft, checked under its name
             continue
         if settings is not None and getattr(settings, "draft", None) and path:
             check_files(path, settings.draft, backend.name)

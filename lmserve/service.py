@@ -582,21 +582,25 @@ class ModelService:
 
     # -- generation -------------------------------------------------------------------------
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
-              parse: bool | None = None) -> BackendGeneration:
+              parse: bool | None = None, prompts: Prompter | None = None) -> BackendGeneration:
         """Validate and submit now, so every refusal happens before a response starts.
         `parse`: run each choice's output through the chat parser (default: chat requests).
+        `prompts`: the prompter whose parser reads the output (a name's own chat template or
+        response schema over this engine, models.views); default this model's.
         The request's meter (core.quota: per-request and per-key token limits) applies."""
         prepared = prepared or self.prepare(request)
         return metered(request, len(prepared.tokens),
-                       lambda admitted: self._start(admitted, prepared, parse))
+                       lambda admitted: self._start(admitted, prepared, parse, prompts))
 
     def _start(self, request: GenerationRequest, prepared: PreparedPrompt,
-               parse: bool | None) -> ParsedGeneration:
+               parse: bool | None, prompts: Prompter | None = None) -> ParsedGeneration:
         generation = self.submit(request, prepared)
         if parse is None:
             parse = request.messages is not None
         if not parse:
             return ParsedGeneration(generation)
+        if prompts is not None:
+            return ParsedGeneration(generation, lambda: prompts.chat_parser(request, prepared))
         return ParsedGeneration(generation, lambda: self.chat_parser(request, prepared))
 
     def submit(self, request: GenerationRequest, prepared: PreparedPrompt | None = None

@@ -75,7 +75,7 @@ def admin_router(registry: ModelRegistry) -> APIRouter:
 
 def describe(registry: ModelRegistry, model: ManagedModel) -> dict[str, Any]:
     card = model.card
-    return {"id": model.name, "names": registry.names(model), "source": model.entry.source,
+    return {"id": model.name, "names": registry.engine_names(model), "source": model.entry.source,
             "path": model.entry.path, "status": card.status,
             "progress": round(card.progress, 3), "error": card.error,
             "size_bytes": model.entry.size_bytes, "memory_bytes": card.memory_bytes,

@@ -40,6 +40,7 @@ from lmserve.core.lora import AdapterSet, LoraSelection
 from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.engine import kv_layout
 from lmserve.models.library import LibraryEntry, context_of, inspect, memory_estimate
+from lmserve.prompting import Prompter
 from lmserve.service import EngineSettings, ModelService
 
 log = logging.getLogger("lmserve.models")
@@ -242,10 +243,11 @@ class ManagedModel:
         return await self._loaded().fetch_media(request)
 
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,
-              parse: bool | None = None) -> BackendGeneration:
+              parse: bool | None = None, prompts: Prompter | None = None) -> BackendGeneration:
         service = self._loaded()
         prepared = prepared or self.prepare(request)
-        generation = _Tracked(service.start(request, prepared, parse=parse), self._ended)
+        generation = _Tracked(service.start(request, prepared, parse=parse, prompts=prompts),
+                              self._ended)
         self._generations.add(generation)
         self._next_keep_alive = request.keep_alive
         self._hold()

@@ -15,6 +15,7 @@ from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.engine.hardware import Device
 from lmserve.models.library import LibraryEntry, projector_for
 from lmserve.models.managed import LoadManager, ManagedModel
+from lmserve.models.views import NameView, engine_differences, same_prompting
 from lmserve.service import EngineSettings, ModelService, gpu_facts
 
 if TYPE_CHECKING:
@@ -29,35 +30,78 @@ class ModelRegistry:
         self._services: list[ModelBackend] = []
         self._by_key: dict[str, ModelBackend] = {}
         self._by_path: dict[str, ModelBackend] = {}
+        self._engines: dict[str, list[ModelService | ManagedModel]] = {}  # a file's engines
         self.draining = False  # drain() was called: the server is shutting down
 
     def add(self, name: str, path: str, settings: EngineSettings,
             aliases: Iterable[str] = ()) -> ModelBackend:
-        """Register a model; the same file registered twice shares one loaded engine."""
-        service = self._by_path.get(path)
-        if service is None:
-            service = ModelService(name, path, settings, aliases=tuple(aliases))
-            service.found_mmproj = projector_for(path)
-        return self.add_backend(service, name, path, aliases)
+        """Register a model. Names of one file share one loaded engine when their engine
+        settings are equal: an alias with the same per-name settings, else a view with its
+        own (models.views); different engine settings get an engine of their own."""
+        engines = self._engines.setdefault(path, [])
+        for service in engines:
+            if isinstance(service, ModelService) and \
+                    not engine_differences(service.settings, settings):
+                if same_prompting(service.settings, settings):
+                    return self.add_backend(service, name, path, aliases)
+                view = NameView(service, name, tuple(aliases), settings)
+                return self.add_backend(view, name, f"{path}#{name}", aliases)
+        service = ModelService(name, path, settings, aliases=tuple(aliases))
+        service.found_mmproj = projector_for(path)
+        engines.append(service)
+        return self.add_backend(service, name, f"{path}#{name}" if len(engines) > 1 else path,
+                                aliases)
 
     def add_managed(self, entry: LibraryEntry, settings: EngineSettings, *,
                     keep_alive: float | None = None, at_start: bool = False,
                     defaults: Mapping[str, Any] | None = None) -> ModelBackend:
         """Register a model the load manager loads (at start, or when a request asks for it)
-        and unloads when idle; a file already registered gets this entry's names too."""
-        existing = self._by_path.get(entry.key)
-        if existing is not None:
-            if isinstance(existing, ManagedModel) and entry.mmproj and not existing.entry.mmproj:
+        and unloads when idle. A file already registered: a name from the command line or
+        the config file shares the engine whose engine settings equal its own (as an alias,
+        or a view when its chat template, response schema, defaults or system prompt
+        differ), or gets an engine of its own; a name the library found joins the file's
+        first engine (a view only for an Ollama model's own defaults or system prompt)."""
+        engines = self._engines.setdefault(entry.key, [])
+        found = entry.source not in ("cli", "config")  # the library's
+        defaults = {**entry.defaults, **(defaults or {})}
+        for existing in engines:
+            if not isinstance(existing, ManagedModel) or \
+                    (not found and engine_differences(existing.settings, settings)):
+                continue
+            if entry.mmproj and not existing.entry.mmproj:
                 existing.attach_projector(entry.mmproj)  # found for another name of the file
-            return self.add_backend(existing, entry.name, entry.key, entry.aliases)
+            if found:
+                if not entry.defaults and not entry.system:
+                    return self.add_backend(existing, entry.name, entry.key, entry.aliases)
+                settings = existing.settings
+            elif (keep_alive, at_start) != (existing.keep_alive, existing.at_start):
+                raise ValueError(
+                    f"models {existing.name!r} and {entry.name!r} share one loaded engine "
+                    f"({entry.path}, the same engine settings) but ask for a different "
+                    "keep_alive or load; give them the same, or make one an alias of the other")
+            if same_prompting(existing.settings, settings) and \
+                    defaults == dict(existing.defaults) and entry.system == existing.entry.system:
+                return self.add_backend(existing, entry.name, entry.key, entry.aliases)
+            view = NameView(existing, entry.name, entry.aliases, settings, defaults=defaults,
+                            system=entry.system)
+            return self.add_backend(view, entry.name, f"{entry.key}#{entry.name}", entry.aliases)
         model = ManagedModel(entry, settings, self.manager, keep_alive=keep_alive,
                              at_start=at_start, defaults=defaults)
         self.manager.add(model)
-        return self.add_backend(model, entry.name, entry.key, entry.aliases)
+        if engines:
+            log.info("model %s: its own engine of %s (engine settings differ from %s's: %s)",
+                     entry.name, entry.path, engines[0].name,
+                     ", ".join(engine_differences(engines[0].settings, settings)))
+        engines.append(model)
+        return self.add_backend(model, entry.name,
+                                f"{entry.key}#{entry.name}" if len(engines) > 1 else entry.key,
+                                entry.aliases)
 
     def managed(self, name: str) -> ManagedModel:
         """The managed model of a name (admin routes); else MODEL_NOT_FOUND."""
         service = self.get(name)
+        if isinstance(service, NameView):  # a name with its own prompting: its engine's
+            service = service.base
         if not isinstance(service, ManagedModel):
             raise LmserveError(ErrorKind.INVALID_REQUEST, f"the model '{name}' is not loaded "
                                "and unloaded by this server (an upstream, or an app's model)",
@@ -95,6 +139,11 @@ class ModelRegistry:
 
     def names(self, service: ModelBackend) -> list[str]:
         return [k for k, s in self._by_key.items() if s is service]
+
+    def engine_names(self, service: ModelBackend) -> list[str]:
+        """Every name a loaded engine serves: its own, and its views' (models.views)."""
+        return [k for k, s in self._by_key.items()
+                if s is service or (isinstance(s, NameView) and s.base is service)]
 
     def get(self, name: str | None) -> ModelBackend:
         if name is None or name == "":
@@ -146,9 +195,10 @@ class ModelRegistry:
 
     def _load_all(self, loop: asyncio.AbstractEventLoop) -> None:
         for service in self._services:
-            if service.card.state != LoadState.PENDING or \
+            if isinstance(service, NameView) or service.card.state != LoadState.PENDING or \
                     (isinstance(service, ManagedModel) and not service.at_start):
-                continue  # library models load when a request asks for them
+                continue  # library models load when a request asks for them; a view's engine
+                #           loads under its first name
             with _Progress(service.name) as progress:
                 try:
                     service.load(loop, progress.update)
