@@ -117,7 +117,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            minimum=1, aliases=("n_batch", "batch")),
     Option("mixed_prefill", int, ("--mixed-prefill",),
            "prompt tokens one step computes while other sequences decode, so a long prompt "
-           "does not stall them (default 64; 0: the whole --batch budget)", metavar="N",
+           "does not stall them (default 128; 0: the whole --batch budget)", metavar="N",
            minimum=0),
     Option("prefix_wait", int, ("--prefix-wait",),
            "a request whose prompt shares at least N more tokens with a prompt still being "

@@ -101,7 +101,7 @@ class EngineSettings:
     #                          of n_ctx cells; auto: split when that fits (engine.kv_layout)
     lookup: int = 0  # prompt-lookup speculation: most tokens drafted per sequence (0: off)
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
-    mixed_prefill: int = 64  # prompt tokens a step carries while others decode (0: no cap)
+    mixed_prefill: int = 128  # prompt tokens a step carries while others decode (0: no cap)
     prefix_wait: int = 64  # wait for an in-flight prefix this much longer (0: never)
     mmproj: str | None = None  # vision projector GGUF; None: the one found for the model, if any
     media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)

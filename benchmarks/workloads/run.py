@@ -54,7 +54,7 @@ FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 ALL = ("uniform", "multiturn", "shared_prefix", "long_decode", "agents", "edit", "restart")
-QUICK = defs.Scale(conversations=8, turns=3, questions=16, decode_seconds=20.0, agents=4,
+QUICK = defs.Scale(conversations=8, turns=3, questions=16, decode_seconds=30.0, agents=4,
                    agent_steps=3, edit_requests=4, uniform_levels=(1, 8))
 
 
@@ -121,10 +121,13 @@ class Server:
                  state_dir: Path) -> None:
         self.name, self.port = name, free_port()
         extra = FLAGS.get(name, {}).get(workload, ())
-        if name == "lmserve":
+        if name.startswith("lmserve"):
+            if name == "lmserve-before":  # the scheduler before session 9's two changes
+                extra = (*FLAGS["lmserve"].get(workload, ()), "--mixed-prefill", "0",
+                         "--prefix-wait", "0")
             if workload == "restart":
                 extra = (*extra, "--disk-cache", str(state_dir / "lmserve-disk-cache"))
-            self.spec = servers.lmserve(model, self.port, settings, extra=extra)
+            self.spec = servers.lmserve(model, self.port, settings, name=name, extra=extra)
         else:
             self.spec = servers.llama_server(model, self.port, settings,
                                              servers.llama_server_binary())
@@ -305,7 +308,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--workloads", default=",".join(ALL))
-    p.add_argument("--servers", default="lmserve,llama-server")
+    p.add_argument("--servers", default="lmserve,llama-server",
+                   help="two of lmserve, llama-server, lmserve-before (lmserve with "
+                        "--mixed-prefill 0 --prefix-wait 0); ratios are first / second")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000,
                    help="texts are drawn from it (default: the clock, so a rerun is cold)")
