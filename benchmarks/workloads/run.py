@@ -42,7 +42,11 @@ ITL_TARGET = 0.5
 
 # Each server's flags for a workload, beside the shared engine settings.
 FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
-    "lmserve": {"edit": ("--lookup", "8")},
+    # lmserve keeps --cache-slots idle conversations resident (default: a quarter of
+    # --parallel); the conversation workloads keep every conversation, as llama-server's RAM
+    # prompt cache does
+    "lmserve": {"edit": ("--lookup", "8"), "multiturn": ("--cache-slots", "48"),
+                "agents": ("--cache-slots", "16")},
     "llama-server": {
         # its prompt cache in RAM (--cache-ram, on by default at 8192 MiB) and KV shifting
         # for reuse of chunks past the first difference; --jinja for tool calls

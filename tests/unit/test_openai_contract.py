@@ -150,14 +150,14 @@ def test_responses_capacity_failure_over_the_websocket(responses_client):
     assert events[-1]["type"] == "response.failed"
 
 
-def test_responses_a_cancelled_generation_is_still_a_server_error():
+def test_responses_a_generation_cancelled_on_the_server_fails_retryably():
     app, _ = make_app(ScriptedService([[TokenOutput(0, "Hi", token_ids=[1])],  # type: ignore[arg-type]
                                        [TokenOutput(0, "", finish_reason="cancelled")]],
                                       CHATML_TEMPLATE), registry=ScriptedRegistry)  # type: ignore[arg-type]
     with TestClient(app) as client:
         r = client.post("/v1/responses", json={"model": "m", "input": "hi"})
-    assert r.status_code == 500
-    assert r.json()["error"]["message"] == "generation failed: cancelled"
+    assert r.status_code == 503  # not a server error: it was cancelled (an abort route)
+    assert r.json()["error"]["code"] == "request_cancelled"
 
 
 def test_response_error_events_name_the_kind():

@@ -127,8 +127,12 @@ async def run(turn: Turn) -> AsyncGenerator[JSON, None]:
         async for steps in turn.generation:
             for step in steps:
                 step.raise_failure()  # with its kind: the status, or the error event's type
-                if step.finish_reason == FINISH_CANCELLED:
-                    raise LmserveError(ErrorKind.INTERNAL, "generation failed: cancelled")
+                if step.finish_reason == FINISH_CANCELLED:  # aborted on the server's side
+                    # (an abort route, another replica's cancel): the Responses API has no
+                    # cancelled status for a response in the foreground, so it fails, with
+                    # a retryable status rather than a server error
+                    raise LmserveError(ErrorKind.UNAVAILABLE, "the request was cancelled on "
+                                       "the server before it finished", code="request_cancelled")
                 for event in events.chat(step.events, step):
                     yield event
                 if step.finished:
