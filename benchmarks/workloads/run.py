@@ -44,9 +44,10 @@ ITL_TARGET = 0.5
 FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
     # lmserve keeps --cache-slots idle conversations resident (default: a quarter of
     # --parallel); the conversation workloads keep every conversation, as llama-server's RAM
-    # prompt cache does
-    "lmserve": {"edit": ("--lookup", "8"), "multiturn": ("--cache-slots", "48"),
-                "agents": ("--cache-slots", "16")},
+    # prompt cache does. --kv-split keeps a stream per slot: with 56 slots of 4096 cells the
+    # auto layout would fall back to one shared pool, whose idle budget evicts them again.
+    "lmserve": {"edit": ("--lookup", "8"), "multiturn": ("--kv-split", "--cache-slots", "48"),
+                "agents": ("--kv-split", "--cache-slots", "16")},
     "llama-server": {
         # its prompt cache in RAM (--cache-ram, on by default at 8192 MiB) and KV shifting
         # for reuse of chunks past the first difference; --jinja for tool calls

@@ -154,9 +154,14 @@ class SlotPool:
                 and best.pin in (None, seq.request.pin):  # another session's: copy, never take
             # Taking runs in place and drops what the resident conversation has past the
             # shared prefix; fine when that is nothing, or when no empty slot is left anyway.
-            loses_nothing = target is best or best_len >= len(best.cached) or bool(target.cached)
+            continues = best_len >= len(best.cached)  # the resident conversation's next turn
+            loses_nothing = target is best or continues or bool(target.cached)
             bounds = self._busy_bounds()
-            if loses_nothing and self._layout(best, bounds) <= self._layout(target, bounds):
+            # A continuation runs in place even where the layout would rather use `target`
+            # when `target` holds another conversation: copying there would evict that one
+            # (measured: 48 interleaved conversations kept 0.65 of their prompts cached).
+            if loses_nothing and (self._layout(best, bounds) <= self._layout(target, bounds)
+                                  or (continues and bool(target.cached))):
                 return self._take(best, seq, best_len)
         # Sharing copies the prefix to `target`: free in a unified pool (cells are tagged), a
         # stream copy with split KV, so short prefixes are not worth it there.

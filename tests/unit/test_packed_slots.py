@@ -193,3 +193,26 @@ def test_sequences_ending_together_are_replaced_inside_the_busy_span():
     waited = [runs for queued, runs in layout if queued]
     assert len(waited) >= 40
     assert all(runs == 1 for runs in waited), waited
+
+
+def test_a_continuation_runs_in_place_rather_than_evict_another_conversation():
+    h = Harness(FakeRunner(), slots=4, running=3)
+    pool = h.core.pool
+    pool.packed = True
+    # two finished conversations: a in slot 3, b in slot 2; the runners take 0 and 1
+    a = finished_conversation_in(h, prompt(30, 24), 3)
+    finished_conversation_in(h, prompt(31, 24), 2)
+    b_tokens = pool.slots[2].cached[:]
+    runners = [h.submit(prompt(40 + i, 6), max_tokens=30) for i in range(2)]
+    h.core.step()
+    assert sorted(s.seq_id for s in pool.slots if s.busy) == [0, 1]
+    # a's next turn: slot 2 is beside the block, but copying a there would evict b
+    follow = prompt(30, 24) + h.tokens(a) + [5]
+    again = h.submit(follow, max_tokens=2)
+    h.core.step()
+    assert pool.slots[3].busy and pool.slots[2].cached == b_tokens
+    h.run()
+    assert h.final(again).usage.cached_tokens == 24 + 2 - 1
+    assert h.tokens(again) == reference_output(follow, 2)
+    for i, r in enumerate(runners):
+        assert h.tokens(r) == reference_output(prompt(40 + i, 6), 30)
