@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import signal
 import sys
 import tempfile
 import time
@@ -45,6 +43,14 @@ from typing import Any
 
 import httpx
 
+from benchmarks.harness.cluster import (
+    REPLICA_METRICS,
+    exit_on_sigterm,
+    replica_counters,
+    replica_urls,
+    router_counters,
+    router_metrics_url,
+)
 from lmserve.cluster import LocalCluster
 
 RESULTS = Path(__file__).parent / "results"
@@ -217,55 +223,6 @@ async def run_workload(url: str, args: argparse.Namespace) -> Outcome:
     return outcome
 
 
-# ---- what the replicas and the router report -------------------------------------------------
-
-def metric_sum(text: str, name: str) -> float:
-    """The sum of every sample of `name` (over its label sets) in a Prometheus text page."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-REPLICA_METRICS = ("lmserve_generated_tokens_total", "lmserve_prompt_tokens_total",
-                   "lmserve_prefix_cache_tokens_total")
-
-
-def replica_counters(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {name: metric_sum(text, name) for name in REPLICA_METRICS}
-
-
-def router_counters(metrics_url: str) -> dict[str, float]:
-    """The router's routing counters: its selections, each worker's answered requests
-    (smg_worker_cb_outcomes_total in 0.3.2) and cache-aware hits, misses and load-balancing
-    events where a version exports them; {} when it answers nothing."""
-    try:
-        text = httpx.get(metrics_url, timeout=10).text
-    except httpx.HTTPError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not re.search(r"selection_total|cb_outcomes_total|"
-                                                 r"cache_(hit|miss)|load_balanc", line):
-            continue
-        key, _, value = line.rpartition(" ")
-        try:
-            out[key] = out.get(key, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
-
-
-def _router_metrics_url(cluster: LocalCluster) -> str | None:
-    argv = cluster.router.argv
-    if "--prometheus-port" not in argv:
-        return None
-    port = argv[argv.index("--prometheus-port") + 1]
-    return f"http://127.0.0.1:{port}/metrics"
-
-
 # ---- one setup -------------------------------------------------------------------------------
 
 def run_setup(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -280,9 +237,9 @@ def run_setup(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
           flush=True)
     cluster.start()
     try:
-        urls = [c.url for c in cluster.children if c.name.startswith("replica")]
+        urls = replica_urls(cluster)
         target = urls[0] if name == "single" else cluster.router.url
-        metrics_url = _router_metrics_url(cluster)
+        metrics_url = router_metrics_url(cluster.router)
         before = [replica_counters(u) for u in urls]
         router_before = router_counters(metrics_url) if metrics_url else {}
         started = time.monotonic()
@@ -430,8 +387,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM stops the clusters too (a background job started by a shell ignores SIGINT)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()  # SIGTERM stops the clusters too
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cluster-locality-") as tmp:
         for name in args.setups.split(","):

@@ -71,8 +71,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--media-max-bytes", type=int,
                    help="largest image, decoded or downloaded, in bytes (default 20 MiB)")
     p.add_argument("--media-timeout", type=float,
-                   help="seconds for one image download (default 10)")
-    p.add_argument("--media-max-images", type=int, help="most images per request (default 16)")
+                   help="seconds for one image or audio download (default 10)")
+    p.add_argument("--media-max-images", type=int,
+                   help="most images and audio clips per request (default 16)")
+    p.add_argument("--audio-max-bytes", type=int,
+                   help="largest audio clip (WAV or MP3), inline or downloaded, in bytes "
+                        "(default 100 MiB)")
     p.add_argument("--api-key", action="append", dest="api_keys",
                    help="require this key (Authorization: Bearer or x-api-key); repeatable")
     p.add_argument("--api-key-file", metavar="FILE",
@@ -155,6 +159,7 @@ def serve(args: argparse.Namespace) -> int:
                                     section.keep_alive, section.at_start, section.params))
         fill_registry(registry, start, library, cfg.engine)
         check_drafts(registry)  # a draft model with another vocabulary: exit 2
+        check_rpc(cfg)  # an RPC server that cannot be reached, or no RPC backend: exit 2
         keys = KeyRing(cfg.api_keys, cfg.admin_keys, cfg.api_key_file)  # a bad line: exit 2
         app = create_app(registry, api_keys=cfg.api_keys, upstreams=cfg.upstreams,
                          store=StoreSettings(url=cfg.store, data_dir=cfg.data_dir,
@@ -196,6 +201,48 @@ def check_drafts(models: Iterable[Any]) -> None:
             continue
         if settings is not None and getattr(settings, "draft", None) and path:
             check_files(path, settings.draft, backend.name)
+
+
+def check_rpc(cfg: config.ServerConfig) -> None:
+    """Refuse, before the port is bound, --rpc servers (the server's, or a [models.NAME]
+    section's) that cannot be used: a build without the RPC backend, a server that cannot be
+    reached, is busy or speaks another protocol (ValueError naming the flag and the server)."""
+    endpoints = dict.fromkeys(e for s in (cfg.engine, *(st for _, st in cfg.model_sections))
+                              for e in s.rpc)
+    if endpoints:
+        from lmserve.engine import rpc_server
+
+        rpc_server.check(endpoints)
+
+
+def rpc_server(args: argparse.Namespace) -> int:
+    """`lmserve rpc-server`: serve this host's devices to other hosts' `lmserve serve --rpc`
+    through llama.cpp's RPC server, until SIGINT or SIGTERM."""
+    from lmserve.engine import rpc_server as server
+
+    return server.serve(args.host, args.port, threads=args.threads, cache_dir=args.cache,
+                        device_names=[n.strip() for n in ",".join(args.device or []).split(",")
+                                      if n.strip()])
+
+
+def _rpc_server_arguments(p: argparse.ArgumentParser) -> None:
+    from lmserve.engine.rpc import DEFAULT_PORT
+
+    p.add_argument("--host", default="127.0.0.1",
+                   help="IPv4 address to listen on (default 127.0.0.1). The server has no "
+                        "authentication or encryption: anything else is for a private "
+                        "network only")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--threads", "-t", type=int, metavar="N",
+                   help="CPU threads of the CPU device (default: all cores)")
+    p.add_argument("--cache", metavar="DIR",
+                   help="keep the large tensors clients send here, by hash, so a client that "
+                        "loads the same model again sends hashes instead of the weights "
+                        "(default: off)")
+    p.add_argument("--device", "-d", action="append", metavar="NAME[,NAME...]",
+                   help="the devices to serve, by ggml name (CUDA0, Vulkan0, CPU, ...); "
+                        "repeatable (default: the GPUs, else the CPU)")
 
 
 def _aliases(name: str, path: str) -> list[str]:
@@ -263,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "sglang-router in front (development and tests)")
     cluster_arguments(p_cluster)
     p_cluster.set_defaults(func=cluster_main)
+    p_rpc = sub.add_parser("rpc-server", help="serve this host's CPU or GPUs to other hosts' "
+                           "`lmserve serve --rpc` (llama.cpp's RPC backend, experimental)")
+    _rpc_server_arguments(p_rpc)
+    p_rpc.set_defaults(func=rpc_server)
     return parser
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmserve.chat.media import MEDIA_KEYS, media_policy
+from lmserve.chat.media import MEDIA_ALIASES, MEDIA_KEYS, media_policy
 from lmserve.chat.overflow import OVERFLOW_POLICIES
 from lmserve.chat.response_schema import response_schema_text
 from lmserve.core.errors import LmserveError
-from lmserve.core.lora import parse_specs
+from lmserve.core.lora import LoraSpec, parse_specs
 from lmserve.engine import hardware
 from lmserve.engine.disk_cache import ByteSize
 from lmserve.engine.kv_layout import LAYOUTS
@@ -29,6 +29,53 @@ def draft_path(reference: Any) -> str:
     """--draft: a model reference (a GGUF path, a bundled name, hf://...) as its file."""
     try:
         return resolve(str(reference)).path
+    except LmserveError as exc:
+        raise ValueError(exc.message) from None
+
+
+def hub_path(reference: str, key: str) -> str:
+    """hf://owner/repo/file.gguf[@revision] as its file in huggingface_hub's cache (fetched
+    there unless HF_HUB_OFFLINE is set), as models.resolve fetches models; ValueError names
+    the configuration key."""
+    try:
+        return resolve(reference).path
+    except LmserveError as exc:
+        raise ValueError(f"{key}: {exc.message}") from None
+
+
+def pretrained_reference(value: Any, key: str) -> str:
+    """Seed 003's `from_pretrained` table, {repo_id, filename, revision?}, as an hf://
+    reference; ValueError names the key when its shape is wrong."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}: expected a table {{repo_id, filename}}, got {value!r}")
+    unknown = sorted(set(value) - {"repo_id", "filename", "revision"})
+    if unknown:
+        raise ValueError(f"{key}: unknown key(s) {', '.join(unknown)} (it takes repo_id, "
+                         "filename and revision)")
+    repo_id, filename, revision = value.get("repo_id"), value.get("filename"), \
+        value.get("revision")
+    if not isinstance(repo_id, str) or len(repo_id.split("/")) != 2 or \
+            not all(repo_id.split("/")):
+        raise ValueError(f"{key}.repo_id: expected a Hugging Face repository, owner/name, got "
+                         f"{repo_id!r}")
+    if not isinstance(filename, str) or not filename.endswith(".gguf") or \
+            filename.startswith("/") or any(c in filename for c in "*?["):
+        raise ValueError(f"{key}.filename: expected the path of a .gguf file in the "
+                         f"repository (no patterns), got {filename!r}")
+    if revision is not None and (not isinstance(revision, str) or not revision or
+                                 "@" in revision):
+        raise ValueError(f"{key}.revision: expected a branch, tag or commit, got {revision!r}")
+    return f"hf://{repo_id}/{filename}" + (f"@{revision}" if revision else "")
+
+
+def projector_path(reference: Any) -> str:
+    """--mmproj / mmproj_path: a projector GGUF's path as given, or hf://owner/repo/file.gguf
+    (a Hugging Face projector, through huggingface_hub's cache)."""
+    text = str(reference)
+    if not text.startswith("hf://"):
+        return text
+    try:
+        return resolve(text).path
     except LmserveError as exc:
         raise ValueError(exc.message) from None
 
@@ -149,11 +196,11 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "context, verified in the batch (default 0: off; 8 is a good value)"),
     Option("lookup_budget", int, ("--lookup-budget",),
            "most drafted tokens verified per engine step (default 16)"),
-    Option("mmproj", str, ("--mmproj",),
-           "multimodal (vision) projector GGUF for the model (default: the mmproj GGUF of "
-           "the model file's folder that belongs to it: named after it, or alone with it)",
-           metavar="PATH",
-           aliases=("mmproj_path",)),
+    Option("mmproj", projector_path, ("--mmproj",),
+           "multimodal (vision) projector GGUF for the model, a path or "
+           "hf://owner/repo/file.gguf (default: the mmproj GGUF of the model file's folder "
+           "that belongs to it: named after it, or alone with it)",
+           metavar="PATH", aliases=("mmproj_path",), flag_text=True),
     Option("media_cache_bytes", int, ("--media-cache-bytes",),
            "memory for encoded images, reused when the same image comes again (default "
            "256 MiB)", minimum=0),
@@ -202,6 +249,12 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "the GPU for the whole model with --split-mode none (default 0)", minimum=0),
     Option("tensor_split", hardware.tensor_split, ("--tensor-split", "-ts"),
            "the share of the model on each GPU, e.g. 3,1", metavar="A,B,..."),
+    Option("rpc", hardware.rpc_servers, ("--rpc",),
+           "offload layers to the devices of llama.cpp RPC servers on other hosts (`lmserve "
+           "rpc-server`), before this host's GPUs: --gpu-layers says how many, --tensor-split "
+           "their shares; experimental, unauthenticated: a private network only "
+           "(docs/deploy.md) (default: none)", metavar="HOST:PORT,...",
+           aliases=("rpc_servers",), flag_text=True),
     Option("flash_attn", hardware.flash_attn, ("--flash-attn", "-fa"),
            "flash attention: on, off or auto (default: llama.cpp decides per device)",
            choices=tuple(hardware.FLASH_ATTN)),
@@ -239,8 +292,10 @@ def load_file(path: str) -> dict[str, Any]:
         elif key == "models" and isinstance(value, list):
             flat["models"] = [m if isinstance(m, str) else _model_entry(m) for m in value
                               if isinstance(m, str) or set(m) <= _PLAIN_MODEL_KEYS]
-            flat["model_sections"] = [m for m in value if isinstance(m, dict)
-                                      and "upstream" not in m and not set(m) <= _PLAIN_MODEL_KEYS]
+            flat["model_sections"] = [
+                _section_mtmd(str(m.get("name") or m.get("alias") or "?"), m) for m in value
+                if isinstance(m, dict) and "upstream" not in m
+                and not set(m) <= _PLAIN_MODEL_KEYS]
             flat["upstreams"] = [_upstream_entry(str(m.get("name") or ""), m) for m in value
                                  if isinstance(m, dict) and "upstream" in m]
         elif key == "models" and isinstance(value, dict):  # [models.NAME] tables
@@ -252,14 +307,12 @@ def load_file(path: str) -> dict[str, Any]:
                 elif set(entry) <= _PLAIN_MODEL_KEYS:
                     flat.setdefault("models", []).append(_model_entry({"name": name, **entry}))
                 else:  # a model with settings of its own (lmserve.models.sections)
-                    if isinstance(entry.get("mtmd"), dict):
-                        entry = {**{k: v for k, v in entry.items() if k != "mtmd"},
-                                 **_mtmd_keys(entry["mtmd"])}
-                    flat.setdefault("model_sections", []).append({"name": name, **entry})
+                    flat.setdefault("model_sections", []).append(
+                        {"name": name, **_section_mtmd(name, entry)})
         else:
             flat[key] = value
-    if isinstance(flat.get("mtmd"), dict):  # seed 003's model.mtmd table
-        flat.update(_mtmd_keys(flat.pop("mtmd")))
+    if "mtmd" in flat:  # seed 003's model.mtmd table
+        flat.update(_mtmd_keys(flat.pop("mtmd"), "mtmd"))
     if "path" in flat:  # seed 003 style: model.path (+ alias)
         ref = str(flat.pop("path"))
         alias = flat.pop("alias", None)
@@ -270,15 +323,40 @@ def load_file(path: str) -> dict[str, Any]:
 _PLAIN_MODEL_KEYS = {"name", "path", "model", "alias"}  # a model entry without settings
 
 
-def _mtmd_keys(table: dict[str, Any]) -> dict[str, Any]:
+# seed 003's `mtmd` table: the projector (a file, or a Hugging Face one), the embedding cache's
+# disk tier and the media policy (audio_max_bytes is known when audio input is)
+MTMD_KEYS = ("mmproj_path", "mmproj_from_pretrained", "embedding_cache", "image_max_bytes",
+             "audio_max_bytes", "image_timeout_seconds", "allowed_media_domains",
+             "allowed_local_media_path")
+
+
+def _mtmd_keys(table: Any, where: str) -> dict[str, Any]:
     """Seed 003's `mtmd` table as flat keys: embedding_cache.path and .max_bytes become
-    embedding_cache_path and embedding_cache_max_bytes (the disk tier); the rest as named."""
+    embedding_cache_path and embedding_cache_max_bytes (the disk tier); the rest as named
+    (build() reads them). A key it does not take is refused by its dotted name."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table")
+    unknown = sorted(set(table) - set(MTMD_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (it takes "
+                         f"{', '.join(MTMD_KEYS)})")
+    if "mmproj_path" in table and "mmproj_from_pretrained" in table:
+        raise ValueError(f"{where}: mmproj_path and mmproj_from_pretrained both name the "
+                         "projector; give one")
     flat = {k: v for k, v in table.items() if k != "embedding_cache"}
     cache = table.get("embedding_cache") or {}
     if not isinstance(cache, dict) or set(cache) - {"path", "max_bytes"}:
-        raise ValueError("mtmd.embedding_cache takes path and max_bytes")
+        raise ValueError(f"{where}.embedding_cache takes path and max_bytes")
     flat.update({f"embedding_cache_{k}": v for k, v in cache.items()})
     return flat
+
+
+def _section_mtmd(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A model section with its `mtmd` table read as flat keys."""
+    if "mtmd" not in entry:
+        return entry
+    return {**{k: v for k, v in entry.items() if k != "mtmd"},
+            **_mtmd_keys(entry["mtmd"], f"models.{name}.mtmd")}
 
 
 def _model_section(entry: dict[str, Any], base: EngineSettings
@@ -286,13 +364,19 @@ def _model_section(entry: dict[str, Any], base: EngineSettings
     """A model's own section, and its engine settings: the server's, with the section's."""
     name = str(entry.get("name") or entry.get("alias") or "?")
     section = parse_section(name, entry, lambda k: _ALIASES.get(k, k) in _ENGINE_KEYS or
-                            k in ("chat_template", "loras"))
+                            k in ("chat_template", "loras", "mmproj_from_pretrained") or
+                            k in MEDIA_KEYS)
+    media = {k: v for k, v in section.engine.items() if k in MEDIA_KEYS}
     try:
         own = build(dict(section.engine)).engine
+        # the media policy: the server's, with what the section sets
+        policy = media_policy(media, base.media) if media else base.media
     except ValueError as exc:
         raise ValueError(f"models.{name}: {exc}") from None
-    fields = {_ALIASES.get(k, k) for k in section.engine}
-    return section, dataclasses.replace(base, **{f: getattr(own, f) for f in fields})
+    fields = {_SPELLED.get(k) or _ALIASES.get(k, k) for k in section.engine
+              if k not in MEDIA_KEYS}
+    return section, dataclasses.replace(base, media=policy,
+                                        **{f: getattr(own, f) for f in fields})
 
 
 def _model_entry(entry: dict[str, Any]) -> str:
@@ -350,6 +434,10 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 _LISTS = ("models", "api_keys", "admin_keys", "cors_origins", "upstreams")
+# One setting under several names (seed 003's among them): a layer gives it once, and a later
+# layer's name replaces an earlier one's. key -> the setting (for mmproj: its field)
+_SPELLED = {"mmproj": "mmproj", "mmproj_path": "mmproj", "mmproj_from_pretrained": "mmproj",
+            **{k: MEDIA_ALIASES.get(k, k) for k in MEDIA_KEYS}}
 _POSITIVE = ("max_body_bytes", "max_prompt_tokens", "max_output_tokens")
 
 
@@ -357,11 +445,23 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
     """Merge layers (later wins; None values are skipped) into a validated ServerConfig."""
     merged: dict[str, Any] = {}
     for layer in layers:
+        named: dict[str, str] = {}  # a setting of _SPELLED -> the name this layer gave it by
         for key, value in layer.items():
             if value is None or (key in _LISTS and not value):
                 continue
             if key == "kv_split":  # the --kv-split flag: kv_layout split (or shared if false)
                 key, value = "kv_layout", "split" if _coerce(key, value, Flag) else "shared"
+            setting = _SPELLED.get(key)
+            if setting is not None:
+                if setting in named and named[setting] != key:
+                    raise ValueError(f"{named[setting]} and {key} are one setting; give one")
+                named[setting] = key
+                for other, same in _SPELLED.items():  # an earlier layer's, by any name
+                    if same == setting:
+                        merged.pop(other, None)
+                if key == "mmproj_from_pretrained":
+                    merged[key] = value
+                    continue
             merged[_ALIASES.get(key, key)] = value
     server: dict[str, Any] = {}
     engine: dict[str, Any] = {}
@@ -376,8 +476,10 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
         elif key == "chat_template":  # a string, or its lines as a list of strings (seed 003)
             engine[key] = _template_source("\n".join(map(str, value)) if isinstance(value, list)
                                            else str(value))
+        elif key == "mmproj_from_pretrained":  # {repo_id, filename}: the file in HF's cache
+            engine["mmproj"] = _coerce(key, pretrained_reference(value, key), projector_path)
         elif key == "loras":
-            engine[key] = parse_specs(value)
+            engine[key] = _lora_specs(value)
         elif key in LIBRARY_KEYS:
             library[key] = value
         elif key == "model_sections":
@@ -425,6 +527,24 @@ def build(*layers: dict[str, Any]) -> ServerConfig:
     hardware.check_kv_types(settings.cache_type_k, settings.cache_type_v, settings.flash_attn)
     return ServerConfig(**server, engine=settings, library=library_settings(library),
                         model_sections=tuple(_model_section(e, settings) for e in sections))
+
+
+def _lora_specs(value: Any) -> tuple[LoraSpec, ...]:
+    """The `loras` setting, with seed 003's `from_pretrained` {repo_id, filename} entries and
+    hf://owner/repo/file.gguf paths (--lora ALIAS=hf://...) as files in HF's cache."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and "from_pretrained" in item:
+            where = f"loras[{i}].from_pretrained"
+            if item.get("path"):
+                raise ValueError(f"loras[{i}]: path and from_pretrained both name the "
+                                 "adapter; give one")
+            reference = pretrained_reference(item["from_pretrained"], where)
+            items[i] = {**{k: v for k, v in item.items() if k != "from_pretrained"},
+                        "path": hub_path(reference, where)}
+    specs = parse_specs(items)
+    return tuple(dataclasses.replace(s, path=hub_path(s.path, f"LoRA '{s.alias}'"))
+                 if s.path.startswith("hf://") else s for s in specs)
 
 
 def _coerce(key: str, value: Any, kind: Callable[[Any], Any]) -> Any:

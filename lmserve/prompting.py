@@ -15,10 +15,10 @@ from typing import Any, Protocol
 from lmserve.chat.media import (
     MediaPolicy,
     check_images,
+    check_kinds,
     decode_inline,
     is_local,
     local_file,
-    no_projector,
     verified,
 )
 from lmserve.chat.overflow import TRUNCATION_NOTE, fit_chat
@@ -70,13 +70,18 @@ class Vocabulary(Protocol):
 
 
 class MediaTokenizer(Protocol):
-    """A vision projector's side of prompt preparation (engine.runner.Projector)."""
+    """A multimodal projector's side of prompt preparation (engine.runner.Projector):
+    whether it takes images and audio, and the tokens of a prompt with them."""
 
     @property
     def vision(self) -> bool: ...
 
+    @property
+    def audio(self) -> bool: ...
+
     def tokenize(self, text: str, images: Sequence[tuple[bytes, str]], *, add_special: bool,
-                 params: Sequence[str] = ()) -> tuple[list[int], list[MediaSpan]]: ...
+                 params: Sequence[str] = (), kinds: Sequence[str] = ()
+                 ) -> tuple[list[int], list[MediaSpan]]: ...
 
 
 class Prompter:
@@ -96,6 +101,7 @@ class Prompter:
         self.context_overflow = context_overflow
         self.projector = projector
         self.vision = projector is not None and projector.vision
+        self.audio = projector is not None and projector.audio
         self.reasoning_tags = detect_reasoning_tags(template.source if template else None)
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
@@ -103,7 +109,8 @@ class Prompter:
                     tools: list[dict[str, Any]] | None = None) -> str:
         template = self._chat_template()
         try:
-            return template.render([_template_message(m, self.vision) for m in messages],
+            return template.render([_template_message(m, self.projector is not None)
+                                    for m in messages],
                                    add_generation_prompt=add_generation_prompt, tools=tools,
                                    **(template_kwargs or {}))
         except TemplateError as exc:
@@ -142,9 +149,8 @@ class Prompter:
     def _prepare_chat(self, request: GenerationRequest) -> PreparedPrompt:
         """Render the turn's plan: tools, fallback prompt, grammar (see chat.turn); under
         context_overflow "truncate", of the fewest oldest turns dropped (chat.overflow)."""
-        images = check_images(request.messages, self.media)  # the policy's 400s first
-        if images and not self.vision:
-            raise no_projector(self.name, images[0])
+        media = check_images(request.messages, self.media)  # the policy's 400s first
+        check_kinds(self.name, media, vision=self.vision, audio=self.audio)
         if (request.context_overflow or self.context_overflow) == "truncate":
             prepared, dropped = fit_chat(request, self._render_turn, self.n_ctx)
             return replace(prepared, dropped_messages=dropped, truncating=True)
@@ -160,7 +166,7 @@ class Prompter:
             texts.update(self.response_schema.markers)
         markers = self.vocab.control_tokens(texts)
         images = [image for message in plan.messages for image in _in_order(message)]
-        if images and self.vision:
+        if images and self.projector is not None:  # check_kinds: each of a kind it takes
             tokens, media = self._tokenize_media(text, images)
             return PreparedPrompt(tokens, text, grammar, plan.tool_format, markers=markers,
                                   media=tuple(media))
@@ -169,18 +175,19 @@ class Prompter:
 
     def _tokenize_media(self, text: str, images: list[ImageInput]
                         ) -> tuple[list[int], list[MediaSpan]]:
-        """The prompt's ids with each image's stand-ins, its images read (inline data, or a
-        file of the media directory) and keyed by their content hash."""
+        """The prompt's ids with each input's stand-ins, its images and audio clips read
+        (inline data, or a file of the media directory) and keyed by their content hash."""
         assert self.projector is not None
         loaded = []
         for image in images:
             data = self._image_bytes(image)
             loaded.append((data, hashlib.sha256(data).hexdigest()))
         tokens, spans = self.projector.tokenize(text, loaded, add_special=True,
-                                                params=[i.param for i in images])
+                                                params=[i.param for i in images],
+                                                kinds=[i.kind for i in images])
         if spans and spans[-1].end >= len(tokens):
-            raise invalid("the prompt ends with an image; a text turn must follow it",
-                          param="messages")
+            raise invalid("the prompt ends with an image or audio clip; a text turn must "
+                          "follow it", param="messages")
         bos = self.vocab.info.bos_token
         if len(tokens) >= 2 and tokens[0] == tokens[1] and bos and text.startswith(bos) \
                 and self.vocab.info.add_bos:  # the template's BOS plus the vocabulary's
@@ -194,11 +201,13 @@ class Prompter:
         if is_local(image):
             path = local_file(image, self.media)
             with path.open("rb") as f:
-                return verified(f.read(self.media.max_bytes + 1), None, image, self.media).data
+                data = f.read(self.media.limit(image.kind) + 1)
+            return verified(data, None, image, self.media).data
         # http(s) URLs were downloaded and put inline before preparation (fetch_media); a
         # caller that prepares without that step cannot take them.
-        raise invalid(f"{image.param}: image URLs are not taken here; send the image inline "
-                      "(base64 / data: URL)", param=image.param, code="invalid_image")
+        kind = image.kind
+        raise invalid(f"{image.param}: {kind} URLs are not taken here; send the {kind} inline "
+                      "(base64 / data: URL)", param=image.param, code=f"invalid_{kind}")
 
     def chat_parser(self, request: GenerationRequest, prepared: PreparedPrompt) -> StreamParser:
         """A fresh parser for one choice: reasoning first, then tool calls (or the model's
@@ -247,10 +256,10 @@ def _in_order(message: ChatMessage) -> list[ImageInput]:
     return sorted(message.images, key=lambda image: image.offset)
 
 
-def _template_message(message: ChatMessage, vision: bool = False) -> dict[str, Any]:
+def _template_message(message: ChatMessage, markers: bool = False) -> dict[str, Any]:
     data = message.as_template_dict()
-    if vision and message.images and isinstance(data.get("content"), str):
-        content = data["content"]  # each image's media marker where it stood in the text
+    if markers and message.images and isinstance(data.get("content"), str):
+        content = data["content"]  # each input's media marker where it stood in the text
         for image in reversed(_in_order(message)):
             at = min(image.offset, len(content))
             content = content[:at] + MEDIA_MARKER + content[at:]

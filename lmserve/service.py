@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lmserve.chat.media import MediaPolicy
+from lmserve.chat.media import MediaPolicy, check_kinds
 from lmserve.chat.media_load import MediaFetcher
 from lmserve.chat.reasoning import detect_reasoning_tags
 from lmserve.chat.response_schema import load_response_schema
@@ -55,6 +55,7 @@ from lmserve.engine.runner import (
     default_threads,
     gpu_build,
     gpu_devices,
+    offload_devices,
     read_info,
     validate_grammar,
 )
@@ -103,7 +104,7 @@ class EngineSettings:
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
     mixed_prefill: int = 128  # prompt tokens a step carries while others decode (0: no cap)
     prefix_wait: int = 64  # wait for an in-flight prefix this much longer (0: never)
-    mmproj: str | None = None  # vision projector GGUF; None: the one found for the model, if any
+    mmproj: str | None = None  # projector GGUF (vision, audio); None: the one found for the model
     media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)
     media_cache_dir: str | None = None  # and on disk here (engine.media_cache); None: not
     media_cache_disk_bytes: int = 1 << 30  # the disk tier's bound (LRU files)
@@ -128,6 +129,9 @@ class EngineSettings:
     mmap: bool = True
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    # llama.cpp RPC servers (HOST:PORT) whose devices take the offloaded layers, before this
+    # host's GPUs (engine.runner.offload_devices; docs/deploy.md)
+    rpc: tuple[str, ...] = ()
 
 
 class ModelService:
@@ -162,7 +166,7 @@ class ModelService:
         self._embed_lock = threading.Lock()
         self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
         self._draining = False
-        self.projector: Projector | None = None  # the vision projector (mmproj), if loaded
+        self.projector: Projector | None = None  # the multimodal projector (mmproj), if loaded
         self.found_mmproj: str | None = None  # a projector the library matched to the model
         #                                       (models.projectors), used without settings.mmproj
         self.media_fetcher = MediaFetcher()  # image URLs, downloaded before preparation
@@ -180,7 +184,8 @@ class ModelService:
 
         try:
             self.placement, self.offload = self._placement()
-            log.info("model %s: %s", self.name, self.offload.reason)
+            log.info("model %s: %s%s", self.name, self.offload.reason,
+                     f" ({', '.join(self.offload.devices)})" if self.offload.devices else "")
             self.model = Model(self.path, progress=on_progress, placement=self.placement)
             shape = kv_layout.kv_shape_from_metadata(self.model.info.metadata)
             hardware.check_kv_types(self.placement.cache_type_k, self.placement.cache_type_v,
@@ -254,7 +259,13 @@ class ModelService:
         Only an auto setting on a machine with a GPU needs the model's shape (read without
         its weights)."""
         s = self.settings
-        devices = gpu_devices() if s.gpu_layers != "0" else []
+        if s.gpu_layers == "0":
+            devices = []
+            if s.rpc:
+                log.warning("model %s: --rpc with --gpu-layers 0 offloads nothing to the RPC "
+                            "servers", self.name)
+        else:
+            devices = [d for _, d in offload_devices(s.rpc)] if s.rpc else gpu_devices()
         n_layer, size, kv_bytes = 0, 0, 0
         if devices:
             info = read_info(self.path)
@@ -272,7 +283,8 @@ class ModelService:
             gpu_layers=layers, split_mode=s.split_mode, main_gpu=s.main_gpu,
             tensor_split=s.tensor_split, mmap=s.mmap, mlock=s.mlock,
             cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
-            flash_attn=s.flash_attn, kv_offload=s.kv_offload, op_offload=s.op_offload), plan
+            flash_attn=s.flash_attn, kv_offload=s.kv_offload, op_offload=s.op_offload,
+            rpc=s.rpc if layers else ()), plan
 
     def _start_engine(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self.model is not None
@@ -422,7 +434,8 @@ class ModelService:
             step_tokens=s.step_tokens, threads=threads,
             embedding_ctx=s.embedding_ctx,
             chat_template=self.template.source if self.template is not None else None,
-            reasoning_tags=self.reasoning_tags, vision=self.vision, loras=s.loras,
+            reasoning_tags=self.reasoning_tags, vision=self.vision, audio=self.audio,
+            loras=s.loras,
             kv_layout=("split" if self.layout.split else "shared") if model else None,
             weights=weights, placement=self._placement_facts() if model else None,
             settings=settings)
@@ -436,7 +449,7 @@ class ModelService:
             weights_gpu_bytes=plan.weights_on_gpu(size) if plan.n_layer else 0,
             kv_where="gpu" if plan.layers > 0 and place.kv_offload else "cpu",
             cache_type_k=place.cache_type_k, cache_type_v=place.cache_type_v,
-            kv_bytes=self.kv_bytes, flash_attn=place.flash_attn)
+            kv_bytes=self.kv_bytes, flash_attn=place.flash_attn, devices=plan.devices)
 
     def _settings_view(self) -> tuple[Mapping[str, Any], int]:
         """The card's read-only view of the settings and the threads they mean, made once per
@@ -517,16 +530,24 @@ class ModelService:
         return self._prompts().prepare(request)
 
     async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
-        """Image URLs downloaded under the media policy, for a model with a vision projector
-        (without one, preparation refuses the images: nothing is fetched for nothing)."""
-        if not self.vision:
+        """Media URLs downloaded under the media policy, for a model with a projector that
+        takes every kind the request holds (else preparation refuses them: nothing is fetched
+        for nothing)."""
+        media = [item for m in request.messages or () for item in m.images]
+        if not media or (self.vision, self.audio) == (False, False):
             return request
+        check_kinds(self.name, media, vision=self.vision, audio=self.audio)
         return await self.media_fetcher.fetch_images(request, self.settings.media)
 
     @property
     def vision(self) -> bool:
-        """Whether a vision projector (mmproj) is loaded."""
+        """Whether a projector (mmproj) that takes images is loaded."""
         return self.projector is not None and self.projector.vision
+
+    @property
+    def audio(self) -> bool:
+        """Whether a projector (mmproj) with an audio encoder is loaded."""
+        return self.projector is not None and self.projector.audio
 
     def mmproj_path(self) -> str | None:
         """The projector to load: --mmproj / mmproj_path, else the one the library found for
@@ -557,7 +578,9 @@ class ModelService:
             log.warning("model %s: the projector found for it is not used: %s", self.name, exc)
             return
         self.projector = projector
-        log.info("model %s: vision projector %s", self.name, path)
+        takes = " and ".join(k for k, on in (("images", projector.vision),
+                                             ("audio", projector.audio)) if on)
+        log.info("model %s: projector %s (%s)", self.name, path, takes or "no inputs")
 
     @property
     def reasoning_tags(self) -> tuple[str, str] | None:
@@ -624,7 +647,7 @@ class ModelService:
             self.check_grammar(sampling.grammar)
         assert self.client is not None
         if prepared.media and request.prompt_logprobs is not None:
-            raise invalid("prompt logprobs are not available for a prompt with images",
+            raise invalid("prompt logprobs are not available for a prompt with images or audio",
                           param="prompt_logprobs")
         engine_request = EngineRequest(
             prompt_tokens=prepared.tokens, sampling=sampling, max_tokens=max_tokens,

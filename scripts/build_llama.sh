@@ -9,12 +9,15 @@
 # into our own cache directory whose name is a hash of version + flags.
 # LMSERVE_CMAKE_ARGS adds flags after those (e.g. -DGGML_CUDA=ON for a CUDA build, which keeps
 # the safe CPU flags for the layers left on the CPU); CMake takes the last -D of a name, so it
-# can also turn a detected flag off. On macOS the CPU list is empty and Metal stays on.
+# can also turn a detected flag off (-DGGML_RPC=OFF drops the RPC backend). On macOS the CPU list is empty and Metal stays on.
 set -euo pipefail
 PY="${1:?usage: build_llama.sh PYTHON}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ARGS="$("$PY" "$HERE/cpu_cmake_args.py")"
+# llama.cpp's RPC backend (ggml-rpc): `--rpc host:port` puts layers on other hosts' devices and
+# `lmserve rpc-server` serves this host's; it is one small source file and links nothing new.
+ARGS="$ARGS -DGGML_RPC=ON"
 if [ -n "${LMSERVE_CMAKE_ARGS:-}" ]; then ARGS="$ARGS $LMSERVE_CMAKE_ARGS"; fi
 KEY=$(printf '%s|%s|%s' "$VERSION" "$ARGS" "$("$PY" -c 'import sys;print(sys.implementation.cache_tag)')" | sha256sum | cut -c1-16)
 CACHE="${LMSERVE_WHEEL_CACHE:-$HOME/.cache/lmserve/wheels}/$KEY"

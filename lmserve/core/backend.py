@@ -107,6 +107,10 @@ class ChoiceStep:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     end: Terminal | None = None
+    # The choice's usage so far (the prompt, this choice's tokens) where the backend learns it
+    # as it goes rather than from token_ids: an upstream's running counts, asked for by
+    # GenerationRequest.continuous_usage. The terminal's usage replaces it.
+    running: Usage | None = None
 
     @property
     def finished(self) -> bool:
@@ -156,7 +160,7 @@ def choice_step(out: TokenOutput, events: list[ChatEvent] | None = None) -> Choi
 
 
 async def with_media(backend: ModelBackend, request: GenerationRequest) -> GenerationRequest:
-    """The request ready for `backend.prepare`: its image URLs fetched, if it has any."""
+    """The request ready for `backend.prepare`: its media URLs fetched, if it has any."""
     if request.messages and any(image.remote for m in request.messages for image in m.images):
         return await backend.fetch_media(request)
     return request
@@ -253,6 +257,9 @@ class PlacementFacts:
     cache_type_v: str = "f16"
     kv_bytes: int = 0  # the KV cache's size, all streams
     flash_attn: str = "auto"
+    # the devices offloaded layers go to, "NAME (DESCRIPTION)": GPUs, and RPC servers' devices
+    # ("RPC0 (host:port)", counted as "gpu" above)
+    devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,6 +332,7 @@ class ModelCard:
     chat_template: str | None = None  # the template's source; None: no template
     reasoning_tags: tuple[str, str] | None = None
     vision: bool = False
+    audio: bool = False  # a projector with an audio encoder (audio input)
     loras: tuple[LoraSpec, ...] = ()
     kv_layout: str | None = None  # "split" | "shared" once loaded (llama.cpp)
     weights: WeightsFacts | None = None  # once loaded (llama.cpp) or reported (upstream)
@@ -400,10 +408,10 @@ class ModelBackend(Protocol):
     def prepare(self, request: GenerationRequest) -> PreparedPrompt: ...
 
     async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
-        """The request with its image URLs downloaded and inline, under the model's media
-        policy (refusals are 400s naming the image's field); the request as it is where the
-        backend takes no images or passes URLs on. Preparation is synchronous, so routes
-        await this first (`with_media`)."""
+        """The request with its media URLs (images, audio clips) downloaded and inline, under
+        the model's media policy (refusals are 400s naming the input's field); the request as
+        it is where the backend takes no media or passes URLs on. Preparation is synchronous,
+        so routes await this first (`with_media`)."""
         ...
 
     def start(self, request: GenerationRequest, prepared: PreparedPrompt | None = None, *,

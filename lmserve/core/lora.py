@@ -68,7 +68,7 @@ def parse_spec(text: str) -> LoraSpec:
 
 
 def spec_from_entry(entry: Any, where: str) -> LoraSpec:
-    """A config file entry: {"alias", "path", "scale"?, "model"?} or an ALIAS=PATH string."""
+    """A config file entry: {"alias"?, "path", "scale"?, "model"?} or an ALIAS=PATH string."""
     if isinstance(entry, str):
         return parse_spec(entry)
     if not isinstance(entry, Mapping):
@@ -76,13 +76,15 @@ def spec_from_entry(entry: Any, where: str) -> LoraSpec:
     unknown = set(entry) - {"alias", "name", "path", "scale", "model"}
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    alias = entry.get("alias") or entry.get("name")
+    path = str(entry.get("path") or "")
+    # no alias: the file's name without .gguf (seed 003's entries name none)
+    alias = entry.get("alias") or entry.get("name") or os.path.basename(path).removesuffix(".gguf")
     try:
         scale = float(entry.get("scale", 1.0))
     except (TypeError, ValueError):
         raise ValueError(f"{where}.scale must be a number") from None
     model = entry.get("model")
-    return LoraSpec(alias=str(alias or ""), path=str(entry.get("path") or ""), scale=scale,
+    return LoraSpec(alias=str(alias or ""), path=path, scale=scale,
                     model=str(model) if model else None)
 
 

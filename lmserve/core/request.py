@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmserve.core.errors import invalid
+from lmserve.core.errors import LmserveError, invalid
 from lmserve.core.images import ImageInput
 from lmserve.core.lora import LoraSelection
 
@@ -193,6 +193,10 @@ class GenerationRequest:
     request_id: str | None = None
     logprobs: int | None = None  # None: off; k: each sampled token's logprob + top k alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
+    # The caller's stream reports the usage so far on every chunk (vLLM's
+    # continuous_usage_stats): a backend that learns the counts elsewhere (an upstream) asks
+    # for them as it goes (ChoiceStep.running).
+    continuous_usage: bool = False
     tools: list[ToolSpec] | None = None
     tool_choice: ToolChoice = "auto"
     parallel_tool_calls: bool = True
@@ -214,3 +218,76 @@ class GenerationRequest:
     # Seconds the model stays loaded once idle after this request (Ollama's keep_alive, in
     # every dialect that carries it): None: the model's default; 0: unload at once; < 0: never.
     keep_alive: float | None = None
+    # The DEFAULTABLE fields whose value is decided (the caller set them, or the dialect always
+    # decides them): a model's defaults never replace these (with_defaults). Each adapter
+    # fills it from what the wire body set (explicit_fields).
+    explicit: frozenset[str] = frozenset()
+
+
+# -- a model's default generation parameters ------------------------------------------------
+
+# The neutral fields a model's defaults may fill (the card's, under a resource view's; the
+# names models.resource.check_params accepts): the sampling ones, then the request's own.
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty")
+DEFAULTABLE = frozenset({*SAMPLING_DEFAULTS, "max_tokens", "stop", "reasoning",
+                         "context_overflow"})
+# Only a chat has a template that thinks and turns to drop: a raw prompt keeps these unset.
+CHAT_ONLY_DEFAULTS = frozenset({"reasoning", "context_overflow"})
+_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+           "repetition_penalty")
+
+
+def explicit_fields(given: Mapping[str, Any],
+                    names: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The DEFAULTABLE fields a wire body set: `given` holds the wire fields it carried with
+    their values (a null one counts as unset), `names` the dialect's wire name -> neutral name
+    where they differ (num_predict -> max_tokens, stop_sequences -> stop)."""
+    renames = names or {}
+    neutral = (renames.get(key, key) for key, value in given.items() if value is not None)
+    return frozenset(name for name in neutral if name in DEFAULTABLE)
+
+
+def with_defaults(request: GenerationRequest, defaults: Mapping[str, Any]) -> GenerationRequest:
+    """The request with a model's default generation parameters (neutral names, see
+    DEFAULTABLE; others are ignored) in the fields its caller left unset (not in
+    `request.explicit`); a raw prompt takes no chat-only default. Precedence: the dialect's own
+    default < `defaults` < the caller. A default that makes no sense is refused, saying so;
+    the filled request's sampling values are checked again."""
+    chat = request.messages is not None
+    unset = {key: value for key, value in defaults.items()
+             if key in DEFAULTABLE and value is not None and key not in request.explicit
+             and (chat or key not in CHAT_ONLY_DEFAULTS)}
+    if not unset:
+        return request
+    values = {key: _default_value(request.fields, key, value) for key, value in unset.items()}
+    sampling = {key: values.pop(key) for key in SAMPLING_DEFAULTS if key in values}
+    try:
+        SamplingParams(**sampling).check(request.fields)
+    except LmserveError as exc:
+        raise invalid(f"the model's default {exc.message}; set it in the request to override "
+                      "the default", param=exc.param, code=exc.code) from None
+    # dataclasses.replace runs __post_init__: the whole sampling is checked again.
+    return dataclasses.replace(request, sampling=request.sampling.replace(**sampling), **values)
+
+
+def _default_value(name: FieldNames, key: str, value: Any) -> Any:
+    """One default in the request's types (a stop string becomes a list), or a refusal."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in _FLOATS and number:
+        return float(value)
+    if key in ("top_k", "seed") and number and isinstance(value, int):
+        return value
+    if key == "max_tokens" and number and isinstance(value, int) and value >= 1:
+        return value
+    if key == "stop" and isinstance(value, str):
+        return [value] if value else []
+    if key == "stop" and isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [s for s in value if s]
+    if key == "reasoning" and isinstance(value, bool):
+        return value
+    if key == "context_overflow" and value in ("error", "truncate"):
+        return value
+    raise invalid(f"the model's default '{name(key)}' has a value that does not fit it: "
+                  f"{value!r}; set it in the request to override the default",
+                  param=name(key), code="invalid_value")

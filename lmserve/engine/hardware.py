@@ -82,6 +82,39 @@ def tensor_split(value: object) -> tuple[float, ...]:
     return shares
 
 
+RPC_MAX_SERVERS = 16  # GGML_RPC_MAX_SERVERS
+
+
+def rpc_servers(value: object) -> tuple[str, ...]:
+    """llama.cpp RPC servers, "host:port,host:port" or a list (a config file), as HOST:PORT
+    texts in the given order; empty: none. ggml splits an endpoint at its first colon, so a
+    host is a name or an IPv4 address, never a bracketed IPv6 one."""
+    if isinstance(value, (list, tuple)):
+        parts = [str(p).strip() for p in value]
+    else:
+        parts = [p.strip() for p in str(value).split(",")]
+    parts = [p for p in parts if p]
+    servers: list[str] = []
+    for part in parts:
+        host, sep, port_text = part.partition(":")
+        bad = f"{part!r} is not HOST:PORT (an RPC server, e.g. 192.168.1.10:50052)"
+        if not sep or not host or any(c.isspace() or c in "[]/" for c in host) or \
+                not port_text.isdigit():
+            raise ValueError(bad + (": ggml's RPC client takes no IPv6 addresses" if
+                                    part.startswith("[") or part.count(":") > 1 else ""))
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError(f"{part!r}: the port must be 1-65535")
+        endpoint = f"{host}:{port}"
+        if endpoint in servers:
+            raise ValueError(f"{endpoint} is named twice")
+        servers.append(endpoint)
+    if len(servers) > RPC_MAX_SERVERS:
+        raise ValueError(f"{len(servers)} RPC servers: llama.cpp takes at most "
+                         f"{RPC_MAX_SERVERS}")
+    return tuple(servers)
+
+
 def check_kv_types(type_k: str, type_v: str, flash: str, *, key_width: int | None = None,
                    value_width: int | None = None) -> None:
     """Refuse what llama.cpp cannot run, before it is asked: a quantized V cache only works
@@ -132,6 +165,7 @@ class Offload:
         return "gpu" if self.layers >= self.n_layer + 1 else "split"
 
     kv_on_gpu: bool = True  # the KV cache of the offloaded layers too (not --no-kv-offload)
+    devices: tuple[str, ...] = ()  # where offloaded layers go: "NAME (DESCRIPTION)", in order
 
     def weights_on_gpu(self, size_bytes: int) -> int:
         return size_bytes * min(self.layers, self.n_layer + 1) // (self.n_layer + 1)
@@ -149,13 +183,14 @@ def offload(setting: str, *, n_layer: int, size_bytes: int, kv_bytes: int, kv_of
         if setting not in ("auto", "0"):
             why += f" (--gpu-layers {setting} asked for offload)"
         return Offload(0, n_layer, f"CPU only: {why}", kv_offload)
+    names = tuple(f"{d.name} ({d.description})" for d in devices)
     if setting == "all":
         return Offload(everything, n_layer, f"all {everything} layers on the GPU, as configured",
-                       kv_offload)
+                       kv_offload, names)
     if setting != "auto":
         count = min(int(setting), everything)
         return Offload(count, n_layer, f"{count} of {everything} layers on the GPU, as "
-                                       "configured", kv_offload)
+                                       "configured", kv_offload, names if count else ())
     free = sum(d.free for d in devices)
     budget = int(free * GPU_SHARE) - GPU_HEADROOM
     per_layer = size_bytes / everything + (kv_bytes / n_layer if kv_offload and n_layer else 0)
@@ -163,4 +198,5 @@ def offload(setting: str, *, n_layer: int, size_bytes: int, kv_bytes: int, kv_of
     return Offload(count, n_layer, f"auto: {count} of {everything} layers fit "
                                    f"{GPU_SHARE:.0%} of {free // MIB} MiB free on "
                                    f"{', '.join(d.name for d in devices)} "
-                                   f"(less {GPU_HEADROOM // MIB} MiB headroom)", kv_offload)
+                                   f"(less {GPU_HEADROOM // MIB} MiB headroom)", kv_offload,
+                   names if count else ())

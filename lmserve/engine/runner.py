@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from llama_cpp import mtmd_cpp as mtmd
 from lmserve.core.errors import invalid
 from lmserve.core.images import MEDIA_MARKER, MediaSpan
 from lmserve.core.request import SamplingParams
-from lmserve.engine import hardware
+from lmserve.engine import hardware, rpc
 from lmserve.engine.media_cache import EmbeddingDisk, projector_namespace
 
 log = logging.getLogger("lmserve.runner")
@@ -99,51 +100,191 @@ class Placement:
     flash_attn: str = "auto"
     kv_offload: bool = True
     op_offload: bool = True
+    rpc: tuple[str, ...] = ()  # RPC servers (HOST:PORT) whose devices take offloaded layers
 
 
 def gpu_build() -> bool:
-    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan, ...)."""
+    """Whether this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan, ...).
+    llama_supports_gpu_offload() also says yes for a build whose only offload backend is RPC,
+    which offloads nothing until servers are named (--rpc); that alone is no GPU backend."""
     _init_backend()
-    return bool(ll.llama_supports_gpu_offload())
+    if not ll.llama_supports_gpu_offload():
+        return False
+    try:
+        lib = _ggml()
+        names = {(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) or b"").decode()
+                 for i in range(lib.ggml_backend_reg_count())}
+    except (OSError, AttributeError, StopIteration):
+        return True
+    return bool(names - {"CPU", "RPC", "BLAS"})
 
 
-_GGML_DEVICE_GPU, _GGML_DEVICE_IGPU = 1, 2  # enum ggml_backend_dev_type
+_GGML_DEVICE_CPU, _GGML_DEVICE_GPU, _GGML_DEVICE_IGPU, _GGML_DEVICE_ACCEL = 0, 1, 2, 3
+_ggml_lib: ctypes.CDLL | None = None
+
+
+def _ggml() -> ctypes.CDLL:
+    """libggml of the llama-cpp-python build, with the prototypes of ggml's device, backend
+    registry and RPC API that lmserve calls (llama-cpp-python binds none of them)."""
+    global _ggml_lib
+    if _ggml_lib is not None:
+        return _ggml_lib
+    _init_backend()
+    where = os.path.join(os.path.dirname(ll.__file__), "lib")
+    name = next(n for n in ("libggml.so", "libggml.dylib", "ggml.dll")
+                if os.path.exists(os.path.join(where, n)))
+    lib = ctypes.CDLL(os.path.join(where, name))
+    ptr, size, text = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
+    for fn, restype, argtypes in (
+            ("ggml_backend_dev_count", size, []), ("ggml_backend_dev_get", ptr, [size]),
+            ("ggml_backend_dev_type", ctypes.c_int, [ptr]),
+            ("ggml_backend_dev_name", text, [ptr]), ("ggml_backend_dev_description", text, [ptr]),
+            ("ggml_backend_dev_memory", None, [ptr, ctypes.POINTER(size), ctypes.POINTER(size)]),
+            ("ggml_backend_dev_backend_reg", ptr, [ptr]),
+            ("ggml_backend_dev_by_name", ptr, [text]),
+            ("ggml_backend_reg_count", size, []), ("ggml_backend_reg_get", ptr, [size]),
+            ("ggml_backend_reg_name", text, [ptr]), ("ggml_backend_reg_by_name", ptr, [text]),
+            ("ggml_backend_reg_dev_count", size, [ptr]),
+            ("ggml_backend_reg_dev_get", ptr, [ptr, size]),
+            ("ggml_backend_reg_get_proc_address", ptr, [ptr, text])):
+        f = getattr(lib, fn)
+        f.restype, f.argtypes = restype, argtypes
+    _ggml_lib = lib
+    return lib
+
+
+def _device(lib: ctypes.CDLL, dev: int) -> hardware.Device:
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return hardware.Device((lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                           (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                           int(free.value), int(total.value))
+
+
+def _local_gpus(lib: ctypes.CDLL) -> list[int]:
+    """The GPUs llama.cpp offloads to when a model names no devices: the discrete GPUs, or the
+    integrated ones when there are none (RPC devices, had any been registered, left out)."""
+    gpus: list[int] = []
+    igpus: list[int] = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        kind = lib.ggml_backend_dev_type(dev)
+        if kind not in (_GGML_DEVICE_GPU, _GGML_DEVICE_IGPU) or \
+                lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)) == b"RPC":
+            continue
+        (gpus if kind == _GGML_DEVICE_GPU else igpus).append(dev)
+    return gpus or igpus
 
 
 def gpu_devices() -> list[hardware.Device]:
-    """The GPUs llama.cpp's backends see, with their free and total memory. llama-cpp-python
-    binds none of ggml's device API, so this calls libggml itself; [] when it cannot."""
+    """The GPUs llama.cpp's backends see, with their free and total memory; [] when it
+    cannot tell."""
     if not gpu_build():
         return []
     try:
-        where = os.path.join(os.path.dirname(ll.__file__), "lib")
-        name = next(n for n in ("libggml.so", "libggml.dylib", "ggml.dll")
-                    if os.path.exists(os.path.join(where, n)))
-        lib = ctypes.CDLL(os.path.join(where, name))
-        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        lib.ggml_backend_dev_type.restype = ctypes.c_int
-        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-        for f in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
-            f.restype, f.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                                ctypes.POINTER(ctypes.c_size_t)]
-        devices = []
-        for i in range(lib.ggml_backend_dev_count()):
-            dev = lib.ggml_backend_dev_get(i)
-            if lib.ggml_backend_dev_type(dev) not in (_GGML_DEVICE_GPU, _GGML_DEVICE_IGPU):
-                continue
-            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-            devices.append(hardware.Device(
-                (lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
-                (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
-                int(free.value), int(total.value)))
-        return devices
+        lib = _ggml()
+        return [_device(lib, dev) for dev in _local_gpus(lib)]
     except (OSError, AttributeError, StopIteration) as exc:
         log.warning("could not list llama.cpp's GPU devices: %s", exc)
         return []
+
+
+# -- llama.cpp's RPC backend: devices of other hosts (docs/deploy.md) -----------------------
+
+_rpc_lock = threading.Lock()
+_rpc_servers: dict[str, list[int]] = {}  # endpoint -> its devices (ggml_backend_dev_t)
+
+
+def rpc_supported() -> bool:
+    """Whether this llama.cpp build has the RPC backend (-DGGML_RPC=ON)."""
+    try:
+        return bool(_ggml().ggml_backend_reg_by_name(b"RPC"))
+    except (OSError, AttributeError, StopIteration):
+        return False
+
+
+def _rpc_proc(name: str) -> int:
+    lib = _ggml()
+    reg = lib.ggml_backend_reg_by_name(b"RPC")
+    proc = lib.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+    if not proc:
+        raise RuntimeError(f"this llama.cpp build has no RPC backend ({name} not found); "
+                           "build llama-cpp-python with -DGGML_RPC=ON (make install does)")
+    return int(proc)
+
+
+def check_rpc_servers(endpoints: Sequence[str]) -> list[rpc.ServerInfo]:
+    """Each server reachable and speaking this build's protocol, or rpc.RpcUnavailable (a
+    ValueError) naming it; RuntimeError when the build has no RPC backend."""
+    if endpoints and not rpc_supported():
+        raise RuntimeError("this llama.cpp build has no RPC backend; build llama-cpp-python "
+                           "with -DGGML_RPC=ON (make install does)")
+    return [rpc.probe(e) for e in endpoints]
+
+
+def rpc_devices(endpoints: Sequence[str]) -> list[int]:
+    """The devices of these RPC servers, in order, each server added to ggml once per process
+    (llama.cpp's ggml_backend_rpc_add_server, as its common --rpc does; the devices are not
+    registered globally, so only models that name the server use them). A server is probed
+    first: ggml aborts the process on one it cannot reach."""
+    out: list[int] = []
+    with _rpc_lock:
+        for endpoint in endpoints:
+            if endpoint not in _rpc_servers:
+                check_rpc_servers([endpoint])
+                add = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(
+                    _rpc_proc("ggml_backend_rpc_add_server"))
+                reg = add(endpoint.encode())
+                if not reg:
+                    raise RuntimeError(f"{endpoint}: llama.cpp could not add the RPC server")
+                lib = _ggml()
+                _rpc_servers[endpoint] = [lib.ggml_backend_reg_dev_get(reg, i)
+                                          for i in range(lib.ggml_backend_reg_dev_count(reg))]
+            out.extend(_rpc_servers[endpoint])
+    return out
+
+
+def offload_devices(endpoints: Sequence[str]) -> list[tuple[int, hardware.Device]]:
+    """The devices a model with these RPC servers offloads to, in llama.cpp's default order:
+    the RPC servers' devices first (fewer transfers over the network), then this host's GPUs.
+    The order --tensor-split's shares follow."""
+    devices = rpc_devices(endpoints)
+    lib = _ggml()
+    devices += _local_gpus(lib) if gpu_build() else []
+    return [(dev, _device(lib, dev)) for dev in devices]
+
+
+def rpc_server_devices(names: Sequence[str]) -> list[tuple[int, hardware.Device]]:
+    """The devices `lmserve rpc-server` serves: these (ggml names: CPU, CUDA0, ...) or
+    ValueError; without names the GPUs and other non-CPU devices, else the CPU, as llama.cpp's
+    rpc-server picks."""
+    lib = _ggml()
+    every = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    devices: list[int] = []
+    for name in names:
+        dev = lib.ggml_backend_dev_by_name(name.encode())
+        if not dev:
+            known = ", ".join((lib.ggml_backend_dev_name(d) or b"").decode() for d in every)
+            raise ValueError(f"--device {name}: no such device; this host has {known}")
+        devices.append(dev)
+    devices = devices or [
+        d for d in every if lib.ggml_backend_dev_type(d) not in (_GGML_DEVICE_CPU,
+                                                                 _GGML_DEVICE_ACCEL)
+        and lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(d)) != b"RPC"] or \
+        [lib.ggml_backend_dev_by_name(b"CPU")]
+    return [(d, _device(lib, d)) for d in devices]
+
+
+def serve_rpc(endpoint: str, devices: Sequence[int], *, cache_dir: str | None,
+              threads: int) -> None:
+    """Blocks in llama.cpp's RPC server (ggml_backend_rpc_start_server) for these devices (of
+    rpc_server_devices); returns only when it could not start (it printed why)."""
+    start = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                             ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p))(
+        _rpc_proc("ggml_backend_rpc_start_server"))
+    array = (ctypes.c_void_p * len(devices))(*devices)
+    start(endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, len(devices),
+          array)
 
 
 @dataclass(frozen=True)
@@ -184,6 +325,11 @@ class Model:
             shares += [0.0] * (ll.llama_max_devices() - len(shares))
             self._tensor_split = (ctypes.c_float * len(shares))(*shares)
             params.tensor_split = self._tensor_split
+        self._devices = None  # the NULL-terminated device list, kept alive while loading
+        if place.rpc and not header_only:  # else llama.cpp picks this host's GPUs itself
+            devices = [dev for dev, _ in offload_devices(place.rpc)]
+            self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+            params.devices = ctypes.addressof(self._devices)
         self._progress_cb = None
         if progress is not None:
             def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
@@ -336,10 +482,17 @@ class _Chunks:
 
 @dataclass(frozen=True)
 class MediaChunk:
-    """The engine's handle to one image of a prompt (MediaSpan.chunk)."""
+    """The engine's handle to one image (or audio window) of a prompt (MediaSpan.chunk)."""
 
     owner: _Chunks  # keeps the chunk list alive
     ptr: int  # the mtmd_input_chunk inside it
+
+
+def chunk_key(key: str, n: int) -> str:
+    """The content key of the n-th chunk of one input (an audio clip longer than the
+    encoder's window, an image cut into slices): its own hash, so that the embedding cache
+    and the stand-in ids tell the chunks apart; the first keeps the input's hash."""
+    return key if n == 0 else hashlib.sha256(f"{key}/{n}".encode()).hexdigest()
 
 
 def stand_in_ids(key: str, n: int) -> list[int]:
@@ -386,9 +539,10 @@ class EmbeddingCache:
 
 class Projector:
     """A multimodal projector (mmproj GGUF) loaded beside a model through llama.cpp's mtmd:
-    it turns a prompt with media markers plus images into token ids and MediaSpans
-    (tokenize, on any thread) and, on the engine thread, encodes an image and decodes its
-    embeddings into a sequence's KV (Context.decode_media)."""
+    it turns a prompt with media markers plus images or audio clips (mtmd decodes WAV and
+    MP3) into token ids and MediaSpans (tokenize, on any thread) and, on the engine thread,
+    encodes one chunk and decodes its embeddings into a sequence's KV
+    (Context.decode_media). `vision` and `audio` say which inputs its encoders take."""
 
     def __init__(self, model: Model, path: str, *, n_threads: int, use_gpu: bool,
                  cache_bytes: int = 256 << 20, disk_dir: str | None = None,
@@ -421,12 +575,15 @@ class Projector:
         if disk_dir:
             self.disk = EmbeddingDisk(disk_dir, projector_namespace(path, self.n_embd),
                                       disk_bytes)
-        self.encoded = 0  # images run through the encoder (cache misses)
+        self.encoded = 0  # chunks run through the encoder (cache misses)
 
     def tokenize(self, text: str, images: Sequence[tuple[bytes, str]], *, add_special: bool,
-                 params: Sequence[str] = ()) -> tuple[list[int], list[MediaSpan]]:
-        """Token ids of a prompt whose text holds one MEDIA_MARKER per image ((bytes, sha256
-        hex), in order), with stand-in ids at each image's positions, and the images' spans."""
+                 params: Sequence[str] = (), kinds: Sequence[str] = ()
+                 ) -> tuple[list[int], list[MediaSpan]]:
+        """Token ids of a prompt whose text holds one MEDIA_MARKER per input ((bytes, sha256
+        hex), in order: images or audio clips, `kinds` says which), with stand-in ids at each
+        chunk's positions, and the chunks' spans (an audio clip is one chunk per 30-second
+        window of Whisper-style encoders)."""
         bitmaps = []
         try:
             for i, (data, key) in enumerate(images):
@@ -434,9 +591,11 @@ class Projector:
                 bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(self.ptr, buf, len(data), False)
                 if not bitmap:
                     param = params[i] if i < len(params) else "images"
-                    raise invalid(f"{param}: the image could not be decoded", param=param,
-                                  code="invalid_image")
-                mtmd.mtmd_bitmap_set_id(bitmap, key.encode())
+                    kind = kinds[i] if i < len(kinds) else "image"
+                    raise invalid(f"{param}: the {kind} could not be decoded", param=param,
+                                  code=f"invalid_{kind}")
+                # the input's place makes its chunks' ids unique in this prompt (_read_chunks)
+                mtmd.mtmd_bitmap_set_id(bitmap, f"{key}#{i}".encode())
                 bitmaps.append(bitmap)
             chunks = _Chunks(mtmd.mtmd_input_chunks_init())
             data_text = text.encode("utf-8")
@@ -448,14 +607,19 @@ class Projector:
         finally:
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)
+        if status == 2:  # the encoder's preprocessing refused an input (e.g. empty audio)
+            raise invalid("the prompt's media could not be prepared for the projector "
+                          "(an empty or unreadable image or audio clip)", param="messages",
+                          code="invalid_audio" if "audio" in kinds else "invalid_image")
         if status != 0:
-            raise invalid(f"the prompt's media markers and images do not match (mtmd status "
+            raise invalid(f"the prompt's media markers and inputs do not match (mtmd status "
                           f"{status})", param="messages", code="invalid_image")
         return self._read_chunks(chunks)
 
     def _read_chunks(self, chunks: _Chunks) -> tuple[list[int], list[MediaSpan]]:
         tokens: list[int] = []
         spans: list[MediaSpan] = []
+        seen: dict[str, int] = {}  # chunks so far of each input (by its id "sha256#place")
         n_out = ctypes.c_size_t(0)
         for i in range(mtmd.mtmd_input_chunks_size(chunks.ptr)):
             chunk = mtmd.mtmd_input_chunks_get(chunks.ptr, i)
@@ -465,13 +629,15 @@ class Projector:
                 tokens.extend(ids[:n_out.value])
                 continue
             n = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-            key = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
+            chunk_id = (mtmd.mtmd_input_chunk_get_id(chunk) or b"").decode()
+            seen[chunk_id] = seen.get(chunk_id, 0) + 1
+            key = chunk_key(chunk_id.partition("#")[0], seen[chunk_id] - 1)
             spans.append(MediaSpan(len(tokens), n, key, MediaChunk(chunks, chunk)))
             tokens.extend(stand_in_ids(key, n))
         return tokens, spans
 
     def embeddings(self, span: MediaSpan) -> tuple[np.ndarray, bool]:
-        """The image's encoded embeddings ([n_tokens * n_embd] float32), and whether they came
+        """The chunk's encoded embeddings ([n_tokens * n_embd] float32), and whether they came
         from the cache. Engine thread only (the encoder's buffers are the context's)."""
         cached = self.cache.get(span.key)
         if cached is not None:
@@ -485,7 +651,7 @@ class Projector:
         assert isinstance(chunk, MediaChunk)
         status = mtmd.mtmd_encode_chunk(self.ptr, chunk.ptr)
         if status != 0:
-            raise RuntimeError(f"the projector could not encode the image (status {status})")
+            raise RuntimeError(f"the projector could not encode the input (status {status})")
         out = mtmd.mtmd_get_output_embd(self.ptr)
         embd = np.ctypeslib.as_array(out, shape=(n_values,)).copy()
         self.encoded += 1

@@ -41,17 +41,19 @@ class EngineCollector:
                                    "Draft-model (--draft) tokens drafted and verified"),
             "model_accepted_tokens": ("lmserve_draft_model_accepted_tokens",
                                       "Draft-model tokens the sampler accepted"),
-            "media_chunks": ("lmserve_media_chunks", "Images decoded into sequences' KV"),
+            "media_chunks": ("lmserve_media_chunks",
+                             "Images and audio chunks decoded into sequences' KV"),
             "prefix_waits": ("lmserve_prefix_waits",
                              "Requests that waited for a prompt prefix being computed, "
                              "then shared it"),
-            "media_tokens": ("lmserve_media_tokens", "Prompt positions filled by images"),
+            "media_tokens": ("lmserve_media_tokens", "Prompt positions filled by images and audio"),
             "media_cache_hits": ("lmserve_media_cache_hits",
-                                 "Images whose encoded embeddings came from the cache"),
+                                 "Media chunks whose encoded embeddings came from the "
+                                 "cache"),
             "media_disk_hits": ("lmserve_media_disk_cache_hits",
-                                "Encoded images read from the disk tier (--media-cache-dir)"),
+                                "Encoded media read from the disk tier (--media-cache-dir)"),
             "media_disk_writes": ("lmserve_media_disk_cache_writes",
-                                  "Encoded images written to the disk tier"),
+                                  "Encoded media written to the disk tier"),
         }
         families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
         phase = CounterMetricFamily("lmserve_step_phase_seconds",

@@ -15,7 +15,6 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
@@ -250,26 +249,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def with_defaults(body: M, defaults: Mapping[str, Any],
-                  names: Mapping[str, str] | None = None) -> M:
-    """A resource's default generation parameters, for the fields this request left unset.
-
-    `names` maps a default's neutral name to the dialect's field (stop -> stop_sequences);
-    defaults that the dialect has no field for are skipped."""
-    update: dict[str, Any] = {}
-    for key, value in defaults.items():
-        field = (names or {}).get(key, key)
-        if field in type(body).model_fields and field not in body.model_fields_set:
-            update[field] = value
-    return body.model_copy(update=update) if update else body
-
-
 def defaults_of(models: Any, service: Any = None) -> Mapping[str, Any]:
     """The default generation parameters: the model's own (its card's), under those of a
-    resource's model view (the root registry has none)."""
+    resource's model view (the root registry has none). Each dialect's route hands them to
+    core.request.with_defaults with the neutral request its adapter made."""
     card = getattr(service, "card", None)
     own = getattr(card, "defaults", None) or {}
     return {**own, **(getattr(models, "defaults", {}) or {})}

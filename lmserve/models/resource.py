@@ -11,10 +11,12 @@ from lmserve.core import observe
 from lmserve.core.backend import ModelBackend
 from lmserve.core.errors import invalid
 from lmserve.core.lora import selection_field
+from lmserve.core.request import SAMPLING_DEFAULTS, FieldNames, SamplingParams
 from lmserve.models.gguf_header import GGUFHeader, read_header
 from lmserve.models.registry import ModelRegistry
 
-# Default generation parameters a resource may carry; each request may override them.
+# Default generation parameters a resource may carry (core.request.DEFAULTABLE, by their
+# neutral names); each request may override them (core.request.with_defaults).
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
     "max_tokens": (int,), "seed": (int,), "stop": (str, list), "presence_penalty": (int, float),
@@ -58,7 +60,17 @@ def check_params(params: Mapping[str, Any], *, where: str = "params",
             raise invalid(f"'{where}.context_overflow' must be 'error' or 'truncate'",
                           param=f"{where}.context_overflow")
         out[key] = value
+    if not request:  # a request's own values are checked where its dialect reads them
+        _check_bounds(out, where)
     return out
+
+
+def _check_bounds(params: Mapping[str, Any], where: str) -> None:
+    """Defaults that make no sense are refused when they are set, as a request's would be."""
+    SamplingParams(**{k: params[k] for k in SAMPLING_DEFAULTS if k in params}
+                   ).check(FieldNames(f"{where}."))
+    if params.get("max_tokens", 1) < 1:
+        raise invalid(f"'{where}.max_tokens' must be at least 1", param=f"{where}.max_tokens")
 
 
 class LLMResource:

@@ -192,7 +192,7 @@ class UpstreamBackend:
     def _probe_tokenizer(self, client: httpx.Client) -> bool:
         try:
             response = client.post(wire.join_url(wire.server_root(self.url), "tokenize"),
-                                   json=wire.tokenize_body("a", True))
+                                   json=wire.tokenize_body("a", True, self.model))
             if response.status_code == 200:
                 wire.tokens_of(response.json())
                 return True
@@ -255,7 +255,8 @@ class UpstreamBackend:
             created=self.created, n_ctx=n_ctx, parallel=s.max_connections, max_queue=0,
             embedding_ctx=n_ctx,
             chat_template="",  # the upstream renders chats with a template of its own
-            vision=True,  # images are passed on; the upstream accepts or refuses them
+            vision=True,  # images (and audio) are passed on; the upstream accepts or refuses
+            audio=True,  # them
             weights=weights, upstream_model=self.model,
             settings={"url": self.url, "model": self.model, "flavor": self._flavor,
                       "connect_timeout": s.connect_timeout, "read_timeout": s.read_timeout,
@@ -288,15 +289,16 @@ class UpstreamBackend:
         return PreparedPrompt(tokens, text)
 
     async def fetch_media(self, request: GenerationRequest) -> GenerationRequest:
-        """Image URLs are passed on: the upstream fetches them under its own policy."""
+        """Media URLs are passed on: the upstream fetches them under its own policy."""
         return request
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Through the upstream's /tokenize (llama-server, vLLM); a blocking call."""
+        """Through the upstream's /tokenize (llama-server, vLLM, lmserve); a blocking call."""
         self.require_ready()
         if not self._tokenizer:
             raise self._no_tokenizer("counting tokens")
-        response = self._post_sync("tokenize", wire.tokenize_body(text, add_special))
+        response = self._post_sync("tokenize", wire.tokenize_body(text, add_special,
+                                                                 self.model))
         try:
             return wire.tokens_of(response)
         except (ValueError, TypeError, KeyError):
@@ -307,7 +309,7 @@ class UpstreamBackend:
         self.require_ready()
         if not self._tokenizer:
             raise self._no_tokenizer("turning token ids into text")
-        response = self._post_sync("detokenize", {"tokens": list(tokens)})
+        response = self._post_sync("detokenize", {"model": self.model, "tokens": list(tokens)})
         text = response.get("content", response.get("prompt")) \
             if isinstance(response, dict) else None
         if not isinstance(text, str):
@@ -364,7 +366,9 @@ class UpstreamBackend:
                           param="request_id")
         generation = UpstreamGeneration(self, request_id, wire.join_url(self.url, path), body,
                                         n=request.n, chat=chat,
-                                        parse=chat if parse is None else parse)
+                                        parse=chat if parse is None else parse,
+                                        continuous=wire.continuous_usage(request, self._flavor),
+                                        summed=self._flavor == wire.LMSERVE)
         self._running[request_id] = generation
         generation.begin()
         note_generation(self.name, generation.timing)
@@ -487,13 +491,15 @@ class UpstreamGeneration:
     `close()` cancels the task, which closes the response: the upstream aborts the request."""
 
     def __init__(self, backend: UpstreamBackend, request_id: str, url: str,
-                 body: dict[str, Any], *, n: int, chat: bool, parse: bool) -> None:
+                 body: dict[str, Any], *, n: int, chat: bool, parse: bool,
+                 continuous: bool = False, summed: bool = False) -> None:
         self.backend = backend
         self._request_id = request_id
         self.url = url
         self.body = body
         self.n = n
-        self.reader = wire.StreamReader(n, chat=chat, parse=parse)
+        self.reader = wire.StreamReader(n, chat=chat, parse=parse, continuous=continuous,
+                                        summed=summed)
         self._queue: asyncio.Queue[list[ChoiceStep] | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._accepted: asyncio.Future[LmserveError | None] | None = None

@@ -34,6 +34,11 @@ from lmserve.core.request import ChatMessage, GenerationRequest, NamedTool, Resp
 # The flavor is read from /v1/models' `owned_by` when the backend loads.
 TOKEN_FLAVORS = frozenset({"lmserve", "vllm", "llamacpp", "sglang"})
 LLAMACPP = "llamacpp"
+LMSERVE = "lmserve"
+# Servers that put the usage so far on every chunk when asked (vLLM's
+# stream_options.continuous_usage_stats): lmserve counts the whole request's tokens there,
+# vLLM and SGLang the chunk's choice's.
+CONTINUOUS_USAGE_FLAVORS = frozenset({LMSERVE, "vllm", "sglang"})
 
 # -- request bodies -----------------------------------------------------------------------
 
@@ -65,8 +70,9 @@ def check_request(request: GenerationRequest, flavor: str) -> None:
     for message in request.messages or ():
         for image in message.images:
             if image.source not in ("base64", "url") or image.data.startswith("file:"):
-                raise unsupported(image.param, "a local image file cannot be sent to an "
-                                  "upstream model; send it inline (base64) or as an http(s) URL")
+                raise unsupported(image.param, f"a local {image.kind} file cannot be sent to "
+                                  "an upstream model; send it inline (base64) or as an http(s) "
+                                  "URL")
 
 
 def request_body(request: GenerationRequest, model: str, flavor: str = "") -> dict[str, Any]:
@@ -85,7 +91,14 @@ def request_body(request: GenerationRequest, model: str, flavor: str = "") -> di
     _sampling_fields(body, request, flavor)
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
+    if continuous_usage(request, flavor):
+        body["stream_options"]["continuous_usage_stats"] = True
     return body
+
+
+def continuous_usage(request: GenerationRequest, flavor: str) -> bool:
+    """Whether the upstream is asked for the usage so far on every chunk."""
+    return request.continuous_usage and flavor in CONTINUOUS_USAGE_FLAVORS
 
 
 def _chat_fields(body: dict[str, Any], request: GenerationRequest) -> None:
@@ -189,13 +202,16 @@ def wire_call(call: Any) -> Any:
 
 
 def content_parts(text: str, images: Sequence[ImageInput]) -> list[dict[str, Any]]:
-    """Text and image_url parts in their order (each image stands at its offset)."""
+    """Text, image_url and audio parts in their order (each input stands at its offset)."""
     parts: list[dict[str, Any]] = []
     at = 0
     for image in sorted(images, key=lambda i: i.offset):
         if image.offset > at:
             parts.append({"type": "text", "text": text[at:image.offset]})
             at = image.offset
+        if image.kind == "audio":
+            parts.append(audio_part(image))
+            continue
         url: dict[str, Any] = {"url": image_url(image)}
         if image.detail:
             url["detail"] = image.detail
@@ -207,6 +223,19 @@ def content_parts(text: str, images: Sequence[ImageInput]) -> list[dict[str, Any
 
 _MAGIC = (("iVBOR", "image/png"), ("/9j/", "image/jpeg"), ("R0lG", "image/gif"),
           ("UklGR", "image/webp"))
+
+
+_AUDIO_FORMATS = {"audio/mpeg": "mp3", "audio/mp3": "mp3"}
+
+
+def audio_part(clip: ImageInput) -> dict[str, Any]:
+    """OpenAI's input_audio part for inline data; an audio_url part (vLLM's, llama.cpp's
+    server example's) for a URL."""
+    if clip.source == "url":
+        return {"type": "audio_url", "audio_url": {"url": clip.data}}
+    fmt = _AUDIO_FORMATS.get(clip.media_type or "") or \
+        ("mp3" if clip.data.startswith(("SUQz", "//")) else "wav")
+    return {"type": "input_audio", "input_audio": {"data": clip.data, "format": fmt}}
 
 
 def image_url(image: ImageInput) -> str:
@@ -270,6 +299,7 @@ class _Choice:
     reason: FinishReason | None = None
     stop_match: str | None = None
     calls: dict[int, list[str]] = field(default_factory=dict)  # wire index -> [id, name, args]
+    running: int = 0  # its tokens so far, by the upstream's running usage
     open_call: int | None = None  # our index of the call receiving argument deltas
     call_ids: dict[int, int] = field(default_factory=dict)  # wire index -> our index
     ended: bool = False
@@ -277,14 +307,24 @@ class _Choice:
 
 class StreamReader:
     """One upstream response's chunks -> choice steps. Each choice's terminal waits for the
-    final usage chunk (it follows the finish chunks), so usage is known when it is sent."""
+    final usage chunk (it follows the finish chunks), so usage is known when it is sent.
 
-    def __init__(self, n: int = 1, *, chat: bool = True, parse: bool = True) -> None:
+    `continuous`: the upstream was asked for the usage so far on every chunk; a usage on a
+    chunk with choices is then a running count, given to that chunk's steps
+    (ChoiceStep.running), and only the chunk without choices holds the final usage.
+    `summed`: the running counts are the whole request's (lmserve's), not the choice's
+    (vLLM's): each choice's share is the growth over its own chunks."""
+
+    def __init__(self, n: int = 1, *, chat: bool = True, parse: bool = True,
+                 continuous: bool = False, summed: bool = False) -> None:
         self.n = n
         self.chat = chat
         self.parse = parse
+        self.continuous = continuous
+        self.summed = summed
         self.choices = {i: _Choice(i) for i in range(n)}
         self.usage: Usage | None = None
+        self.running: Usage | None = None  # the last running count (its prompt: the request's)
         self.done = False  # [DONE] seen
         self.content_seen = False
 
@@ -303,13 +343,35 @@ class StreamReader:
             return []
         if "error" in chunk and not chunk.get("choices"):
             return self.fail(Failed.of(error_from_body(chunk, None)))
-        steps = [step for c in chunk.get("choices") or () if isinstance(c, dict)
-                 for step in self._choice(c)]
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = parse_usage(usage)
+        choices = [c for c in chunk.get("choices") or () if isinstance(c, dict)]
+        raw = chunk.get("usage")
+        usage = parse_usage(raw) if isinstance(raw, dict) else None
+        running = usage is not None and self.continuous and bool(choices)
+        if running and usage is not None:
+            self._note_running(choices, usage)
+        steps = [step for c in choices for step in self._choice(c)]
+        if usage is not None and not running:
+            self.usage = usage
             steps.extend(self.finish())
         return steps
+
+    def _note_running(self, choices: list[dict[str, Any]], usage: Usage) -> None:
+        """A running count: each choice of the chunk gets its tokens so far."""
+        grown = usage.completion_tokens - (self.running.completion_tokens
+                                           if self.running is not None else 0)
+        self.running = usage
+        for data in choices[:1] if self.summed else choices:
+            index = data.get("index", 0)
+            choice = self.choices.get(index) if isinstance(index, int) else None
+            if choice is None:
+                continue
+            choice.running = choice.running + max(grown, 0) if self.summed \
+                else usage.completion_tokens
+
+    def _running_usage(self, choice: _Choice) -> Usage | None:
+        if self.running is None:
+            return None
+        return Usage(self.running.prompt_tokens, choice.running, self.running.cached_tokens)
 
     def finish(self) -> list[ChoiceStep]:
         """The terminals of the choices that finished (at the usage chunk or [DONE])."""
@@ -389,7 +451,8 @@ class StreamReader:
             choice.stop_match = stop if isinstance(stop, str) else None
         if not (text or events or logprobs):
             return []
-        return [ChoiceStep(choice.index, text, events, logprobs=logprobs)]
+        return [ChoiceStep(choice.index, text, events, logprobs=logprobs,
+                           running=self._running_usage(choice))]
 
     def _call(self, choice: _Choice, call: dict[str, Any]) -> list[ChatEvent]:
         wire_index = call.get("index", len(choice.call_ids))
@@ -424,12 +487,15 @@ class StreamReader:
 
     def _split_usage(self) -> dict[int, Usage]:
         """The upstream counts the whole request; each choice gets its share of the
-        completion tokens (by its chunks), the prompt counted on every one, as the engine
-        does (the encoders count the prompt of n choices once)."""
+        completion tokens (by its running counts where the upstream sent them, else by its
+        chunks), the prompt counted on every one, as the engine does (the encoders count the
+        prompt of n choices once)."""
         total = self.usage
-        counts = {c.index: c.steps for c in self.choices.values()}
-        if total is None:
-            return {i: Usage(0, k) for i, k in counts.items()}
+        counts = {c.index: c.running if self.running is not None else c.steps
+                  for c in self.choices.values()}
+        if total is None:  # no final usage: the running counts, else the chunks
+            prompt = self.running.prompt_tokens if self.running is not None else 0
+            return {i: Usage(prompt, k) for i, k in counts.items()}
         out: dict[int, Usage] = {}
         left = total.completion_tokens
         last = max(counts)
@@ -637,10 +703,10 @@ def find_model(payload: Any, model: str) -> UpstreamModel:
         size_bytes=number(meta.get("size")))
 
 
-def tokenize_body(text: str, add_special: bool) -> dict[str, Any]:
-    """/tokenize as llama-server ("content", "add_special") and vLLM ("prompt",
-    "add_special_tokens") read it."""
-    return {"content": text, "add_special": add_special, "prompt": text,
+def tokenize_body(text: str, add_special: bool, model: str) -> dict[str, Any]:
+    """/tokenize as llama-server ("content", "add_special") and vLLM and lmserve ("model",
+    "prompt", "add_special_tokens") read it."""
+    return {"model": model, "content": text, "add_special": add_special, "prompt": text,
             "add_special_tokens": add_special}
 
 

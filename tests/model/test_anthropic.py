@@ -9,7 +9,7 @@ import pytest
 
 # The client tests run against the local model and an upstream-backed one (upstream_fixtures).
 pytestmark = pytest.mark.upstream_variant
-NO_TOKENIZE = "the upstream (lmserve) serves no /tokenize, so the front cannot count tokens"
+UNRENDERED = "the upstream renders the chat, so the front has no tokens of it to count"
 
 MSG = [{"role": "user", "content": "Name three colors."}]
 # This client version no longer types the sampling parameters; older clients send them as fields.
@@ -79,7 +79,7 @@ def test_stream_wire_frames_have_event_names_and_a_ping(server):
     assert names[-1] == "message_stop"
 
 
-@pytest.mark.upstream_gap(NO_TOKENIZE)
+@pytest.mark.upstream_gap(UNRENDERED)
 def test_count_tokens_equals_the_prompt_of_a_create(claude):
     kw = dict(model="smollm2", system="Be terse.",
               messages=[*MSG, {"role": "assistant", "content": "Red,"}])

@@ -9,6 +9,9 @@ import httpx
 import openai
 import pytest
 
+# The client tests run against the local model and an upstream-backed one (upstream_fixtures).
+pytestmark = pytest.mark.upstream_variant
+
 
 def test_completion_raw_prompt(client):
     r = client.completions.create(model="smollm2", prompt="The capital of France is",
@@ -68,6 +71,24 @@ def test_embeddings_float_base64_and_dimensions(client):
         client.embeddings.create(model="smollm2", input="x", dimensions=100_000)
 
 
+def test_tokenize_and_detokenize(target, client):
+    """vLLM's routes; through an upstream-backed front, they reach the upstream's."""
+    url = target.url
+    counted = httpx.post(f"{url}/tokenize", json={"model": "smollm2", "prompt": "Hello there"},
+                         timeout=60).json()
+    assert counted["count"] == len(counted["tokens"]) and counted["max_model_len"] == 4096
+    usage = client.completions.create(model="smollm2", prompt="Hello there", max_tokens=1).usage
+    assert usage.prompt_tokens == counted["count"]
+    plain = httpx.post(f"{url}/tokenize", json={"content": "Hello there", "add_special": False,
+                                                "return_token_strs": True}, timeout=60).json()
+    assert "".join(plain["token_strs"]) == "Hello there"
+    text = httpx.post(f"{url}/detokenize", json={"model": "smollm2", "tokens": plain["tokens"]},
+                      timeout=60).json()
+    assert text["prompt"] == text["content"] == "Hello there"
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [10**9]}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
 def test_models(client):
     ids = [m.id for m in client.models.list()]
     assert "smollm2" in ids
@@ -77,13 +98,13 @@ def test_models(client):
         client.models.retrieve("nope")
 
 
-def test_health_metrics_docs(server):
-    h = httpx.get(f"{server.url}/health").json()
+def test_health_metrics_docs(target):
+    h = httpx.get(f"{target.url}/health").json()
     assert h["status"] == "ok" and h["models"]["smollm2"]["state"] == "ready"
-    assert "lmserve_generated_tokens_total" in httpx.get(f"{server.url}/metrics").text
-    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert "lmserve_generated_tokens_total" in httpx.get(f"{target.url}/metrics").text
+    spec = httpx.get(f"{target.url}/openapi.json").json()
     assert "/v1/chat/completions" in spec["paths"]
-    assert httpx.get(f"{server.url}/docs").status_code == 200
-    assert httpx.get(f"{server.url}/redoc").status_code == 200
-    missing = httpx.get(f"{server.url}/v1/nothing")
+    assert httpx.get(f"{target.url}/docs").status_code == 200
+    assert httpx.get(f"{target.url}/redoc").status_code == 200
+    missing = httpx.get(f"{target.url}/v1/nothing")
     assert missing.status_code == 404 and "error" in missing.json()

@@ -14,6 +14,9 @@ from websockets.sync.client import connect
 
 from tests.model.conftest import Server, start_server, stop_server
 
+# The client tests run against the local model and an upstream-backed one (upstream_fixtures).
+pytestmark = pytest.mark.upstream_variant
+
 ASK = "Name three colors."
 KW: dict[str, Any] = dict(model="smollm2", max_output_tokens=24, temperature=0)
 
@@ -190,8 +193,8 @@ def ws_turn(ws: Any, **fields: Any) -> list[dict[str, Any]]:
     return events
 
 
-def test_websocket_chains_within_and_across_connections(server, client):
-    with connect(ws_url(server)) as ws:
+def test_websocket_chains_within_and_across_connections(target, client):
+    with connect(ws_url(target)) as ws:
         first = ws_turn(ws, input="My name is Ada.")
         assert first[0]["type"] == "response.created"
         assert [e["sequence_number"] for e in first] == list(range(len(first)))
@@ -203,14 +206,14 @@ def test_websocket_chains_within_and_across_connections(server, client):
         second = ws_turn(ws, input="What is my name?",
                          previous_response_id=first[-1]["response"]["id"])
         assert second[-1]["response"]["previous_response_id"] == first[-1]["response"]["id"]
-    with connect(ws_url(server)) as ws:
+    with connect(ws_url(target)) as ws:
         third = ws_turn(ws, input="Thanks.", previous_response_id=second[-1]["response"]["id"])
     items = list(client.responses.input_items.list(third[-1]["response"]["id"]))
     assert len(items) == 5
 
 
-def test_closing_the_websocket_mid_response_cancels_it(server, client):
-    with connect(ws_url(server)) as ws:
+def test_closing_the_websocket_mid_response_cancels_it(target, server, client):
+    with connect(ws_url(target)) as ws:
         ws.send(json.dumps({"type": "response.create", "model": "smollm2", "input": "A story.",
                             "max_output_tokens": 1500, "ignore_eos": True}))
         created = json.loads(ws.recv(timeout=120))
@@ -262,11 +265,12 @@ def test_responses_survive_sigkill_and_chains_continue(tmp_path):
         stop_server(server)
 
 
-def test_a_client_leaving_a_stream_cancels_it_and_the_partial_is_stored(server, client):
+def test_a_client_leaving_a_stream_cancels_it_and_the_partial_is_stored(target, server,
+                                                                        client):
     body = {"model": "smollm2", "input": "Tell me a very long story.", "stream": True,
             "max_output_tokens": 1500, "ignore_eos": True}
     with httpx.Client(timeout=120) as http:
-        with http.stream("POST", f"{server.base_url}/responses", json=body) as r:
+        with http.stream("POST", f"{target.base_url}/responses", json=body) as r:
             lines = r.iter_lines()
             created = next(json.loads(line[6:]) for line in lines if line.startswith("data: "))
             deltas = 0

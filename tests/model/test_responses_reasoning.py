@@ -17,6 +17,10 @@ import pytest
 from tests.model.conftest import Server, start_with_template, stop_server
 from tests.model.test_reasoning_model import no_tags
 
+# test_output_text_logprobs (the shared `client`) runs against the local model and an
+# upstream-backed one (upstream_fixtures); the reasoning tests use a server of their own.
+pytestmark = pytest.mark.upstream_variant
+
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
     "{% if m.reasoning_content %}<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}"

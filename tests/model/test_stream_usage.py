@@ -7,6 +7,10 @@ import json
 from typing import Any
 
 import httpx
+import pytest
+
+# The client tests run against the local model and an upstream-backed one (upstream_fixtures).
+pytestmark = pytest.mark.upstream_variant
 
 MSG = [{"role": "user", "content": "Count from one to ten."}]
 
@@ -38,8 +42,8 @@ def _check_running_usage(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     return final["usage"]
 
 
-def test_every_chat_chunk_carries_the_usage_so_far(server) -> None:
-    chunks = _chunks(f"{server.base_url}/chat/completions", {
+def test_every_chat_chunk_carries_the_usage_so_far(target) -> None:
+    chunks = _chunks(f"{target.base_url}/chat/completions", {
         "model": "smollm2", "messages": MSG, "max_tokens": 8, "temperature": 0,
         "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
@@ -49,16 +53,16 @@ def test_every_chat_chunk_carries_the_usage_so_far(server) -> None:
     assert len(set(counts)) > 2  # it grows as the tokens come
 
 
-def test_completions_with_two_choices_count_both(server) -> None:
-    chunks = _chunks(f"{server.base_url}/completions", {
+def test_completions_with_two_choices_count_both(target) -> None:
+    chunks = _chunks(f"{target.base_url}/completions", {
         "model": "smollm2", "prompt": "Once upon a time", "max_tokens": 6, "n": 2,
         "temperature": 0.8, "seed": 3, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
     assert _check_running_usage(chunks)["completion_tokens"] == 12
 
 
-def test_without_it_chunks_carry_null_usage(server) -> None:
-    chunks = _chunks(f"{server.base_url}/chat/completions", {
+def test_without_it_chunks_carry_null_usage(target) -> None:
+    chunks = _chunks(f"{target.base_url}/chat/completions", {
         "model": "smollm2", "messages": MSG, "max_tokens": 4, "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True}})
     assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]

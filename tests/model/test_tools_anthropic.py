@@ -11,6 +11,9 @@ import pytest
 
 from tests.model.test_tools_openai import PERSON, SCHEMAS, TIME_PARAMS, WEATHER_PARAMS
 
+# The client tests run against the local model and an upstream-backed one (upstream_fixtures).
+pytestmark = pytest.mark.upstream_variant
+
 TOOLS = [{"name": "get_weather", "description": "Weather now", "input_schema": WEATHER_PARAMS},
          {"name": "get_time", "description": "Local time", "input_schema": TIME_PARAMS}]
 MSG = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -18,8 +21,8 @@ GREEDY = {"extra_body": {"temperature": 0}}
 
 
 @pytest.fixture()
-def claude(server):
-    with anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0,
+def claude(target):
+    with anthropic.Anthropic(base_url=target.url, api_key="unused", max_retries=0,
                              timeout=120) as c:
         yield c
 

@@ -14,6 +14,9 @@ from tests.model.sse import read_sse
 from tests.model.test_tools_openai import (PERSON, SCHEMAS, TIME_PARAMS, WEATHER_PARAMS,
                                            check_json_object)
 
+# The client tests run against the local model and an upstream-backed one (upstream_fixtures).
+pytestmark = pytest.mark.upstream_variant
+
 P = "/models/smollm2/"
 TOOLS = [{"name": "get_weather", "description": "Weather now", "parameters": WEATHER_PARAMS},
          {"name": "get_time", "description": "Local time", "parameters": TIME_PARAMS}]
@@ -22,8 +25,8 @@ ASK = {"prompt": "What is the weather in Paris?", "tools": TOOLS,
 
 
 @pytest.fixture()
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
+def http(target):
+    with httpx.Client(base_url=target.url, timeout=120) as c:
         yield c
 
 
@@ -75,7 +78,11 @@ COLORS = "(red|green|blue)(, (red|green|blue)){2}"
     ({"type": "json_schema", "schema": PERSON},
      lambda text, stop: stop and jsonschema.validate(json.loads(text), PERSON) is None),
     ("json", lambda text, stop: check_json_object(text, stop) is None),
-    ({"type": "regex", "pattern": COLORS}, lambda text, stop: stop and re.fullmatch(COLORS, text)),
+    pytest.param({"type": "regex", "pattern": COLORS},
+                 lambda text, stop: stop and re.fullmatch(COLORS, text),
+                 marks=pytest.mark.local_only(
+                     "an OpenAI-compatible upstream has no regex format: the front refuses "
+                     "it (400 format.pattern, test_upstream.py)")),
 ])
 def test_formats(http, fmt, check):
     r = http.post(f"{P}query/", json={"prompt": "Describe a person, or name three colors.",

@@ -13,13 +13,16 @@ import pytest
 
 from tests.model.test_tools_openai import PERSON, TOOLS, check_json_object
 
+# The client tests run against the local model and an upstream-backed one (upstream_fixtures).
+pytestmark = pytest.mark.upstream_variant
+
 MODEL = "smollm2"
 GREEDY = {"temperature": 0, "num_predict": 120}
 
 
 @pytest.fixture()
-def oc(server):
-    return ollama.Client(host=server.url, timeout=120)
+def oc(target):
+    return ollama.Client(host=target.url, timeout=120)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -10,6 +10,9 @@ import json
 import jsonschema
 import pytest
 
+# The client tests run against the local model and an upstream-backed one (upstream_fixtures).
+pytestmark = pytest.mark.upstream_variant
+
 WEATHER_PARAMS = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 24}, "unit": {"enum": ["celsius", "fahrenheit"]}},
     "required": ["city", "unit"]}

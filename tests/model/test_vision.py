@@ -139,3 +139,64 @@ def test_image_urls_are_refused_with_a_reason(oai):
         oai.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user",
             "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]}])
     assert caught.value.code == "url_not_allowed"
+
+
+# ---- the native protocol's typed content parts -----------------------------------------------
+
+NATIVE_PARAMS = {"temperature": 0, "max_tokens": 8}
+
+
+def native(server: Server, body: dict, status: int = 200) -> dict:
+    r = httpx.post(f"{server.url}/models/{MODEL}/query/", timeout=300,
+                   json={"params": NATIVE_PARAMS, **body})
+    assert r.status_code == status, r.text
+    return dict(r.json())
+
+
+def talk(content: object, **message: object) -> dict:
+    return {"transport": "conversation",
+            "messages": [{"role": "user", "content": content, **message}]}
+
+
+def test_native_image_parts_answer_as_the_images_list(vision_server: Server):
+    """An image:uri part (base64 or a data: URI) before the text reaches the model as the
+    same image in the message's `images` list does (greedy: the same answer, the same
+    prompt), on a conversation message and on the chat transport's prompt."""
+    question = "What is in this picture?"
+    vision_server.flush()
+    plain = native(vision_server, talk(question))
+    listed = native(vision_server, talk(question, images=[{"data": A, "media_type": "image/png"}]))
+    assert listed["usage"]["input_tokens"] == plain["usage"]["input_tokens"] + IMAGE_TOKENS
+    parts = [{"type": "image:uri", "data": A, "format": "png"},
+             {"type": "text", "text": question}]
+    as_uri = [{"type": "image:uri", "data": f"data:image/png;base64,{A}"},
+              {"type": "text", "text": question}]
+    for body in (talk(parts), {"transport": "chat", "prompt": as_uri}):
+        answer = native(vision_server, body)
+        assert answer["blocks"] == listed["blocks"]
+        assert answer["usage"]["input_tokens"] == listed["usage"]["input_tokens"]
+
+
+@pytest.mark.parametrize("part, param, code", [
+    ({"type": "image:uri", "data": A, "format": "jpeg"}, "messages[0].content[1].data",
+     "invalid_image"),  # a PNG declared as JPEG
+    ({"type": "image:uri", "data": base64.b64encode(png(3) + b"\x00" * 20000).decode(),
+      "format": "png"}, "messages[0].content[1].data", "image_too_large"),
+    ({"type": "image:url", "url": "https://x.test/a.png"}, "messages[0].content[1].url",
+     "url_not_allowed"),
+    ({"type": "image:uri", "data": A}, "messages[0].content[1].format",
+     "missing_required_parameter"),
+    ({"type": "image:png", "data": A}, "messages[0].content[1].type", "unsupported_content"),
+])
+def test_native_image_part_refusals(vision_server: Server, part, param, code):
+    error = native(vision_server, talk([{"type": "text", "text": "hi"}, part]), 400)["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request", param, code)
+    assert error["message"].startswith(param)
+
+
+def test_native_image_parts_to_a_model_without_a_projector(server: Server):
+    body = talk([{"type": "text", "text": "hi"}, {"type": "image:uri", "data": A,
+                                                  "format": "png"}])
+    error = native(server, body, 400)["error"]
+    assert (error["param"], error["code"]) == ("messages[0].content[1].data",
+                                               "model_not_multimodal")

@@ -87,3 +87,34 @@ def test_offload_counts_layers_against_the_free_vram():
     assert plan("40", size=GIB, kv=0).layers == 32 and plan("7", size=GIB, kv=0).layers == 7
     assert plan("auto", size=200 * GIB, kv=0).layers == 1  # 6.25 GiB a layer
     assert plan("auto", size=400 * GIB, kv=0).layers == 0
+
+
+def test_rpc_servers_parse_as_ggml_reads_them_and_refuse_with_the_reason():
+    assert hardware.rpc_servers("10.0.0.2:50052, gpu-box:050053") == \
+        ("10.0.0.2:50052", "gpu-box:50053") == \
+        hardware.rpc_servers(["10.0.0.2:50052", "gpu-box:50053"])  # a config file's list
+    assert hardware.rpc_servers("") == () == hardware.rpc_servers([])
+    for bad, why in (("10.0.0.2", "is not HOST:PORT"), (":50052", "is not HOST:PORT"),
+                     ("h:port", "is not HOST:PORT"), ("h:0", "the port must be 1-65535"),
+                     ("h:70000", "the port must be 1-65535"),
+                     ("[::1]:50052", "takes no IPv6 addresses"),
+                     ("fe80::1:50052", "takes no IPv6 addresses"),
+                     ("h:1,h:01", "h:1 is named twice"),
+                     (",".join(f"h:{p}" for p in range(1, 18)), "at most 16")):
+        with pytest.raises(ValueError, match=why):
+            hardware.rpc_servers(bad)
+
+
+def test_offload_names_the_devices_the_layers_go_to():
+    devices = [Device("RPC0", "10.0.0.2:50052", free=20 * GIB, total=32 * GIB),
+               Device("CUDA0", "H100", free=10 * GIB, total=80 * GIB)]
+
+    def plan(setting: str) -> Offload:
+        return hardware.offload(setting, n_layer=31, size_bytes=20 * GIB, kv_bytes=0,
+                                kv_offload=True, devices=devices, gpu_build=True)
+
+    names = ("RPC0 (10.0.0.2:50052)", "CUDA0 (H100)")
+    assert plan("all").devices == names == plan("5").devices
+    auto = plan("auto")  # the free memory of both, RPC server and GPU, counts
+    assert auto.layers == 32 and auto.devices == names and "on RPC0, CUDA0" in auto.reason
+    assert plan("0").devices == ()  # nothing offloaded, nowhere named

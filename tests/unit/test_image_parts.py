@@ -53,8 +53,10 @@ def test_openai_image_url_parts_keep_their_place():
     ({"role": "user", "content": [{"type": "image_url",
                                    "image_url": {"url": DATA_URL, "detail": "max"}}]},
      "messages[0].content[0].image_url.detail"),
-    ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+    ({"role": "assistant", "content": [{"type": "input_audio", "input_audio": {}}]},
      "messages[0].content[0].type"),
+    ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+     "messages[0].content[0].input_audio.data"),
 ])
 def test_openai_refusals_name_the_part(message, param):
     body = ChatCompletionRequest(model="m", messages=[message])
@@ -124,7 +126,7 @@ def test_ollama_images_on_chat_messages_and_generate():
 def test_native_images_for_chat_and_conversation():
     def native(**body):  # type: ignore[no-untyped-def]
         return native_adapter.generation_request(
-            GenerateBody(**body), defaults={}, default_transport="chat", has_template=True,
+            GenerateBody(**body), default_transport="chat", has_template=True,
             reasoning_default=False).request
     chat = native(prompt="p", images=[{"path": "a.png"}, {"data": PNG_B64,
                                                          "media_type": "image/png"}])

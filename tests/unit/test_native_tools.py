@@ -26,7 +26,7 @@ REPLY = ['Thinking.</think>Sure.<tool_call>\n{"name": "get_weather", "arguments"
 def request(**kw: object) -> adapter.Native:
     body = GenerateBody.model_validate({"transport": "conversation",
                                         "messages": [{"role": "user", "content": "hi"}], **kw})
-    return adapter.generation_request(body, defaults={}, default_transport="chat",
+    return adapter.generation_request(body, default_transport="chat",
                                       has_template=True, reasoning_default=False)
 
 

@@ -74,17 +74,19 @@ def test_bad_unknown_and_unimplemented_options_are_refused_by_name():
 
 
 def test_num_predict_num_ctx_and_repeat_window():
-    base = GenerationRequest(messages=[])
+    def base(opts: adapter.Options) -> GenerationRequest:  # what chat_job makes of them
+        return GenerationRequest(messages=[], max_tokens=opts.num_predict)
     for value in (-1, -2, 0):
         opts = adapter.parse_options({"num_predict": value})
         assert opts.num_predict is None
-        assert adapter.finalize(base, opts, 100, 30).max_tokens == 70  # until the window is full
-    capped = adapter.finalize(base, adapter.parse_options({"num_predict": 500}), 100, 30)
+        assert adapter.finalize(base(opts), opts, 100, 30).max_tokens == 70  # until full
+    big_predict = adapter.parse_options({"num_predict": 500})
+    capped = adapter.finalize(base(big_predict), big_predict, 100, 30)
     assert capped.max_tokens == 70 and capped.sampling.penalty_last_n == 64
     small = adapter.parse_options({"num_ctx": 50, "num_predict": 5, "repeat_last_n": -1})
-    gen = adapter.finalize(base, small, 100, 30)
+    gen = adapter.finalize(base(small), small, 100, 30)
     assert gen.max_tokens == 5 and gen.sampling.penalty_last_n == 50
-    err = refused(adapter.finalize, base, small, 100, 50)
+    err = refused(adapter.finalize, base(small), small, 100, 50)
     assert err.kind is ErrorKind.CONTEXT_LENGTH_EXCEEDED and "num_ctx" in err.message
     big = adapter.parse_options({"num_ctx": 8192, "num_thread": 2})
     assert adapter.window(big, 4096) == 4096

@@ -237,7 +237,7 @@ def test_models_are_listed_from_the_card():
         "status": "loaded", "meta": {
             "architecture": "llama", "n_ctx": 2048, "n_ctx_train": 4096, "n_params": 1000,
             "size": 2048, "n_vocab": 32000, "chat_template": True, "kv_layout": "split",
-            "vision": False}}
+            "vision": False, "audio": False}}
     assert data["tiny:half"]["root"] == "/loras/half.gguf"
     assert data["tiny:half"]["parent"] == "tiny"
     assert data["tiny:half"]["lora"] == {"alias": "half", "scale": 0.5}

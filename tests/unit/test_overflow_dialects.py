@@ -15,6 +15,7 @@ from lmserve.chat.templates import CHATML_TEMPLATE
 from lmserve.cli import build_parser, serve_config
 from lmserve.config import build, from_env
 from lmserve.core.errors import LmserveError
+from lmserve.core.request import with_defaults
 from lmserve.dialects.anthropic import routes as anthropic_routes
 from lmserve.dialects.native import adapter as native_adapter
 from lmserve.dialects.native.schema import GenerateBody
@@ -168,9 +169,9 @@ def test_a_resource_default_applies_and_a_request_overrides_it(make_router: Any,
 
 def native(transport: str, **params: Any) -> Any:
     body = GenerateBody(transport=transport, prompt="p", params=params)  # type: ignore[arg-type]
-    return native_adapter.generation_request(
-        body, defaults={"context_overflow": "truncate"}, default_transport="chat",
-        has_template=True, reasoning_default=False).request
+    request = native_adapter.generation_request(
+        body, default_transport="chat", has_template=True, reasoning_default=False).request
+    return with_defaults(request, {"context_overflow": "truncate"})
 
 
 def test_native_params() -> None:

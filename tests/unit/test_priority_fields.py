@@ -22,7 +22,7 @@ BAD = [True, 1.5, "1", 2**40]
 
 def native_request(**fields: Any) -> int:
     body = GenerateBody.model_validate({"transport": "raw", "prompt": "hi", **fields})
-    return native.generation_request(body, defaults={}, default_transport="raw",
+    return native.generation_request(body, default_transport="raw",
                                      has_template=False, reasoning_default=False
                                      ).request.priority
 

@@ -36,7 +36,8 @@ def sse(*chunks: Any) -> bytes:
                     for c in chunks)
 
 
-def answer(chat: bool, pieces: list[str]) -> bytes:
+def answer(chat: bool, pieces: list[str], continuous: bool = False) -> bytes:
+    """`continuous`: every chunk with a choice has the usage so far, as lmserve sends it."""
     def choice(text: str | None, reason: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"index": 0, "finish_reason": reason}
         if chat:
@@ -47,6 +48,11 @@ def answer(chat: bool, pieces: list[str]) -> bytes:
 
     chunks: list[Any] = [{"choices": [choice(p)]} for p in pieces]
     chunks.append({"choices": [choice(None, "stop")]})
+    if continuous:
+        for i, c in enumerate(chunks):
+            done = min(i + 1, len(pieces))
+            c["usage"] = {"prompt_tokens": 11, "completion_tokens": done,
+                          "total_tokens": 11 + done}
     chunks.append({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens":
                                             len(pieces), "total_tokens": 11 + len(pieces)}})
     chunks.append("[DONE]")
@@ -72,7 +78,9 @@ class FakeUpstream:
         if "TOO LONG" in json.dumps(body):
             return httpx.Response(400, json=PROMPT_ERROR)
         chat = request.url.path.endswith("/chat/completions")
-        return httpx.Response(200, content=answer(chat, ["Red", ", green", ", blue."]),
+        continuous = (body.get("stream_options") or {}).get("continuous_usage_stats", False)
+        return httpx.Response(200, content=answer(chat, ["Red", ", green", ", blue."],
+                                                  continuous),
                               headers={"content-type": "text/event-stream"})
 
 
@@ -112,6 +120,24 @@ def test_openai_chat_whole_and_streamed(http, fake):
     text = "".join(f["choices"][0]["delta"].get("content") or "" for f in frames
                    if f.get("choices"))
     assert text == "Red, green, blue." and frames[-1]["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", {"messages": MSG}),
+                                       ("/v1/completions", {"prompt": "Colors:"})])
+def test_continuous_usage_stats_come_from_the_upstream_s_running_counts(http, fake, path,
+                                                                        body):
+    r = http.post(path, json={"model": "smollm2", **body, "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    assert fake.bodies[-1]["stream_options"]["continuous_usage_stats"] is True
+    frames = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    # every chunk, the role chunk first among them, knows the prompt the upstream counted
+    assert {f["usage"]["prompt_tokens"] for f in frames} == {11}
+    counts = [f["usage"]["completion_tokens"] for f in frames]
+    assert counts == sorted(counts) and {1, 2, 3} <= set(counts) <= {0, 1, 2, 3}
+    if "messages" in body:  # the role chunk, before any token
+        assert frames[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert counts[0] == 0
 
 
 def test_openai_completions(http, fake):

@@ -215,6 +215,49 @@ def test_n_choices_share_the_usage_by_their_chunks():
     assert {s.index: s.end.usage for s in ends} == {0: Usage(4, 1), 1: Usage(4, 4)}
 
 
+def running(delta, index, completion, finish=None, prompt=5) -> str:
+    """A chunk with the usage so far (continuous_usage_stats)."""
+    data = json.loads(chunk(delta, finish, index))
+    data["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                     "total_tokens": prompt + completion}
+    return json.dumps(data)
+
+
+def test_continuous_usage_is_asked_of_servers_that_give_it_when_the_caller_wants_it():
+    def options(flavor, wanted=True):
+        return wire.request_body(chat(continuous_usage=wanted), "m", flavor)["stream_options"]
+    for flavor in ("lmserve", "vllm", "sglang"):
+        assert options(flavor) == {"include_usage": True, "continuous_usage_stats": True}
+    assert options("lmserve", wanted=False) == options("llamacpp") == options("") == \
+        {"include_usage": True}
+
+
+@pytest.mark.parametrize("summed, counts", [
+    (True, [0, 0, 1, 2, 3, 3, 3]),  # lmserve: the whole request's tokens so far
+    (False, [0, 0, 1, 1, 2, 2, 1]),  # vLLM: the chunk's choice's tokens so far
+])
+def test_running_counts_reach_each_choice_s_steps_and_split_the_final_usage(summed, counts):
+    reader = wire.StreamReader(2, continuous=True, summed=summed)
+    role = {"role": "assistant", "content": ""}
+    assert reader.data(running(role, 0, counts[0])) == []
+    assert reader.data(running(role, 1, counts[1])) == []
+    [a] = reader.data(running({"content": "a"}, 0, counts[2]))
+    [b] = reader.data(running({"content": "b"}, 1, counts[3]))
+    [c] = reader.data(running({"content": "c"}, 0, counts[4]))
+    assert [s.running for s in (a, b, c)] == [Usage(5, 1), Usage(5, 1), Usage(5, 2)]
+    assert reader.data(running({}, 0, counts[5], "stop")) == []  # running: not the final
+    assert reader.data(running({}, 1, counts[6], "stop")) == []
+    ends = reader.data(usage(completion=3, cached=0))  # the final usage: no choices
+    assert {s.index: s.end.usage for s in ends} == {0: Usage(5, 2), 1: Usage(5, 1)}
+
+
+def test_without_continuous_usage_a_usage_beside_choices_is_the_final_one():
+    reader = wire.StreamReader()  # e.g. a server that sends the usage with the finish
+    step, end = reader.data(running({"content": "x"}, 0, 1, "stop"))
+    assert step.text == "x" and step.running is None
+    assert end.end == Finished(FinishReason.STOP, Usage(5, 1))
+
+
 def test_completion_chunks_carry_text_and_logprobs():
     reader = wire.StreamReader(chat=False)
     data = {"choices": [{"index": 0, "text": "Paris", "finish_reason": None, "logprobs": {

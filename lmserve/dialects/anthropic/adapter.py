@@ -18,6 +18,11 @@ from lmserve.core.lifecycle import keep_alive_seconds
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
 from lmserve.dialects.anthropic.schema import ContentBlock, MessageIn, MessageRequest, MessagesBase
 from lmserve.dialects.anthropic.tools import thinking, tool_fields
+from lmserve.dialects.given import explicit
+
+# Wire fields -> the neutral ones they set. max_tokens is required, so a default never
+# replaces it.
+_NAMES = {"stop_sequences": "stop"}
 
 
 @dataclass
@@ -41,7 +46,10 @@ def message_request(body: MessageRequest) -> tuple[GenerationRequest, str | None
                                 reasoning=thinking(body, body.max_tokens).reasoning,
                                 context_overflow=body.context_overflow,
                                 priority=body.priority, **tool_fields(body),
-                                keep_alive=keep_alive_seconds(body.keep_alive))
+                                keep_alive=keep_alive_seconds(body.keep_alive),
+                                # thinking absent is off, as in Anthropic's API (its clients
+                                # expect no thinking blocks then): a default never turns it on
+                                explicit=explicit(body, _NAMES) | {"reasoning"})
     return request, conversation.prefill
 
 

@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lmserve.chat.overflow import reply_room
 from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt, with_media
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
-from lmserve.core.request import GenerationRequest
+from lmserve.core.request import GenerationRequest, with_defaults
 from lmserve.dialects.anthropic import adapter, encoder
 from lmserve.dialects.anthropic.schema import CountTokensRequest, MessageRequest
 from lmserve.dialects.anthropic.tools import thinking
-from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
+from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected
 from lmserve.http.streaming import SSE_HEADERS, accepted, truncation_headers
 from lmserve.models.registry import ModelRegistry
 
@@ -35,12 +35,8 @@ def make_router(models: Callable[[], ModelRegistry], *,
     async def create_message(body: MessageRequest, request: Request) -> Any:
         view = models()
         service = view.get(body.model)
-        # max_tokens is required in this dialect, so a resource default never replaces it.
-        defaults = {k: v for k, v in defaults_of(view, service).items() if k != "max_tokens"}
-        if isinstance(defaults.get("stop"), str):
-            defaults["stop"] = [defaults["stop"]]
-        body = with_defaults(body, defaults, {"stop": "stop_sequences"})
         gen, prefill = adapter.message_request(body)
+        gen = with_defaults(gen, defaults_of(view, service))  # never max_tokens: it is required
         gen = await with_media(service, gen)  # image URLs fetched under the media policy
         display = thinking(body, body.max_tokens).display
         n_ctx = service.require_ready().n_ctx

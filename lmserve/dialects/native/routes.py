@@ -16,12 +16,14 @@ from lmserve import web
 from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt, with_media
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.lifecycle import Unloadable
+from lmserve.core.request import with_defaults
 from lmserve.dialects.native import adapter, encoder
 from lmserve.dialects.native.producer import StreamProducers, collect, sse_frames
 from lmserve.dialects.native.schema import ConfigureBody, GenerateBody
 from lmserve.http.routing import (
     admin_only,
     caller_name,
+    defaults_of,
     dialect_route,
     require_owner,
     unless_disconnected,
@@ -178,10 +180,11 @@ async def _prepare(resource: LLMResource, body: GenerateBody
     card = service.require_ready()
     overrides = check_params(body.params or {}, request=True)
     native = adapter.generation_request(
-        body.model_copy(update={"params": overrides}), defaults=resource.defaults,
+        body.model_copy(update={"params": overrides}),
         default_transport=resource.default_transport, has_template=card.has_template,
         reasoning_default=resource.reasoning_default)
-    request = await with_media(service, native.request)  # image URLs fetched
+    request = with_defaults(native.request, defaults_of(resource.models(), service))
+    request = await with_media(service, request)  # image URLs fetched
     native = dataclasses.replace(native, request=request)
     return service, native, service.prepare(request)
 

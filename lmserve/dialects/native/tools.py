@@ -35,7 +35,8 @@ def tool_fields(body: GenerateBody) -> dict[str, Any]:
             "response_format": _format(body.format)}
 
 
-def chat_message(message: Message) -> ChatMessage:
+def chat_message(message: Message, content: str) -> ChatMessage:
+    """The message with `content`, its text (dialects.native.content reads parts)."""
     role = "system" if message.role == "developer" else message.role
     extra: dict[str, Any] = {}
     if message.tool_calls:
@@ -46,7 +47,7 @@ def chat_message(message: Message) -> ChatMessage:
             for call in message.tool_calls]
     if message.tool_call_id:
         extra["tool_call_id"] = message.tool_call_id
-    return ChatMessage(role, message.content, name=message.name, extra=extra)
+    return ChatMessage(role, content, name=message.name, extra=extra)
 
 
 def _tool(tool: Mapping[str, Any], index: int) -> ToolSpec:

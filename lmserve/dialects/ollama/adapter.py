@@ -13,7 +13,8 @@ Choices where Ollama and lmserve differ, so that nothing is silently ignored:
 - `truncate` true drops the oldest turns of a chat that does not fit (lmserve.chat.overflow);
   absent, the server's --context-overflow decides (Ollama's own server truncates then, but its
   API docs do not document the field). A raw generate prompt is never cut.
-- Unset options take Ollama's defaults (temperature 0.8, top_k 40, top_p 0.9, repeat 1.1/64).
+- Unset options take the model's defaults (core.request.with_defaults), else Ollama's
+  (temperature 0.8, top_k 40, top_p 0.9, repeat 1.1/64).
 - keep_alive (a duration or seconds; 0: unload when idle; negative: forever) rides on the
   request to the model's keep-alive; an empty prompt with keep_alive 0 unloads the model.
 - A generate `context` is the token ids of the earlier prompt and reply (EOS included); the next
@@ -32,15 +33,23 @@ from pydantic import ValidationError
 from lmserve.core import lifecycle
 from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
 from lmserve.core.images import ImageInput, image_from_base64
-from lmserve.core.request import ChatMessage, FieldNames, GenerationRequest, SamplingParams
+from lmserve.core.request import (
+    ChatMessage,
+    FieldNames,
+    GenerationRequest,
+    SamplingParams,
+    explicit_fields,
+)
 from lmserve.dialects.ollama.schema import ChatRequest, GenerateRequest, Message, OptionValues
 from lmserve.dialects.ollama.tools import output_fields, shows_thinking, tool_specs
 
 T = TypeVar("T")
 
-# Ollama's names of the neutral sampling fields, for errors.
+# Ollama's names of the neutral fields, for errors.
 FIELDS = FieldNames("options.", {"repetition_penalty": "repeat_penalty",
-                                  "penalty_last_n": "repeat_last_n"})
+                                  "penalty_last_n": "repeat_last_n", "max_tokens": "num_predict"})
+# Option names -> the neutral fields they set (the rest keep their names).
+_OPTION_NAMES = {"num_predict": "max_tokens", "repeat_penalty": "repetition_penalty"}
 
 OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, min_p=0.0,
                                  repetition_penalty=1.1, penalty_last_n=64)
@@ -139,7 +148,8 @@ def window(options: Options, loaded_ctx: int) -> int:
 
 def finalize(request: GenerationRequest, options: Options, loaded_ctx: int,
              n_prompt: int) -> GenerationRequest:
-    """Fit the request to its window once the prompt is tokenized: max_tokens, penalty span."""
+    """Fit the request to its window once the prompt is tokenized: max_tokens (num_predict, or
+    a model's default, capped to the room left; unset: the room), penalty span."""
     span = window(options, loaded_ctx)
     if n_prompt >= span:
         whose = "num_ctx" if span < loaded_ctx else "the context loaded by this server"
@@ -148,7 +158,7 @@ def finalize(request: GenerationRequest, options: Options, loaded_ctx: int,
                            f"window of {span} tokens ({whose})", param="options.num_ctx",
                            code="context_length_exceeded")
     room = span - n_prompt
-    max_tokens = room if options.num_predict is None else min(options.num_predict, room)
+    max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
     last_n = span if options.repeat_last_n == -1 else options.repeat_last_n
     return dataclasses.replace(request, max_tokens=max_tokens,
                                sampling=request.sampling.replace(penalty_last_n=last_n))
@@ -175,9 +185,16 @@ def notice(options: Options, loaded_ctx: int | None, *, embedding: bool = False)
 
 # -- requests -------------------------------------------------------------------------------
 
+def _explicit(body: ChatRequest | GenerateRequest) -> frozenset[str]:
+    """The neutral fields the request set: its options, `think` and `truncate`."""
+    given = {**(body.options or {}), "reasoning": body.think, "context_overflow": body.truncate}
+    return explicit_fields(given, _OPTION_NAMES)
+
+
 def chat_job(body: ChatRequest) -> Job:
     options = parse_options(body.options)
     request = GenerationRequest(model=body.model, sampling=options.sampling, fields=FIELDS,
+                                explicit=_explicit(body), max_tokens=options.num_predict,
                                 stop=list(options.stop),
                                 messages=[_message(m, i) for i, m in enumerate(body.messages)],
                                 tools=tool_specs(body.tools), **output_fields(body),
@@ -204,6 +221,7 @@ def generate_job(body: GenerateRequest) -> Job:
                           "that does not fit the context is refused")
     options = parse_options(body.options)
     request = GenerationRequest(model=body.model, sampling=options.sampling, fields=FIELDS,
+                                explicit=_explicit(body), max_tokens=options.num_predict,
                                 stop=list(options.stop), **output_fields(body),
                                 context_overflow=overflow_policy(body.truncate),
                                 priority=body.priority)

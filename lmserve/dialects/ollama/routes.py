@@ -30,7 +30,7 @@ from lmserve.core.backend import (
 )
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.lifecycle import ModelLoading, Unloadable
-from lmserve.core.request import GenerationRequest
+from lmserve.core.request import GenerationRequest, with_defaults
 from lmserve.dialects.ollama import adapter, encoder
 from lmserve.dialects.ollama.schema import (
     ChatRequest,
@@ -253,7 +253,6 @@ async def _turn(request: Request, models: Models, body: ChatRequest | GenerateRe
     """One chat or generate request; an empty message list or prompt only loads the model."""
     started = time.monotonic_ns()
     service = _lookup(models, body.model)
-    body = _with_resource_defaults(body, defaults_of(models(), service))
     chat = isinstance(body, ChatRequest)
     job = adapter.chat_job(body) if isinstance(body, ChatRequest) else adapter.generate_job(body)
     if not (body.messages if isinstance(body, ChatRequest) else body.prompt):
@@ -264,24 +263,10 @@ async def _turn(request: Request, models: Models, body: ChatRequest | GenerateRe
         context = list(body.context or [])  # templated generate replies carry `context`
         if not card.has_template:
             job = adapter.without_template(job, body)
+    job = dataclasses.replace(job, request=with_defaults(job.request,
+                                                         defaults_of(models(), service)))
     return await _respond(request, service, card, body.model, job, chat=chat, started=started,
                           stream=body.stream is not False, context=context)
-
-
-# A resource's neutral default names -> Ollama option names (the rest are the same).
-_OPTION_NAMES = {"max_tokens": "num_predict", "repetition_penalty": "repeat_penalty"}
-
-
-def _with_resource_defaults(body: ChatRequest | GenerateRequest, defaults: Mapping[str, Any]
-                            ) -> ChatRequest | GenerateRequest:
-    """A resource's defaults for the options this request left unset."""
-    given = dict(body.options or {})
-    merged = {**{_OPTION_NAMES.get(k, k): v for k, v in defaults.items()
-                 if k not in ("reasoning", "context_overflow")}, **given}
-    update: dict[str, Any] = {"options": merged} if merged != given else {}
-    if body.truncate is None and defaults.get("context_overflow") is not None:
-        update["truncate"] = defaults["context_overflow"] == "truncate"
-    return body.model_copy(update=update) if update else body
 
 
 async def _load(request: Request, service: ModelBackend, model: str, job: adapter.Job, *,
@@ -337,7 +322,7 @@ def _truncation_target(job: adapter.Job, loaded_ctx: int) -> GenerationRequest:
     is left, so at most the reserve) inside the num_ctx window. The service fits prompts to the
     loaded context, so the part of it outside the window counts as room too."""
     window = adapter.window(job.options, loaded_ctx)
-    room = reply_room(window, job.options.num_predict, capped=True)
+    room = reply_room(window, job.request.max_tokens, capped=True)
     return dataclasses.replace(job.request, max_tokens=loaded_ctx - window + room)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from lmserve.core.errors import invalid, unsupported
 from lmserve.core.request import ChatMessage, FieldNames, GenerationRequest, SamplingParams
+from lmserve.dialects.given import explicit
 from lmserve.dialects.ollm.schema import GenerationIn, RuntimeIn
 
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -82,7 +83,7 @@ def generation_request(messages: list[ChatMessage], gen: GenerationIn,
             top_k=gen.top_k or 0, seed=gen.seed), fields=FieldNames("generation."),
         max_tokens=gen.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         stop=[s for s in gen.stop or [] if s], context_overflow=gen.context_overflow,
-        priority=gen.priority or 0)
+        priority=gen.priority or 0, explicit=explicit(gen, {"max_new_tokens": "max_tokens"}))
 
 
 def prompt_messages(system: str | None, transcript: Sequence[Mapping[str, Any]],

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from enum import Enum
 from typing import Any
 
@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from lmserve._version import __version__
 from lmserve.core.backend import ModelBackend, PlacementFacts
 from lmserve.core.errors import ErrorKind, LmserveError
-from lmserve.core.request import ChatMessage
+from lmserve.core.request import ChatMessage, with_defaults
 from lmserve.dialects.ollm import adapter, discovery, encoder, plan
 from lmserve.dialects.ollm.schema import (
     GenerationIn,
@@ -31,7 +31,7 @@ from lmserve.dialects.ollm.schema import (
     SessionPromptRequest,
 )
 from lmserve.dialects.ollm.turns import PromptJob, SessionTurn, Turns
-from lmserve.http.routing import body_error, dialect_route, unless_disconnected
+from lmserve.http.routing import body_error, defaults_of, dialect_route, unless_disconnected
 from lmserve.http.streaming import SSE_HEADERS, accepted, truncation_headers
 from lmserve.models.registry import ModelRegistry
 from lmserve.stores import NotFoundError, SessionStore
@@ -215,7 +215,8 @@ async def _one_shot(request: Request, models: Models, body: PromptRequest, *,
                     stream: bool) -> Response:
     service, name = _served(models, body.runtime)
     messages = adapter.prompt_messages(body.system_prompt, [], body.prompt)
-    job = _start(service, name, messages, body.generation, body.prompt, body.runtime.quiet)
+    job = _start(service, name, messages, body.generation, body.prompt, body.runtime.quiet,
+                 defaults_of(models(), service))
     headers = truncation_headers(job.truncated_messages)
     if stream:
         await accepted([job.generation])  # an upstream's refusal is a status here too
@@ -239,7 +240,7 @@ async def _turn(request: Request, models: Models, turns: Turns, session_id: str,
                                               body.generation)
         messages = adapter.prompt_messages(session.system, session.messages, body.prompt)
         job = _start(service, name, messages, generation, body.prompt, None,
-                     session=session_key(session_id))
+                     defaults_of(models(), service), session=session_key(session_id))
         job.sessions, job.session_id = sessions, session_id
         claim.generation = job.generation
         headers = truncation_headers(job.truncated_messages)
@@ -268,8 +269,10 @@ def session_key(session_id: str) -> str:
 
 
 def _start(service: ModelBackend, name: str, messages: list[ChatMessage], gen: GenerationIn,
-           prompt: str, quiet: bool | None, session: str | None = None) -> PromptJob:
-    request = adapter.generation_request(messages, gen, name)
+           prompt: str, quiet: bool | None, defaults: Mapping[str, Any],
+           session: str | None = None) -> PromptJob:
+    """Prepare and submit one prompt, with the model's defaults where `gen` sets nothing."""
+    request = with_defaults(adapter.generation_request(messages, gen, name), defaults)
     request.session = session
     prepared = service.prepare(request)
     started = time.monotonic()

@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from lmserve.core.errors import invalid, unsupported
-from lmserve.core.images import ImageInput, image_from_url, joined_offset
+from lmserve.core.images import (
+    ImageInput,
+    audio_from_input,
+    audio_from_url,
+    image_from_url,
+    joined_offset,
+)
 from lmserve.core.lifecycle import keep_alive_seconds
 from lmserve.core.lora import selection_field
 from lmserve.core.request import ChatMessage, GenerationRequest, SamplingParams
+from lmserve.dialects.given import explicit
 from lmserve.dialects.openai.chat_tools import effort_kwargs, tool_fields
 from lmserve.dialects.openai.schema import (
     ChatCompletionRequest,
@@ -77,6 +84,10 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else [s for s in stop if s]
 
 
+# Chat fields -> the neutral ones they set (the rest keep their names).
+_CHAT_NAMES = {"max_completion_tokens": "max_tokens", "reasoning_effort": "reasoning"}
+
+
 def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
@@ -94,13 +105,21 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         ignore_eos=body.ignore_eos,
         n=body.n,
         logprobs=_chat_logprobs(body),
+        continuous_usage=_continuous_usage(body),
         add_generation_prompt=body.add_generation_prompt,
         template_kwargs={**effort_kwargs(body), **(body.chat_template_kwargs or {})},
         context_overflow=body.context_overflow,
         lora=selection_field(body.lora, "lora"),
         priority=body.priority,
+        explicit=explicit(body, _CHAT_NAMES),
         **tool_fields(body),
     )
+
+
+def _continuous_usage(body: SamplingFields) -> bool:
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far."""
+    return bool(body.stream and body.stream_options and
+                body.stream_options.continuous_usage_stats)
 
 
 def _chat_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -129,7 +148,9 @@ def _message(message: ChatMessageIn, index: int) -> ChatMessage:
 
 def _content(message: ChatMessageIn, role: str, index: int
              ) -> tuple[str | None, tuple[ImageInput, ...]]:
-    """The text of the content parts, joined, and the images between them."""
+    """The text of the content parts, joined, and the media between them: image_url,
+    input_audio (base64 WAV or MP3) and audio_url (vLLM's and llama.cpp's part for a clip's
+    URL) parts."""
     if not isinstance(message.content, list):
         return message.content, ()
     texts: list[str] = []
@@ -140,8 +161,10 @@ def _content(message: ChatMessageIn, role: str, index: int
             texts.append(getattr(part, "text", ""))
         elif part.type == "image_url" and role == "user":
             images.append(_image(part, param).at(joined_offset(texts)))
+        elif part.type in ("input_audio", "audio_url") and role == "user":
+            images.append(_audio(part, param).at(joined_offset(texts)))
         else:
-            allowed = "text or image_url" if role == "user" else "text"
+            allowed = "text, image_url, input_audio or audio_url" if role == "user" else "text"
             raise invalid(f"content part type '{part.type}' is not supported in a {role} "
                           f"message; send {allowed} parts", param=f"{param}.type",
                           code="unsupported_content")
@@ -154,6 +177,14 @@ def _image(part: OtherPart | TextPart, param: str) -> ImageInput:
         raise invalid(f"{param}.image_url must be an object with a 'url'",
                       param=f"{param}.image_url")
     return image_from_url(value.get("url"), f"{param}.image_url", detail=value.get("detail"))
+
+
+def _audio(part: OtherPart | TextPart, param: str) -> ImageInput:
+    if part.type == "input_audio":
+        return audio_from_input(getattr(part, "input_audio", None), f"{param}.input_audio")
+    value = getattr(part, "audio_url", None)  # {"url": ...}, or the URL itself
+    url = value.get("url") if isinstance(value, dict) else value
+    return audio_from_url(url, f"{param}.audio_url")
 
 
 def completion_prompts(prompt: PromptField) -> list[str | list[int]]:
@@ -193,6 +224,8 @@ def completion_request(body: CompletionRequest, prompt: str | list[int]) -> Gene
         n=body.n,
         logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None,  # echo shows the prompt's too
+        continuous_usage=_continuous_usage(body),
         lora=selection_field(body.lora, "lora"),
         priority=body.priority,
+        explicit=explicit(body),
     )

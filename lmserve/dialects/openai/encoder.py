@@ -167,22 +167,48 @@ def text_completion(model: str, collected: Collected, usage: Usage) -> dict[str,
 class RunningUsage:
     """vLLM's `stream_options.continuous_usage_stats`: the usage so far, which every chunk
     carries. The prompt counts once per prompt (its n choices share it); a choice's tokens
-    count as its steps bring them, and its final usage replaces that count when it ends."""
+    count as its steps bring them (their token ids, or the backend's running count where it
+    has no ids: an upstream's), and its final usage replaces that count when it ends.
 
-    def __init__(self, prompt_tokens: int) -> None:
-        self.prompt_tokens = prompt_tokens
+    `prompts`: each prompt's length where it is known before the generation; 0 where only
+    the backend's counts will tell it (an upstream renders the chat): `known` is then False
+    until the first step of that prompt brings it."""
+
+    def __init__(self, prompts: list[int], n: int = 1) -> None:
+        self._prompts = list(prompts)
+        self._told = [count == 0 for count in prompts]  # the backend's counts say it
+        self._n = n
         self._completion: dict[int, int] = {}  # per choice, over every prompt's choices
 
+    @property
+    def known(self) -> bool:
+        return not any(self._told) or all(self._prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self._prompts)
+
+    def learn_prompt(self, index: int, step: ChoiceStep) -> None:
+        """The prompt's length from a step's counts, where only they can tell it."""
+        job = index // self._n
+        counted = step.usage or step.running
+        if self._told[job] and counted is not None and counted.prompt_tokens:
+            self._prompts[job] = counted.prompt_tokens
+
     def add(self, index: int, step: ChoiceStep) -> None:
+        self.learn_prompt(index, step)
         if step.usage is not None:
             self._completion[index] = step.usage.completion_tokens
+        elif step.running is not None:
+            self._completion[index] = step.running.completion_tokens
         else:
             self._completion[index] = self._completion.get(index, 0) + len(step.token_ids)
 
     def body(self) -> dict[str, int]:
         completion = sum(self._completion.values())
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        prompt = self.prompt_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
 
 
 class ChunkEncoder:

@@ -1,10 +1,11 @@
-"""OpenAI routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models."""
+"""OpenAI routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, and vLLM's
+/tokenize and /detokenize."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator
 from enum import Enum
 from typing import Any
 
@@ -23,8 +24,8 @@ from lmserve.core.backend import (
 from lmserve.core.errors import LmserveError, invalid
 from lmserve.core.events import Usage
 from lmserve.core.lora import model_spec, selection_field
-from lmserve.core.request import GenerationRequest
-from lmserve.dialects.openai import adapter, encoder
+from lmserve.core.request import GenerationRequest, with_defaults
+from lmserve.dialects.openai import adapter, encoder, tokenize
 from lmserve.dialects.openai.chat_events import ChoiceCalls, event_deltas
 from lmserve.dialects.openai.logprobs import StreamOffsets, chat_logprobs, with_logprobs
 from lmserve.dialects.openai.responses.routes import make_router as responses_router
@@ -33,7 +34,8 @@ from lmserve.dialects.openai.schema import (
     CompletionRequest,
     EmbeddingRequest,
 )
-from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected, with_defaults
+from lmserve.dialects.openai.tokenize import DetokenizeRequest, TokenizeRequest
+from lmserve.http.routing import defaults_of, dialect_route, unless_disconnected
 from lmserve.http.streaming import accepted, merge, sse, start_all, truncation_headers
 from lmserve.models.registry import ModelRegistry
 
@@ -49,8 +51,8 @@ def make_router(models: Callable[[], ModelRegistry], *,
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         view = models()
         service = view.get(body.model)
-        body = with_defaults(body, _chat_defaults(body, defaults_of(view, service)))
-        gen = await with_media(service, adapter.chat_request(body))  # image URLs fetched
+        gen = with_defaults(adapter.chat_request(body), defaults_of(view, service))
+        gen = await with_media(service, gen)  # image URLs fetched
         prepared = service.prepare(gen)
         return await _respond(request, service, body.model, [(gen, prepared)], chat=True, echo=[],
                               stream=body.stream, include_usage=_include_usage(body),
@@ -60,10 +62,10 @@ def make_router(models: Callable[[], ModelRegistry], *,
     async def completions(body: CompletionRequest, request: Request) -> Any:
         view = models()
         service = view.get(body.model)
-        body = with_defaults(body, defaults_of(view, service))
+        defaults = defaults_of(view, service)
         jobs = []
         for prompt in adapter.completion_prompts(body.prompt):
-            gen = adapter.completion_request(body, prompt)
+            gen = with_defaults(adapter.completion_request(body, prompt), defaults)
             jobs.append((gen, service.prepare(gen)))
         echo = [_echo_text(service, p) for _, p in jobs] if body.echo else []
         return await _respond(request, service, body.model, jobs, chat=False, echo=echo,
@@ -81,6 +83,10 @@ def make_router(models: Callable[[], ModelRegistry], *,
         if body.dimensions is not None and n_embd is not None and body.dimensions > n_embd:
             raise invalid(f"dimensions must be at most {n_embd} for this model", param="dimensions")
         vectors = await service.embed(inputs, adapters)
+        width = min((len(vec) for vec in vectors), default=0)  # no n_embd on an upstream's card
+        if body.dimensions is not None and vectors and body.dimensions > width:
+            raise invalid(f"dimensions must be at most {width} for this model",
+                          param="dimensions")
         data = []
         for i, vec in enumerate(vectors):
             vec = vec[: body.dimensions] if body.dimensions else vec
@@ -91,6 +97,14 @@ def make_router(models: Callable[[], ModelRegistry], *,
         n_tokens = sum(len(t) for t in inputs)
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    @router.post("/tokenize", summary="Tokenize text (vLLM's and llama-server's route)")
+    async def tokenize_text(body: TokenizeRequest) -> Any:
+        return tokenize.tokenize(models().get(body.model), body)
+
+    @router.post("/detokenize", summary="Token ids to text (vLLM's and llama-server's route)")
+    async def detokenize_ids(body: DetokenizeRequest) -> Any:
+        return tokenize.detokenize(models().get(body.model), body)
 
     @router.get("/v1/models", summary="List models")
     async def list_models() -> Any:
@@ -114,13 +128,6 @@ def _continuous_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
 
-def _chat_defaults(body: ChatCompletionRequest, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """max_completion_tokens is the chat field's newer name: a request that set it keeps it."""
-    if body.max_completion_tokens is not None:
-        return {k: v for k, v in defaults.items() if k != "max_tokens"}
-    return dict(defaults)
-
-
 def _names(registry: ModelRegistry, service: ModelBackend) -> list[str]:
     """A model's names, then "<name>:<alias>" for each of its LoRA adapters."""
     names = registry.names(service)
@@ -141,7 +148,7 @@ def _model_card(service: ModelBackend, name: str) -> dict[str, Any]:
                          "n_ctx_train": weights.n_ctx_train, "n_params": weights.n_params,
                          "size": weights.size_bytes, "n_vocab": weights.n_vocab,
                          "chat_template": card.has_template, "kv_layout": card.kv_layout,
-                         "vision": card.vision}
+                         "vision": card.vision, "audio": card.audio}
         if card.placement is not None:  # where the weights and the KV cache live
             entry["meta"]["placement"] = dataclasses.asdict(card.placement)
     lora = model_spec(name, card.loras, card.names)
@@ -168,7 +175,7 @@ async def _respond(request: Request, service: ModelBackend, model: str, jobs: li
         await accepted(generations)  # an upstream's refusal is a status, not a stream error
         # With logprobs, each choice's echo waits for its prompt logprobs (on its first step).
         scored_echo = bool(echo) and jobs[0][0].prompt_logprobs is not None
-        running = encoder.RunningUsage(sum(len(prepared.tokens) for _, prepared in jobs)) \
+        running = encoder.RunningUsage([len(prepared.tokens) for _, prepared in jobs], n) \
             if continuous_usage else None
         return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,
                                          scored_echo, running),
@@ -201,17 +208,26 @@ async def _stream(generations: list[BackendGeneration], n: int, model: str, chat
                   echo: list[str], include_usage: bool, scored_echo: bool = False,
                   running: encoder.RunningUsage | None = None) -> AsyncIterator[bytes]:
     """`scored_echo`: the echo goes out with the prompt's logprobs, on each choice's first
-    step, instead of up front. `running`: every chunk carries the usage so far."""
+    step, instead of up front. `running`: every chunk carries the usage so far; where only
+    the backend's counts tell the prompt's length (an upstream), the role and echo chunks
+    wait for the first step, which brings them."""
     enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage, running=running)
     parsed = _ParsedChoices(enc) if chat else None
     groups: list[list[Usage]] = [[] for _ in generations]
     offsets = StreamOffsets()
-    if chat:
-        for j in range(n):
-            yield sse(enc.role(j))
-    for i, text in enumerate([] if scored_echo else echo):
-        for j in range(n):
-            yield sse(enc.delta(i * n + j, text, None))
+
+    def preamble() -> Iterator[bytes]:
+        if chat:
+            for j in range(n):
+                yield sse(enc.role(j))
+        for i, text in enumerate([] if scored_echo else echo):
+            for j in range(n):
+                yield sse(enc.delta(i * n + j, text, None))
+
+    waiting = running is not None and not running.known
+    if not waiting:
+        for line in preamble():
+            yield line
     try:
         async for job_index, steps in merge(generations):
             for step in steps:
@@ -220,6 +236,11 @@ async def _stream(generations: list[BackendGeneration], n: int, model: str, chat
                     groups[job_index].append(step.usage)
                 index = job_index * n + step.index
                 if running is not None:
+                    if waiting:
+                        running.learn_prompt(index, step)
+                        for line in preamble():
+                            yield line
+                        waiting = False
                     running.add(index, step)
                 if parsed is not None:
                     for chunk in parsed.chunks(index, step):

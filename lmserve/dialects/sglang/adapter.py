@@ -13,6 +13,7 @@ from lmserve.core.errors import invalid, unsupported
 from lmserve.core.lora import selection_field
 from lmserve.core.request import FieldNames, GenerationRequest, ResponseFormat
 from lmserve.core.request import SamplingParams as CoreSampling
+from lmserve.dialects.given import explicit
 from lmserve.dialects.sglang.encoder import LogprobShape
 from lmserve.dialects.sglang.schema import GenerateRequest, SamplingParams
 
@@ -201,6 +202,7 @@ def _job(prompt: str | list[int], params: SamplingParams, rid: str, model: str |
         prompt_logprobs=logprobs.top if logprobs and logprobs.start >= 0 else None,
         response_format=response_format(params),
         lora=selection_field(lora, "lora_path"),
+        explicit=explicit(params, _NAMES),
     ), stream_interval=params.stream_interval or 1, no_stop_trim=params.no_stop_trim,
         logprobs=logprobs)
 
@@ -256,8 +258,9 @@ def _schema(raw: str | dict[str, Any] | None) -> dict[str, Any] | bool:
     return raw
 
 
-# SGLang's names of the neutral sampling fields, for errors.
-FIELDS = FieldNames("sampling_params.", {"seed": "sampling_seed"})
+# SGLang's names of the neutral fields, for errors, and the other way round.
+FIELDS = FieldNames("sampling_params.", {"seed": "sampling_seed", "max_tokens": "max_new_tokens"})
+_NAMES = {"sampling_seed": "seed", "max_new_tokens": "max_tokens"}
 
 
 def sampling(params: SamplingParams) -> CoreSampling:

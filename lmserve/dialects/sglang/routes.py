@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -26,13 +26,14 @@ from lmserve.core.backend import (
     WeightsFacts,
 )
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
-from lmserve.core.request import GenerationRequest, SamplingParams
+from lmserve.core.request import GenerationRequest, SamplingParams, with_defaults
 from lmserve.dialects.sglang import adapter, encoder, sessions
 from lmserve.dialects.sglang.schema import AbortRequest, GenerateRequest
 from lmserve.http.routing import (
     admin_only,
     caller_is_admin,
     caller_name,
+    defaults_of,
     dialect_route,
     unless_disconnected,
 )
@@ -92,8 +93,10 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
 
     async def generate(body: GenerateRequest, request: Request) -> Response:
         listen(request)
-        service = models().get(body.model)
-        plan = adapter.generate_plan(body, new_rid=lambda: uuid.uuid4().hex)
+        registry = models()
+        service = registry.get(body.model)
+        plan = _with_defaults(adapter.generate_plan(body, new_rid=lambda: uuid.uuid4().hex),
+                              defaults_of(registry, service))
         live.check_free(job.rid for job in plan.jobs)
         turn = None
         if body.session_params is not None:
@@ -284,6 +287,14 @@ def _session_turn(open_sessions: sessions.Sessions, service: ModelBackend,
     request_ = dataclasses.replace(req, prompt=None, prompt_tokens=turn.input_ids,
                                    session=session.key)
     return adapter.GeneratePlan([dataclasses.replace(job, request=request_)], listed=False), turn
+
+
+def _with_defaults(plan: adapter.GeneratePlan, defaults: Mapping[str, Any]
+                   ) -> adapter.GeneratePlan:
+    """Each prompt's request with the model's defaults where its sampling_params set nothing."""
+    jobs = [dataclasses.replace(job, request=with_defaults(job.request, defaults))
+            for job in plan.jobs]
+    return dataclasses.replace(plan, jobs=jobs)
 
 
 def _prepare(service: ModelBackend, job: adapter.Job) -> PreparedPrompt:

@@ -15,6 +15,7 @@ from lmserve.core.errors import invalid, unsupported
 from lmserve.core.lifecycle import keep_alive_seconds
 from lmserve.core.request import (
     ChatMessage,
+    FieldNames,
     GenerationRequest,
     NamedTool,
     ResponseFormat,
@@ -23,11 +24,16 @@ from lmserve.core.request import (
     ToolSpec,
     function_tool,
 )
+from lmserve.dialects.given import explicit
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate
 
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 # truncation -> the neutral context overflow policy ("auto" drops the oldest turns)
 OVERFLOW: dict[str, Literal["error", "truncate"]] = {"auto": "truncate", "disabled": "error"}
+
+# Wire fields -> the neutral ones they set, and back for errors.
+_NAMES = {"max_output_tokens": "max_tokens", "truncation": "context_overflow"}
+FIELDS = FieldNames(renames={"max_tokens": "max_output_tokens"})
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 # reasoning.effort -> thinking on or off; the "on" efforts also reach the template
@@ -213,6 +219,7 @@ def generation_request(body: ResponseCreate, messages: list[ChatMessage]) -> Gen
     stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
     tools = request_tools(body.tools)
     return GenerationRequest(model=body.model, messages=messages, sampling=_sampling(body),
+                             fields=FIELDS, explicit=_explicit(body),
                              max_tokens=body.max_output_tokens, stop=stop,
                              ignore_eos=body.ignore_eos, priority=body.priority,
                              tools=tools or None,
@@ -224,6 +231,13 @@ def generation_request(body: ResponseCreate, messages: list[ChatMessage]) -> Gen
                              keep_alive=keep_alive_seconds(
                                  (body.model_extra or {}).get("keep_alive")),
                              **reasoning_fields(body.reasoning))
+
+
+def _explicit(body: ResponseCreate) -> frozenset[str]:
+    """What the request set, by neutral name; reasoning only by its effort (a summary alone
+    leaves thinking to the model's default)."""
+    given = explicit(body, _NAMES)
+    return given if (body.reasoning or {}).get("effort") is not None else given - {"reasoning"}
 
 
 def _sampling(body: ResponseCreate) -> SamplingParams:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lmserve.core.errors import ErrorKind, LmserveError, invalid, unsupported
-from lmserve.core.images import ImageInput, image_from_url, joined_offset
+from lmserve.core.images import ImageInput, audio_from_input, image_from_url, joined_offset
 from lmserve.core.request import ChatMessage
 from lmserve.dialects.openai.responses.schema import JSON, new_id
 
@@ -97,8 +97,10 @@ def _part(part: Any, role: str, kind: str, param: str) -> JSON:
     part_type = part.get("type") if isinstance(part, dict) else None
     if part_type == "input_image" and role == "user":
         return _image_part(part, param)
+    if part_type == "input_audio" and role == "user":
+        return _audio_part(part, param)
     if part_type in _MEDIA_PARTS:
-        where = "outside user messages" if part_type == "input_image" else "by this server"
+        where = "by this server" if part_type == "input_file" else "outside user messages"
         raise invalid(f"{param}: {part_type} is not supported {where}",
                       param=f"{param}.type", code="unsupported_content")
     if role == "assistant" and part_type == "refusal":
@@ -118,6 +120,18 @@ def _image_part(part: JSON, param: str) -> JSON:
     url, detail = part.get("image_url"), part.get("detail")
     image_from_url(url, f"{param}.image_url", detail=detail, detail_param=f"{param}.detail")
     return {"type": "input_image", "image_url": url, "file_id": None, "detail": detail or "auto"}
+
+
+def _audio_part(part: JSON, param: str) -> JSON:
+    """OpenAI's ResponseInputAudio shape, {"input_audio": {"data", "format"}}, as
+    llama.cpp's server example takes it in Responses input (OpenAI's own message content
+    lists only text, image and file parts); stored as sent, judged when the turn is
+    prepared."""
+    clip = part.get("input_audio")
+    audio_from_input(clip, f"{param}.input_audio")
+    assert isinstance(clip, dict)
+    return {"type": "input_audio",
+            "input_audio": {"data": clip["data"], "format": clip.get("format")}}
 
 
 def _function_call(item: JSON, param: str) -> JSON:
@@ -259,6 +273,9 @@ def _content(parts: list[JSON], param: str) -> tuple[str, tuple[ImageInput, ...]
             image = image_from_url(part["image_url"], f"{param}[{j}].image_url",
                                    detail=part["detail"])
             images.append(image.at(joined_offset(texts)))
+        elif part["type"] == "input_audio":
+            clip = audio_from_input(part["input_audio"], f"{param}[{j}].input_audio")
+            images.append(clip.at(joined_offset(texts)))
         else:
             texts.append(part["refusal"] if part["type"] == "refusal" else part["text"])
     return "\n".join(texts), tuple(images)

@@ -21,11 +21,11 @@ from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt
 from lmserve.core.caller import current_key
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_CANCELLED, Usage
-from lmserve.core.request import GenerationRequest
+from lmserve.core.request import GenerationRequest, with_defaults
 from lmserve.dialects.openai.responses import adapter, items
 from lmserve.dialects.openai.responses.encoder import ResponseEvents, response_head
 from lmserve.dialects.openai.responses.schema import JSON, ResponseCreate, new_id
-from lmserve.http.routing import defaults_of, with_defaults
+from lmserve.http.routing import defaults_of
 from lmserve.models.registry import ModelRegistry
 from lmserve.stores import ResponseRecord, ResponseStore
 
@@ -63,18 +63,16 @@ class Turn:
 
 async def begin(state: HasResponseStore, registry: ModelRegistry, body: ResponseCreate, *,
                 nested_errors: bool = False) -> Turn:
-    """Check, resolve and submit; every refusal happens here, before any event. A resource's
-    default parameters fill what the request left unset."""
+    """Check, resolve and submit; every refusal happens here, before any event. The model's
+    default parameters fill what the request left unset, and the response echoes them."""
     service = registry.get(body.model)
-    defaults = defaults_of(registry, service)
-    body = with_defaults(body, defaults, {"max_tokens": "max_output_tokens"})
-    body = _truncation_default(body, defaults)
     adapter.check_request(body)
     store = state.responses()
     conversation = [*await _history(store, body.previous_response_id),
                     *items.own_items(body.input)]
     items.check_unique_ids(conversation)
-    gen, prepared = await _prepare(service, body, conversation)
+    gen, prepared = await _prepare(service, body, conversation, defaults_of(registry, service))
+    body = _echoed(body, gen)
     generation = service.start(gen, prepared)
     if body.truncation is None:  # the server's default decided: the response says which
         body = body.model_copy(update={"truncation": "auto" if prepared.truncating
@@ -98,21 +96,23 @@ async def _history(store: ResponseStore | None, previous_id: str | None) -> list
     return record.conversation()
 
 
-def _truncation_default(body: ResponseCreate, defaults: Mapping[str, Any]) -> ResponseCreate:
-    """A resource's context_overflow default, as this dialect's truncation field."""
-    policy = defaults.get("context_overflow")
-    if body.truncation is not None or policy is None:
-        return body
-    return body.model_copy(update={"truncation": "auto" if policy == "truncate" else "disabled"})
+def _echoed(body: ResponseCreate, gen: GenerationRequest) -> ResponseCreate:
+    """The request as the response object echoes it: the sampling values and the output limit
+    the generation runs with, a model's defaults included (the head fills what is None)."""
+    s = gen.sampling
+    return body.model_copy(update={
+        "temperature": s.temperature, "top_p": s.top_p, "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty, "max_output_tokens": gen.max_tokens})
 
 
-async def _prepare(service: ModelBackend, body: ResponseCreate, conversation: list[JSON]
-                   ) -> tuple[GenerationRequest, PreparedPrompt]:
-    """The prompt of the conversation (its image URLs fetched); truncation "auto" drops its
-    oldest turns to fit the context (the service does it, see chat.overflow); the stored
-    conversation stays whole, URLs and all."""
+async def _prepare(service: ModelBackend, body: ResponseCreate, conversation: list[JSON],
+                   defaults: Mapping[str, Any]) -> tuple[GenerationRequest, PreparedPrompt]:
+    """The prompt of the conversation (its image URLs fetched) with the model's defaults
+    filled in; truncation "auto" drops its oldest turns to fit the context (the service does
+    it, see chat.overflow); the stored conversation stays whole, URLs and all."""
     messages = items.chat_messages(body.instructions, conversation)
-    gen = await with_media(service, adapter.generation_request(body, messages))
+    gen = with_defaults(adapter.generation_request(body, messages), defaults)
+    gen = await with_media(service, gen)
     return gen, service.prepare(gen)
 
 
