@@ -236,6 +236,14 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "recently used states go first", metavar="SIZE", minimum=1),
     Option("disk_cache_min_tokens", int, ("--disk-cache-min-tokens",),
            "shortest prefix saved or loaded (default 256)", metavar="N", minimum=1),
+    Option("cache_ram_bytes", ByteSize, ("--cache-ram",),
+           "keep the KV states of finished requests in RAM (a tmpfs under /dev/shm, up to SIZE "
+           "per model, e.g. 8G) and load them back instead of recomputing a conversation whose "
+           "KV was evicted, like llama-server's --cache-ram; least recently used go first "
+           "(default: off)", metavar="SIZE", minimum=1),
+    Option("cache_ram_min_tokens", int, ("--cache-ram-min-tokens",),
+           "shortest prefix kept in or loaded from the RAM tier (default 64)", metavar="N",
+           minimum=1),
     Option("embedding_ctx", int, ("--embedding-ctx",),
            "context of the embedding context (2048)"),
     Option("gpu_layers", hardware.gpu_layers, ("--gpu-layers", "-ngl"),

@@ -40,7 +40,7 @@ from lmserve.core.quota import charge_tokens, metered
 from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.engine import hardware, kv_layout
 from lmserve.engine.client import EngineClient, Generation
-from lmserve.engine.disk_cache import DiskCache
+from lmserve.engine.disk_cache import CacheTiers, DiskCache, SavedStates
 from lmserve.engine.draft_model import ModelDrafter, check_vocabulary
 from lmserve.engine.lora import load_adapters
 from lmserve.engine.runner import (
@@ -97,6 +97,8 @@ class EngineSettings:
     disk_cache_dir: str | None = None  # saved sequence states of long prefixes; None: off
     disk_cache_max_bytes: int = 4 << 30  # per model
     disk_cache_min_tokens: int = 256  # shorter prefixes are not saved or loaded
+    cache_ram_bytes: int | None = None  # the RAM tier of saved states (tmpfs), per model; off
+    cache_ram_min_tokens: int = 64  # shorter prefixes are not kept in the RAM tier
     embedding_ctx: int = 2048
     kv_layout: str = "auto"  # split: a KV stream of n_ctx cells per slot; shared: one pool
     #                          of n_ctx cells; auto: split when that fits (engine.kv_layout)
@@ -167,6 +169,8 @@ class ModelService:
         self._view: tuple[EngineSettings, Mapping[str, Any], int] | None = None
         self._draining = False
         self.projector: Projector | None = None  # the multimodal projector (mmproj), if loaded
+        self._ram_cache: DiskCache | None = None  # saved states in RAM (--cache-ram)
+        self._disk_cache: DiskCache | None = None  # saved states on disk (--disk-cache)
         self.found_mmproj: str | None = None  # a projector the library matched to the model
         #                                       (models.projectors), used without settings.mmproj
         self.media_fetcher = MediaFetcher()  # image URLs, downloaded before preparation
@@ -339,10 +343,19 @@ class ModelService:
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue,
                                    max_queued_tokens=s.max_queued_tokens, name=self.name)
         self.client.draining = self._draining
+        self._ram_cache = self._disk_cache = None
+        if s.cache_ram_bytes:
+            self._ram_cache = DiskCache.open_ram(ctx, model_path=self.path,
+                                                 max_bytes=s.cache_ram_bytes,
+                                                 min_tokens=s.cache_ram_min_tokens)
         if s.disk_cache_dir:
-            self.client.core.pool.disk = DiskCache.open(
+            self._disk_cache = DiskCache.open(
                 s.disk_cache_dir, ctx, model_path=self.path, max_bytes=s.disk_cache_max_bytes,
                 min_tokens=s.disk_cache_min_tokens)
+        saved: SavedStates | None = self._ram_cache or self._disk_cache
+        if self._ram_cache is not None and self._disk_cache is not None:
+            saved = CacheTiers(self._ram_cache, self._disk_cache)
+        self.client.core.pool.disk = saved
         self.client.start()
 
     def _load_template(self) -> ChatTemplate | None:
@@ -470,7 +483,7 @@ class ModelService:
             return None
         core = client.core
         st = core.stats
-        disk = core.pool.disk
+        disk, ram = self._disk_cache, self._ram_cache
         disk_stats = asdict(disk.stats) if disk is not None else None
         rotation = core.adapters
         return EngineStats(
@@ -480,6 +493,7 @@ class ModelService:
             counters={**{k: getattr(st, k) for k in STEP_COUNTERS}, **self._media_disk()},
             phases={p: getattr(st, p) for p in st.phases},
             last_step_sequences=st.last_step_sequences, disk_cache=disk_stats,
+            ram_cache=asdict(ram.stats) if ram is not None else None,
             adapter_steps={describe(a, self.settings.loras): n
                            for a, n in list(rotation.steps.items())} if self.settings.loras else {},
             adapter_switches=rotation.switches)
@@ -694,7 +708,7 @@ class ModelService:
         request can start between the check and the flush; the files are removed off it."""
         self._loaded()
         assert self.client is not None
-        done: tuple[int, DiskCache | None] | None = await self.client.call(
+        done: tuple[int, SavedStates | None] | None = await self.client.call(
             lambda core: None if core.has_work else (core.pool.flush(), core.pool.disk))
         if done is None:
             return None

@@ -43,11 +43,15 @@ ITL_TARGET = 0.5
 # Each server's flags for a workload, beside the shared engine settings.
 FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
     # lmserve keeps --cache-slots idle conversations resident (default: a quarter of
-    # --parallel); the conversation workloads keep every conversation, as llama-server's RAM
-    # prompt cache does. --kv-split keeps a stream per slot: with 56 slots of 4096 cells the
-    # auto layout would fall back to one shared pool, whose idle budget evicts them again.
-    "lmserve": {"edit": ("--lookup", "8"), "multiturn": ("--kv-split", "--cache-slots", "48"),
-                "agents": ("--kv-split", "--cache-slots", "16")},
+    # --parallel); for the conversation workloads it keeps the others' states in its RAM tier
+    # (--cache-ram, the size of llama-server's default RAM prompt cache), as llama-server does.
+    "lmserve": {"edit": ("--lookup", "8"), "multiturn": ("--cache-ram", "8G"),
+                "agents": ("--cache-ram", "8G")},
+    # Session 9's way: a KV stream per conversation (--kv-split; with 56 slots of 4096 cells
+    # the auto layout would fall back to one shared pool, whose idle budget evicts them).
+    "lmserve-slots": {"edit": ("--lookup", "8"),
+                      "multiturn": ("--kv-split", "--cache-slots", "48"),
+                      "agents": ("--kv-split", "--cache-slots", "16")},
     "llama-server": {
         # its prompt cache in RAM (--cache-ram, on by default at 8192 MiB) and KV shifting
         # for reuse of chunks past the first difference; --jinja for tool calls
@@ -315,7 +319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(ALL))
     p.add_argument("--servers", default="lmserve,llama-server",
                    help="two of lmserve, llama-server, lmserve-before (lmserve with "
-                        "--mixed-prefill 0 --prefix-wait 0); ratios are first / second")
+                        "--mixed-prefill 0 --prefix-wait 0), lmserve-slots (conversations kept "
+                        "in KV streams rather than the RAM tier); ratios are first / second")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000,
                    help="texts are drawn from it (default: the clock, so a rerun is cold)")

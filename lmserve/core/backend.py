@@ -290,6 +290,7 @@ class EngineStats:
     phases: Mapping[str, float] = field(default_factory=dict)  # seconds per step phase
     last_step_sequences: int = 0
     disk_cache: Mapping[str, int] | None = None  # hits, tokens_loaded, saves, ..., bytes
+    ram_cache: Mapping[str, int] | None = None  # the same for the RAM tier (--cache-ram)
     adapter_steps: Mapping[str, int] = field(default_factory=dict)  # adapters -> steps
     adapter_switches: int = 0
     upstream: UpstreamStats | None = None  # a backend that relays to another server

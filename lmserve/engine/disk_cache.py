@@ -1,4 +1,6 @@
-"""A disk cache of llama.cpp sequence states, so a restarted server skips long prefixes.
+"""A disk cache of llama.cpp sequence states, so a restarted server skips long prefixes, and
+the same cache in RAM (a private tmpfs directory), so conversations evicted from the KV come
+back without recomputing their history.
 
 When a slot is released with at least `min_tokens` tokens of KV, its sequence state (the KV
 cells of that sequence id) is copied out on the engine thread, a memcpy, and written by a
@@ -12,6 +14,12 @@ Entries are keyed by a compatibility key (model file identity and the state form
 llama.cpp build and context) and by the LoRA set; a file made under another key is ignored.
 The directory is indexed at start-up from the file headers, and least recently used entries are
 removed to stay under `max_bytes` (per model: each model's cache counts only its own files).
+
+The RAM tier (`DiskCache.open_ram`, `--cache-ram`) is this cache in a directory of its own
+under /dev/shm, removed when the model unloads (and, after a crash, by the next start): the
+writes and reads are memory copies, and its states cost the machine's memory, not the
+process's RSS. With both tiers (`CacheTiers`) a released slot's state goes to each, and a
+lookup takes the longest prefix either holds (the RAM tier's on a tie: no disk read).
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ import logging
 import os
 import queue
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from lmserve.engine.state_file import (
@@ -78,6 +88,7 @@ class DiskCacheStats:
 class DiskHit:
     entry: Entry
     usable: int  # leading tokens of the prompt the entry's KV supplies
+    cache: DiskCache | None = field(default=None, compare=False)  # the tier that holds it
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,7 @@ class DiskCache:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-disk-read")
         self._reads: dict[str, Future[tuple[object, bytearray]]] = {}  # engine thread only
         self._closed = False
+        self.ephemeral = False  # the RAM tier: the directory goes when the cache closes
 
     @classmethod
     def open(cls, directory: str, states: StateIO, *, model_path: str, max_bytes: int,
@@ -130,6 +142,25 @@ class DiskCache:
         cache = cls(directory, states, compat=compat_key(model_path, states.state_format()),
                     max_bytes=max_bytes, min_tokens=min_tokens)
         cache.index()
+        cache._writer.start()
+        return cache
+
+    @classmethod
+    def open_ram(cls, states: StateIO, *, model_path: str, max_bytes: int, min_tokens: int,
+                 base: str | None = None) -> DiskCache:
+        """The RAM tier: an empty cache in a private directory under /dev/shm (`base`), which
+        `close` removes. Directories left by a process that no longer runs are removed first.
+        Without a writable /dev/shm it refuses (ValueError): a RAM tier on disk would be a
+        slow disk cache that no restart can use."""
+        base = base or RAM_BASE
+        if not (os.path.isdir(base) and os.access(base, os.W_OK)):
+            raise ValueError(f"--cache-ram needs a writable tmpfs at {base}; use --disk-cache "
+                             "DIR instead")
+        _remove_orphans(base)
+        directory = tempfile.mkdtemp(prefix=f"{RAM_PREFIX}{os.getpid()}-", dir=base)
+        cache = cls(directory, states, compat=compat_key(model_path, states.state_format()),
+                    max_bytes=max_bytes, min_tokens=min_tokens)
+        cache.ephemeral = True
         cache._writer.start()
         return cache
 
@@ -161,7 +192,7 @@ class DiskCache:
                 usable = min(common_prefix_len(entry.tokens, tokens), limit)
                 if usable >= need and (best is None or usable > best.usable or (
                         usable == best.usable and entry.size < best.entry.size)):
-                    best = DiskHit(entry, usable)
+                    best = DiskHit(entry, usable, self)
         return best
 
     def ready(self, hit: DiskHit, wait: float = _READ_WAIT) -> bool:
@@ -330,3 +361,90 @@ class DiskCache:
         if self._writer.is_alive():
             self._queue.put(None)
             self._writer.join(timeout)
+        if self.ephemeral:
+            with self._lock:
+                self._entries.clear()
+                self._update_totals()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+RAM_BASE = "/dev/shm"
+RAM_PREFIX = "lmserve-ram-"
+
+
+def _remove_orphans(base: str) -> None:
+    """RAM tiers of processes that are gone (a crash, a kill -9): their states are unusable."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(RAM_PREFIX):].split("-", 1)[0] if name.startswith(RAM_PREFIX) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SavedStates(Protocol):
+    """What the prefix cache uses of saved states: one DiskCache, or CacheTiers."""
+
+    @property
+    def min_tokens(self) -> int: ...
+    def find(self, tokens: list[int], adapters: Adapters, *, limit: int, at_least: int
+             ) -> DiskHit | None: ...
+    def ready(self, hit: DiskHit, wait: float = ...) -> bool: ...
+    def restore(self, hit: DiskHit, seq_id: int) -> int: ...
+    def offer(self, seq_id: int, tokens: list[int], adapters: Adapters) -> None: ...
+    def flush(self, timeout: float = ...) -> bool: ...
+    def clear(self, timeout: float = ...) -> int | None: ...
+    def close(self, timeout: float = ...) -> None: ...
+
+
+class CacheTiers:
+    """A RAM tier over a disk tier (see the module's docstring)."""
+
+    def __init__(self, ram: DiskCache, disk: DiskCache) -> None:
+        self.ram, self.disk = ram, disk
+
+    @property
+    def min_tokens(self) -> int:
+        return min(self.ram.min_tokens, self.disk.min_tokens)
+
+    def find(self, tokens: list[int], adapters: Adapters, *, limit: int, at_least: int
+             ) -> DiskHit | None:
+        hits = [hit for tier in (self.ram, self.disk)
+                if (hit := tier.find(tokens, adapters, limit=limit, at_least=at_least))]
+        return max(hits, key=lambda hit: hit.usable) if hits else None  # the first on a tie
+
+    def ready(self, hit: DiskHit, wait: float = _READ_WAIT) -> bool:
+        return self._tier(hit).ready(hit, wait)
+
+    def restore(self, hit: DiskHit, seq_id: int) -> int:
+        return self._tier(hit).restore(hit, seq_id)
+
+    def offer(self, seq_id: int, tokens: list[int], adapters: Adapters) -> None:
+        self.ram.offer(seq_id, tokens, adapters)
+        self.disk.offer(seq_id, tokens, adapters)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        return self.ram.flush(timeout) & self.disk.flush(timeout)
+
+    def clear(self, timeout: float = 30.0) -> int | None:
+        removed = [self.ram.clear(timeout), self.disk.clear(timeout)]
+        return None if None in removed else sum(n or 0 for n in removed)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.ram.close(timeout)
+        self.disk.close(timeout)
+
+    def _tier(self, hit: DiskHit) -> DiskCache:
+        return hit.cache if hit.cache is not None else self.disk

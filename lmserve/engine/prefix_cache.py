@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 from lmserve.engine.token_prefix import common_prefix_len
 
 if TYPE_CHECKING:
-    from lmserve.engine.disk_cache import DiskCache, DiskHit
+    from lmserve.engine.disk_cache import DiskHit, SavedStates
 
 
 class KVMemory(Protocol):
@@ -111,7 +111,7 @@ class SlotPool:
         self.pins_dropped = 0  # pins ended by the budget or KV pressure, not by unpin
         self.hits = 0
         self.reused_tokens = 0
-        self.disk: DiskCache | None = None  # saved states of long prefixes (disk_cache.py)
+        self.disk: SavedStates | None = None  # saved states: disk and/or RAM (disk_cache.py)
         self.deferred = False  # the last place() returned None because a state file is read
 
     @property

@@ -93,24 +93,28 @@ _DISK_COUNTERS = {
     "hits": ("lmserve_disk_cache_hits", "Sequence states loaded from the disk cache"),
     "tokens_loaded": ("lmserve_disk_cache_tokens", "Prompt tokens loaded from the disk cache"),
     "saves": ("lmserve_disk_cache_saves", "Sequence states written to the disk cache"),
-    "load_failures": ("lmserve_disk_cache_load_failures", "Disk cache loads that failed"),
+    "load_failures": ("lmserve_disk_cache_load_failures", "Loads from the disk cache that failed"),
 }
 
 
 def _disk_cache_families(registry: ModelRegistry) -> Iterator[Metric]:
-    """Only models started with --disk-cache report these."""
-    families = {k: CounterMetricFamily(n, h, labels=["model"])
-                for k, (n, h) in _DISK_COUNTERS.items()}
-    size = GaugeMetricFamily("lmserve_disk_cache_bytes", "Bytes of saved states on disk",
-                             labels=["model"])
-    for backend in registry:
-        stats = backend.stats()
-        disk = stats.disk_cache if stats is not None else None
-        if disk is not None:
-            for key, family in families.items():
-                family.add_metric([backend.name], disk[key])
-            size.add_metric([backend.name], disk["bytes"])
-    yield from (*families.values(), size)
+    """Only models started with --disk-cache (lmserve_disk_cache_*) or --cache-ram
+    (lmserve_ram_cache_*) report these."""
+    for tier, where in (("disk", "on disk"), ("ram", "in the RAM tier")):
+        families = {k: CounterMetricFamily(n.replace("disk", tier, 1),
+                                           h.replace("the disk cache", f"the {tier} cache"),
+                                           labels=["model"])
+                    for k, (n, h) in _DISK_COUNTERS.items()}
+        size = GaugeMetricFamily(f"lmserve_{tier}_cache_bytes", f"Bytes of saved states {where}",
+                                 labels=["model"])
+        for backend in registry:
+            stats = backend.stats()
+            saved = getattr(stats, f"{tier}_cache") if stats is not None else None
+            if saved is not None:
+                for key, family in families.items():
+                    family.add_metric([backend.name], saved[key])
+                size.add_metric([backend.name], saved["bytes"])
+        yield from (*families.values(), size)
 
 
 def _adapter_families(registry: ModelRegistry) -> Iterator[Metric]:

@@ -139,3 +139,34 @@ def test_flush_cache_also_clears_the_disk_cache(tmp_path: Path, tokenizer: Model
         assert srv.metric("lmserve_disk_cache_hits_total") == 0
     finally:
         stop_server(srv)
+
+
+def test_a_conversation_evicted_from_the_slots_comes_back_from_the_ram_tier(
+        tmp_path: Path, tokenizer: Model, server: Server):
+    """--cache-ram: with one idle slot, two other documents evict the first; its next question
+    loads the first's saved state from the RAM tier (no prefix computed again), and the next
+    token's distribution is the one computed from scratch."""
+    tmp_path.joinpath("a").mkdir()
+    srv = start_server(str(tmp_path / "a"), "smollm2", "--parallel", "1", "--cache-slots", "1",
+                       "--ctx", "1024", "--threads", "2", "--data-dir", str(tmp_path / "a"),
+                       "--cache-ram", "256M")
+    docs = [document(tokenizer, 200, seed) for seed in (11, 12, 13)]
+    q1, q2 = question(tokenizer, "Which ship came first?"), question(tokenizer, "What cargo?")
+    try:
+        for doc in docs:  # they share only their first words
+            assert complete(srv, doc + q1)[1] < 16
+        deadline = time.monotonic() + 60
+        while srv.metric("lmserve_ram_cache_saves_total") < 3:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.1)
+        warm, cached, _ = complete(srv, docs[0] + q2)
+        assert cached >= len(docs[0]), srv.log()
+        assert srv.metric("lmserve_ram_cache_hits_total") == 1
+        assert srv.metric("lmserve_ram_cache_bytes") > 0
+    finally:
+        stop_server(srv)
+    assert not list(Path("/dev/shm").glob(f"lmserve-ram-{srv.proc.pid}-*"))  # gone with it
+    server.flush()
+    cold, cached_cold, _ = complete(server, docs[0] + q2)
+    assert cached_cold == 0
+    assert_same_distribution(warm, cold)

@@ -26,6 +26,7 @@ SAMPLE = {"parallel": "3", "n_ctx": "1024", "threads": "2", "threads_batch": "2"
           "context_overflow": "truncate", "disk_cache_dir": "/tmp/dc",
           "response_schema": str(Path(__file__).with_name("response_schema_think.json")),
           "disk_cache_max_bytes": "2M", "disk_cache_min_tokens": "32", "embedding_ctx": "512",
+          "cache_ram_bytes": "3G", "cache_ram_min_tokens": "16",
           "gpu_layers": "12", "split_mode": "row", "main_gpu": "1", "tensor_split": "3,1",
           "flash_attn": "on", "cache_type_k": "q8_0", "cache_type_v": "q4_0",
           "rpc": "10.0.0.2:50052,gpu-box:50053",
