@@ -39,6 +39,7 @@ from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from lmserve.core.procs import pid_alive
 from lmserve.engine.state_file import (
     HEADER_SIZE,
     SUFFIX,
@@ -380,18 +381,8 @@ def _remove_orphans(base: str) -> None:
         return
     for name in names:
         pid = name[len(RAM_PREFIX):].split("-", 1)[0] if name.startswith(RAM_PREFIX) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SavedStates(Protocol):

@@ -20,6 +20,7 @@ from typing import Any
 from lmserve.core.backend import BackendGeneration, ChoiceStep
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import CHANNEL_REASONING, FINISH_CANCELLED, ChatEvent, TextDelta, Usage
+from lmserve.core.procs import pid_alive
 from lmserve.dialects.native.encoder import Blocks, Frame, FrameEncoder
 from lmserve.stores import ConflictError, StreamInfo, StreamState, StreamStore
 from lmserve.stores.cluster import Cluster
@@ -140,7 +141,7 @@ class StreamProducers:
         if owner.get("host") != self.owner["host"]:
             return False
         pid = owner.get("pid")
-        return pid == self.owner["pid"] or not isinstance(pid, int) or not _alive(pid)
+        return pid == self.owner["pid"] or not isinstance(pid, int) or not pid_alive(pid)
 
     def cancel(self, ident: str) -> bool:
         """Cancel a running generation of this process; False if none runs here."""
@@ -224,16 +225,6 @@ class StreamProducers:
         for event, data in frames:
             await self.store.append(ident, event, json.dumps(data, ensure_ascii=False,
                                                              separators=(",", ":")))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 async def sse_frames(producers: StreamProducers, ident: str, after: int, heartbeat: float
