@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmserve.core.caller import CURRENT_CALLER, CURRENT_KEY
+from lmserve.core.caller import CURRENT_ADMIN, CURRENT_CALLER, CURRENT_KEY
 from lmserve.http.middleware import caller_of
 
 
@@ -23,7 +23,8 @@ def caller_name(scope: Scope) -> str | None:
 
 
 class CallerContext:
-    """Sets core.caller's current caller and key name for the request's whole handling."""
+    """Sets core.caller's current caller, key name and admin flag for the request's whole
+    handling."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -34,8 +35,10 @@ class CallerContext:
             return
         token = CURRENT_CALLER.set(caller_name(scope))
         key = CURRENT_KEY.set(caller_of(scope).name)
+        admin = CURRENT_ADMIN.set(caller_of(scope).admin)
         try:
             await self.app(scope, receive, send)
         finally:
+            CURRENT_ADMIN.reset(admin)
             CURRENT_KEY.reset(key)
             CURRENT_CALLER.reset(token)

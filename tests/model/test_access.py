@@ -199,6 +199,25 @@ def test_only_the_key_that_stored_a_response_or_an_admin_may_delete_it(
         assert ops.status_code == 200 and ops.json()["deleted"] is True, ops.text
 
 
+def test_another_key_cannot_read_or_continue_a_stored_response(tls_server: TlsServer) -> None:
+    """A stored response is its key's: another key gets the 404 of an unknown id (nothing
+    says it exists) on GET, on its input items and as previous_response_id; an admin reads."""
+    body = {"model": "smollm2", "input": "Say hi.", "max_output_tokens": 2, "store": True}
+    with tls_server.client(USER) as user, tls_server.client(OTHER) as other, \
+            tls_server.client(ADMIN) as admin:
+        ident = user.post("/v1/responses", json=body).json()["id"]
+        for path in (f"/v1/responses/{ident}", f"/v1/responses/{ident}/input_items"):
+            hidden = other.get(path)
+            assert hidden.status_code == 404, hidden.text
+            assert hidden.json()["error"]["type"] == "invalid_request_error"
+            assert user.get(path).status_code == 200 and admin.get(path).status_code == 200
+        chained = other.post("/v1/responses", json={**body, "previous_response_id": ident})
+        assert chained.status_code == 404, chained.text
+        assert chained.json()["error"]["code"] == "previous_response_not_found"
+        mine = user.post("/v1/responses", json={**body, "previous_response_id": ident})
+        assert mine.status_code == 200, mine.text
+
+
 def _works(server: TlsServer, key: str) -> bool:
     with server.client(key) as http:
         return http.get("/v1/models").status_code == 200

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Message
 
+from lmserve.core.caller import may_read
 from lmserve.core.errors import LmserveError, invalid, unsupported
 from lmserve.dialects.openai.encoder import error_body
 from lmserve.dialects.openai.responses import adapter, encoder, turns
@@ -62,7 +63,7 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
             raise unsupported("stream", "a stored response is returned whole")
         adapter.check_include(_include(request))
         record = await _store(request).get(response_id)
-        if record is None:
+        if record is None or not may_read(record.owner):  # another key's: as if none
             raise NotFoundError("Response", response_id)
         return record.response
 
@@ -84,7 +85,11 @@ def make_router(models: Models, *, tags: list[str | Enum] | None = None) -> APIR
                                order: str = "desc") -> Any:
         adapter.check_include(_include(request))
         query = PageQuery(after, before, limit, order)  # type: ignore[arg-type]  # checks it
-        page = await _store(request).input_items(response_id, query)
+        store = _store(request)
+        record = await store.get(response_id)
+        if record is not None and not may_read(record.owner):
+            raise NotFoundError("Response", response_id)
+        page = await store.input_items(response_id, query)
         return {"object": "list", **dataclasses.asdict(page)}
 
     @router.websocket("/v1/responses")

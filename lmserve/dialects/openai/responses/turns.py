@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt, with_media
-from lmserve.core.caller import current_key
+from lmserve.core.caller import current_key, may_read
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.events import FINISH_CANCELLED, Usage
 from lmserve.core.request import GenerationRequest, with_defaults
@@ -91,7 +91,7 @@ async def _history(store: ResponseStore | None, previous_id: str | None) -> list
     if store is None:
         raise storage_off("previous_response_id")
     record = await store.get(previous_id)
-    if record is None:
+    if record is None or not may_read(record.owner):  # another key's: as if there were none
         raise previous_not_found(previous_id)
     return record.conversation()
 
