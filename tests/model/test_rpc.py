@@ -77,6 +77,13 @@ def answers(server: Server) -> list[tuple[str, list[float]]]:
     return out
 
 
+def assert_same(got: list[tuple[str, list[float]]], expected: list[tuple[str, list[float]]]
+                ) -> None:
+    for (text, logprobs), (want, want_logprobs) in zip(got, expected, strict=True):
+        assert text == want
+        assert logprobs == pytest.approx(want_logprobs, abs=1e-3)
+
+
 def test_layers_on_a_loopback_rpc_server_answer_as_the_cpu_alone(rpc_server, tmp_path_factory,
                                                                 model_path):
     endpoint, pid = rpc_server
@@ -91,10 +98,7 @@ def test_layers_on_a_loopback_rpc_server_answer_as_the_cpu_alone(rpc_server, tmp
         assert place["devices"] == [f"RPC0 ({endpoint})"]
         assert f"all 31 layers on the GPU, as configured (RPC0 ({endpoint}))" in remote.log()
         after = rss(pid)
-        got = answers(remote)
-        for (text, logprobs), (want, want_logprobs) in zip(got, expected, strict=True):
-            assert text == want
-            assert logprobs == pytest.approx(want_logprobs, abs=1e-3)
+        assert_same(answers(remote), expected)
         if before is not None and after is not None:
             # The weights (and the KV cache) went over the socket into the server's memory.
             assert after - before > os.path.getsize(model_path) // 2
@@ -105,6 +109,13 @@ def test_layers_on_a_loopback_rpc_server_answer_as_the_cpu_alone(rpc_server, tmp
         assert busy.returncode == 2
         assert f"--rpc {endpoint}: connected, but no answer in 5 s; an RPC server serves " \
                "one client at a time" in busy.stderr
+    # 15 layers here, the last 16 there: activations cross between the two every token.
+    for split in own_server(tmp_path_factory, "split", "smollm2", *ENGINE, "--rpc", endpoint,
+                            "--gpu-layers", "16"):
+        place = httpx.get(f"{split.base_url}/models/smollm2", timeout=10).json()["meta"][
+            "placement"]
+        assert (place["where"], place["gpu_layers"]) == ("split", 16)
+        assert_same(answers(split), expected)
 
 
 def test_an_unreachable_rpc_server_stops_serve_at_start():
