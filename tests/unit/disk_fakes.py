@@ -7,7 +7,7 @@ from array import array
 
 from lmserve.engine.disk_cache import DiskCache
 from tests.unit.fakes import FakeRunner
-from tests.unit.test_scheduler import Harness
+from tests.unit.engine.test_scheduler import Harness
 
 MIN = 8  # min_tokens in these tests
 
