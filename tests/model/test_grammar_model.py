@@ -19,7 +19,7 @@ from lmserve.chat.templates import ChatTemplate
 from lmserve.chat.tools import apply_fallback_tool_prompt, make_tool_parser
 from lmserve.core.request import ChatMessage
 from lmserve.engine.runner import Context, GrammarSampler, Model, validate_grammar
-from tests.unit.test_grammar import CASES, PERSON, REGEX_CASES, TIME, WEATHER
+from tests.unit.chat.test_grammar import CASES, PERSON, REGEX_CASES, TIME, WEATHER
 
 pytestmark = pytest.mark.model
 

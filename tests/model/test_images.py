@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from tests.unit.test_media import PNG, PNG_B64
+from tests.unit.chat.test_media import PNG, PNG_B64
 
 MODEL = "smollm2"
 NO_PROJECTOR = "model 'smollm2' has no vision projector; it cannot take image input"

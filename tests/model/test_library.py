@@ -26,7 +26,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import have_gemma
 from tests.model.conftest import Server, start_server, stop_server
-from tests.unit.test_library import make_hf_cache, make_ollama_store, tiny_gguf
+from tests.unit.models.test_library import make_hf_cache, make_ollama_store, tiny_gguf
 
 LIB = ["--ctx", "512", "--parallel", "2", "--threads", "2"]
 CHAT = [{"role": "user", "content": "Say hi."}]

@@ -12,7 +12,7 @@ With parallel calls allowed the grammar may end after every call, but whether th
 there is its own choice: SmolLM2 under the Gemma template goes on writing new calls (with
 nonsense arguments, valid against the schema) until max_tokens, so the parallel case is
 tested where it stops by itself; a repeated call ending the turn is tested per family in
-tests/unit/test_native_forced_calls.py."""
+tests/unit/chat/test_native_forced_calls.py."""
 
 from __future__ import annotations
 

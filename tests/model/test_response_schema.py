@@ -4,7 +4,7 @@ parsers, on a real SmolLM2 in the OpenAI chat (streamed and not), Anthropic and 
 The schema is written for what SmolLM2 writes: calls in the fallback tool format
 (`<tool_call>{json}</tool_call>`, chat.tool_prompt), and, since it never writes think tags, its
 answer's first sentence as the reasoning and the rest as the content (the think-tag format
-itself is covered with fixed texts in tests/unit/test_response_schema.py)."""
+itself is covered with fixed texts in tests/unit/chat/test_response_schema.py)."""
 
 from __future__ import annotations
 
