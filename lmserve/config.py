@@ -18,6 +18,7 @@ from lmserve.core.errors import LmserveError
 from lmserve.core.lora import LoraSpec, parse_specs
 from lmserve.engine import hardware
 from lmserve.engine.disk_cache import ByteSize
+from lmserve.engine.draft_model import MTP_DRAFT
 from lmserve.engine.kv_layout import LAYOUTS
 from lmserve.models.library import LIBRARY_KEYS, LibrarySettings, library_settings
 from lmserve.models.resolve import resolve
@@ -26,7 +27,10 @@ from lmserve.service import EngineSettings
 
 
 def draft_path(reference: Any) -> str:
-    """--draft: a model reference (a GGUF path, a bundled name, hf://...) as its file."""
+    """--draft: a model reference (a GGUF path, a bundled name, hf://...) as its file, or
+    `mtp`: the model's own MTP / NextN layers (a file named mtp is ./mtp)."""
+    if str(reference) == MTP_DRAFT:
+        return MTP_DRAFT
     try:
         return resolve(str(reference)).path
     except LmserveError as exc:
@@ -214,7 +218,8 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
     Option("draft", draft_path, ("--draft",),
            "speculative decoding with a draft model: a smaller GGUF with the same vocabulary "
            "(a path, bundled name or hf://...) guesses tokens for every decoding sequence, "
-           "verified in the batch like --lookup's (default: none)", metavar="MODEL",
+           "verified in the batch like --lookup's; 'mtp': the model's own MTP / NextN "
+           "layers guess them (default: none)", metavar="MODEL",
            aliases=("draft_model",)),
     Option("draft_max", int, ("--draft-max",),
            "most tokens the draft model guesses per sequence and step (default 8)",

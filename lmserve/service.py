@@ -41,8 +41,9 @@ from lmserve.core.request import ChatMessage, GenerationRequest
 from lmserve.engine import hardware, kv_layout
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.disk_cache import CacheTiers, DiskCache, SavedStates
-from lmserve.engine.draft_model import ModelDrafter, check_vocabulary
+from lmserve.engine.draft_model import MTP_DRAFT, ModelDrafter, check_mtp, check_vocabulary
 from lmserve.engine.lora import load_adapters
+from lmserve.engine.mtp_draft import MtpDrafter
 from lmserve.engine.runner import (
     POOLING_MEAN,
     POOLING_NONE,
@@ -50,11 +51,14 @@ from lmserve.engine.runner import (
     Batch,
     Context,
     Model,
+    MtpContext,
     Placement,
     Projector,
     default_threads,
+    enable_hidden_rows,
     gpu_build,
     gpu_devices,
+    hidden_rows,
     offload_devices,
     read_info,
     validate_grammar,
@@ -110,7 +114,8 @@ class EngineSettings:
     media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)
     media_cache_dir: str | None = None  # and on disk here (engine.media_cache); None: not
     media_cache_disk_bytes: int = 1 << 30  # the disk tier's bound (LRU files)
-    draft: str | None = None  # a draft model's GGUF (resolved by config): draft-model speculation
+    draft: str | None = None  # a draft model's GGUF (resolved by config): draft-model speculation;
+    #                           "mtp": the model's own MTP / NextN layers draft (engine.mtp_draft)
     draft_max: int = 8  # most tokens the draft model guesses per sequence and step
     chat_template: str | None = None  # override source
     # parses chat output into content, reasoning and tool calls in place of the built-in
@@ -154,7 +159,7 @@ class ModelService:
         self.created = int(time.time())
         self.model: Model | None = None
         self.draft_model: Model | None = None  # --draft: its weights, and its context below
-        self._draft_ctx: Context | None = None
+        self._draft_ctx: Context | MtpContext | None = None
         self._draft_place = Placement()
         self.client: EngineClient | None = None
         self.template: ChatTemplate | None = None
@@ -190,7 +195,8 @@ class ModelService:
             self.placement, self.offload = self._placement()
             log.info("model %s: %s%s", self.name, self.offload.reason,
                      f" ({', '.join(self.offload.devices)})" if self.offload.devices else "")
-            self.model = Model(self.path, progress=on_progress, placement=self.placement)
+            self.model = Model(self.path, progress=on_progress, placement=self.placement,
+                               load_mtp=self.settings.draft == MTP_DRAFT)
             shape = kv_layout.kv_shape_from_metadata(self.model.info.metadata)
             hardware.check_kv_types(self.placement.cache_type_k, self.placement.cache_type_v,
                                     self.placement.flash_attn,
@@ -211,9 +217,12 @@ class ModelService:
         """Load --draft's weights (whole on the GPU when the target uses one) and refuse a
         model whose vocabulary is not the target's (engine.draft_model)."""
         assert self.model is not None
+        if self.settings.draft == MTP_DRAFT:
+            check_mtp(self.model, self.name)
+            return
         if self.model.nextn_layers:
-            log.info("model %s carries %d MTP/NextN layers; lmserve does not draft with them "
-                     "(see --draft and --lookup)", self.name, self.model.nextn_layers)
+            log.info("model %s carries %d MTP/NextN layers (--draft mtp drafts with them)",
+                     self.name, self.model.nextn_layers)
         if not self.settings.draft:
             return
         place = Placement(gpu_layers=999 if self.placement.gpu_layers else 0,
@@ -223,14 +232,29 @@ class ModelService:
         self.draft_model = Model(self.settings.draft, placement=place)
         check_vocabulary(self.model, self.draft_model, self.name)
 
-    def _drafter(self, split: bool, threads: int) -> ModelDrafter[Batch] | None:
-        """The draft model's context, as many sequences as run at once, KV laid out like the
-        target's (a stream of one sequence's room each, or one pool with room for the
-        guesses), and its drafter."""
+    def _drafter(self, target: Context, split: bool,
+                 threads: int) -> ModelDrafter[Batch] | MtpDrafter | None:
+        """The draft model's context (or the MTP head's), as many sequences as run at once, KV
+        laid out like the target's (a stream of one sequence's room each, or one pool with
+        room for the guesses), and its drafter."""
         s, draft = self.settings, self.draft_model
+        n_ctx = self.n_ctx * s.parallel if split else self.n_ctx + s.parallel * (s.draft_max + 1)
+        if s.draft == MTP_DRAFT and self.model is not None:
+            self._draft_ctx = mtp = MtpContext(
+                target, n_ctx=n_ctx, n_seq_max=s.parallel, n_batch=target.n_batch,
+                n_threads=threads, n_threads_batch=s.threads_batch or threads,
+                kv_unified=not split)
+            enable_hidden_rows(target)
+            # A guess costs a verification row (about half a step) and a row of the head
+            # (its layers' share of the model's).
+            share = self.model.nextn_layers / max(1, self.model.info.n_layer)
+            log.info("model %s: drafting with its %d MTP/NextN layers", self.name,
+                     self.model.nextn_layers)
+            return MtpDrafter(mtp, lambda first, n: hidden_rows(target, first, n),
+                              max_tokens=s.draft_max, n_seqs=s.parallel,
+                              eog_tokens=self.model.eog_tokens, row_cost=min(0.9, 0.5 + share))
         if draft is None or self.model is None:
             return None
-        n_ctx = self.n_ctx * s.parallel if split else self.n_ctx + s.parallel * (s.draft_max + 1)
         self._draft_ctx = ctx = Context(
             draft, n_ctx=n_ctx, n_seq_max=s.parallel, n_batch=max(s.step_tokens, s.parallel),
             n_threads=threads, n_threads_batch=s.threads_batch or threads,
@@ -327,7 +351,7 @@ class ModelService:
         # Idle KV in a unified pool slows every decode, so it is budgeted; split, it does not.
         idle_tokens = s.cache_tokens if s.cache_tokens is not None else \
             (None if layout.split else self.n_ctx // 4)
-        drafter = self._drafter(layout.split, threads)
+        drafter = self._drafter(ctx, layout.split, threads)
         pin_tokens = s.session_kv_budget if s.session_kv_budget is not None else \
             (None if layout.split else self.n_ctx // 4)
 
@@ -403,6 +427,7 @@ class ModelService:
             client.stop()
             if client.core.pool.disk is not None:
                 client.core.pool.disk.close()
+            self._close_draft()  # an MTP context before the target's
             if isinstance(client.core.runner, Context):
                 client.core.runner.close()
         with self._embed_lock:

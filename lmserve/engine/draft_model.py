@@ -11,11 +11,7 @@ to the sequence's draft length, one batch per drafted token for all drafting seq
 once. The target verifies the guesses exactly as it verifies prompt-lookup drafts
 (EngineCore._verify), so the output is the one plain decoding gives.
 
-MTP / NextN heads: this llama.cpp build has them for a few architectures (Qwen3.5, Qwen3-Next,
-Step 3.5), and llama-cpp-python binds the pieces (llama_model_params.load_mtp, a context of
-type LLAMA_CONTEXT_TYPE_MTP, llama_batch_ext_set_embd_state for the target's hidden state),
-but no GGUF carrying such layers can be had here to check a drafter against, so none is
-built: `Model.nextn_layers` is reported, and --draft takes a separate model.
+A model's own MTP / NextN layers draft instead with `--draft mtp` (engine.mtp_draft).
 """
 
 from __future__ import annotations
@@ -38,6 +34,7 @@ DECODE_OK = 0
 _VOCAB_TYPES = {0: "none", 1: "SentencePiece (SPM)", 2: "byte-level BPE", 3: "WordPiece",
                 4: "Unigram (UGM)", 5: "RWKV", 6: "PLaMo-2"}
 VOCAB_SIZE_SLACK = 128  # tokens a draft's vocabulary may have more or fewer (llama.cpp's rule)
+MTP_DRAFT = "mtp"  # --draft's value that drafts with the model's own MTP / NextN layers
 
 
 class DraftBatch(Protocol):
@@ -99,6 +96,19 @@ def check_vocabulary(target: Model, draft: Model, target_name: str) -> None:
             f"tokenizer")
 
 
+def check_mtp(target: Model, target_name: str) -> None:
+    """ValueError unless `target` carries MTP / NextN layers to draft with (--draft mtp)."""
+    from lmserve.engine.runner import mtp_supported
+
+    if not target.nextn_layers:
+        raise ValueError(f"--draft mtp: the model {target_name} ({target.path}) carries no "
+                         f"MTP / NextN layers (its GGUF has no nextn_predict_layers); draft "
+                         f"with a smaller model (--draft MODEL) or --lookup instead")
+    if not mtp_supported():
+        raise ValueError("--draft mtp: this llama.cpp build does not export the MTP "
+                         "functions (llama_get_embeddings_nextn)")
+
+
 def check_files(target_path: str, draft_path: str, target_name: str) -> None:
     """check_vocabulary on the two files' vocabularies alone (no weights), before loading;
     ValueError too when llama.cpp cannot read either file."""
@@ -108,6 +118,12 @@ def check_files(target_path: str, draft_path: str, target_name: str) -> None:
         target = Model(target_path, header_only=True)
     except RuntimeError as exc:
         raise ValueError(str(exc)) from None
+    if draft_path == MTP_DRAFT:
+        try:
+            check_mtp(target, target_name)
+        finally:
+            target.close()
+        return
     try:
         try:
             draft = Model(draft_path, header_only=True)
@@ -181,6 +197,9 @@ class ModelDrafter(Generic[DB]):
         if track is not None:
             self.ctx.seq_rm(track.seq_id, -1, -1)
             self._free.append(track.seq_id)
+
+    def observe(self, rows: Tokens[tuple[Sequence, int, int, Tokens[int]]]) -> None:
+        """The target's decoded rows: a draft model catches up from the tokens alone."""
 
     def draft(self, wanted: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]:
         """Up to `limit` guesses for each (sequence, limit), after the pending token (the

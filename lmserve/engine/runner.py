@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp as ll
 import numpy as np
@@ -309,11 +310,13 @@ class Model:
     """A loaded GGUF model (weights shared by every context made from it)."""
 
     def __init__(self, path: str, *, progress: Callable[[float], None] | None = None,
-                 placement: Placement | None = None, header_only: bool = False) -> None:
+                 placement: Placement | None = None, header_only: bool = False,
+                 load_mtp: bool = False) -> None:
         _init_backend()
         place = placement or Placement()
         params = ll.llama_model_default_params()
         params.vocab_only = header_only  # metadata and vocabulary, no weights
+        params.load_mtp = load_mtp  # the MTP / NextN layers too (engine.mtp_draft)
         params.n_gpu_layers = place.gpu_layers
         params.split_mode = hardware.SPLIT_MODES[place.split_mode]
         params.main_gpu = place.main_gpu
@@ -345,7 +348,7 @@ class Model:
         self.vocab = ll.llama_model_get_vocab(model)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
         self.vocab_type = int(ll.llama_vocab_type(self.vocab))  # enum llama_vocab_type
-        # MTP / NextN layers the GGUF carries (engine.draft_model says why none are used)
+        # MTP / NextN layers the GGUF carries (drafted with under --draft mtp: engine.mtp_draft)
         self.nextn_layers = int(ll.llama_model_n_layer_nextn(model))
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._shown: list[bytes | None] = [None] * self.n_vocab
@@ -355,6 +358,10 @@ class Model:
         self.eog_tokens = frozenset(t for t in range(self.n_vocab)
                                     if ll.llama_vocab_is_eog(self.vocab, t))
         self.info = self._read_info()
+        if header_only:  # llama.cpp reads no hyperparameters then: the GGUF key says
+            arch = self.info.metadata.get("general.architecture", "")
+            nextn = self.info.metadata.get(f"{arch}.nextn_predict_layers", "0")
+            self.nextn_layers = int(nextn) if nextn.isdigit() else 0
         # path -> adapter (a llama_adapter_lora *), freed with the model
         self.loras: dict[str, ctypes._Pointer[ctypes.c_void_p]] = {}
 
@@ -911,6 +918,158 @@ class Context:
         return int(ll.llama_pooling_type(self.ptr))
 
     def close(self) -> None:
+        if self.ptr:
+            ll.llama_free(self.ptr)
+            self.ptr = None
+
+
+# -- MTP / NextN drafting (engine.mtp_draft) ---------------------------------------------------
+# llama.cpp declares the hidden-state accessors MTP drafting needs in its staging header
+# src/llama-ext.h, as C++ functions: libllama exports them under their mangled names and
+# llama-cpp-python binds none of them. They take and return plain C types, so ctypes calls
+# them by those names (Itanium C++ ABI, as GCC and Clang build libllama on Linux and macOS).
+_EXT_FUNCTIONS: dict[str, tuple[str, Any, list[Any]]] = {
+    # void llama_set_embeddings_nextn(llama_context *, bool value, bool masked)
+    "set_embeddings_nextn": ("_Z26llama_set_embeddings_nextnP13llama_contextbb", None,
+                             [ctypes.c_void_p, ctypes.c_bool, ctypes.c_bool]),
+    # float * llama_get_embeddings_nextn(llama_context *)
+    "get_embeddings_nextn": ("_Z26llama_get_embeddings_nextnP13llama_context",
+                             ctypes.POINTER(ctypes.c_float), [ctypes.c_void_p]),
+    # float * llama_get_embeddings_nextn_ith(llama_context *, int32_t i)
+    "get_embeddings_nextn_ith": ("_Z30llama_get_embeddings_nextn_ithP13llama_contexti",
+                                 ctypes.POINTER(ctypes.c_float),
+                                 [ctypes.c_void_p, ctypes.c_int32]),
+}
+_ext_cache: dict[str, Any] = {}
+
+
+def _ext(name: str) -> Any:
+    """One of llama-ext.h's functions (above), bound on first use; RuntimeError when this
+    libllama does not export it."""
+    fn = _ext_cache.get(name)
+    if fn is None:
+        symbol, restype, argtypes = _EXT_FUNCTIONS[name]
+        try:
+            fn = ll.llama_cpp._lib[symbol]
+        except (AttributeError, KeyError) as exc:  # ctypes raises AttributeError
+            raise RuntimeError(f"this llama.cpp build does not export llama_{name}, which "
+                               f"MTP drafting needs") from exc
+        fn.restype, fn.argtypes = restype, argtypes
+        _ext_cache[name] = fn
+    return fn
+
+
+def mtp_supported() -> bool:
+    """Whether this libllama exports what MTP drafting needs."""
+    try:
+        for name in _EXT_FUNCTIONS:
+            _ext(name)
+    except RuntimeError:
+        return False
+    return True
+
+
+def enable_hidden_rows(ctx: Context) -> None:
+    """Make every following decode of `ctx` keep the hidden state that feeds the MTP head
+    (the output norm's input, llama.cpp's h_nextn) for every batch row, logits or not."""
+    _ext("set_embeddings_nextn")(ctx.ptr, True, False)
+
+
+def hidden_rows(ctx: Context, start: int, n: int) -> np.ndarray:
+    """A copy of the hidden states of batch rows start..start+n-1 of the last decode
+    (enable_hidden_rows first): n rows of n_embd floats."""
+    ptr = _ext("get_embeddings_nextn")(ctx.ptr)
+    if not ptr:
+        raise RuntimeError("llama.cpp kept no hidden states (enable_hidden_rows)")
+    width = int(ll.llama_model_n_embd_out(ctx.model.ptr))
+    rows = np.ctypeslib.as_array(ptr, shape=(start + n, width))
+    return rows[start:start + n].copy()
+
+
+class MtpContext:
+    """A context of type LLAMA_CONTEXT_TYPE_MTP over a target model loaded with its NextN
+    layers: its KV holds those layers' entries only, and each row it decodes is a token with
+    the hidden state that preceded it (the target's, or the head's own while drafting). It
+    offers what engine.mtp_draft.MtpDrafter needs."""
+
+    def __init__(self, target: Context, *, n_ctx: int, n_seq_max: int, n_batch: int,
+                 n_threads: int, n_threads_batch: int | None = None,
+                 kv_unified: bool = True) -> None:
+        model, place = target.model, target.placement
+        params = ll.llama_context_default_params()
+        params.ctx_type = ll.LLAMA_CONTEXT_TYPE_MTP
+        params.ctx_other = target.ptr
+        params.type_k = hardware.KV_TYPES[place.cache_type_k][0]
+        params.type_v = hardware.KV_TYPES[place.cache_type_v][0]
+        params.flash_attn_type = hardware.FLASH_ATTN[place.flash_attn]
+        params.offload_kqv = place.kv_offload
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch or n_threads
+        params.kv_unified = kv_unified
+        params.no_perf = True
+        ctx = ll.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create the MTP context (a model loaded "
+                               "without its NextN layers, or out of memory)")
+        self.ptr = ctx
+        self.model = model
+        self.capacity = n_batch
+        self.n_embd = int(ll.llama_model_n_embd_out(model.ptr))  # the rows' width
+        self.n_vocab = model.n_vocab
+        self.memory = ll.llama_get_memory(ctx)
+        _ext("set_embeddings_nextn")(ctx, True, True)  # the head's own state, on output rows
+        self._batch = ll.llama_batch_ext_init(ctx)
+        self._pos = (ll.llama_pos * 1)()
+
+    def decode(self, rows: Sequence[tuple[int, int, int, bool]], hidden: np.ndarray) -> int:
+        """Decode rows (token, position, seq_id, logits?), row i paired with hidden[i]."""
+        batch = self._batch
+        ll.llama_batch_ext_clear(batch)
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        base = hidden.ctypes.data
+        step = self.n_embd * 4
+        for i, (token, pos, seq_id, logits) in enumerate(rows):
+            idx = ll.llama_batch_ext_add_token(batch, seq_id, token)
+            if idx < 0:
+                return -1
+            self._pos[0] = pos
+            ll.llama_batch_ext_set_pos(batch, idx, self._pos)
+            embd = ll.llama_embd(ctypes.cast(base + i * step, ctypes.POINTER(ctypes.c_float)),
+                                 1, self.n_embd)
+            if not ll.llama_batch_ext_set_embd_token(batch, idx, embd):
+                return -1
+            if logits:
+                ll.llama_batch_ext_set_output_logits(batch, idx, True)
+        status: int = ll.llama_process(self.ptr, ll.LLAMA_PROCESS_TYPE_DECODE, batch)
+        return status
+
+    def logits_row(self, batch_index: int) -> np.ndarray:
+        ptr = ll.llama_get_logits_ith(self.ptr, batch_index)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no MTP logits for batch row {batch_index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def hidden_row(self, batch_index: int) -> np.ndarray:
+        """The head's hidden state on an output row of the last decode (a copy): what the
+        next drafted row is paired with."""
+        ptr = _ext("get_embeddings_nextn_ith")(self.ptr, batch_index)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp has no MTP state for batch row {batch_index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return bool(ll.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def clear(self) -> None:
+        ll.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        if self._batch:
+            ll.llama_batch_ext_free(self._batch)
+            self._batch = None
         if self.ptr:
             ll.llama_free(self.ptr)
             self.ptr = None

@@ -11,8 +11,9 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Tokens
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from lmserve.core.errors import ErrorKind
 from lmserve.core.events import (
@@ -32,9 +33,6 @@ from lmserve.engine.lora import AdapterRotation, AdapterTarget
 from lmserve.engine.prefix_cache import KVMemory, SlotPool
 from lmserve.engine.sequence import EngineRequest, SamplerLike, SeqState, Sequence
 from lmserve.engine.token_prefix import common_prefix_len
-
-if TYPE_CHECKING:  # the drafter's module loads llama.cpp; the core runs without it
-    from lmserve.engine.draft_model import ModelDrafter
 
 log = logging.getLogger("lmserve.engine")
 
@@ -71,6 +69,17 @@ class Runner(KVMemory, LogitsSource, AdapterTarget, Protocol[B]):
                      banned: Iterable[int]) -> SamplerLike: ...
 
 
+class Drafter(Protocol):
+    """A model that guesses tokens for decoding sequences (engine.draft_model.ModelDrafter, or
+    engine.mtp_draft.MtpDrafter with the model's own MTP layers)."""
+
+    def length(self) -> DraftLength: ...
+    def draft(self, wanted: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]: ...
+    def forget(self, seq: Sequence) -> None: ...
+    # after each decoded step: (sequence, its first batch row, first position, tokens)
+    def observe(self, rows: Tokens[tuple[Sequence, int, int, Tokens[int]]]) -> None: ...
+
+
 @dataclass
 class StepStats:
     """Cumulative per-phase timings (seconds) and counters, read by metrics and benchmarks."""
@@ -105,7 +114,7 @@ class EngineCore(Generic[B]):
     def __init__(self, runner: Runner[B], *, n_slots: int, max_running: int, step_tokens: int,
                  sink: Callable[[StepOutputs], None], idle_tokens: int | None = None,
                  lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False,
-                 drafter: ModelDrafter[Any] | None = None,
+                 drafter: Drafter | None = None,
                  pin_tokens: int | None = None, mixed_prefill: int | None = None,
                  prefix_wait: int = 64) -> None:
         self.runner = runner
@@ -143,6 +152,8 @@ class EngineCore(Generic[B]):
         self._draft_time = 0.0  # this step's drafting, counted apart from scheduling
         # requests counted as waiting for an in-flight prefix (weak: an abort forgets them)
         self._held: weakref.WeakSet[EngineRequest] = weakref.WeakSet()
+        # this step's rows per sequence, for the drafter: (seq, first row, position, tokens)
+        self._rows: list[tuple[Sequence, int, int, list[int]]] = []
 
     # -- requests in and out ----------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -203,6 +214,10 @@ class EngineCore(Generic[B]):
         if status != DECODE_OK:
             self._recover(status, plan)
         else:
+            if self.drafter is not None:
+                t_obs = time.perf_counter()
+                self.drafter.observe(self._rows)
+                self._draft_time += time.perf_counter() - t_obs
             self.stats.prompt_tokens += sum(n for seq, n in plan if seq.n_computed < seq.n_prompt)
             for seq, n in plan:
                 seq.n_computed += n
@@ -417,18 +432,23 @@ class EngineCore(Generic[B]):
         batch.clear()
         self.scorer.reset()
         sample_at = []
+        rows = self._rows = []
         # Rows by ascending sequence id: with split KV, llama.cpp only puts consecutive ids
         # in one micro-batch (prefix_cache.py), and the order means nothing otherwise.
         for seq, n in sorted(plan, key=lambda item: item[0].slot.seq_id):  # type: ignore[union-attr]
             start = seq.n_computed
             assert seq.slot is not None
             if seq.draft:  # the pending token, then the guesses: logits on every row
-                idx = batch.add([seq.tokens[start], *seq.draft], start, seq.slot.seq_id, True)
+                tokens = [seq.tokens[start], *seq.draft]
+                idx = batch.add(tokens, start, seq.slot.seq_id, True)
+                rows.append((seq, idx + 1 - len(tokens), start, tokens))
                 batch.request_logits(idx - len(seq.draft), idx + 1)
                 sample_at.append((seq, idx - len(seq.draft)))
                 continue
             completes = start + n == len(seq.tokens)
-            idx = batch.add(seq.tokens[start:start + n], start, seq.slot.seq_id, completes)
+            tokens = seq.tokens[start:start + n]
+            idx = batch.add(tokens, start, seq.slot.seq_id, completes)
+            rows.append((seq, idx + 1 - n, start, tokens))
             if completes:
                 sample_at.append((seq, idx))
             if seq.scoring_prompt:

@@ -1,5 +1,5 @@
 // The chat page's Server-Sent Events parser (lmserve/web/static/sse.js). Run with
-// `node --test tests/unit/js/test_sse.mjs`; tests/unit/test_web_js.py runs every test_*.mjs here.
+// `node --test tests/unit/web/js/test_sse.mjs`; tests/unit/web/test_web_js.py runs every test_*.mjs here.
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
