@@ -157,9 +157,11 @@ class Prompter:
         return self._render_turn(request)
 
     def _render_turn(self, request: GenerationRequest) -> PreparedPrompt:
+        request, prefill = continued(request)
         plan = plan_turn(request, self._chat_template(), self.vocab.info.metadata)
         text = self.render_chat(plan.messages, add_generation_prompt=request.add_generation_prompt,
                                 template_kwargs=template_kwargs(request), tools=plan.template_tools)
+        text += prefill
         grammar = reasoning_grammar(plan, self.reasoning_tags, text, request.reasoning)
         texts = marker_texts(plan.tool_format, self.reasoning_tags)
         if self.response_schema is not None:
@@ -250,6 +252,24 @@ class Prompter:
                                f"{max_tokens} more{note}", param="max_tokens",
                                code="context_length_exceeded")
         return max_tokens
+
+
+def continued(request: GenerationRequest) -> tuple[GenerationRequest, str]:
+    """A request whose reply continues its final assistant message (continue_final_message):
+    the messages before that one, rendered with the generation prompt, and its text, which
+    follows the prompt (as llama-server renders an assistant prefill); else (request, "")."""
+    if not request.continue_final_message:
+        return request, ""
+    messages = request.messages or []
+    last = messages[-1] if messages else None
+    if last is None or last.role != "assistant":
+        raise invalid("continue_final_message continues the final message, which must be an "
+                      "assistant message", param="messages")
+    if last.images or last.extra.get("tool_calls"):
+        raise invalid("continue_final_message continues the final assistant message's text; "
+                      "it may hold no tool calls or media", param="messages")
+    return replace(request, messages=messages[:-1], add_generation_prompt=True,
+                   continue_final_message=False), last.content or ""
 
 
 def _in_order(message: ChatMessage) -> list[ImageInput]:

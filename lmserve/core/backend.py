@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -164,6 +164,31 @@ async def with_media(backend: ModelBackend, request: GenerationRequest) -> Gener
     if request.messages and any(image.remote for m in request.messages for image in m.images):
         return await backend.fetch_media(request)
     return request
+
+
+async def counted(backend: ModelBackend, request: GenerationRequest,
+                  prepared: PreparedPrompt) -> PreparedPrompt:
+    """`prepared` with the prompt's token ids, for a route that needs the prompt's length
+    before it starts the generation (a context check, fitting max_tokens). A backend that
+    leaves rendering and tokenizing to another server (an upstream) prepares none; where it
+    offers `prompt_tokens(request)` (outside the contract) that server is asked, and where it
+    cannot tell (None) the tokens stay empty and the route's check is left to it."""
+    ask = None if prepared.tokens else getattr(backend, "prompt_tokens", None)
+    if ask is None:
+        return prepared
+    tokens = await ask(request)
+    return prepared if not tokens else replace(prepared, tokens=list(tokens))
+
+
+async def prompt_count(backend: ModelBackend, request: GenerationRequest,
+                       prepared: PreparedPrompt) -> int:
+    """The prompt's length in tokens: the prepared tokens', or, where the backend prepared
+    none, its own count (`count_tokens(request)`, outside the contract: an upstream's
+    /tokenize, else a one-token generation); 0 where neither tells it."""
+    count = None if prepared.tokens else getattr(backend, "count_tokens", None)
+    if count is None:
+        return len(prepared.tokens)
+    return int(await count(request))
 
 
 @dataclass

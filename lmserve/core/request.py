@@ -189,6 +189,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     n: int = 1
     add_generation_prompt: bool = True
+    # The reply continues the final assistant message (a prefill) instead of starting a turn
+    # of its own (vLLM's continue_final_message; add_generation_prompt is then False).
+    continue_final_message: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     request_id: str | None = None
     logprobs: int | None = None  # None: off; k: each sampled token's logprob + top k alternatives

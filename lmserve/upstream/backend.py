@@ -127,6 +127,8 @@ class UpstreamBackend:
         self._sync: httpx.Client | None = None
         self._sync_lock = threading.Lock()
         self._tokenizer: bool | None = None  # the upstream has /tokenize; None: not probed
+        # its /tokenize takes a chat (messages); None: not tried yet
+        self._chat_tokenizer: bool | None = None
         self._running: dict[str, UpstreamGeneration] = {}
         self._draining = False
         self._transport = transport
@@ -368,7 +370,8 @@ class UpstreamBackend:
                                         n=request.n, chat=chat,
                                         parse=chat if parse is None else parse,
                                         continuous=wire.continuous_usage(request, self._flavor),
-                                        summed=self._flavor == wire.LMSERVE)
+                                        summed=self._flavor == wire.LMSERVE,
+                                        stop_ids=request.stop_token_ids)
         self._running[request_id] = generation
         generation.begin()
         note_generation(self.name, generation.timing)
@@ -381,10 +384,62 @@ class UpstreamBackend:
         generation.close()
         return True
 
+    async def prompt_tokens(self, request: GenerationRequest) -> list[int] | None:
+        """The prompt's token ids as the upstream renders and tokenizes it, for a route that
+        needs its length before it sends the request (core.backend.counted): a chat through
+        vLLM's chat form of /tokenize (messages, tools, add_generation_prompt,
+        continue_final_message; lmserve's too), or llama-server's /apply-template and then
+        /tokenize; a text prompt through /tokenize. None where the upstream cannot tell (no
+        /tokenize, no chat form of it, or a refusal: the request itself then meets the
+        upstream's own checks). Not in the contract."""
+        self.require_ready()
+        if request.prompt_tokens is not None:
+            return list(request.prompt_tokens)
+        if not self._tokenizer or (request.messages is not None and
+                                   self._chat_tokenizer is False):
+            return None
+        try:
+            if request.messages is None:
+                body = wire.tokenize_body(request.prompt or "", True, self.model)
+            elif self._flavor == wire.LLAMACPP:
+                rendered = await self._post("apply-template", wire.template_body(request))
+                prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
+                if not isinstance(prompt, str):
+                    raise ValueError("no prompt")
+                body = {**wire.tokenize_body(prompt, True, self.model), "parse_special": True}
+            else:
+                body = wire.chat_tokenize_body(request, self.model)
+            tokens = wire.tokens_of(await self._post("tokenize", body))
+        except (LmserveError, httpx.HTTPError, ValueError, TypeError, KeyError) as exc:
+            log.debug("the upstream of %s did not count a prompt: %s", self.name, exc)
+            if request.messages is not None and _not_offered(exc):
+                self._chat_tokenizer = False  # not asked again
+            return None
+        if not tokens:  # llama-server answers a /tokenize without its `content` with []
+            if request.messages is not None:
+                self._chat_tokenizer = False
+            return None
+        if request.messages is not None:
+            self._chat_tokenizer = True
+        return tokens
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST to a route beside the OpenAI base (/tokenize, /apply-template); its JSON."""
+        url = wire.join_url(wire.server_root(self.url), path)
+        response = await self.http().post(url, json=body)
+        if response.status_code >= 400:
+            raise wire.error_from_response(response.status_code, response.content,
+                                           response.headers)
+        return response.json()
+
     async def count_tokens(self, request: GenerationRequest) -> int:
-        """The prompt's length as the upstream counts it (template and all): the usage of a
-        one-token generation of the same request. Not in the contract: for a dialect that
-        must count a prompt (Anthropic's count_tokens) where no /tokenize serves."""
+        """The prompt's length as the upstream counts it (template and all): its /tokenize
+        (prompt_tokens), else the usage of a one-token generation of the same request. Not
+        in the contract: for a dialect that must count a prompt (Anthropic's count_tokens;
+        core.backend.prompt_count)."""
+        tokens = await self.prompt_tokens(request)
+        if tokens:
+            return len(tokens)
         probe = dataclasses.replace(request, max_tokens=1, n=1, request_id=None,
                                     logprobs=None, stop=[])
         generation = self._start(probe, parse=False)  # a probe: not charged to the caller
@@ -468,6 +523,15 @@ def _embedded_tokens(answer: Any, items: Sequence[Any]) -> int:
     return sum(len(item) for item in items if isinstance(item, list))
 
 
+def _not_offered(exc: Exception) -> bool:
+    """A failed count that says the upstream has no chat form of /tokenize (a refused
+    parameter, a missing route, an answer without tokens), not that this chat is bad."""
+    if isinstance(exc, LmserveError):
+        return exc.kind in (ErrorKind.UNSUPPORTED, ErrorKind.NOT_FOUND,
+                            ErrorKind.MODEL_NOT_FOUND)
+    return isinstance(exc, (ValueError, TypeError, KeyError))
+
+
 def connection_error(exc: httpx.HTTPError, url: str) -> LmserveError:
     """A failed exchange with the upstream: 504 when it timed out, 502 otherwise."""
     detail = str(exc) or type(exc).__name__
@@ -492,14 +556,15 @@ class UpstreamGeneration:
 
     def __init__(self, backend: UpstreamBackend, request_id: str, url: str,
                  body: dict[str, Any], *, n: int, chat: bool, parse: bool,
-                 continuous: bool = False, summed: bool = False) -> None:
+                 continuous: bool = False, summed: bool = False,
+                 stop_ids: Sequence[int] = ()) -> None:
         self.backend = backend
         self._request_id = request_id
         self.url = url
         self.body = body
         self.n = n
         self.reader = wire.StreamReader(n, chat=chat, parse=parse, continuous=continuous,
-                                        summed=summed)
+                                        summed=summed, stop_ids=stop_ids)
         self._queue: asyncio.Queue[list[ChoiceStep] | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._accepted: asyncio.Future[LmserveError | None] | None = None

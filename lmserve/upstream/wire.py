@@ -123,8 +123,8 @@ def _chat_fields(body: dict[str, Any], request: GenerationRequest) -> None:
         body["chat_template_kwargs"] = kwargs
     if not request.add_generation_prompt:
         body["add_generation_prompt"] = False
-        if request.messages and request.messages[-1].role == "assistant":
-            body["continue_final_message"] = True  # vLLM: the reply continues this turn
+    if request.continue_final_message:
+        body["continue_final_message"] = True  # vLLM's: the reply continues the last turn
     if request.context_overflow is not None:
         body["context_overflow"] = request.context_overflow  # lmserve upstreams read it
 
@@ -313,11 +313,14 @@ class StreamReader:
     chunk with choices is then a running count, given to that chunk's steps
     (ChoiceStep.running), and only the chunk without choices holds the final usage.
     `summed`: the running counts are the whole request's (lmserve's), not the choice's
-    (vLLM's): each choice's share is the growth over its own chunks."""
+    (vLLM's): each choice's share is the growth over its own chunks. `stop_ids`: the
+    request's stop_token_ids (a stop_reason that is a token id counts only for those)."""
 
     def __init__(self, n: int = 1, *, chat: bool = True, parse: bool = True,
-                 continuous: bool = False, summed: bool = False) -> None:
+                 continuous: bool = False, summed: bool = False,
+                 stop_ids: Sequence[int] = ()) -> None:
         self.n = n
+        self.stop_ids = frozenset(stop_ids)
         self.chat = chat
         self.parse = parse
         self.continuous = continuous
@@ -447,12 +450,22 @@ class StreamReader:
         reason = data.get("finish_reason")
         if isinstance(reason, str) and reason:
             choice.reason = finish_reason(reason)
-            stop = data.get("stop_reason", data.get("matched_stop"))
-            choice.stop_match = stop if isinstance(stop, str) else None
+            choice.stop_match = self._stop_match(data.get("stop_reason",
+                                                          data.get("matched_stop")))
         if not (text or events or logprobs):
             return []
         return [ChoiceStep(choice.index, text, events, logprobs=logprobs,
                            running=self._running_usage(choice))]
+
+    def _stop_match(self, stop: Any) -> str | None:
+        """vLLM's stop_reason (SGLang's matched_stop): the stop string matched, or the stop
+        token's id, which counts (as the engine's text of it) only where it is one of the
+        request's stop_token_ids (not an EOS id of the model's generation config)."""
+        if isinstance(stop, str):
+            return stop or None
+        if isinstance(stop, int) and not isinstance(stop, bool) and stop in self.stop_ids:
+            return str(stop)
+        return None
 
     def _call(self, choice: _Choice, call: dict[str, Any]) -> list[ChatEvent]:
         wire_index = call.get("index", len(choice.call_ids))
@@ -701,6 +714,30 @@ def find_model(payload: Any, model: str) -> UpstreamModel:
         architecture=meta.get("architecture") if isinstance(meta.get("architecture"), str)
         else None, n_params=number(meta.get("n_params")), n_vocab=number(meta.get("n_vocab")),
         size_bytes=number(meta.get("size")))
+
+
+# The request fields that change how the upstream renders a chat (what /tokenize reads).
+_RENDERING = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
+              "add_generation_prompt", "continue_final_message")
+
+
+def chat_tokenize_body(request: GenerationRequest, model: str) -> dict[str, Any]:
+    """vLLM's chat form of /tokenize (lmserve's too): the messages rendered as the chat
+    request would be (tools, template kwargs, generation prompt, continuation), tokenized."""
+    chat: dict[str, Any] = {}
+    _chat_fields(chat, request)
+    body: dict[str, Any] = {"model": model, "messages": [wire_message(m) for m in
+                                                         request.messages or ()]}
+    body.update({key: chat[key] for key in _RENDERING if key in chat})
+    return body
+
+
+def template_body(request: GenerationRequest) -> dict[str, Any]:
+    """llama-server's /apply-template: the chat's prompt text (a final assistant message is
+    continued there: its assistant prefill)."""
+    body = chat_tokenize_body(request, "")
+    del body["model"]
+    return body
 
 
 def tokenize_body(text: str, add_special: bool, model: str) -> dict[str, Any]:

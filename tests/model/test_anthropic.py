@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
 import anthropic
 import httpx
 import pytest
 
 # The client tests run against the local model and an upstream-backed one (upstream_fixtures).
 pytestmark = pytest.mark.upstream_variant
-UNRENDERED = "the upstream renders the chat, so the front has no tokens of it to count"
 
 MSG = [{"role": "user", "content": "Name three colors."}]
 # This client version no longer types the sampling parameters; older clients send them as fields.
@@ -41,8 +39,6 @@ def test_max_tokens_stop_reason(claude):
     assert r.stop_reason == "max_tokens" and r.usage.output_tokens == 3
 
 
-@pytest.mark.upstream_gap("lmserve's OpenAI stream does not say which stop string matched "
-                          "(vLLM's stop_reason), so stop_sequence is unknown")
 def test_stop_sequences(claude):
     kw = dict(model="smollm2", max_tokens=40, **GREEDY, messages=COUNT)
     free = claude.messages.create(**kw).content[0].text
@@ -79,7 +75,6 @@ def test_stream_wire_frames_have_event_names_and_a_ping(server):
     assert names[-1] == "message_stop"
 
 
-@pytest.mark.upstream_gap(UNRENDERED)
 def test_count_tokens_equals_the_prompt_of_a_create(claude):
     kw = dict(model="smollm2", system="Be terse.",
               messages=[*MSG, {"role": "assistant", "content": "Red,"}])
@@ -148,8 +143,6 @@ def test_missing_max_tokens_and_context_overflow(server):
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
 
 
-@pytest.mark.upstream_gap("fitting max_tokens into the room left needs the prompt's length, "
-                          "which the upstream knows only once it has the request")
 def test_max_tokens_larger_than_the_context_runs_until_it_is_full(claude):
     r = claude.messages.create(model="smollm2", max_tokens=100_000, **GREEDY,
                                messages=MSG)
@@ -166,8 +159,6 @@ def test_disconnect_cancels_generation(claude, server):
     server.assert_generation_stops()
 
 
-@pytest.mark.upstream_gap("the prefill is appended to the locally rendered prompt; the "
-                          "contract has no field to send it to an upstream")
 def test_final_assistant_turn_is_continued(claude):
     r = claude.messages.create(model="smollm2", max_tokens=8, **GREEDY, messages=[
         *COUNT, {"role": "assistant", "content": "1, 2, 3,"}])

@@ -10,7 +10,6 @@ import pytest
 
 # The client tests run against the local model and an upstream-backed one (upstream_fixtures).
 pytestmark = pytest.mark.upstream_variant
-UNCOUNTED = "the front does not tokenize a prompt it passes on, so it cannot count it"
 
 MODEL = "smollm2"
 GREEDY = {"temperature": 0, "num_predict": 8}
@@ -104,7 +103,6 @@ def test_version_and_liveness(server):
     assert httpx.head(f"{server.url}/").status_code == 200
 
 
-@pytest.mark.upstream_gap(f"the num_ctx window check counts the prompt's tokens: {UNCOUNTED}")
 def test_errors_are_ollama_shaped(oc, server):
     for call in (lambda: oc.chat(model="nope", messages=HELLO),
                  lambda: list(oc.generate(model="nope", prompt="x", stream=True))):

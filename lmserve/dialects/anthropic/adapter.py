@@ -33,14 +33,24 @@ class Conversation:
     messages: list[ChatMessage]
     prefill: str | None = None
 
+    def fields(self) -> dict[str, Any]:
+        """GenerationRequest fields: the messages, and a prefill as the final assistant
+        message, continued (continue_final_message: the reply follows the generation prompt
+        and the prefill, whether the model is local or an upstream's)."""
+        if self.prefill is None:
+            return {"messages": self.messages}
+        return {"messages": [*self.messages, ChatMessage(role="assistant", content=self.prefill)],
+                "add_generation_prompt": False, "continue_final_message": True}
+
 
 def message_request(body: MessageRequest) -> tuple[GenerationRequest, str | None]:
-    """The generation and its prefill (see Conversation)."""
+    """The generation and its prefill (see Conversation), which the generation continues: it
+    is the final assistant message, with continue_final_message set."""
     _refuse_server_features(body)
     conversation = _conversation(body)
     chosen = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
     sampling = SamplingParams().replace(**{k: v for k, v in chosen.items() if v is not None})
-    request = GenerationRequest(model=body.model, messages=conversation.messages,
+    request = GenerationRequest(model=body.model, **conversation.fields(),
                                 sampling=sampling, max_tokens=body.max_tokens,
                                 stop=list(body.stop_sequences or []),
                                 reasoning=thinking(body, body.max_tokens).reasoning,
@@ -56,7 +66,7 @@ def message_request(body: MessageRequest) -> tuple[GenerationRequest, str | None
 def count_request(body: MessagesBase) -> tuple[GenerationRequest, str | None]:
     """The prompt alone, built exactly as message_request builds it."""
     conversation = _conversation(body)
-    return GenerationRequest(model=body.model, messages=conversation.messages,
+    return GenerationRequest(model=body.model, **conversation.fields(),
                              reasoning=thinking(body, None).reasoning,
                              **tool_fields(body)), conversation.prefill
 

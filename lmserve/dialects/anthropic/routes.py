@@ -12,7 +12,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmserve.chat.overflow import reply_room
-from lmserve.core.backend import BackendGeneration, ModelBackend, PreparedPrompt, with_media
+from lmserve.core.backend import (
+    BackendGeneration,
+    ModelBackend,
+    counted,
+    prompt_count,
+    with_media,
+)
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.request import GenerationRequest, with_defaults
 from lmserve.dialects.anthropic import adapter, encoder
@@ -35,14 +41,16 @@ def make_router(models: Callable[[], ModelRegistry], *,
     async def create_message(body: MessageRequest, request: Request) -> Any:
         view = models()
         service = view.get(body.model)
-        gen, prefill = adapter.message_request(body)
+        gen, _ = adapter.message_request(body)
         gen = with_defaults(gen, defaults_of(view, service))  # never max_tokens: it is required
         gen = await with_media(service, gen)  # image URLs fetched under the media policy
         display = thinking(body, body.max_tokens).display
         n_ctx = service.require_ready().n_ctx
         # max_tokens is capped to the room left (below), so truncation keeps only a reserve
         room = reply_room(n_ctx, gen.max_tokens, capped=True)
-        prepared = _prepare(service, dataclasses.replace(gen, max_tokens=room), prefill)
+        fitted = dataclasses.replace(gen, max_tokens=room)
+        # an upstream renders the chat itself: it is asked for the length (core.backend)
+        prepared = await counted(service, fitted, service.prepare(fitted))
         gen, capped = _fit_context(n_ctx, gen, len(prepared.tokens))
         headers = truncation_headers(prepared.dropped_messages)
         # Refusals happen before a stream starts; the steps come out parsed (thinking, tools).
@@ -61,9 +69,9 @@ def make_router(models: Callable[[], ModelRegistry], *,
     @router.post("/v1/messages/count_tokens", summary="Count the tokens of a message request")
     async def count_tokens(body: CountTokensRequest) -> Any:
         service = models().get(body.model)
-        gen, prefill = adapter.count_request(body)
+        gen, _ = adapter.count_request(body)
         gen = await with_media(service, gen)
-        return {"input_tokens": len(_prepare(service, gen, prefill).tokens)}
+        return {"input_tokens": await prompt_count(service, gen, service.prepare(gen))}
 
     # Names differ from the OpenAI router's: both dialects own GET /v1/models at the root.
     @router.get("/v1/models", summary="List models (Anthropic)")
@@ -82,16 +90,6 @@ def make_router(models: Callable[[], ModelRegistry], *,
         return _card(models().get(model_id), model_id)
 
     return router
-
-
-def _prepare(service: ModelBackend, gen: GenerationRequest, prefill: str | None
-             ) -> PreparedPrompt:
-    """Tokens of the prompt; a prefill is appended after the template's assistant header."""
-    prepared = service.prepare(gen)
-    if prefill is None:
-        return prepared
-    text = (prepared.text or "") + prefill
-    return dataclasses.replace(prepared, tokens=service.tokenize(text), text=text)
 
 
 def _fit_context(n_ctx: int, gen: GenerationRequest, n_prompt: int

@@ -27,6 +27,7 @@ from lmserve.core.backend import (
     ModelBackend,
     ModelCard,
     PreparedPrompt,
+    counted,
 )
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.lifecycle import ModelLoading, Unloadable
@@ -330,7 +331,8 @@ async def _respond(request: Request, service: ModelBackend, card: ModelCard, mod
                    job: adapter.Job, *, chat: bool, started: int, stream: bool,
                    context: list[int] | None) -> Response:
     loaded = time.monotonic_ns()
-    prepared = _prepare(service, card.n_ctx, job, context)
+    # an upstream renders the prompt itself: it is asked for the length (core.backend)
+    prepared = await counted(service, job.request, _prepare(service, card.n_ctx, job, context))
     gen = adapter.finalize(job.request, job.options, card.n_ctx, len(prepared.tokens))
     submitted = time.monotonic_ns()
     # Refusals are real statuses, even for streams. A chat's steps come out parsed (thinking,

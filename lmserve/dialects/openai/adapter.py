@@ -94,6 +94,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         raise invalid("max_tokens and max_completion_tokens disagree; send one of them",
                       param="max_completion_tokens")
     _refuse_unimplemented(body.model_extra or {})
+    _check_continuation(body)
     return GenerationRequest(
         model=body.model,
         keep_alive=keep_alive_seconds((body.model_extra or {}).get("keep_alive")),
@@ -107,6 +108,7 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         logprobs=_chat_logprobs(body),
         continuous_usage=_continuous_usage(body),
         add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
         template_kwargs={**effort_kwargs(body), **(body.chat_template_kwargs or {})},
         context_overflow=body.context_overflow,
         lora=selection_field(body.lora, "lora"),
@@ -114,6 +116,20 @@ def chat_request(body: ChatCompletionRequest) -> GenerationRequest:
         explicit=explicit(body, _CHAT_NAMES),
         **tool_fields(body),
     )
+
+
+def _check_continuation(body: ChatCompletionRequest) -> None:
+    """vLLM's continue_final_message: the reply continues the final assistant message, so no
+    generation prompt may open a turn after it."""
+    if not body.continue_final_message:
+        return
+    if body.add_generation_prompt:
+        raise invalid("continue_final_message needs add_generation_prompt to be false",
+                      param="add_generation_prompt", code="invalid_value")
+    if body.messages[-1].role != "assistant":
+        raise invalid("continue_final_message continues the final message, which must be an "
+                      "assistant message", param=f"messages[{len(body.messages) - 1}].role",
+                      code="invalid_value")
 
 
 def _continuous_usage(body: SamplingFields) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,14 @@ def finish_reason(reason: str | None) -> str | None:
     return None if reason is None else "stop"
 
 
+def stop_reason(match: str | None, stop_ids: Collection[int] = ()) -> str | int | None:
+    """vLLM's `stop_reason` beside finish_reason: the stop string that ended the choice, or
+    the id of the stop_token_ids token that did; None otherwise (EOS, length, ...)."""
+    if match is not None and match.isdigit() and int(match) in stop_ids:
+        return int(match)
+    return match
+
+
 def usage_body(usage: Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
@@ -98,6 +107,7 @@ class Choice:
     text: str = ""  # the raw text (what a completion returns)
     turn: ParsedTurn = field(default_factory=ParsedTurn)  # the text, parsed (a chat message)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string (or stop token id) matched
     logprobs: list[TokenLogprob] | None = None  # None: not asked for
     prompt_logprobs: list[TokenLogprob] | None = None
 
@@ -109,6 +119,7 @@ class Collected:
     choices: dict[int, Choice] = field(default_factory=dict)
     usage_groups: dict[int, list[Usage]] = field(default_factory=dict)  # per prompt
     failure: Failed | None = None  # the first choice that failed: the response is its error
+    stop_ids: frozenset[int] = frozenset()  # the request's stop_token_ids (for stop_reason)
 
     def add(self, step: ChoiceStep, index: int, group: int = 0) -> None:
         choice = self.choices.setdefault(index, Choice(index))
@@ -121,6 +132,7 @@ class Collected:
             choice.prompt_logprobs = step.prompt_logprobs
         if step.finished:
             choice.finish_reason = finish_reason(step.finish_reason)
+            choice.stop_reason = stop_reason(step.stop_match, self.stop_ids)
             if step.usage is not None:
                 self.usage_groups.setdefault(group, []).append(step.usage)
             if step.failed is not None and self.failure is None:
@@ -149,7 +161,8 @@ def chat_completion(model: str, collected: Collected, usage: Usage) -> dict[str,
 def _chat_choice(choice: Choice, turn: ParsedTurn) -> dict[str, Any]:
     return {"index": choice.index, "message": assistant_message(turn),
             "logprobs": chat_logprobs(choice.logprobs),
-            "finish_reason": chat_finish_reason(choice.finish_reason, bool(turn.tool_calls))}
+            "finish_reason": chat_finish_reason(choice.finish_reason, bool(turn.tool_calls)),
+            "stop_reason": choice.stop_reason}
 
 
 def text_completion(model: str, collected: Collected, usage: Usage) -> dict[str, Any]:
@@ -158,7 +171,7 @@ def text_completion(model: str, collected: Collected, usage: Usage) -> dict[str,
         "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [{"index": c.index, "text": c.text,
                      "logprobs": choice_completion_logprobs(c.prompt_logprobs, c.logprobs, c.text),
-                     "finish_reason": c.finish_reason}
+                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                     for c in sorted(collected.choices.values(), key=lambda c: c.index)],
         "usage": usage_body(usage),
     }
@@ -215,8 +228,9 @@ class ChunkEncoder:
     """Builds stream chunks for chat (chat.completion.chunk) or completions (text_completion)."""
 
     def __init__(self, model: str, *, chat: bool, include_usage: bool,
-                 running: RunningUsage | None = None) -> None:
+                 running: RunningUsage | None = None, stop_ids: Collection[int] = ()) -> None:
         self.chat = chat
+        self.stop_ids = frozenset(stop_ids)
         self.include_usage = include_usage
         self.running = running
         self._base = {"id": new_id("chatcmpl" if chat else "cmpl"),
@@ -233,23 +247,33 @@ class ChunkEncoder:
         return chunk
 
     def choice_chunk(self, index: int, delta: dict[str, Any], reason: str | None,
-                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A chat chunk with a prepared delta and a wire finish reason."""
-        return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
-                             "finish_reason": reason}])
+                     logprobs: dict[str, Any] | None = None, stop: str | None = None
+                     ) -> dict[str, Any]:
+        """A chat chunk with a prepared delta and a wire finish reason (`stop`: the stop
+        string that ended the choice, on its last chunk)."""
+        return self._chunk([self._ended({"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": reason}, stop)])
+
+    def _ended(self, choice: dict[str, Any], stop: str | None) -> dict[str, Any]:
+        """The last chunk of a choice says which stop ended it (vLLM's stop_reason)."""
+        if choice["finish_reason"] is not None:
+            choice["stop_reason"] = stop_reason(stop, self.stop_ids)
+        return choice
 
     def role(self, index: int) -> dict[str, Any]:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}])
 
     def delta(self, index: int, text: str, reason: str | None,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+              logprobs: dict[str, Any] | None = None, stop: str | None = None
+              ) -> dict[str, Any]:
         if self.chat:
             delta = {"content": text} if text else {}
-            return self._chunk([{"index": index, "delta": delta, "logprobs": logprobs,
-                                 "finish_reason": finish_reason(reason)}])
-        return self._chunk([{"index": index, "text": text, "logprobs": logprobs,
-                             "finish_reason": finish_reason(reason)}])
+            return self._chunk([self._ended({"index": index, "delta": delta,
+                                             "logprobs": logprobs,
+                                             "finish_reason": finish_reason(reason)}, stop)])
+        return self._chunk([self._ended({"index": index, "text": text, "logprobs": logprobs,
+                                         "finish_reason": finish_reason(reason)}, stop)])
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         return {**self._base, "choices": [], "usage": usage_body(usage)}

@@ -19,6 +19,7 @@ from lmserve.core.backend import (
     LoadState,
     ModelBackend,
     PreparedPrompt,
+    counted,
     with_media,
 )
 from lmserve.core.errors import LmserveError, invalid
@@ -100,7 +101,14 @@ def make_router(models: Callable[[], ModelRegistry], *,
 
     @router.post("/tokenize", summary="Tokenize text (vLLM's and llama-server's route)")
     async def tokenize_text(body: TokenizeRequest) -> Any:
-        return tokenize.tokenize(models().get(body.model), body)
+        view = models()
+        service = view.get(body.model)
+        gen = tokenize.chat_request(body)
+        if gen is None:
+            return tokenize.tokenize(service, body)
+        gen = await with_media(service, with_defaults(gen, defaults_of(view, service)))
+        chat = await counted(service, gen, service.prepare(gen))  # an upstream's: its count
+        return tokenize.tokenize(service, body, chat)
 
     @router.post("/detokenize", summary="Token ids to text (vLLM's and llama-server's route)")
     async def detokenize_ids(body: DetokenizeRequest) -> Any:
@@ -169,6 +177,7 @@ async def _respond(request: Request, service: ModelBackend, model: str, jobs: li
                    continuous_usage: bool = False) -> Any:
     """`chat`: each choice's parsed output (reasoning, tool calls) becomes its message."""
     n = jobs[0][0].n
+    stop_ids = frozenset(jobs[0][0].stop_token_ids)  # the same for every prompt
     generations = start_all(service, jobs)  # refusals (context, capacity) happen here
     headers = truncation_headers(max(prepared.dropped_messages for _, prepared in jobs))
     if stream:
@@ -178,11 +187,11 @@ async def _respond(request: Request, service: ModelBackend, model: str, jobs: li
         running = encoder.RunningUsage([len(prepared.tokens) for _, prepared in jobs], n) \
             if continuous_usage else None
         return StreamingResponse(_stream(generations, n, model, chat, echo, include_usage,
-                                         scored_echo, running),
+                                         scored_echo, running, stop_ids),
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
-    collected = await unless_disconnected(request, _collect(generations, n))
+    collected = await unless_disconnected(request, _collect(generations, n, stop_ids))
     if collected.failure is not None:  # nothing sent yet: the failure's own status
         raise collected.failure.error()
     for i, text in enumerate(echo):
@@ -196,8 +205,9 @@ async def _respond(request: Request, service: ModelBackend, model: str, jobs: li
     return JSONResponse(encoder.text_completion(model, collected, collected.usage))
 
 
-async def _collect(generations: list[BackendGeneration], n: int) -> encoder.Collected:
-    collected = encoder.Collected()
+async def _collect(generations: list[BackendGeneration], n: int,
+                   stop_ids: frozenset[int] = frozenset()) -> encoder.Collected:
+    collected = encoder.Collected(stop_ids=stop_ids)
     async for job_index, steps in merge(generations):
         for step in steps:
             collected.add(step, job_index * n + step.index, job_index)
@@ -206,12 +216,14 @@ async def _collect(generations: list[BackendGeneration], n: int) -> encoder.Coll
 
 async def _stream(generations: list[BackendGeneration], n: int, model: str, chat: bool,
                   echo: list[str], include_usage: bool, scored_echo: bool = False,
-                  running: encoder.RunningUsage | None = None) -> AsyncIterator[bytes]:
+                  running: encoder.RunningUsage | None = None,
+                  stop_ids: frozenset[int] = frozenset()) -> AsyncIterator[bytes]:
     """`scored_echo`: the echo goes out with the prompt's logprobs, on each choice's first
     step, instead of up front. `running`: every chunk carries the usage so far; where only
     the backend's counts tell the prompt's length (an upstream), the role and echo chunks
     wait for the first step, which brings them."""
-    enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage, running=running)
+    enc = encoder.ChunkEncoder(model, chat=chat, include_usage=include_usage, running=running,
+                               stop_ids=stop_ids)
     parsed = _ParsedChoices(enc) if chat else None
     groups: list[list[Usage]] = [[] for _ in generations]
     offsets = StreamOffsets()
@@ -252,7 +264,7 @@ async def _stream(generations: list[BackendGeneration], n: int, model: str, chat
                                         offsets.chunk(index, step.prompt_logprobs, text)))
                 if step.text or step.finished or step.logprobs:
                     yield sse(enc.delta(index, step.text, step.finish_reason,
-                                        offsets.chunk(index, step.logprobs)))
+                                        offsets.chunk(index, step.logprobs), step.stop_match))
         if include_usage:
             yield sse(enc.usage(encoder.total_usage(groups)))
     except LmserveError as exc:  # the stream has started: the error travels inside it
@@ -272,6 +284,6 @@ class _ParsedChoices:
         chunks = [self.enc.choice_chunk(index, delta, None) for delta in event_deltas(step.events)]
         if step.finished:
             reason = self.calls.finish_reason(index, encoder.finish_reason(step.finish_reason))
-            chunks.append(self.enc.choice_chunk(index, {}, reason))
+            chunks.append(self.enc.choice_chunk(index, {}, reason, stop=step.stop_match))
         return with_logprobs(chunks, chat_logprobs(step.logprobs) if step.logprobs else None,
                              lambda: self.enc.choice_chunk(index, {}, None))

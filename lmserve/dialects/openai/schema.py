@@ -84,6 +84,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the reply continues the last assistant turn
     context_overflow: Literal["error", "truncate"] | None = None  # lmserve: see chat.overflow
 
 

@@ -3,7 +3,10 @@ names are read too), so clients and an lmserve in front of this one (`--upstream
 and read a model's tokens. Pure: the routes (dialects.openai.routes) pick the model.
 
 POST /tokenize {model?, prompt | content, add_special_tokens | add_special, return_token_strs}
--> {count, max_model_len, tokens[, token_strs]}; POST /detokenize {model?, tokens} ->
+-> {count, max_model_len, tokens[, token_strs]}; vLLM's chat form {model?, messages, tools?,
+tool_choice?, chat_template_kwargs?, add_generation_prompt, continue_final_message} renders the
+messages as /v1/chat/completions would (chat_request) and tokenizes that prompt; POST
+/detokenize {model?, tokens} ->
 {prompt, content} (vLLM's and llama-server's key for the same text). Without `model` the
 server's only model answers. Special tokens are added by default for `prompt` (vLLM's default)
 and not for `content` (llama-server's)."""
@@ -14,8 +17,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmserve.core.backend import ModelBackend
+from lmserve.core.backend import ModelBackend, PreparedPrompt
 from lmserve.core.errors import invalid, unsupported
+from lmserve.core.request import GenerationRequest
+from lmserve.dialects.openai import adapter
+from lmserve.dialects.openai.schema import ChatCompletionRequest, ChatMessageIn
 
 
 class _Lenient(BaseModel):
@@ -29,8 +35,14 @@ class TokenizeRequest(_Lenient):
     add_special_tokens: bool | None = None  # vLLM's (default true)
     add_special: bool | None = None  # llama-server's (default false)
     return_token_strs: bool = False  # vLLM's: each token's text too
-    messages: list[Any] | None = None  # vLLM's chat form: refused
     with_pieces: bool = False  # llama-server's pieces: refused
+    # vLLM's chat form: the messages rendered as the chat route renders them
+    messages: list[ChatMessageIn] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 class DetokenizeRequest(_Lenient):
@@ -38,16 +50,38 @@ class DetokenizeRequest(_Lenient):
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
-def tokenize(service: ModelBackend, body: TokenizeRequest) -> dict[str, Any]:
-    if body.messages is not None:
-        raise unsupported("messages", "tokenizing a chat is not supported; send the text as "
-                          "prompt")
+def chat_request(body: TokenizeRequest) -> GenerationRequest | None:
+    """The chat form's request, as /v1/chat/completions builds it; None for a text."""
+    if body.messages is None:
+        return None
+    if body.prompt is not None or body.content is not None:
+        raise invalid("send messages or a prompt, not both", param="messages",
+                      code="invalid_value")
+    if not body.messages:
+        raise invalid("messages must not be empty", param="messages", code="invalid_value")
+    return adapter.chat_request(ChatCompletionRequest(
+        model=body.model or "", messages=body.messages, tools=body.tools,
+        tool_choice=body.tool_choice, chat_template_kwargs=body.chat_template_kwargs,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message))
+
+
+def tokenize(service: ModelBackend, body: TokenizeRequest,
+             chat: PreparedPrompt | None = None) -> dict[str, Any]:
+    """`chat`: the chat form's prompt, prepared (and counted, for an upstream) by the
+    route."""
     if body.with_pieces:
         raise unsupported("with_pieces", "token pieces are not supported; send "
                           "return_token_strs")
-    text, add_special = _text(body)
     card = service.require_ready()
-    tokens = service.tokenize(text, add_special=add_special)
+    if chat is not None:
+        if not chat.tokens:
+            raise unsupported("messages", "this model's chat is rendered by its upstream, "
+                              "which does not count it; send the text as prompt")
+        tokens = chat.tokens
+    else:
+        text, add_special = _text(body)
+        tokens = service.tokenize(text, add_special=add_special)
     answer: dict[str, Any] = {"count": len(tokens), "max_model_len": card.n_ctx,
                               "tokens": tokens}
     if body.return_token_strs:

@@ -19,6 +19,7 @@ from lmserve.core.backend import (
     FinishReason,
     LoadState,
     ModelBackend,
+    counted,
 )
 from lmserve.core.errors import ErrorKind, LmserveError
 from lmserve.core.events import TextDelta, Usage
@@ -313,3 +314,78 @@ async def test_the_connection_is_back_in_the_pool_when_the_iteration_ends():
     for _ in range(3):
         await collect(b.start(chat_request()))
     assert b.stats().upstream.requests == 3
+
+
+# -- counting a prompt before it is sent (core.backend.counted) ------------------------------
+
+def counting(flavor: str, answer: Callable[[str, dict[str, Any]], httpx.Response]
+             ) -> tuple[UpstreamBackend, list[tuple[str, dict[str, Any]]]]:
+    """A fake upstream of `flavor` whose /tokenize and /apply-template answer by `answer`."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    models = {"data": [{**MODELS["data"][0], "owned_by": flavor}]}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=models)
+        body = json.loads(request.content)
+        if request.url.path == "/tokenize" and body.get("content") == "a":
+            return httpx.Response(200, json={"tokens": [97]})  # the load's probe
+        seen.append((request.url.path, body))
+        return answer(request.url.path, body)
+
+    b = UpstreamBackend("front", UpstreamSettings(URL, model="smol"),
+                        transport=httpx.MockTransport(handle))
+    b.load(asyncio.new_event_loop())
+    return b, seen
+
+
+async def test_a_chat_is_counted_by_the_upstreams_chat_tokenize():
+    b, seen = counting("vllm", lambda path, body: httpx.Response(
+        200, json={"count": 3, "max_model_len": 4096, "tokens": [1, 2, 3]}))
+    request = GenerationRequest(messages=[ChatMessage("user", "hi"),
+                                          ChatMessage("assistant", "1,")],
+                                add_generation_prompt=False, continue_final_message=True)
+    assert await b.prompt_tokens(request) == [1, 2, 3]
+    assert await b.count_tokens(request) == 3
+    path, body = seen[0]
+    assert path == "/tokenize" and body["messages"][-1] == {"role": "assistant",
+                                                           "content": "1,"}
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert await b.prompt_tokens(GenerationRequest(prompt="abc")) == [1, 2, 3]
+    assert seen[-1][1]["prompt"] == "abc"
+
+
+async def test_llama_server_renders_by_apply_template_then_tokenizes_the_prompt():
+    def answer(path: str, body: dict[str, Any]) -> httpx.Response:
+        if path == "/apply-template":
+            return httpx.Response(200, json={"prompt": "<s>hi"})
+        return httpx.Response(200, json={"tokens": [ord(c) for c in body["content"]]})
+
+    b, seen = counting("llamacpp", answer)
+    assert await b.prompt_tokens(chat_request()) == [ord(c) for c in "<s>hi"]
+    assert [path for path, _ in seen] == ["/apply-template", "/tokenize"]
+    assert seen[0][1] == {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("response", [
+    httpx.Response(200, json={"tokens": []}),  # llama-server's /tokenize without `content`
+    httpx.Response(400, json={"error": {"message": "no", "type": "invalid_request_error",
+                                        "param": "messages",
+                                        "code": "unsupported_parameter"}}),
+    httpx.Response(200, json={"detail": "?"}),
+])
+async def test_an_upstream_without_a_chat_tokenize_leaves_the_count_unknown(response):
+    b, seen = counting("sglang", lambda path, body: response)
+    assert await b.prompt_tokens(chat_request()) is None
+    assert await b.prompt_tokens(chat_request()) is None
+    assert len(seen) == 1  # not asked again
+    prepared = b.prepare(chat_request())
+    assert await counted(b, chat_request(), prepared) is prepared  # the route's check skipped
+
+
+async def test_a_refused_chat_is_not_counted_but_asked_again():
+    b, seen = counting("lmserve", lambda path, body: httpx.Response(
+        400, json={"error": {"message": "bad", "type": "invalid_request_error"}}))
+    assert await b.prompt_tokens(chat_request()) is None
+    assert await b.prompt_tokens(chat_request()) is None
+    assert len(seen) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -104,9 +105,11 @@ def test_messages_keep_tool_calls_as_openai_sends_them_and_images_in_place():
 
 def test_a_continued_assistant_turn_asks_the_upstream_to_continue_it():
     req = GenerationRequest(messages=[*CHAT, ChatMessage("assistant", "1, 2,")],
-                            add_generation_prompt=False)
+                            add_generation_prompt=False, continue_final_message=True)
     body = wire.request_body(req, "m")
     assert body["add_generation_prompt"] is False and body["continue_final_message"] is True
+    closed = wire.request_body(dataclasses.replace(req, continue_final_message=False), "m")
+    assert closed["add_generation_prompt"] is False and "continue_final_message" not in closed
 
 
 @pytest.mark.parametrize("request_, param", [
@@ -373,3 +376,36 @@ def test_urls():
     assert wire.server_root("http://h:1/v1/") == "http://h:1"
     assert wire.join_url("http://h:1/v1/", "/models") == "http://h:1/v1/models"
     assert wire.tokens_of({"tokens": [1, {"id": 2, "piece": "x"}]}) == [1, 2]
+
+
+# -- stop_reason, and the bodies that count a chat --------------------------------------------
+
+@pytest.mark.parametrize("stop_reason, stop_ids, match", [
+    ("5,", (), "5,"),  # the stop string
+    (7, (7,), "7"),  # a stop_token_ids token: its id, as the engine names it
+    (2, (), None),  # an EOS id of the upstream's generation config: no stop sequence
+    (None, (), None), (True, (1,), None)])
+def test_stop_reason_is_the_stop_string_or_a_requested_stop_token(stop_reason, stop_ids, match):
+    reader = wire.StreamReader(stop_ids=stop_ids)
+    reader.data(chunk({"content": "x"}, "stop", stop_reason=stop_reason))
+    [end] = reader.data(usage())
+    assert end.end == Finished(FinishReason.STOP, Usage(5, 3, 2), match)
+
+
+def test_a_chat_is_counted_by_vllms_chat_form_of_tokenize():
+    req = GenerationRequest(
+        messages=[*CHAT, ChatMessage("assistant", "1, 2,")], add_generation_prompt=False,
+        continue_final_message=True, reasoning=False, max_tokens=9, stop=["x"],
+        response_format=ResponseFormat("json_object"),
+        tools=[ToolSpec("f", "", {"type": "object"})], tool_choice="required")
+    body = wire.chat_tokenize_body(req, "m")
+    assert body == {
+        "model": "m", "messages": [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "1, 2,"}],
+        "tools": body["tools"], "tool_choice": "required",
+        "chat_template_kwargs": {"enable_thinking": False},
+        "add_generation_prompt": False, "continue_final_message": True}
+    assert body["tools"][0]["function"]["name"] == "f"
+    assert wire.chat_tokenize_body(chat(), "m") == {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert wire.template_body(chat()) == {"messages": [{"role": "user", "content": "hi"}]}

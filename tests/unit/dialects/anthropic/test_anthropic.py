@@ -43,8 +43,10 @@ def test_consecutive_turns_merge_and_final_assistant_turn_is_a_prefill():
     gen, prefill = adapter.message_request(body(messages=[
         {"role": "user", "content": "one"}, {"role": "user", "content": "two"},
         {"role": "assistant", "content": [{"type": "text", "text": "The answer is"}]}]))
-    assert [(m.role, m.content) for m in gen.messages] == [("user", "one\n\ntwo")]
+    assert [(m.role, m.content) for m in gen.messages] == [("user", "one\n\ntwo"),
+                                                          ("assistant", "The answer is")]
     assert prefill == "The answer is"
+    assert gen.continue_final_message and not gen.add_generation_prompt
 
 
 HISTORY = [

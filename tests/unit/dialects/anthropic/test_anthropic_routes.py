@@ -17,6 +17,7 @@ from lmserve.dialects.anthropic import encoder, routes
 from lmserve.generation import ParsedGeneration
 from lmserve.http.app import create_app
 from lmserve.models.registry import ModelRegistry
+from lmserve.prompting import continued
 from lmserve.service import EngineSettings
 from tests.unit.dialects.anthropic.test_anthropic import CHATML, STEPS, USER, golden_events, parse_sse
 
@@ -65,7 +66,8 @@ class FakeService:
         return list(range(len(text.split())))
 
     def prepare(self, gen) -> PreparedPrompt:  # type: ignore[no-untyped-def]
-        text = self.render_chat(gen.messages)
+        gen, prefill = continued(gen)  # a final assistant message continued, as Prompter does
+        text = self.render_chat(gen.messages) + prefill
         return PreparedPrompt(self.tokenize(text), text)
 
     def start(self, gen, prepared, *,  # type: ignore[no-untyped-def]

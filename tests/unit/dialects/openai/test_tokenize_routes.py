@@ -51,8 +51,11 @@ def test_detokenize_answers_the_text_under_vllm_s_and_llama_server_s_keys(http):
     ("/tokenize", {"prompt": "a", "content": "b"}, "content", "invalid_value"),
     ("/tokenize", {"prompt": "a", "add_special": True, "add_special_tokens": False},
      "add_special", "invalid_value"),
-    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}, "messages",
-     "unsupported_parameter"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "prompt": "a"},
+     "messages", "invalid_value"),
+    ("/tokenize", {"messages": []}, "messages", "invalid_value"),
+    ("/tokenize", {"messages": [{"role": "assistant", "content": "a"}],
+                   "continue_final_message": True}, "add_generation_prompt", "invalid_value"),
     ("/tokenize", {"content": "a", "with_pieces": True}, "with_pieces", "unsupported_parameter"),
     ("/detokenize", {"tokens": [97, 0x110000]}, "tokens", "invalid_value"),
 ])
@@ -65,3 +68,21 @@ def test_a_negative_id_and_an_unknown_model(http):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("tokens")
     r = http.post("/tokenize", json={"model": "nope", "prompt": "a"})
     assert error(r) == {"status": 404, "param": "model", "code": "model_not_found"}
+
+
+HI = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("extra, rendered", [
+    ({}, HI),
+    ({"add_generation_prompt": False}, HI[: -len("<|im_start|>assistant\n")]),
+    ({"add_generation_prompt": False, "continue_final_message": True,
+      "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "1, 2,"}]},
+     HI + "1, 2,"),
+])
+def test_a_chat_is_tokenized_as_the_chat_route_renders_it(http, extra, rendered):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+    chat = http.post("/tokenize", json=body).json()
+    text = http.post("/tokenize", json={"model": "m", "prompt": rendered}).json()
+    assert chat == text and chat["count"] == len(chat["tokens"]) > 0
+    assert chat["max_model_len"] == 4096
