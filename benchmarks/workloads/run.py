@@ -144,6 +144,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: Any = None
         self.peak: float = 0.0
+        self.ram_tier: float = 0.0  # MiB of lmserve's --cache-ram states (tmpfs, not in RSS)
 
     def start(self) -> None:
         WORKDIR.mkdir(parents=True, exist_ok=True)
@@ -155,8 +156,21 @@ class Server:
     def stop(self) -> None:
         if self.proc is not None:
             self.peak = max(self.peak, peak_rss_mib(self.proc.pid) or 0.0)
+            self.ram_tier = max(self.ram_tier, self._ram_tier_mib())
             stop(self.proc)
             self.proc = None
+
+
+    def _ram_tier_mib(self) -> float:
+        """What lmserve's RAM tier holds now (its states live in /dev/shm, outside the RSS)."""
+        if not self.name.startswith("lmserve"):
+            return 0.0
+        try:
+            text = httpx.get(self.base + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return 0.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("lmserve_ram_cache_bytes{")) / 2**20
 
 
 async def _restart_round(server: Server, client: httpx.AsyncClient, seed: int,
@@ -228,6 +242,7 @@ async def run_workload(name: str, model: str, args: argparse.Namespace) -> dict[
             s.stop()
     return {"workload": name, "rounds": rounds,
             "peak_rss_mib": {n: s.peak for n, s in pair.items()},
+            "ram_tier_mib": {n: s.ram_tier for n, s in pair.items()},
             "flags": {n: list(pair[n].spec.command[1:]) for n in names},
             "summary": summarize(rounds, names)}
 
@@ -277,7 +292,9 @@ def markdown(data: dict[str, Any]) -> str:
             cells.append(f"{_f(m['req_s'])}, {_f(m['out_tok_s'], 1)}, {_f(m['ttft_p50'])}/"
                          f"{_f(m['ttft_p90'])} s, {_f(m['itl_p50'] * 1000, 0)}/"
                          f"{_f(m['itl_p99'] * 1000, 0)} ms, {_f(m['cached_share'])}, "
-                         f"{_f(w['peak_rss_mib'][n], 0)} MiB")
+                         f"{_f(w['peak_rss_mib'][n], 0)} MiB"
+                         + (f" + {_f(tier, 0)} MiB RAM tier"
+                            if (tier := w.get("ram_tier_mib", {}).get(n)) else ""))
         r = w["summary"]["ratio"]
         lines.append(f"| {w['workload']} | " + " | ".join(cells) + " | " + " | ".join(
             _f(r.get(k)) for k in ("req_s", "out_tok_s", "goodput", "ttft_p90", "itl_p99",
