@@ -680,12 +680,22 @@ class Projector:
 
 
 class Sampler:
-    """A per-sequence llama.cpp sampler chain; sampling runs in C over the logits row."""
+    """A per-sequence llama.cpp sampler chain; sampling runs in C over the logits row.
+
+    A grammar is kept out of the chain and checked on the chain's choice first, as llama.cpp's
+    own common sampler does: checking one token is cheap, while constraining a whole row costs
+    a walk of the grammar for each of the vocabulary's tokens (49,152 for SmolLM2) at every
+    step. Only a choice the grammar refuses makes the row constrained and sampled again. The
+    result has the constrained distribution: a token the chain picks with probability p(t) is
+    kept if valid, and the rest (the invalid mass m) resamples from p(t) / (1 - m)."""
 
     def __init__(self, model: Model, params: SamplingParams, *, seed: int,
                  banned: Sequence[int] = ()) -> None:
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         self.ptr = chain
+        self.grammar: ll.llama_sampler_p | None = None
+        self.n_vocab = model.n_vocab
+        self._row: np.ndarray | None = None  # the candidates, for a grammar's resampling
 
         def add(smpl: ll.llama_sampler_p) -> None:
             ll.llama_sampler_chain_add(chain, smpl)
@@ -710,7 +720,7 @@ class Sampler:
                 ll.llama_sampler_free(chain)
                 self.ptr = None
                 raise ValueError("llama.cpp refused the grammar")
-            add(grammar)
+            self.grammar = grammar
         if params.greedy:
             add(ll.llama_sampler_init_greedy())
             return
@@ -724,14 +734,51 @@ class Sampler:
         add(ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
     def sample(self, ctx: Context, batch_index: int) -> int:
-        # llama_sampler_sample applies the chain to the logits row and accepts the token.
-        token: int = ll.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
+        if self.grammar is None:
+            # llama_sampler_sample applies the chain to the logits row and accepts the token.
+            token: int = ll.llama_sampler_sample(self.ptr, ctx.ptr, batch_index)
+            return token
+        logits = ll.llama_get_logits_ith(ctx.ptr, batch_index)
+        token = self._apply(logits, constrained=False)
+        one = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
+        single = ll.llama_token_data_array(
+            data=one.ctypes.data_as(ll.llama_token_data_p), size=1, selected=-1, sorted=False)
+        ll.llama_sampler_apply(self.grammar, ctypes.byref(single))
+        if not math.isfinite(float(one["logit"][0])):  # refused: constrain the row, again
+            token = self._apply(logits, constrained=True)
+        ll.llama_sampler_accept(self.grammar, token)
+        ll.llama_sampler_accept(self.ptr, token)
         return token
+
+    def _apply(self, logits: Any, *, constrained: bool) -> int:
+        """The chain's choice over a fresh copy of the row (the grammar first if constrained)."""
+        row = self._row
+        if row is None:
+            row = self._row = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
+        row["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        row["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        row["p"] = 0.0
+        cur = ll.llama_token_data_array(
+            data=row.ctypes.data_as(ll.llama_token_data_p), size=self.n_vocab, selected=-1,
+            sorted=False)
+        if constrained:
+            assert self.grammar is not None
+            ll.llama_sampler_apply(self.grammar, ctypes.byref(cur))
+        ll.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+        # a sampler may point `data` at a buffer of its own: read the choice through it
+        return int(cur.data[cur.selected].id)
 
     def free(self) -> None:
         if self.ptr:
             ll.llama_sampler_free(self.ptr)
             self.ptr = None
+        if self.grammar:
+            ll.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+# llama_token_data as numpy sees it: id, logit, p (12 bytes, no padding)
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class Batch:
