@@ -32,9 +32,14 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="most models loaded at once; loading another unloads the least "
                         "recently used idle one (default 3, or the models loaded at start)")
     p.add_argument("--memory-budget", metavar="SIZE|FRACTION",
-                   help="memory the loaded models may take, estimated from their GGUF headers "
-                        "as /v1/plan does: bytes (16G) or a fraction of RAM (0.8) "
-                        "(default: no limit)")
+                   help="RAM the loaded models may take, estimated from their GGUF headers "
+                        "as /v1/plan does (the layers and KV cache offloaded to a GPU count "
+                        "against --vram-budget instead): bytes (16G) or a fraction of RAM "
+                        "(0.8) (default: no limit)")
+    p.add_argument("--vram-budget", metavar="SIZE|FRACTION",
+                   help="GPU memory the loaded models may take (their offloaded layers and "
+                        "KV cache, estimated as /v1/plan does): bytes (8G) or a fraction of "
+                        "the GPUs' total memory (0.9; no GPU: exit 2) (default: no limit)")
     p.add_argument("--keep-alive", metavar="DURATION",
                    help="how long a model loaded on demand stays loaded after its last "
                         "request: 5m, 30s, 0 (unload at once) or -1 (forever) (default 5m; "

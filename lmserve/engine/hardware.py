@@ -170,6 +170,17 @@ class Offload:
     def weights_on_gpu(self, size_bytes: int) -> int:
         return size_bytes * min(self.layers, self.n_layer + 1) // (self.n_layer + 1)
 
+    def kv_on_gpu_bytes(self, kv_bytes: int) -> int:
+        """The KV cache on the GPU: all of it when layers are offloaded and the KV with them
+        (not --no-kv-offload), as /v1/plan and /api/ps count it."""
+        return kv_bytes if self.layers > 0 and self.kv_on_gpu else 0
+
+    def vram_bytes(self, size_bytes: int, kv_bytes: int) -> int:
+        """What a model of these weights and KV cache takes on the GPU (/v1/plan's
+        weights_gpu_bytes + kv_cache_gpu_bytes; the --vram-budget estimate)."""
+        weights = self.weights_on_gpu(size_bytes) if self.n_layer else 0
+        return weights + self.kv_on_gpu_bytes(kv_bytes)
+
 
 def offload(setting: str, *, n_layer: int, size_bytes: int, kv_bytes: int, kv_offload: bool,
             devices: list[Device], gpu_build: bool) -> Offload:

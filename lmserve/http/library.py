@@ -45,7 +45,8 @@ def admin_router(registry: ModelRegistry) -> APIRouter:
         return {"object": "list", "data": [describe(registry, m) for m in registry
                                            if isinstance(m, ManagedModel)],
                 "max_loaded": registry.manager.max_loaded,
-                "memory_budget": registry.manager.memory_budget}
+                "memory_budget": registry.manager.memory_budget,
+                "vram_budget": registry.manager.vram_budget}
 
     @router.post("/admin/models/{name:path}/load", summary="Load a model (and wait for it)")
     async def load(name: str) -> Any:
@@ -79,5 +80,6 @@ def describe(registry: ModelRegistry, model: ManagedModel) -> dict[str, Any]:
             "path": model.entry.path, "status": card.status,
             "progress": round(card.progress, 3), "error": card.error,
             "size_bytes": model.entry.size_bytes, "memory_bytes": card.memory_bytes,
+            "vram_bytes": model.estimate().vram,
             "busy": model.busy, "keep_alive": model.keep_alive_seconds(),
             "expires_at": card.expires_at, "load_at_start": model.at_start}

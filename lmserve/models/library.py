@@ -13,12 +13,12 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lmserve.engine import kv_layout
+from lmserve.engine import hardware, kv_layout
 from lmserve.models import projectors as projectors_of
 from lmserve.models.gguf_header import GGUFError, GGUFHeader, read_header
 
@@ -322,23 +322,63 @@ def unique_names(entries: list[LibraryEntry], taken: Iterable[str] = ()) -> list
     return out
 
 
+@dataclass(frozen=True)
+class MemoryNeed:
+    """A model's estimate split by where it lives: RAM (--memory-budget) and the GPUs' memory
+    (--vram-budget)."""
+
+    ram: int
+    vram: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.ram + self.vram
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a model takes once loaded, from its header as /v1/plan estimates them."""
+
+    weights: int  # the file
+    kv: int  # the KV cache (split layout: a stream of n_ctx cells per slot)
+    compute: int  # one micro-batch of float activations and logits
+    n_layer: int = 0  # the header's repeating blocks, which GPU offload counts (0: unknown)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+    def split(self, offload: hardware.Offload) -> MemoryNeed:
+        """RAM and VRAM under this placement: the offloaded layers' share of the weights and
+        the KV cache with them (engine.hardware, as /v1/plan and /api/ps count them) are
+        VRAM, the rest (the compute buffer included) RAM."""
+        vram = min(offload.vram_bytes(self.weights, self.kv), self.total)
+        return MemoryNeed(ram=self.total - vram, vram=vram)
+
+
 def memory_estimate(header: GGUFHeader | None, size_bytes: int, *, n_ctx: int, n_slots: int,
-                    kv_setting: str, step_tokens: int) -> int:
+                    kv_setting: str, step_tokens: int, cache_type_k: str = "f16",
+                    cache_type_v: str = "f16") -> MemoryEstimate:
     """Bytes a model takes once loaded, from its header as /v1/plan estimates them: the
-    weights (the file), the KV cache (split: a stream of n_ctx cells per slot), and one
-    micro-batch of float activations and logits."""
+    weights (the file), the KV cache in its element types (split: a stream of n_ctx cells
+    per slot), and one micro-batch of float activations and logits."""
     if header is None:
-        return size_bytes
+        return MemoryEstimate(size_bytes, 0, 0)
     metadata = header.metadata
-    per_token = kv_layout.bytes_per_token_from_metadata(metadata) or 0
+    per_token = kv_layout.bytes_per_token_from_metadata(metadata, cache_type_k,
+                                                        cache_type_v) or 0
     layout = kv_layout.choose(kv_setting, bytes_per_token=per_token or None, n_ctx=n_ctx,
                               n_slots=n_slots, memory=kv_layout.machine_memory())
     cells = n_ctx * (n_slots if layout.split else 1)
     arch = header.architecture
     n_embd = int(metadata.get(f"{arch}.embedding_length", 0) or 0)
     n_vocab = int(metadata.get("tokenizer.ggml.tokens", 0) or 0)  # the array's length
+    try:
+        n_layer = int(metadata.get(f"{arch}.block_count", 0) or 0)
+    except (TypeError, ValueError):
+        n_layer = 0
     compute = step_tokens * (n_vocab + 2 * n_embd) * 4
-    return size_bytes + cells * per_token + compute
+    return MemoryEstimate(size_bytes, cells * per_token, compute, n_layer)
 
 
 def context_of(header: GGUFHeader | None, configured: int | None) -> int:
@@ -358,13 +398,14 @@ class LibrarySettings:
     models_dirs: tuple[str, ...] = ()  # directories of GGUF files (--models-dir)
     discover: tuple[str, ...] = ()  # other stores to list: hf, ollama (--discover)
     max_loaded: int | None = None  # most models loaded at once; None: 3, or more at start
-    memory_budget: int | None = None  # bytes the loaded models may take (estimated)
+    memory_budget: int | None = None  # RAM the loaded models may take (estimated)
+    vram_budget: int | None = None  # GPU memory the loaded models may take (estimated)
     keep_alive: float = 300.0  # seconds an idle on-demand model stays loaded; < 0: forever
     load_timeout: float = 600.0  # seconds a request waits for its model's load
 
 
 LIBRARY_KEYS = ("models_dir", "models_dirs", "discover", "max_loaded", "memory_budget",
-                "keep_alive", "load_timeout")
+                "vram_budget", "keep_alive", "load_timeout")
 
 
 def library_settings(values: Mapping[str, Any]) -> LibrarySettings:
@@ -395,6 +436,8 @@ def library_settings(values: Mapping[str, Any]) -> LibrarySettings:
                 out["max_loaded"] = int(value)
             elif key == "memory_budget":
                 out["memory_budget"] = memory_budget(value)
+            elif key == "vram_budget":
+                out["vram_budget"] = vram_budget(value)
             elif key in ("keep_alive", "load_timeout"):
                 seconds = keep_alive_seconds(value, key)
                 assert seconds is not None
@@ -409,6 +452,22 @@ def library_settings(values: Mapping[str, Any]) -> LibrarySettings:
 
 def memory_budget(value: Any) -> int:
     """Bytes ("8G", "512M", 8000000000) or a fraction of the machine's memory ("0.5")."""
+    return _budget(value, kv_layout.machine_memory, "the machine's memory is unknown")
+
+
+def vram_budget(value: Any) -> int:
+    """Bytes ("8G") or a fraction ("0.9") of the total memory of the GPUs llama.cpp lists;
+    a fraction without a GPU is a ValueError."""
+    def total() -> int | None:
+        from lmserve.service import gpu_facts
+
+        devices = gpu_facts()[1]
+        return sum(d.total for d in devices) or None
+
+    return _budget(value, total, "no GPU found")
+
+
+def _budget(value: Any, whole: Callable[[], int | None], unknown: str) -> int:
     from lmserve.engine.disk_cache import ByteSize
 
     text = str(value).strip()
@@ -417,9 +476,9 @@ def memory_budget(value: Any) -> int:
     except ValueError:
         fraction = None
     if fraction is not None and 0 < fraction <= 1:
-        memory = kv_layout.machine_memory()
+        memory = whole()
         if memory is None:
-            raise ValueError("the machine's memory is unknown; give bytes (8G)")
+            raise ValueError(f"{unknown}; give bytes (8G)")
         return int(memory * fraction)
     size = int(ByteSize(text))
     if size < 1:

@@ -4,9 +4,10 @@
 backend contract: while it is not loaded, a request for it starts its load and raises
 `core.lifecycle.ModelLoading`, which the dialect route awaits before it runs again, so every
 request that arrives during a load waits for that one load. `LoadManager` decides whether a
-load fits `--max-loaded` and `--memory-budget`, evicting the least recently used idle model
-first (never one with a request running or queued), and unloads each model when its
-keep-alive has passed since its last request ended.
+load fits `--max-loaded`, `--memory-budget` (the models' RAM) and `--vram-budget` (their GPU
+memory), evicting the least recently used idle model first (never one with a request
+running or queued), and unloads each model when its keep-alive has passed since its last
+request ended.
 
 Everything here runs on the event loop except the load and the unload, which run in a
 worker thread while the model is marked loading or unloading.
@@ -38,10 +39,17 @@ from lmserve.core.errors import ErrorKind, LmserveError, draining_error
 from lmserve.core.lifecycle import FOREVER, ModelLoading, load_failed
 from lmserve.core.lora import AdapterSet, LoraSelection
 from lmserve.core.request import ChatMessage, GenerationRequest
-from lmserve.engine import kv_layout
-from lmserve.models.library import LibraryEntry, context_of, inspect, memory_estimate
+from lmserve.engine import hardware, kv_layout
+from lmserve.models.library import (
+    LibraryEntry,
+    MemoryEstimate,
+    MemoryNeed,
+    context_of,
+    inspect,
+    memory_estimate,
+)
 from lmserve.prompting import Prompter
-from lmserve.service import EngineSettings, ModelService
+from lmserve.service import EngineSettings, ModelService, gpu_facts
 
 log = logging.getLogger("lmserve.models")
 
@@ -79,7 +87,8 @@ class ManagedModel:
         self._embeddings = 0
         self._timer: asyncio.TimerHandle | None = None
         self.draining = False
-        self._estimate: tuple[LibraryEntry, int] | None = None
+        # per entry: the header's estimate, and the placement a load would get
+        self._estimate: tuple[LibraryEntry, MemoryEstimate, hardware.Offload] | None = None
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -104,27 +113,40 @@ class ManagedModel:
             return self.keep_alive
         return FOREVER if self.at_start else self.manager.keep_alive
 
-    def estimate(self) -> int:
-        """Bytes this model takes once loaded (from its header, as /v1/plan estimates); made
-        once per entry (the card reads it on every request)."""
-        if self._estimate is None or self._estimate[0] is not self.entry:
-            self._estimate = (self.entry, self._estimated())
-        return self._estimate[1]
+    def estimate(self, *, fresh: bool = False) -> MemoryNeed:
+        """RAM and VRAM this model takes once loaded: its header's estimate (as /v1/plan's)
+        split by its placement, the layers a load offloads (engine.hardware.offload, as
+        --gpu-layers decides them) or, once loaded, the layers it did. Made once per entry
+        (the card reads it on every request); `fresh` asks the GPUs' free memory again (what
+        --gpu-layers auto weighs) before a load."""
+        if fresh or self._estimate is None or self._estimate[0] is not self.entry:
+            self._estimate = (self.entry, *self._estimated())
+        _, estimate, offload = self._estimate
+        if self.service.model is not None:  # loaded: where its layers went
+            offload = self.service.offload
+        return estimate.split(offload)
 
-    def _estimated(self) -> int:
+    def _estimated(self) -> tuple[MemoryEstimate, hardware.Offload]:
         s = self.settings
         slots = s.parallel + (s.cache_slots if s.cache_slots is not None
                               else kv_layout.default_cache_slots(s.parallel))
-        return memory_estimate(self.entry.header, self.entry.size_bytes,
-                               n_ctx=context_of(self.entry.header, s.n_ctx), n_slots=slots,
-                               kv_setting=s.kv_layout, step_tokens=max(s.step_tokens,
-                                                                       s.parallel))
+        estimate = memory_estimate(self.entry.header, self.entry.size_bytes,
+                                   n_ctx=context_of(self.entry.header, s.n_ctx), n_slots=slots,
+                                   kv_setting=s.kv_layout,
+                                   step_tokens=max(s.step_tokens, s.parallel),
+                                   cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v)
+        build, devices = gpu_facts() if s.gpu_layers != "0" else (False, [])
+        offload = hardware.offload(s.gpu_layers, n_layer=estimate.n_layer,
+                                   size_bytes=estimate.weights, kv_bytes=estimate.kv,
+                                   kv_offload=s.kv_offload, devices=devices, gpu_build=build)
+        return estimate, offload
 
     # -- the card ---------------------------------------------------------------------------
     @property
     def card(self) -> ModelCard:
         card = self.service.card
-        extra: dict[str, Any] = {"memory_bytes": self.estimate(), "defaults": self.defaults,
+        extra: dict[str, Any] = {"memory_bytes": self.estimate().total,
+                                 "defaults": self.defaults,
                                  "expires_at": self.expires_at if self.loaded else None}
         if self.entry.error is not None:
             extra.update(state=LoadState.FAILED, error=self.entry.error)
@@ -398,10 +420,11 @@ class LoadManager:
     keep-alive expiry, unloading."""
 
     def __init__(self, *, max_loaded: int | None = None, memory_budget: int | None = None,
-                 keep_alive: float = DEFAULT_KEEP_ALIVE,
+                 vram_budget: int | None = None, keep_alive: float = DEFAULT_KEEP_ALIVE,
                  load_timeout: float = DEFAULT_LOAD_TIMEOUT) -> None:
         self.max_loaded = max_loaded
-        self.memory_budget = memory_budget
+        self.memory_budget = memory_budget  # the RAM parts of the loaded models' estimates
+        self.vram_budget = vram_budget  # their VRAM parts
         self.keep_alive = keep_alive
         self.load_timeout = load_timeout
         self.models: list[ManagedModel] = []
@@ -457,12 +480,15 @@ class LoadManager:
         if self._lock is None:
             self._lock = asyncio.Lock()
             self._changed = asyncio.Event()
-        need = model.estimate()
-        if self.memory_budget is not None and need > self.memory_budget:
-            raise LmserveError(ErrorKind.UNAVAILABLE,
-                               f"model '{model.name}' needs about {_mib(need)} loaded, more than "
-                               f"this server's memory budget of {_mib(self.memory_budget)} "
-                               "(--memory-budget)", param="model", code="model_too_large")
+        need = model.estimate(fresh=True)
+        for part, budget, what, flag in ((need.ram, self.memory_budget, "memory", "memory"),
+                                         (need.vram, self.vram_budget, "GPU memory", "vram")):
+            if budget is not None and part > budget:
+                raise LmserveError(ErrorKind.UNAVAILABLE,
+                                   f"model '{model.name}' needs about {_mib(part)} of {what} "
+                                   f"loaded, more than this server's {what} budget of "
+                                   f"{_mib(budget)} (--{flag}-budget)", param="model",
+                                   code="model_too_large")
         deadline = time.monotonic() + self.load_timeout
         async with self._lock:
             while True:
@@ -484,14 +510,22 @@ class LoadManager:
                                        code="no_room_for_model", retry_after=5.0)
                 await self._wait_changed(deadline)
 
-    def _over(self, resident: list[ManagedModel], need: int) -> str | None:
+    def _over(self, resident: list[ManagedModel], need: MemoryNeed) -> str | None:
         if self.max_loaded is not None and len(resident) + 1 > self.max_loaded:
             return f"{len(resident)} model(s) loaded (--max-loaded {self.max_loaded})"
+        if self.memory_budget is None and self.vram_budget is None:
+            return None
+        parts = [m.estimate() for m in resident]
         if self.memory_budget is not None:
-            used = sum(m.estimate() for m in resident)
-            if used + need > self.memory_budget:
-                return (f"{_mib(used)} in use + {_mib(need)} is over the memory budget of "
-                        f"{_mib(self.memory_budget)} (--memory-budget)")
+            used = sum(p.ram for p in parts)
+            if used + need.ram > self.memory_budget:
+                return (f"{_mib(used)} in use + {_mib(need.ram)} is over the memory budget "
+                        f"of {_mib(self.memory_budget)} (--memory-budget)")
+        if self.vram_budget is not None:
+            used = sum(p.vram for p in parts)
+            if used + need.vram > self.vram_budget:
+                return (f"{_mib(used)} of GPU memory in use + {_mib(need.vram)} is over the "
+                        f"GPU memory budget of {_mib(self.vram_budget)} (--vram-budget)")
         return None
 
     async def reload(self, model: ManagedModel) -> None:

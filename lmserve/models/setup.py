@@ -46,6 +46,7 @@ def fill(registry: ModelRegistry, start: Sequence[StartModel], library: LibraryS
     manager.keep_alive = library.keep_alive
     manager.load_timeout = library.load_timeout
     manager.memory_budget = library.memory_budget
+    manager.vram_budget = library.vram_budget
     at_start = sum(1 for m in start if m.at_start)
     if library.max_loaded is not None and library.max_loaded < at_start:
         raise ValueError(f"max_loaded {library.max_loaded} is less than the {at_start} models "

@@ -244,7 +244,7 @@ def memory(facts: ModelFacts, knobs: Knobs, *, available: int | None) -> dict[st
             else f"{knobs.cache_type_k}/{knobs.cache_type_v}",
             "kv_cache_type_k": knobs.cache_type_k, "kv_cache_type_v": knobs.cache_type_v,
             "gpu_layers": offload.layers, "weights_gpu_bytes": gpu_weights,
-            "kv_cache_gpu_bytes": kv if offload.layers and offload.kv_on_gpu else 0,
+            "kv_cache_gpu_bytes": offload.kv_on_gpu_bytes(kv),
             "compute_buffer_bytes": compute, "output_buffer_bytes": output,
             "total_bytes": total, "available_bytes": available,
             "fits": None if available is None else total <= available}
