@@ -169,8 +169,12 @@ def test_an_upstream_400_passes_through_with_its_message(front, upstream_front):
     r = front.post("/v1/messages", headers={"anthropic-version": "2023-06-01"},
                    json={"model": "smollm2", "max_tokens": 4, "messages": long})
     assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+    # Ollama's window is checked by the front, which counts the prompt through the upstream's
+    # /tokenize: refused before anything is generated, with Ollama's own wording.
     r = front.post("/api/chat", json={"model": "smollm2", "messages": long, "stream": False})
-    assert r.status_code == 400 and "maximum context length" in r.json()["error"]
+    assert r.status_code == 400, r.text
+    assert "does not fit the context window of 4096 tokens (the model's context)" in \
+        r.json()["error"], r.text
 
 
 def test_parameters_an_upstream_cannot_carry_are_a_400_naming_them(front):

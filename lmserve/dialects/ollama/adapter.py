@@ -152,7 +152,7 @@ def finalize(request: GenerationRequest, options: Options, loaded_ctx: int,
     a model's default, capped to the room left; unset: the room), penalty span."""
     span = window(options, loaded_ctx)
     if n_prompt >= span:
-        whose = "num_ctx" if span < loaded_ctx else "the context loaded by this server"
+        whose = "num_ctx" if span < loaded_ctx else "the model's context"
         raise LmserveError(ErrorKind.CONTEXT_LENGTH_EXCEEDED,
                            f"the prompt has {n_prompt} tokens, which does not fit the context "
                            f"window of {span} tokens ({whose})", param="options.num_ctx",
