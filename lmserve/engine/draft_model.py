@@ -146,6 +146,52 @@ class _Track:
     tokens: list[int] = field(default_factory=list)
 
 
+class _HasSeqId(Protocol):
+    seq_id: int
+
+
+TR = TypeVar("TR", bound=_HasSeqId)
+
+
+class Tracks(Generic[TR]):
+    """A drafting context's sequence ids, and the track of each engine sequence that holds
+    one: both drafters (a draft model's, the MTP head's) keep their per-sequence state here.
+    A sequence gets an id when it first drafts (none when all are taken: it does not draft)
+    and gives it back, its KV removed, when it is forgotten."""
+
+    def __init__(self, n_seqs: int, make: Callable[[int], TR],
+                 seq_rm: Callable[[int, int, int], bool]) -> None:
+        self._free = list(range(n_seqs - 1, -1, -1))
+        self._by_seq: dict[Sequence, TR] = {}
+        self._make = make
+        self._seq_rm = seq_rm
+
+    def __len__(self) -> int:
+        return len(self._by_seq)
+
+    def __getitem__(self, seq: Sequence) -> TR:
+        return self._by_seq[seq]
+
+    def get(self, seq: Sequence) -> TR | None:
+        return self._by_seq.get(seq)
+
+    def values(self) -> Iterable[TR]:
+        return self._by_seq.values()
+
+    def take(self, seq: Sequence) -> TR | None:
+        """The sequence's track, a new one on a free id at its first call."""
+        track = self._by_seq.get(seq)
+        if track is None and self._free:
+            track = self._by_seq[seq] = self._make(self._free.pop())
+        return track
+
+    def release(self, seq: Sequence) -> None:
+        track = self._by_seq.pop(seq, None)
+        if track is not None:
+            self._seq_rm(track.seq_id, -1, -1)
+            self._free.append(track.seq_id)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
@@ -178,8 +224,7 @@ class ModelDrafter(Generic[DB]):
         # draft model; DraftLength stops drafting when the guesses are right less often.
         self.row_cost = row_cost
         self.catchup_tokens = catchup_tokens or ctx.batch.capacity
-        self._free = list(range(n_seqs - 1, -1, -1))
-        self._tracks: dict[Sequence, _Track] = {}
+        self._tracks = Tracks(n_seqs, _Track, ctx.seq_rm)
         self._length = length or _length
         self.failures = 0  # draft decodes that failed (the draft context was cleared)
 
@@ -193,10 +238,7 @@ class ModelDrafter(Generic[DB]):
 
     def forget(self, seq: Sequence) -> None:
         """Free a finished, cancelled or preempted sequence's KV in the draft context."""
-        track = self._tracks.pop(seq, None)
-        if track is not None:
-            self.ctx.seq_rm(track.seq_id, -1, -1)
-            self._free.append(track.seq_id)
+        self._tracks.release(seq)
 
     def observe(self, rows: Tokens[tuple[Sequence, int, int, Tokens[int]]]) -> None:
         """The target's decoded rows: a draft model catches up from the tokens alone."""
@@ -210,7 +252,7 @@ class ModelDrafter(Generic[DB]):
         budget = min(self.catchup_tokens, batch.capacity)
         rows: dict[Sequence, int] = {}
         for seq, limit in wanted:
-            track = self._track(seq)
+            track = self._tracks.take(seq)
             if track is None or limit <= 0:
                 continue
             tokens = seq.tokens
@@ -249,12 +291,6 @@ class ModelDrafter(Generic[DB]):
             if rows and not self._decode():
                 break
         return drafts
-
-    def _track(self, seq: Sequence) -> _Track | None:
-        track = self._tracks.get(seq)
-        if track is None and self._free:
-            track = self._tracks[seq] = _Track(self._free.pop())
-        return track
 
     def _decode(self) -> bool:
         """Decode the draft batch; on failure (no KV room) clear the draft context, so every

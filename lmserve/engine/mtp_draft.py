@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lmserve.engine.draft_model import DECODE_OK, _common_prefix, _length
+from lmserve.engine.draft_model import DECODE_OK, Tracks, _common_prefix, _length
 from lmserve.engine.lookup import DraftLength
 from lmserve.engine.sequence import Sequence
 
@@ -73,8 +73,7 @@ class MtpDrafter:
         self.max_tokens = max_tokens
         self.eog_tokens = frozenset(eog_tokens)
         self.row_cost = row_cost
-        self._free = list(range(n_seqs - 1, -1, -1))
-        self._tracks: dict[Sequence, _Track] = {}
+        self._tracks = Tracks(n_seqs, _Track, ctx.seq_rm)
         self._zero = np.zeros(ctx.n_embd, dtype=np.float32)
         self.failures = 0  # head decodes that failed (the MTP context was cleared)
 
@@ -86,16 +85,7 @@ class MtpDrafter:
         return len(self._tracks)
 
     def forget(self, seq: Sequence) -> None:
-        track = self._tracks.pop(seq, None)
-        if track is not None:
-            self.ctx.seq_rm(track.seq_id, -1, -1)
-            self._free.append(track.seq_id)
-
-    def _track(self, seq: Sequence) -> _Track | None:
-        track = self._tracks.get(seq)
-        if track is None and self._free:
-            track = self._tracks[seq] = _Track(self._free.pop())
-        return track
+        self._tracks.release(seq)
 
     def _reset(self, track: _Track, base: int) -> None:
         self.ctx.seq_rm(track.seq_id, -1, -1)
@@ -126,7 +116,7 @@ class MtpDrafter:
         for seq, first, start, tokens in rows:
             if seq.request.media or not tokens:
                 continue  # an image's stand-in ids are no tokens (and such never draft)
-            track = self._track(seq)
+            track = self._tracks.take(seq)
             if track is None:
                 continue
             if start != track.end:  # rejected guesses, or a gap (a reused prefix)

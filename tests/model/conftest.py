@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -85,6 +86,20 @@ def own_server(tmp_path_factory: pytest.TempPathFactory, name: str,
     srv = start_server(str(tmp_path_factory.mktemp(name)), *args)
     yield srv
     stop_server(srv)
+
+
+def post_together(server: Server, path: str, bodies: list[dict]) -> list[dict]:
+    """POST every body to `path` at once (the KV emptied first) and return the JSON answers,
+    each asserted to be a 200."""
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(f"{server.url}{path}", json=b)
+                                          for b in bodies))
+
+    server.flush()
+    replies = asyncio.run(run())
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    return [r.json() for r in replies]
 
 
 def start_with_template(tmp_dir: str, template: str) -> Server:

@@ -8,7 +8,6 @@ server's. A draft model with another vocabulary is refused before the port is bo
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from lmserve.models.resolve import resolve
-from tests.model.conftest import Server, own_server, start_server
+from tests.model.conftest import Server, own_server, post_together, start_server
 
 PROMPTS = ["Write a short poem about the sea.", "List three facts about the moon.",
            "Describe a cat in two sentences.", "What is a prime number? Answer briefly."]
@@ -63,19 +62,15 @@ def test_greedy_output_is_plain_decoding_and_nearly_every_guess_is_taken(draft_s
     assert draft_server.metric("lmserve_lookup_draft_tokens_total") == 0  # lookup stays off
 
 
-async def _together(server: Server) -> list[tuple[str, str, int]]:
-    server.flush()
-    async with httpx.AsyncClient(timeout=300) as client:
-        replies = await asyncio.gather(*(
-            client.post(f"{server.base_url}/chat/completions", json=body(p)) for p in PROMPTS))
-    assert all(r.status_code == 200 for r in replies)
-    return [answer(r.json()) for r in replies]
+def together(server: Server) -> list[tuple[str, str, int]]:
+    return [answer(d) for d in post_together(server, "/v1/chat/completions",
+                                             [body(p) for p in PROMPTS])]
 
 
 @pytest.mark.timeout(600)
 def test_concurrent_greedy_output_is_plain_decoding(draft_server, server):
     drafted = draft_server.metric("lmserve_draft_model_tokens_total")
-    assert asyncio.run(_together(draft_server)) == asyncio.run(_together(server))
+    assert together(draft_server) == together(server)
     assert draft_server.metric("lmserve_draft_model_tokens_total") > drafted
 
 

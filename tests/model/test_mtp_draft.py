@@ -9,7 +9,6 @@ NextN layers is refused at start with --draft mtp."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.model.conftest import Server, own_server, start_server
+from tests.model.conftest import Server, own_server, post_together, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Write a short poem about the sea.", "List three facts about the moon.",
@@ -52,13 +51,16 @@ def body(prompt: str, **extra: object) -> dict:
     return {"model": "mtp", "temperature": 0, "max_tokens": 48, "prompt": prompt, **extra}
 
 
+def answer(data: dict) -> tuple[str, str, int]:
+    choice = data["choices"][0]
+    return choice["text"], choice["finish_reason"], data["usage"]["completion_tokens"]
+
+
 def complete(server: Server, request: dict) -> tuple[str, str, int]:
     server.flush()
     reply = httpx.post(f"{server.url}/v1/completions", json=request, timeout=300)
     assert reply.status_code == 200, reply.text
-    data = reply.json()
-    choice = data["choices"][0]
-    return choice["text"], choice["finish_reason"], data["usage"]["completion_tokens"]
+    return answer(reply.json())
 
 
 @pytest.mark.timeout(600)
@@ -74,24 +76,15 @@ def test_greedy_output_is_plain_decoding_and_guesses_are_verified(mtp_server, pl
     assert plain_server.metric("lmserve_draft_model_tokens_total") == 0
 
 
-async def _together(server: Server) -> list[tuple[str, str, int]]:
-    server.flush()
-    async with httpx.AsyncClient(timeout=300) as client:
-        replies = await asyncio.gather(*(
-            client.post(f"{server.url}/v1/completions", json=body(p)) for p in PROMPTS[:2]))
-    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
-    out = []
-    for r in replies:
-        choice = r.json()["choices"][0]
-        out.append((choice["text"], choice["finish_reason"],
-                    r.json()["usage"]["completion_tokens"]))
-    return out
+def together(server: Server) -> list[tuple[str, str, int]]:
+    return [answer(d) for d in post_together(server, "/v1/completions",
+                                             [body(p) for p in PROMPTS[:2]])]
 
 
 @pytest.mark.timeout(600)
 def test_concurrent_greedy_output_is_plain_decoding(mtp_server, plain_server):
     drafted = mtp_server.metric("lmserve_draft_model_tokens_total")
-    assert asyncio.run(_together(mtp_server)) == asyncio.run(_together(plain_server))
+    assert together(mtp_server) == together(plain_server)
     assert mtp_server.metric("lmserve_draft_model_tokens_total") > drafted
 
 

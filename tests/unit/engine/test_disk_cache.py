@@ -23,13 +23,6 @@ from tests.unit.engine.test_scheduler import Harness, prompt
 
 
 @pytest.fixture()
-def model(tmp_path: Path) -> str:
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF fake weights")
-    return str(path)
-
-
-@pytest.fixture()
 def cache_dir(tmp_path: Path) -> str:
     return str(tmp_path / "states")
 

@@ -17,13 +17,6 @@ from tests.unit.engine.test_scheduler import Harness, prompt
 
 
 @pytest.fixture()
-def model(tmp_path: Path) -> str:
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF fake weights")
-    return str(path)
-
-
-@pytest.fixture()
 def base(tmp_path: Path) -> str:
     """Stands in for /dev/shm: open_ram takes the base directory as an argument."""
     path = tmp_path / "shm"
