@@ -61,7 +61,10 @@ def harmony_analysis(rules: RuleSet) -> str:
 
 
 def json_arguments(rules: RuleSet, parameters: Any, name: str) -> str:
-    return SchemaConverter(rules, parameters, name=f"{name}-args").convert()
+    """A call's JSON arguments, written compactly as templates write them back (`tojson`,
+    json.dumps): the next request renders the call the client returns exactly as the model
+    wrote it, so its tokens match the KV the model left and the prefix is reused."""
+    return SchemaConverter(rules, parameters, name=f"{name}-args", compact=True).convert()
 
 
 # -- pythonic --------------------------------------------------------------------------------

@@ -45,18 +45,25 @@ class SchemaConverter:
     """Converts the schemas of one document (sharing its $defs) into rules of a RuleSet."""
 
     def __init__(self, rules: RuleSet, document: Any, *, name: str = "root",
-                 allow_extra_properties: bool = False) -> None:
+                 allow_extra_properties: bool = False, compact: bool = False) -> None:
         self.rules, self.document, self.name = rules, document, name
         self.allow_extra = allow_extra_properties
         self._refs: dict[str, str] = {}
-        primitive(rules, WS)
+        # compact: the one spelling json.dumps writes (`{"a": 1, "b": [2, 3]}`); else the
+        # bounded whitespace of primitives.WS anywhere JSON allows it
+        self._ws = "" if compact else WS
+        self._sep = literal(", ") if compact else _SEP
+        self._colon = literal(": ") if compact else f'{WS} ":" {WS}'
+        self._any = "jsonc-value" if compact else "json-value"
+        if not compact:
+            primitive(rules, WS)
 
     def convert(self, schema: Any = None, path: str = "") -> str:
         """A GBNF expression (a rule name) matching the JSON values valid against `schema`."""
         schema = self.document if schema is None else schema
         hint = f"{self.name}{path}"
         if schema is True or schema == {}:
-            return primitive(self.rules, "json-value")
+            return primitive(self.rules, self._any)
         if schema is False:
             raise GrammarError(f"schema at '{path or '/'}' is false: no value is valid")
         if not isinstance(schema, Mapping):
@@ -91,7 +98,7 @@ class SchemaConverter:
                 return self._choice(schema, key, path)
         types = _types_of(schema)
         if not types:
-            return primitive(self.rules, "json-value")
+            return primitive(self.rules, self._any)
         return " | ".join(self._typed(schema, t, path) for t in types)
 
     def _deref(self, schema: Any) -> Any:
@@ -159,10 +166,10 @@ class SchemaConverter:
         members = [(self._member(name, sub, f"{path}/{name}"), name in required)
                    for name, sub in properties.items()]
         extra = self._extra_member(schema, path)
-        tail = self.rules.add(f"{self.name}{path}-more", f'({_SEP} {extra})*') if extra else ""
+        tail = self.rules.add(f"{self.name}{path}-more", f'({self._sep} {extra})*') if extra else ""
         tails = [tail]  # tails[k]: the members from k on, each after a comma, then extras
         for member, needed in reversed(members[1:]):
-            piece = f"{_SEP} {member}" if needed else f"({_SEP} {member})?"
+            piece = f"{self._sep} {member}" if needed else f"({self._sep} {member})?"
             body = f"{piece} {tails[0]}".strip()
             tails.insert(0, self.rules.add(f"{self.name}{path}-rest", body))
         tails.insert(0, "")  # (members[0] always opens when present)
@@ -176,13 +183,14 @@ class SchemaConverter:
                 firsts.append(f"{extra} {tail}")
         inner = " | ".join(firsts)
         if all(not needed for _, needed in members):
-            return f'"{{" {WS} (({inner}) {WS})? "}}"' if inner else f'"{{" {WS} "}}"'
-        return f'"{{" {WS} ({inner}) {WS} "}}"'
+            return (f'"{{" {self._ws} (({inner}) {self._ws})? "}}"' if inner
+                    else f'"{{" {self._ws} "}}"')
+        return f'"{{" {self._ws} ({inner}) {self._ws} "}}"'
 
     def _member(self, name: str, schema: Any, path: str) -> str:
         key = literal(json.dumps(name, ensure_ascii=False))
         return self.rules.add(f"{self.name}{path}-kv",
-                              f'{key} {WS} ":" {WS} {self.convert(schema, path)}')
+                              f"{key} {self._colon} {self.convert(schema, path)}")
 
     def _extra_member(self, schema: dict[str, Any], path: str) -> str | None:
         # Strict by default: a schema that lists properties gets only those, unless it says
@@ -193,7 +201,7 @@ class SchemaConverter:
             return None
         value = self.convert(extra if isinstance(extra, Mapping) else {}, f"{path}/additional")
         key = primitive(self.rules, "json-string")
-        return self.rules.add(f"{self.name}{path}-extra-kv", f'{key} {WS} ":" {WS} {value}')
+        return self.rules.add(f"{self.name}{path}-extra-kv", f"{key} {self._colon} {value}")
 
     # -- arrays --------------------------------------------------------------------------------
     def _array(self, schema: dict[str, Any], path: str) -> str:
@@ -208,7 +216,8 @@ class SchemaConverter:
             raise GrammarError(f"maxItems < minItems at '{path or '/'}'")
         slots = [self.convert(s, f"{path}/{i}") for i, s in enumerate(prefix or [])]
         rest_rule = None if rest is False else self.convert(rest, f"{path}/items")
-        return f'"[" {WS} {_elements(slots, rest_rule, low, high, path)}"]"'
+        elements = _elements(slots, rest_rule, low, high, path, self._sep, self._ws)
+        return f'"[" {self._ws} {elements}"]"'
 
     # -- scalars -------------------------------------------------------------------------------
     def _string(self, schema: dict[str, Any], path: str) -> str:
@@ -236,7 +245,7 @@ class SchemaConverter:
 
 
 def _elements(slots: list[str], rest: str | None, low: int, high: int | None,
-              path: str) -> str:
+              path: str, sep: str = _SEP, ws: str = WS) -> str:
     """Array elements: the fixed slots in order, then `rest` items; low..high of them in all.
     The result is empty or ends with the whitespace before the closing bracket."""
     slots = slots if high is None else slots[:high]
@@ -247,19 +256,19 @@ def _elements(slots: list[str], rest: str | None, low: int, high: int | None,
         more_low = max(0, low - len(slots))
         more_high = None if high is None else high - len(slots)
         if not slots:  # the first element has no comma before it
-            more = repeat(f"({_SEP} {rest})", max(0, more_low - 1),
+            more = repeat(f"({sep} {rest})", max(0, more_low - 1),
                           None if more_high is None else more_high - 1)
             body = f"{rest} {more}".strip()
-            return f"{body} {WS} " if low > 0 else f"({body} {WS})? "
-        tail = repeat(f"({_SEP} {rest})", more_low, more_high)
+            return f"{body} {ws} " if low > 0 else f"({body} {ws})? "
+        tail = repeat(f"({sep} {rest})", more_low, more_high)
     if not slots:
         return ""
     body = tail
     for i in range(len(slots) - 1, -1, -1):  # nested: a (, b (, c ...)?)?
-        body = f"{slots[i] if i == 0 else f'{_SEP} {slots[i]}'} {body}".strip()
+        body = f"{slots[i] if i == 0 else f'{sep} {slots[i]}'} {body}".strip()
         if 0 < i and i >= low:
             body = f"({body})?"
-    return f"{body} {WS} " if low > 0 else f"({body} {WS})? "
+    return f"{body} {ws} " if low > 0 else f"({body} {ws})? "
 
 
 def _types_of(schema: Mapping[str, Any]) -> list[str]:

@@ -26,6 +26,13 @@ _BODIES: dict[str, str] = {
     "json-member": 'json-string ws ":" ws json-value',
     "json-object": '"{" ws (json-member (ws "," ws json-member)* ws)? "}"',
     "json-array": '"[" ws (json-value (ws "," ws json-value)* ws)? "]"',
+    # the same values written compactly (JSON_COMPACT: no line breaks, one space after ':'
+    # and ',', as json.dumps and templates' tojson write them)
+    "jsonc-value": "jsonc-object | jsonc-array | json-string | json-number | json-bool | "
+                   "json-null",
+    "jsonc-member": 'json-string ": " jsonc-value',
+    "jsonc-object": '"{" (jsonc-member (", " jsonc-member)*)? "}"',
+    "jsonc-array": '"[" (jsonc-value (", " jsonc-value)*)? "]"',
     # string formats, without the quotes
     "fmt-date": r'[1-9] [0-9]{3} "-" (("0" [13578] | "1" [02]) "-" ("0" [1-9] | [12] [0-9] | "3" '
                 r'[01]) | ("0" [469] | "11") "-" ("0" [1-9] | [12] [0-9] | "30") | "02-" ("0" '
@@ -46,6 +53,11 @@ _DEPENDS: dict[str, tuple[str, ...]] = {
     "json-member": ("json-string", WS, "json-value"),
     "json-object": (WS, "json-member"),
     "json-array": (WS, "json-value"),
+    "jsonc-value": ("jsonc-object", "jsonc-array", "json-string", "json-number", "json-bool",
+                    "json-null"),
+    "jsonc-member": ("json-string", "jsonc-value"),
+    "jsonc-object": ("jsonc-member",),
+    "jsonc-array": ("jsonc-value",),
     "fmt-date-time": ("fmt-date", "fmt-time"),
     "fmt-ipv4": ("fmt-octet",),
 }

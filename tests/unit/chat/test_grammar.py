@@ -270,6 +270,25 @@ def test_tool_call_grammar_named_and_single() -> None:
         tool_call_grammar([WEATHER], function_name="nope")
 
 
+NESTED = {"type": "function", "function": {"name": "plan", "parameters": {
+    "type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string"}},
+                                     "extra": {}}, "required": ["steps"]}}}
+
+
+def test_tool_call_arguments_are_written_as_tojson_writes_them() -> None:
+    """Compact JSON only (json.dumps's spelling, which templates' tojson renders back), so the
+    call the client returns is the text the model wrote, token for token."""
+    matcher = GbnfMatcher(tool_call_grammar([WEATHER, NESTED]))
+    for arguments in ({"city": "Paris", "unit": "c"}, {"city": "Paris"},
+                      {"steps": ["a", "b"], "extra": {"k": [1, {"x": None}]}}, {"steps": []}):
+        name = "plan" if "steps" in arguments else "get_weather"
+        assert matcher.matches(hermes_call(name, arguments))
+        for spaced in (json.dumps(arguments, indent=2), json.dumps(arguments).replace(": ", ":"),
+                       "{ " + json.dumps(arguments)[1:]):
+            text = hermes_call(name, {}).replace("{}", spaced, 1)
+            assert not matcher.matches(text), text
+
+
 def test_tool_call_grammar_json_format() -> None:
     grammar = tool_call_grammar([WEATHER, TIME], fmt="json", arguments_key="parameters")
     matcher = GbnfMatcher(grammar)
