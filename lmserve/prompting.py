@@ -39,6 +39,7 @@ from lmserve.core.backend import PreparedPrompt
 from lmserve.core.errors import ErrorKind, LmserveError, invalid
 from lmserve.core.images import MEDIA_MARKER, ImageInput, MediaSpan
 from lmserve.core.request import ChatMessage, GenerationRequest, ResponseFormat
+from lmserve.engine.turn_memory import TurnMemory
 
 __all__ = ["Prompter", "Vocabulary"]
 
@@ -91,8 +92,10 @@ class Prompter:
                  n_ctx: int, media: MediaPolicy | None = None,
                  context_overflow: str = "error",
                  projector: MediaTokenizer | None = None,
-                 response_schema: ResponseSchema | None = None) -> None:
+                 response_schema: ResponseSchema | None = None,
+                 turns: TurnMemory | None = None) -> None:
         self.name = name
+        self.turns = turns  # recent answers' ids: a chat prompt that repeats one reuses them
         self.response_schema = response_schema  # parses the output in place of the built-ins
         self.vocab = vocab
         self.template = template
@@ -172,8 +175,9 @@ class Prompter:
             tokens, media = self._tokenize_media(text, images)
             return PreparedPrompt(tokens, text, grammar, plan.tool_format, markers=markers,
                                   media=tuple(media))
-        return PreparedPrompt(self.tokenize(text), text, grammar, plan.tool_format,
-                              markers=markers)
+        tokens = self.tokenize(text) if self.turns is None else \
+            self.turns.tokenize(text, lambda t, special: self.tokenize(t, add_special=special))
+        return PreparedPrompt(tokens, text, grammar, plan.tool_format, markers=markers)
 
     def _tokenize_media(self, text: str, images: list[ImageInput]
                         ) -> tuple[list[int], list[MediaSpan]]:

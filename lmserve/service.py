@@ -65,6 +65,7 @@ from lmserve.engine.runner import (
 )
 from lmserve.engine.scheduler import EngineCore, StepOutputs
 from lmserve.engine.sequence import EngineRequest
+from lmserve.engine.turn_memory import TurnMemory
 from lmserve.generation import ParsedGeneration
 from lmserve.prompting import Prompter
 
@@ -164,6 +165,8 @@ class ModelService:
         self.client: EngineClient | None = None
         self.template: ChatTemplate | None = None
         self.prompter: Prompter | None = None  # once loaded
+        # recent answers' ids, so a conversation's next prompt reuses their KV (once loaded)
+        self.turns: TurnMemory | None = None
         self.n_ctx = 0
         self.layout = kv_layout.Layout(False, "not loaded")  # the engine's KV layout, and why
         self.placement = Placement()  # where llama.cpp puts the weights and KV, once loading
@@ -366,6 +369,7 @@ class ModelService:
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue,
                                    max_queued_tokens=s.max_queued_tokens, name=self.name)
+        self.turns = TurnMemory(self.model.token_bytes, self.model.eog_tokens)
         self.client.draining = self._draining
         self._ram_cache = self._disk_cache = None
         if s.cache_ram_bytes:
@@ -439,7 +443,7 @@ class ModelService:
         if projector is not None:
             projector.close()
         model, self.model = self.model, None
-        self.template, self.prompter = None, None
+        self.template, self.prompter, self.turns = None, None, None
         if model is not None:
             model.close()
         self.state, self.progress, self.error, self.n_ctx = "pending", 0.0, None, 0
@@ -552,11 +556,13 @@ class ModelService:
         if p is None or p.vocab is not model or p.template is not self.template or \
                 p.n_ctx != self.n_ctx or p.media != s.media or \
                 p.context_overflow != s.context_overflow or p.projector is not self.projector \
-                or (p.response_schema and p.response_schema.source) != s.response_schema:
+                or (p.response_schema and p.response_schema.source) != s.response_schema \
+                or p.turns is not self.turns:
             schema = load_response_schema(s.response_schema) if s.response_schema else None
             p = self.prompter = Prompter(self.name, model, self.template, n_ctx=self.n_ctx,
                                          media=s.media, context_overflow=s.context_overflow,
-                                         projector=self.projector, response_schema=schema)
+                                         projector=self.projector, response_schema=schema,
+                                         turns=self.turns)
         return p
 
     def render_chat(self, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
@@ -700,6 +706,11 @@ class ModelService:
             engine_request.request_id = request.request_id
         engine_request.correlation_id = observe.current_request_id()
         generation = self.client.submit(engine_request)
+        turns, text = self.turns, prepared.text
+        if turns is not None and text is not None and request.messages is not None \
+                and not prepared.media:  # its answer's ids, for the conversation's next turn
+            tokens = prepared.tokens
+            generation.on_done = lambda output: turns.remember(text, tokens, output)
         observe.note_generation(self.name, engine_request.timing)
         return generation
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from lmserve.core.errors import ErrorKind, LmserveError, draining_error
-from lmserve.core.events import TokenOutput
+from lmserve.core.events import FINISH_LENGTH, FINISH_STOP, TokenOutput
 from lmserve.engine.loop import EngineThread
 from lmserve.engine.scheduler import EngineCore, StepOutputs
 from lmserve.engine.sequence import EngineRequest
@@ -132,15 +132,29 @@ class Generation:
         self.request = request
         self.stream = stream
         self._closed = False
+        # Called with the first choice's ids once it stops or reaches its length (not when
+        # cancelled or failed): the service remembers the answer (engine.turn_memory).
+        self.on_done: Callable[[list[int]], None] | None = None
+        self._first: list[int] = []
 
     async def __aiter__(self) -> AsyncIterator[list[TokenOutput]]:
         try:
             while self.stream.remaining > 0:
                 items = await self.stream.queue.get()
                 self.stream.remaining -= sum(1 for item in items if item.finished)
+                if self.on_done is not None:
+                    self._note(items)
                 yield items
         finally:
             self.close()
+
+    def _note(self, items: list[TokenOutput]) -> None:
+        for item in items:
+            if item.index != 0:
+                continue
+            self._first.extend(item.token_ids)
+            if item.finish_reason in (FINISH_STOP, FINISH_LENGTH) and self.on_done is not None:
+                self.on_done(self._first)
 
     @property
     def closed(self) -> bool:

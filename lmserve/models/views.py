@@ -112,11 +112,12 @@ class NameView:
         template = self._template_of(model)
         p = self._prompter
         if p is None or p.vocab is not model or p.template is not template or \
-                p.n_ctx != engine.n_ctx or p.projector is not engine.projector:
+                p.n_ctx != engine.n_ctx or p.projector is not engine.projector or \
+                p.turns is not engine.turns:
             p = self._prompter = Prompter(
                 self.name, model, template, n_ctx=engine.n_ctx, media=s.media,
                 context_overflow=s.context_overflow, projector=engine.projector,
-                response_schema=self._schema)
+                response_schema=self._schema, turns=engine.turns)
         return p
 
     def _template_source(self) -> str | None:
