@@ -62,6 +62,23 @@ FLAGS: dict[str, dict[str, tuple[str, ...]]] = {
         "restart": ("--cache-reuse", "256"),
     },
 }
+# SmolLM2's own chat template renders no tools: llama-server then drops them (its prompt holds
+# no tool list, and tool_choice forces nothing), while lmserve writes its fallback tool prompt
+# and forces the call, so the agents workload compared unlike prompts. Both servers now serve
+# it under one ChatML template that renders the tools and calls (Hermes style), which both
+# read as a tool-call format.
+TOOL_TEMPLATE = Path(__file__).parent / "templates" / "chatml_tools.jinja"
+TOOL_TEMPLATE_MODELS = ("smollm2",)  # models (by file name) served under TOOL_TEMPLATE
+
+
+def tool_template_flags(name: str, model: str, workload: str) -> tuple[str, ...]:
+    if workload != "agents" or not any(m in Path(model).name.lower()
+                                       for m in TOOL_TEMPLATE_MODELS):
+        return ()
+    flag = "--chat-template" if name.startswith("lmserve") else "--chat-template-file"
+    return (flag, str(TOOL_TEMPLATE))
+
+
 ALL = ("uniform", "multiturn", "shared_prefix", "long_decode", "agents", "edit", "restart")
 QUICK = defs.Scale(conversations=8, turns=3, questions=16, decode_seconds=30.0, agents=4,
                    agent_steps=3, edit_requests=4, uniform_levels=(1, 8))
@@ -130,17 +147,19 @@ class Server:
                  state_dir: Path) -> None:
         self.name, self.port = name, free_port()
         extra = FLAGS.get(name, {}).get(workload, ())
+        template = tool_template_flags(name, model, workload)
         if name.startswith("lmserve"):
             if name == "lmserve-before":  # the scheduler before session 9's two changes
                 extra = (*FLAGS["lmserve"].get(workload, ()), "--mixed-prefill", "0",
                          "--prefix-wait", "0")
             if workload == "restart":
                 extra = (*extra, "--disk-cache", str(state_dir / "lmserve-disk-cache"))
-            self.spec = servers.lmserve(model, self.port, settings, name=name, extra=extra)
+            self.spec = servers.lmserve(model, self.port, settings, name=name,
+                                        extra=(*extra, *template))
         else:
             self.spec = servers.llama_server(model, self.port, settings,
                                              servers.llama_server_binary())
-            self.spec.command += ["--jinja", *extra]
+            self.spec.command += ["--jinja", *extra, *template]
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: Any = None
         self.peak: float = 0.0
