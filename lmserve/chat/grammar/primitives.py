@@ -26,8 +26,9 @@ _BODIES: dict[str, str] = {
     "json-member": 'json-string ws ":" ws json-value',
     "json-object": '"{" ws (json-member (ws "," ws json-member)* ws)? "}"',
     "json-array": '"[" ws (json-value (ws "," ws json-value)* ws)? "]"',
-    # the same values written compactly (JSON_COMPACT: no line breaks, one space after ':'
-    # and ',', as json.dumps and templates' tojson write them)
+    # the same values written compactly (SchemaConverter's compact mode, for tool-call
+    # arguments): no line breaks, one space after ':' and ',', as json.dumps and templates'
+    # tojson write them
     "jsonc-value": "jsonc-object | jsonc-array | json-string | json-number | json-bool | "
                    "json-null",
     "jsonc-member": 'json-string ": " jsonc-value',
