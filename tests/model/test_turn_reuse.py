@@ -51,12 +51,12 @@ def test_a_returned_tool_call_reuses_the_kv_it_came_from(server, ask):
 def test_a_returned_answer_reuses_the_kv_it_came_from(server):
     server.flush()
     first = [{"role": "user", "content": "Write two short sentences about rivers."}]
-    one = chat(server, {"messages": first, "max_tokens": 40})
+    one = chat(server, {"messages": first, "max_tokens": 24})
     answer = one["choices"][0]["message"]["content"]
     second = [*first, {"role": "assistant", "content": answer},
               {"role": "user", "content": "Now one about lakes."}]
     two = chat(server, {"messages": second, "max_tokens": 8})
     used, reused = one["usage"], two["usage"]["prompt_tokens_details"]["cached_tokens"]
-    # a length finish: every answer token but the last went into the KV
-    assert one["choices"][0]["finish_reason"] == "length"
+    # every answer token but the last (the end-of-turn token, or the one max_tokens cut off)
+    # went into the KV
     assert reused >= used["prompt_tokens"] + used["completion_tokens"] - 1, (used, reused)
