@@ -54,6 +54,9 @@ class EngineCollector:
                                 "Encoded media read from the disk tier (--media-cache-dir)"),
             "media_disk_writes": ("lmserve_media_disk_cache_writes",
                                   "Encoded media written to the disk tier"),
+            "turn_reuses": ("lmserve_turn_memory_reuses",
+                            "Chat prompts tokenized with the ids of an answer they repeat, so "
+                            "they reuse its KV (engine.turn_memory)"),
         }
         families = {k: CounterMetricFamily(n, h, labels=labels) for k, (n, h) in counters.items()}
         phase = CounterMetricFamily("lmserve_step_phase_seconds",

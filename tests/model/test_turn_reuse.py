@@ -42,7 +42,9 @@ def test_a_returned_tool_call_reuses_the_kv_it_came_from(server, ask):
     call = message["tool_calls"][0]
     second = [*first, {"role": "assistant", "content": None, "tool_calls": [call]},
               {"role": "tool", "tool_call_id": call["id"], "content": '{"result": "sunny"}'}]
+    reuses = server.metric("lmserve_turn_memory_reuses_total")
     two = chat(server, {"messages": second, **forced, "max_tokens": 8})
+    assert server.metric("lmserve_turn_memory_reuses_total") == reuses + 1
     n_prompt = one["usage"]["prompt_tokens"]
     reused = two["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert reused >= n_prompt + n_call - 1, (n_prompt, n_call, reused, written)
