@@ -170,6 +170,13 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "prompt tokens one step computes while other sequences decode, so a long prompt "
            "does not stall them (default 128; 0: the whole --batch budget)", metavar="N",
            minimum=0),
+    Option("prefill_lane", int, ("--prefill-lane",),
+           "threads that compute a long prompt in a side context while the others decode on "
+           "the rest, so the prompt does not stall them (default: half the threads when the "
+           "model runs on the CPU alone; 0: off)", metavar="N", minimum=0),
+    Option("prefill_lane_min", int, ("--prefill-lane-min",),
+           "prompt tokens still to compute that send a prompt to the prefill lane (default "
+           "256)", metavar="N", minimum=1),
     Option("prefix_wait", int, ("--prefix-wait",),
            "a request whose prompt shares at least N more tokens with a prompt still being "
            "computed waits for it and copies the prefix (default 64; 0: never waits)",

@@ -42,6 +42,7 @@ from lmserve.engine import hardware, kv_layout
 from lmserve.engine.client import EngineClient, Generation
 from lmserve.engine.disk_cache import CacheTiers, DiskCache, SavedStates
 from lmserve.engine.draft_model import MTP_DRAFT, ModelDrafter, check_mtp, check_vocabulary
+from lmserve.engine.lane import PrefillLane
 from lmserve.engine.lora import load_adapters
 from lmserve.engine.mtp_draft import MtpDrafter
 from lmserve.engine.runner import (
@@ -77,7 +78,7 @@ log = logging.getLogger("lmserve.service")
 STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "preemptions",
                  "decode_failures", "draft_tokens", "accepted_tokens", "model_draft_tokens",
                  "model_accepted_tokens", "media_chunks", "media_tokens", "media_cache_hits",
-                 "prefix_waits")
+                 "prefix_waits", "lane_jobs", "lane_tokens")
 
 
 def gpu_facts() -> tuple[bool, list[hardware.Device]]:
@@ -111,6 +112,10 @@ class EngineSettings:
     lookup_budget: int = 16  # most drafted tokens verified per engine step, all sequences
     mixed_prefill: int = 128  # prompt tokens a step carries while others decode (0: no cap)
     prefix_wait: int = 64  # wait for an in-flight prefix this much longer (0: never)
+    # threads of the prefill lane (engine.lane): long prompts computed in a side context while
+    # others decode. None: half the threads on a CPU-only model with 2 or more; 0: off
+    prefill_lane: int | None = None
+    prefill_lane_min: int = 256  # shorter prompts (their tokens still to compute) stay inline
     mmproj: str | None = None  # projector GGUF (vision, audio); None: the one found for the model
     media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)
     media_cache_dir: str | None = None  # and on disk here (engine.media_cache); None: not
@@ -161,6 +166,8 @@ class ModelService:
         self.model: Model | None = None
         self.draft_model: Model | None = None  # --draft: its weights, and its context below
         self._draft_ctx: Context | MtpContext | None = None
+        self._lane: PrefillLane | None = None
+        self._lane_ctx: Context | None = None  # the lane's side context
         self._draft_place = Placement()
         self.client: EngineClient | None = None
         self.template: ChatTemplate | None = None
@@ -272,6 +279,42 @@ class ModelService:
                             n_vocab=self.model.n_vocab, eog_tokens=self.model.eog_tokens,
                             row_cost=min(0.9, 0.5 + ratio))
 
+    def _prefill_lane(self, ctx: Context, threads: int, drafting: bool) -> PrefillLane | None:
+        """The prefill lane and its side context: one sequence of the engine's room, the same
+        KV types, `lane` of the threads (engine.lane). Auto: half the threads when the model
+        runs on the CPU alone; off with a draft model, whose context follows the engine's
+        batches and would miss the prompts computed aside."""
+        s, model = self.settings, self.model
+        assert model is not None
+        lane_threads = s.prefill_lane
+        if lane_threads is None:
+            auto = self.placement.gpu_layers == 0 and not drafting and threads >= 2
+            lane_threads = threads // 2 if auto else 0
+        if not lane_threads:
+            return None
+        if drafting:
+            log.warning("model %s: no prefill lane with a draft model (its context follows "
+                        "the engine's batches)", self.name)
+            return None
+        if lane_threads >= threads:
+            raise invalid(f"--prefill-lane {lane_threads} leaves none of the {threads} threads "
+                          "for decoding (set it below --threads)", param="prefill_lane")
+        chunk = min(256, ctx.n_batch)
+        side = self._lane_ctx = Context(model, n_ctx=self.n_ctx, n_seq_max=1, n_batch=chunk,
+                                        n_threads=lane_threads, placement=self.placement)
+        log.info("model %s: prefill lane on %d of %d threads for prompts of %d tokens or more",
+                 self.name, lane_threads, threads, s.prefill_lane_min)
+        return PrefillLane(side, ctx, threads=threads, lane_threads=lane_threads,
+                           min_tokens=s.prefill_lane_min, chunk=chunk)
+
+    def _close_lane(self) -> None:
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.close()
+        if self._lane_ctx is not None:
+            self._lane_ctx.close()
+            self._lane_ctx = None
+
     def _close_draft(self) -> None:
         if self._draft_ctx is not None:
             self._draft_ctx.close()
@@ -357,6 +400,7 @@ class ModelService:
         drafter = self._drafter(ctx, layout.split, threads)
         pin_tokens = s.session_kv_budget if s.session_kv_budget is not None else \
             (None if layout.split else self.n_ctx // 4)
+        lane = self._lane = self._prefill_lane(ctx, threads, drafter is not None)
 
         def core_factory(sink: Callable[[StepOutputs], None]) -> EngineCore[Batch]:
             return EngineCore(ctx, n_slots=n_slots, max_running=s.parallel,
@@ -365,7 +409,7 @@ class ModelService:
                               lookup_budget=s.lookup_budget, packed=layout.split,
                               drafter=drafter, pin_tokens=pin_tokens,
                               mixed_prefill=s.mixed_prefill or None,
-                              prefix_wait=s.prefix_wait)
+                              prefix_wait=s.prefix_wait, lane=lane)
 
         self.client = EngineClient(core_factory, loop=loop, max_queue=s.max_queue,
                                    max_queued_tokens=s.max_queued_tokens, name=self.name)
@@ -417,6 +461,7 @@ class ModelService:
             self.client.stop()
             if self.client.core.pool.disk is not None:
                 self.client.core.pool.disk.close()  # finish the queued writes
+        self._close_lane()
         self._close_draft()
         self.media_fetcher.close()
         if self.projector is not None:
@@ -432,6 +477,7 @@ class ModelService:
             if client.core.pool.disk is not None:
                 client.core.pool.disk.close()
             self._close_draft()  # an MTP context before the target's
+            self._close_lane()
             if isinstance(client.core.runner, Context):
                 client.core.runner.close()
         with self._embed_lock:

@@ -25,7 +25,7 @@ from llama_cpp import mtmd_cpp as mtmd
 from lmserve.core.errors import invalid
 from lmserve.core.images import MEDIA_MARKER, MediaSpan
 from lmserve.core.request import SamplingParams
-from lmserve.engine import hardware, rpc
+from lmserve.engine import hardware, kv_state, rpc
 from lmserve.engine.media_cache import EmbeddingDisk, projector_namespace
 
 log = logging.getLogger("lmserve.runner")
@@ -865,6 +865,7 @@ class Context:
         self.unified = kv_unified
         self.n_ctx = ll.llama_n_ctx_seq(ctx)  # the room of one sequence (all of it if unified)
         self.n_batch = n_batch
+        self.n_threads = n_threads
         self.memory = ll.llama_get_memory(ctx)
         self.batch = Batch(n_batch)
         self.eog_tokens = model.eog_tokens
@@ -883,6 +884,12 @@ class Context:
         scales = (ctypes.c_float * n)(*[scale for _, scale in adapters])
         if ll.llama_set_adapters_lora(self.ptr, ptrs if n else None, n, scales if n else None):
             raise RuntimeError("llama.cpp refused the LoRA adapters")
+
+    def set_threads(self, n: int) -> None:
+        """Threads for the following decodes (a prefill lane borrows some: engine.lane)."""
+        if n != self.n_threads:
+            ll.llama_set_n_threads(self.ptr, n, n)
+            self.n_threads = n
 
     def decode(self, batch: Batch) -> int:
         batch.struct.n_tokens = batch.n
@@ -932,28 +939,58 @@ class Context:
     def state_seq_size(self, seq_id: int) -> int:
         return int(ll.llama_state_seq_get_size(self.ptr, seq_id))
 
+    @property
+    def _n_stream(self) -> int:
+        return 1 if self.unified else int(ll.llama_n_seq_max(self.ptr))
+
+    def _portable_states(self) -> bool:
+        """Whether this context's states are KV caches kv_state can re-stream (a recurrent or
+        hybrid model's memory has another format; its states stay as llama.cpp writes them)."""
+        model = self.model.ptr
+        return not (ll.llama_model_is_recurrent(model) or ll.llama_model_is_hybrid(model))
+
     def state_seq_get(self, seq_id: int) -> bytearray:
-        """A copy of the sequence's KV cells (positions, data) as llama.cpp serialises them."""
+        """A copy of the sequence's KV cells (positions, data): llama.cpp's serialisation, in
+        kv_state's envelope that loads under any KV layout."""
         size = self.state_seq_size(seq_id)
         data = bytearray(size)
         n = ll.llama_state_seq_get_data(self.ptr, (ctypes.c_uint8 * size).from_buffer(data),
                                         size, seq_id) if size else 0
-        return data[:n] if n != size else data
+        if n != size:
+            data = data[:n]
+        if not n or not self._portable_states():
+            return data
+        # a KV cache with sliding-window layers writes its windowed cache last, alone (after
+        # the header) when asked for the partial state: that length tells where the
+        # full-attention one ends
+        windowed = int(ll.llama_state_seq_get_size_ext(
+            self.ptr, seq_id, ll.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)) - kv_state.LLAMA_HEADER
+        return kv_state.portable(data, self._n_stream, 0 if self.unified else seq_id,
+                                 last_section=windowed if windowed < n - kv_state.LLAMA_HEADER
+                                 else 0)
 
     def state_seq_set(self, seq_id: int, data: bytearray) -> int:
-        """Load a saved state into `seq_id`; 0 when llama.cpp refused it (no room, another
-        format), and then the sequence holds nothing."""
+        """Load a saved state (state_seq_get's) into `seq_id`; 0 when llama.cpp refused it
+        (no room, another format), and then the sequence holds nothing."""
+        if self._portable_states():
+            try:
+                data = kv_state.native(data, self._n_stream, 0 if self.unified else seq_id)
+            except kv_state.StateFormatError as exc:
+                log.warning("a saved KV state was refused: %s", exc)
+                self.seq_rm(seq_id, -1, -1)
+                return 0
         buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
         return int(ll.llama_state_seq_set_data(self.ptr, buf, len(data), seq_id))
 
     def state_format(self) -> str:
         """What, besides the model file, decides whether a saved state loads here: the KV
         element types (as llama.cpp numbers them, so f16 states written before the types
-        could be chosen still match). A sequence's saved state has the same format under
-        either KV layout, so the layout is not part of it."""
+        could be chosen still match), and kv_state's envelope (v1), in which a sequence's
+        state loads under any KV layout, so the layout is not part of it."""
         type_k = hardware.KV_TYPES[self.placement.cache_type_k][0]
         type_v = hardware.KV_TYPES[self.placement.cache_type_v][0]
-        return f"llama-cpp-python {ll.__version__}; kv {type_k}/{type_v}; swa_full"
+        envelope = "; envelope lmkv1" if self._portable_states() else ""
+        return f"llama-cpp-python {ll.__version__}; kv {type_k}/{type_v}; swa_full{envelope}"
 
     # -- embeddings -------------------------------------------------------------------------
     def sequence_embedding(self, seq_id: int) -> np.ndarray:

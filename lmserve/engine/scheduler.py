@@ -27,6 +27,7 @@ from lmserve.core.images import MediaSpan
 from lmserve.core.request import SamplingParams
 from lmserve.engine import media
 from lmserve.engine.admission import WaitQueue
+from lmserve.engine.lane import PrefillLane
 from lmserve.engine.logprobs import LogitsSource, LogprobScorer
 from lmserve.engine.lookup import DraftLength, NgramIndex
 from lmserve.engine.lora import AdapterRotation, AdapterTarget
@@ -105,6 +106,8 @@ class StepStats:
     media_tokens: int = 0  # the positions they filled
     media_cache_hits: int = 0  # of those images, the ones whose embeddings were cached
     prefix_waits: int = 0  # requests held until a prefix another sequence computes was ready
+    lane_jobs: int = 0  # prompts the prefill lane computed (engine.lane)
+    lane_tokens: int = 0  # their tokens (in prompt_tokens too)
     last_step_sequences: int = 0
     phases: tuple[str, ...] = field(default=("schedule", "draft", "batch_build", "decode",
                                               "sample", "detokenize"), repr=False)
@@ -116,8 +119,10 @@ class EngineCore(Generic[B]):
                  lookup_tokens: int = 0, lookup_budget: int = 16, packed: bool = False,
                  drafter: Drafter | None = None,
                  pin_tokens: int | None = None, mixed_prefill: int | None = None,
-                 prefix_wait: int = 64) -> None:
+                 prefix_wait: int = 64, lane: PrefillLane | None = None) -> None:
         self.runner = runner
+        # Long prompts computed on threads of their own while others decode (engine.lane).
+        self.lane = lane
         # While any sequence decodes, a step carries at most mixed_prefill prompt tokens (None:
         # the whole step budget), so a long prompt cannot stall the decoders for a whole
         # chunk; with nothing decoding, prompts get the whole budget.
@@ -197,15 +202,20 @@ class EngineCore(Generic[B]):
         t0 = time.perf_counter()
         self._admit()
         imaged = self._media_step()
+        self._lane_step()
         plan = self._plan()
         t1 = time.perf_counter()
         drafting, self._draft_time = self._draft_time, 0.0
         self.stats.draft += drafting
         t0 += drafting  # the draft model's time is its own phase, not scheduling's
+        if self.lane is not None:  # idle: the lane may use every thread; else wait for them
+            self.lane.main_active(bool(plan))
+            t1 = time.perf_counter()
         if not plan:
             self.stats.schedule += t1 - t0
             self._flush_outputs()
-            return imaged
+            return imaged or self.lane is not None and self.lane.job is not None \
+                and self.lane.job.done
         sample_at = self._build_batch(plan)
         t2 = time.perf_counter()
         self.adapters.apply(self.runner)
@@ -329,9 +339,38 @@ class EngineCore(Generic[B]):
         banned = self.runner.eog_tokens if seq.request.ignore_eos else ()
         return self.runner.make_sampler(seq.request.sampling, seq.seed, banned)
 
+    def _lane_step(self) -> None:
+        """Take back the lane's finished prompt; hand it the next long prompt while other
+        sequences decode (with nothing decoding, the engine's context computes it on every
+        thread at once)."""
+        lane = self.lane
+        if lane is None:
+            return
+        tokens = lane.stats.tokens
+        lane.collect()
+        if lane.stats.tokens > tokens:
+            self.stats.lane_jobs += 1
+            self.stats.lane_tokens += lane.stats.tokens - tokens
+            self.stats.prompt_tokens += lane.stats.tokens - tokens
+        if lane.job is not None:
+            return
+        running = [s for s in self.running if s.state is SeqState.RUNNING]
+        if not any(s.n_pending == 1 for s in running):
+            return
+        for seq in running:
+            if seq.slot is not None and lane.takes(seq):
+                lane.start(seq)
+                return
+
     def _plan(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one per decoding sequence), then prompt chunks within budget."""
-        active = self.adapters.select([s for s in self.running if s.state is SeqState.RUNNING])
+        running = [s for s in self.running if s.state is SeqState.RUNNING and s.lane_job is None]
+        lane = self.lane
+        if lane is not None and lane.job is not None and \
+                any(s.n_pending == 1 for s in running):
+            # a long prompt waits for the lane rather than stall the decoders here
+            running = [s for s in running if s.n_pending == 1 or not lane.takes(s)]
+        active = self.adapters.select(running)
         decoding = [s for s in active if s.n_pending == 1]
         plan = [(s, 1) for s in decoding]
         budget = self.step_tokens - len(plan)
@@ -578,6 +617,7 @@ class EngineCore(Generic[B]):
             self.waiting.remove(seq)
         if self.drafter is not None:
             self.drafter.forget(seq)
+        seq.lane_job = None  # the lane drops what it computes for it
         if seq.slot is not None:
             self.pool.release(seq.slot, keep=reason != FINISH_ERROR)
             seq.slot = None
@@ -629,6 +669,7 @@ class EngineCore(Generic[B]):
         if self.drafter is not None:
             self.drafter.forget(seq)
         seq.slot, seq.n_computed, seq.state = None, 0, SeqState.WAITING
+        seq.lane_job = None
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 

@@ -127,6 +127,7 @@ class Sequence:
     draft: list[int] = field(default_factory=list)  # this step's guesses, until verified
     model_len: DraftLength | None = None  # draft-model speculation (engine.draft_model)
     drafted_by_model: bool = False  # this step's guesses came from the draft model
+    lane_job: object | None = None  # the prefill lane computes its prompt (engine.lane)
 
     @classmethod
     def for_request(cls, request: EngineRequest, index: int) -> Sequence:

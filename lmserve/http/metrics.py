@@ -46,6 +46,12 @@ class EngineCollector:
             "prefix_waits": ("lmserve_prefix_waits",
                              "Requests that waited for a prompt prefix being computed, "
                              "then shared it"),
+            "lane_jobs": ("lmserve_prefill_lane_jobs",
+                          "Prompts computed in the prefill lane while others decoded "
+                          "(--prefill-lane)"),
+            "lane_tokens": ("lmserve_prefill_lane_tokens",
+                            "Prompt tokens the prefill lane computed (also in "
+                            "lmserve_prompt_tokens)"),
             "media_tokens": ("lmserve_media_tokens", "Prompt positions filled by images and audio"),
             "media_cache_hits": ("lmserve_media_cache_hits",
                                  "Media chunks whose encoded embeddings came from the "

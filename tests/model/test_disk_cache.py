@@ -72,10 +72,14 @@ def complete(server: Server, prompt: list[int]) -> tuple[dict[str, float], int, 
 
 def assert_same_distribution(warm: dict[str, float], cold: dict[str, float]) -> None:
     """The next-token distribution after a loaded state is the one computed from scratch, up
-    to float rounding (KV laid out differently sums in another order, so not bit for bit)."""
+    to float rounding: the loaded prefix was computed in other batches than the cold prompt,
+    and llama.cpp's kernels sum a batch of a few rows in another order than a large one. How
+    much that moves a logprob depends on the CPU's kernels: under 0.1 on the Intel Xeons
+    this suite first ran on, 0.14 on an AMD EPYC without AVX-VNNI (session 12), so the bound
+    is 0.3; a state of other tokens moves them by whole nats."""
     shared = warm.keys() & cold.keys()
     assert len(shared) >= 4, (warm, cold)
-    assert max(abs(warm[t] - cold[t]) for t in shared) < 0.1, (warm, cold)
+    assert max(abs(warm[t] - cold[t]) for t in shared) < 0.3, (warm, cold)
 
 
 def wait_saved(server: Server, count: int, timeout: float = 60.0) -> None:

@@ -149,7 +149,8 @@ def test_auto_falls_back_to_the_shared_pool_when_streams_cannot_be_made(model_pa
 
     monkeypatch.setattr(service_module, "Context", context)
     loop = asyncio.new_event_loop()
-    auto = ModelService("smollm2", model_path, EngineSettings(n_ctx=512, parallel=2, threads=2))
+    auto = ModelService("smollm2", model_path, EngineSettings(n_ctx=512, parallel=2, threads=2,
+                                                              prefill_lane=0))
     try:
         auto.load(loop)
         assert asked == [False, True] and auto.ready and not auto.layout.split
