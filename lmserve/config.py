@@ -176,7 +176,7 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
            "model runs on the CPU alone; 0: off)", metavar="N", minimum=0),
     Option("prefill_lane_min", int, ("--prefill-lane-min",),
            "prompt tokens still to compute that send a prompt to the prefill lane (default "
-           "256)", metavar="N", minimum=1),
+           "512)", metavar="N", minimum=1),
     Option("prefix_wait", int, ("--prefix-wait",),
            "a request whose prompt shares at least N more tokens with a prompt still being "
            "computed waits for it and copies the prefix (default 64; 0: never waits)",

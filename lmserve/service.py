@@ -70,7 +70,7 @@ from lmserve.engine.turn_memory import TurnMemory
 from lmserve.generation import ParsedGeneration
 from lmserve.prompting import Prompter
 
-__all__ = ["EngineSettings", "ModelService", "PreparedPrompt"]
+__all__ = ["EngineSettings", "ModelService", "PreparedPrompt", "prefill_lane_threads"]
 
 log = logging.getLogger("lmserve.service")
 
@@ -84,6 +84,17 @@ STEP_COUNTERS = ("prompt_tokens", "generated_tokens", "steps", "batch_tokens", "
 def gpu_facts() -> tuple[bool, list[hardware.Device]]:
     """Whether llama.cpp has a GPU backend here, and the GPUs it sees (for /v1/plan)."""
     return gpu_build(), gpu_devices()
+
+
+def prefill_lane_threads(s: EngineSettings, threads: int | None = None, *, on_gpu: bool,
+                         drafting: bool) -> int:
+    """The threads --prefill-lane gives the lane (0: no lane): as set, else half the threads
+    (`threads`, else the settings') when the model runs on the CPU alone, with 2 threads or
+    more and no draft model."""
+    if s.prefill_lane is not None:
+        return s.prefill_lane
+    threads = threads or s.threads or default_threads()
+    return threads // 2 if not on_gpu and not drafting and threads >= 2 else 0
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,7 @@ class EngineSettings:
     # threads of the prefill lane (engine.lane): long prompts computed in a side context while
     # others decode. None: half the threads on a CPU-only model with 2 or more; 0: off
     prefill_lane: int | None = None
-    prefill_lane_min: int = 256  # shorter prompts (their tokens still to compute) stay inline
+    prefill_lane_min: int = 512  # shorter prompts (their tokens still to compute) stay inline
     mmproj: str | None = None  # projector GGUF (vision, audio); None: the one found for the model
     media_cache_bytes: int = 256 << 20  # encoded image embeddings kept in memory (LRU)
     media_cache_dir: str | None = None  # and on disk here (engine.media_cache); None: not
@@ -286,10 +297,8 @@ class ModelService:
         batches and would miss the prompts computed aside."""
         s, model = self.settings, self.model
         assert model is not None
-        lane_threads = s.prefill_lane
-        if lane_threads is None:
-            auto = self.placement.gpu_layers == 0 and not drafting and threads >= 2
-            lane_threads = threads // 2 if auto else 0
+        lane_threads = prefill_lane_threads(s, threads, on_gpu=self.placement.gpu_layers > 0,
+                                            drafting=drafting)
         if not lane_threads:
             return None
         if drafting:
@@ -304,13 +313,18 @@ class ModelService:
                                         n_threads=lane_threads, placement=self.placement)
         log.info("model %s: prefill lane on %d of %d threads for prompts of %d tokens or more",
                  self.name, lane_threads, threads, s.prefill_lane_min)
+        per_token = kv_layout.bytes_per_token_from_metadata(
+            model.info.metadata, s.cache_type_k, s.cache_type_v) or 0
+        self.kv_bytes += per_token * self.n_ctx  # the side context's one sequence
         return PrefillLane(side, ctx, threads=threads, lane_threads=lane_threads,
                            min_tokens=s.prefill_lane_min, chunk=chunk)
 
     def _close_lane(self) -> None:
         lane, self._lane = self._lane, None
-        if lane is not None:
-            lane.close()
+        if lane is not None and not lane.close():
+            log.warning("model %s: the prefill lane did not stop; its context is left "
+                        "allocated", self.name)
+            self._lane_ctx = None
         if self._lane_ctx is not None:
             self._lane_ctx.close()
             self._lane_ctx = None

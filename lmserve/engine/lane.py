@@ -108,6 +108,15 @@ class PrefillLane:
                 and not request.media and request.prompt_scores is None
                 and not request.adapters and seq.n_output == 0)
 
+    def mixed_cap(self, cap: int) -> int:
+        """The prompt tokens a decoding step may carry while a job runs: the engine's context
+        has only its share of the threads, so its steps' chunks shrink by that share, or a
+        step would take as long as a whole chunk on every thread; not below 65, where
+        llama.cpp's CPU matrix kernels turn slower per token (benchmarks/mixed_step_cost.py)."""
+        if self.job is None:
+            return cap
+        return max(65, cap * (self.threads - self.lane_threads) // self.threads)
+
     def start(self, seq: Sequence) -> LaneJob:
         assert self.job is None and seq.slot is not None
         seq_id = seq.slot.seq_id
@@ -169,12 +178,16 @@ class PrefillLane:
             else:
                 self._cond.notify_all()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> bool:
+        """Stop the worker (it ends its job at the next chunk); False when it is still
+        computing one after `timeout` (its side context must then stay allocated)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     # -- the worker ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -203,7 +216,7 @@ class PrefillLane:
         tokens = job.seq.tokens
         pos = job.start
         while pos < job.end:
-            if job.seq.lane_job is not job:  # it ended or was preempted: stop here
+            if job.seq.lane_job is not job or self._closed:  # it ended, or the lane did
                 side.seq_rm(seq, -1, -1)
                 return
             with self._cond:

@@ -375,7 +375,8 @@ class EngineCore(Generic[B]):
         plan = [(s, 1) for s in decoding]
         budget = self.step_tokens - len(plan)
         if decoding and self.mixed_prefill is not None:
-            budget = min(budget, self.mixed_prefill)
+            budget = min(budget, self.mixed_prefill if lane is None
+                         else lane.mixed_cap(self.mixed_prefill))
         for seq in active:
             if seq.n_pending > 1 and budget > 0:
                 n = min(seq.n_pending, budget)

@@ -358,10 +358,11 @@ class MemoryEstimate:
 
 def memory_estimate(header: GGUFHeader | None, size_bytes: int, *, n_ctx: int, n_slots: int,
                     kv_setting: str, step_tokens: int, cache_type_k: str = "f16",
-                    cache_type_v: str = "f16") -> MemoryEstimate:
+                    cache_type_v: str = "f16", lane: bool = False) -> MemoryEstimate:
     """Bytes a model takes once loaded, from its header as /v1/plan estimates them: the
     weights (the file), the KV cache in its element types (split: a stream of n_ctx cells
-    per slot), and one micro-batch of float activations and logits."""
+    per slot; `lane`: n_ctx more for the prefill lane's side context), and one micro-batch
+    of float activations and logits."""
     if header is None:
         return MemoryEstimate(size_bytes, 0, 0)
     metadata = header.metadata
@@ -369,7 +370,7 @@ def memory_estimate(header: GGUFHeader | None, size_bytes: int, *, n_ctx: int, n
                                                         cache_type_v) or 0
     layout = kv_layout.choose(kv_setting, bytes_per_token=per_token or None, n_ctx=n_ctx,
                               n_slots=n_slots, memory=kv_layout.machine_memory())
-    cells = n_ctx * (n_slots if layout.split else 1)
+    cells = n_ctx * (n_slots if layout.split else 1) + (n_ctx if lane else 0)
     arch = header.architecture
     n_embd = int(metadata.get(f"{arch}.embedding_length", 0) or 0)
     n_vocab = int(metadata.get("tokenizer.ggml.tokens", 0) or 0)  # the array's length

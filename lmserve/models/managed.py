@@ -49,7 +49,7 @@ from lmserve.models.library import (
     memory_estimate,
 )
 from lmserve.prompting import Prompter
-from lmserve.service import EngineSettings, ModelService, gpu_facts
+from lmserve.service import EngineSettings, ModelService, gpu_facts, prefill_lane_threads
 
 log = logging.getLogger("lmserve.models")
 
@@ -130,15 +130,21 @@ class ManagedModel:
         s = self.settings
         slots = s.parallel + (s.cache_slots if s.cache_slots is not None
                               else kv_layout.default_cache_slots(s.parallel))
-        estimate = memory_estimate(self.entry.header, self.entry.size_bytes,
+        def estimate_with(lane: bool) -> MemoryEstimate:
+            return memory_estimate(self.entry.header, self.entry.size_bytes,
                                    n_ctx=context_of(self.entry.header, s.n_ctx), n_slots=slots,
                                    kv_setting=s.kv_layout,
                                    step_tokens=max(s.step_tokens, s.parallel),
-                                   cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v)
+                                   cache_type_k=s.cache_type_k, cache_type_v=s.cache_type_v,
+                                   lane=lane)
+
+        estimate = estimate_with(False)
         build, devices = gpu_facts() if s.gpu_layers != "0" else (False, [])
         offload = hardware.offload(s.gpu_layers, n_layer=estimate.n_layer,
                                    size_bytes=estimate.weights, kv_bytes=estimate.kv,
                                    kv_offload=s.kv_offload, devices=devices, gpu_build=build)
+        if prefill_lane_threads(s, on_gpu=offload.layers > 0, drafting=bool(s.draft)):
+            estimate = estimate_with(True)  # the lane's side context: one sequence more
         return estimate, offload
 
     # -- the card ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 from lmserve.core.request import SamplingParams
 from lmserve.engine.lane import PrefillLane
@@ -74,12 +75,19 @@ def lane_harness(*, chunk: int = 16, budget: int = 64) -> tuple[Harness, Statefu
     return h, runner, side, lane
 
 
-def steps_until(h: Harness, done, limit: int = 100_000) -> None:
-    for _ in range(limit):
-        if done():
-            return
-        h.core.step()
-    raise AssertionError("the condition never held")
+def steps_until(h: Harness, done, limit: float = 60.0) -> None:
+    """Step until done(); a step that ran nothing waits a moment, as the engine thread does,
+    so the lane's worker gets the GIL however busy the machine is."""
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline, "the condition never held"
+        if not h.core.step():
+            time.sleep(0.001)
+
+
+def run(h: Harness) -> None:
+    """Harness.run for the lane: until nothing is left, waiting for the worker."""
+    steps_until(h, lambda: not h.core.has_work)
 
 
 def decoding(h: Harness, max_tokens: int) -> EngineRequest:
@@ -109,7 +117,7 @@ def test_a_long_prompt_arriving_while_others_decode_is_computed_in_the_lane():
                                for s in r.sequences))
     long_prompt = prompt(9, 100)
     req = h.submit(long_prompt, max_tokens=5)
-    h.run()
+    run(h)
     assert h.tokens(req) == reference_output(long_prompt, 5)
     for r in decoders:
         assert h.tokens(r) == reference_output(r.prompt_tokens, 40)
@@ -127,7 +135,7 @@ def test_with_nothing_decoding_the_engine_computes_the_prompt_itself():
     h, runner, side, _lane = lane_harness()
     long_prompt = prompt(3, 100)
     req = h.submit(long_prompt, max_tokens=4)
-    h.run()
+    run(h)
     assert h.tokens(req) == reference_output(long_prompt, 4)
     assert side.chunks == [] and h.core.stats.lane_jobs == 0
     assert runner.threads == []
@@ -138,7 +146,7 @@ def test_a_short_prompt_stays_in_the_step():
     decoder = h.submit(prompt(1, 6), max_tokens=30)
     steps_until(h, lambda: decoder.sequences[0].n_output > 0)
     short = h.submit(prompt(2, MIN_TOKENS), max_tokens=3)  # 23 tokens to compute before the last
-    h.run()
+    run(h)
     assert h.tokens(short) == reference_output(short.prompt_tokens, 3)
     assert side.chunks == []
 
@@ -157,7 +165,7 @@ def test_a_second_long_prompt_waits_for_the_lane_rather_than_stall_the_decoders(
     # the steps meanwhile carried the decoder alone
     assert all(len(d) == 1 for d in runner.decodes[-20:])
     side.release()
-    h.run()
+    run(h)
     assert h.tokens(first) == reference_output(first.prompt_tokens, 3)
     assert h.tokens(second) == reference_output(second.prompt_tokens, 3)
     assert h.core.stats.lane_jobs == 2
@@ -168,12 +176,12 @@ def test_the_lane_starts_from_the_reused_prefix_and_hands_back_the_whole_prompt(
     h, runner, side, _lane = lane_harness()
     shared = prompt(7, 60)
     first = h.submit(shared + [3], max_tokens=2)
-    h.run()
+    run(h)
     decoder = h.submit(prompt(1, 6), max_tokens=60)
     steps_until(h, lambda: decoder.sequences[0].n_output > 0)
     longer = shared + prompt(8, 40)
     req = h.submit(longer, max_tokens=4)
-    h.run()
+    run(h)
     assert h.tokens(first) == reference_output(shared + [3], 2)
     assert h.tokens(req) == reference_output(longer, 4)
     seq = req.sequences[0]
@@ -191,7 +199,7 @@ def test_an_abort_during_the_lane_drops_its_work_and_frees_the_slot():
     held = list(runner.kv.get(slot_seq, []))
     h.core.abort(req.request_id)
     side.release()
-    h.run()
+    run(h)
     steps_until(h, lambda: lane.job is None)  # the next step takes the dropped job back
     final = h.final(req)
     assert final.finish_reason == "cancelled"
@@ -212,7 +220,7 @@ def test_while_the_engine_idles_the_lane_takes_every_thread():
     h.core.abort(decoder.request_id)
     h.core.step()  # nothing to run: the engine tells the lane so
     side.release()
-    h.run()
+    run(h)
     assert h.tokens(req) == reference_output(req.prompt_tokens, 3)
     assert side.threads[2:] == [THREADS] * (len(side.threads) - 2)
     # boosted chunks are the smaller ones, so the engine gets its threads back sooner
@@ -230,7 +238,7 @@ def test_a_refused_state_leaves_the_prompt_to_the_engine():
     steps_until(h, lambda: decoder.sequences[0].n_output > 0)
     runner.state_seq_set = refuse  # type: ignore[method-assign]
     req = h.submit(prompt(3, 70), max_tokens=4)
-    h.run()
+    run(h)
     assert h.tokens(req) == reference_output(req.prompt_tokens, 4)
     assert lane.stats.failed == 1 and h.core.stats.lane_jobs == 0
 
@@ -248,3 +256,28 @@ def test_the_lane_leaves_media_logprob_and_lora_prompts_alone():
                                                 ("plain", plain))}
     assert not lane.takes(seqs["scored"]) and not lane.takes(seqs["lora"])
     assert lane.takes(seqs["plain"])
+
+
+def test_closing_the_lane_stops_its_worker_at_the_next_chunk():
+    h, runner, side, lane = lane_harness(chunk=8)
+    side.hold()
+    decoding(h, 200)
+    in_lane(h, lane, prompt(2, 90), 3)
+    side.release(1)
+    steps_until(h, lambda: len(side.chunks) == 1)
+    assert not lane.close(timeout=0.2)  # the worker waits inside its second chunk
+    side.release()
+    assert lane.close()
+    assert len(side.chunks) == 2  # not the eleven the prompt needed
+
+
+def test_while_a_job_runs_the_steps_carry_smaller_prompt_chunks():
+    runner, side = StatefulRunner(), SideContext()
+    lane = PrefillLane(side, runner, threads=2, lane_threads=1, min_tokens=MIN_TOKENS)
+    assert lane.mixed_cap(128) == 128  # no job: the steps have every thread
+    lane.job = object()  # type: ignore[assignment]
+    assert lane.mixed_cap(128) == 65  # half the threads, but not below llama.cpp's 65 rows
+    assert lane.mixed_cap(512) == 256
+    four = PrefillLane(side, runner, threads=8, lane_threads=2, min_tokens=MIN_TOKENS)
+    four.job = object()  # type: ignore[assignment]
+    assert four.mixed_cap(128) == 96

@@ -124,7 +124,11 @@ def test_the_placement_comes_from_gpu_layers_and_the_gpus(monkeypatch: pytest.Mo
     everything = need(gpu_layers="all")
     kv = 256 * 3 * 2 * 64 * 2  # cells x layers x (K + V) x width x f16
     assert everything.vram == (100 << 20) + kv  # the weights and the KV cache
-    assert need(gpu_layers="0") == library.MemoryNeed(ram=everything.total, vram=0)
+    assert need(gpu_layers="0", prefill_lane=0) == library.MemoryNeed(ram=everything.total,
+                                                                      vram=0)
+    # on the CPU alone the prefill lane's side context holds one more sequence's KV
+    assert need(gpu_layers="0", threads=2) == library.MemoryNeed(ram=everything.total + kv,
+                                                                 vram=0)
     assert need(gpu_layers="2").vram == (100 << 20) * 2 // 4 + kv
     assert need(gpu_layers="all", kv_offload=False).vram == 100 << 20
     assert need(gpu_layers="auto").vram == everything.vram  # 8 GiB free: all of it fits
