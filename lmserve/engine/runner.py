@@ -866,6 +866,7 @@ class Context:
         self.n_ctx = ll.llama_n_ctx_seq(ctx)  # the room of one sequence (all of it if unified)
         self.n_batch = n_batch
         self.n_threads = n_threads
+        self._threads = (n_threads, n_threads_batch or n_threads)  # as configured
         self.memory = ll.llama_get_memory(ctx)
         self.batch = Batch(n_batch)
         self.eog_tokens = model.eog_tokens
@@ -886,9 +887,10 @@ class Context:
             raise RuntimeError("llama.cpp refused the LoRA adapters")
 
     def set_threads(self, n: int) -> None:
-        """Threads for the following decodes (a prefill lane borrows some: engine.lane)."""
+        """Threads for the following decodes (a prefill lane borrows some: engine.lane); the
+        configured count restores the configured --threads-batch too."""
         if n != self.n_threads:
-            ll.llama_set_n_threads(self.ptr, n, n)
+            ll.llama_set_n_threads(self.ptr, n, self._threads[1] if n == self._threads[0] else n)
             self.n_threads = n
 
     def decode(self, batch: Batch) -> int:
