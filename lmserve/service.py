@@ -313,9 +313,6 @@ class ModelService:
                                         n_threads=lane_threads, placement=self.placement)
         log.info("model %s: prefill lane on %d of %d threads for prompts of %d tokens or more",
                  self.name, lane_threads, threads, s.prefill_lane_min)
-        per_token = kv_layout.bytes_per_token_from_metadata(
-            model.info.metadata, s.cache_type_k, s.cache_type_v) or 0
-        self.kv_bytes += per_token * self.n_ctx  # the side context's one sequence
         return PrefillLane(side, ctx, threads=threads, lane_threads=lane_threads,
                            min_tokens=s.prefill_lane_min, chunk=chunk)
 
