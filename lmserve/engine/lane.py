@@ -135,37 +135,37 @@ class PrefillLane:
             self._cond.notify_all()
         return job
 
-    def collect(self) -> Sequence | None:
-        """The job's sequence once the worker is done with it, its KV loaded into its slot
-        and n_computed moved on (None: no job is done). A sequence that ended or lost its slot
-        meanwhile is not touched."""
+    def collect(self) -> int:
+        """Once the worker is done with the job: its KV loaded into the sequence's slot and
+        n_computed moved on; the prompt tokens it loaded (0: none, or no job done). A sequence
+        that ended or lost its slot meanwhile is not touched."""
         job = self.job
         if job is None or not job.done:
-            return None
+            return 0
         self.job = None
         self.main.set_threads(self.threads)
         seq = job.seq
         if seq.lane_job is not job or seq.slot is not job.slot \
                 or seq.state is not SeqState.RUNNING:
             self.stats.dropped += 1
-            return None
+            return 0
         seq.lane_job = None
         if job.error is not None or job.state is None:
             self.stats.failed += 1
             log.warning("the prefill lane could not compute %s's prompt (%s); the engine "
                         "computes it", seq.request.request_id, job.error)
-            return seq  # the slot still holds what it held at the start
-        if self.main.state_seq_set(job.slot.seq_id, job.state):
-            seq.n_computed = job.end
-            self.stats.jobs += 1
-            self.stats.tokens += job.end - job.start
-            self.stats.seconds += job.seconds
-        else:
+            return 0  # the slot still holds what it held at the start
+        if not self.main.state_seq_set(job.slot.seq_id, job.state):
             self.stats.failed += 1
             seq.n_computed = 0  # a refused state leaves the sequence empty
             log.warning("the engine's context refused the prefill lane's KV for %s; it "
                         "computes the prompt", seq.request.request_id)
-        return seq
+            return 0
+        seq.n_computed = job.end
+        self.stats.jobs += 1
+        self.stats.tokens += job.end - job.start
+        self.stats.seconds += job.seconds
+        return job.end - job.start
 
     def main_active(self, active: bool) -> None:
         """Whether the engine's context is about to run a step (True) or has nothing to run

@@ -868,6 +868,12 @@ class Context:
         self.n_threads = n_threads
         self._threads = (n_threads, n_threads_batch or n_threads)  # as configured
         self.memory = ll.llama_get_memory(ctx)
+        # KV streams (one per sequence when split), and whether kv_state can re-stream this
+        # memory's states (a recurrent or hybrid model's have another format; they stay as
+        # llama.cpp writes them)
+        self._n_stream = 1 if kv_unified else n_seq_max
+        self._portable = not (ll.llama_model_is_recurrent(model.ptr)
+                              or ll.llama_model_is_hybrid(model.ptr))
         self.batch = Batch(n_batch)
         self.eog_tokens = model.eog_tokens
         self.piece = model.piece
@@ -941,16 +947,6 @@ class Context:
     def state_seq_size(self, seq_id: int) -> int:
         return int(ll.llama_state_seq_get_size(self.ptr, seq_id))
 
-    @property
-    def _n_stream(self) -> int:
-        return 1 if self.unified else int(ll.llama_n_seq_max(self.ptr))
-
-    def _portable_states(self) -> bool:
-        """Whether this context's states are KV caches kv_state can re-stream (a recurrent or
-        hybrid model's memory has another format; its states stay as llama.cpp writes them)."""
-        model = self.model.ptr
-        return not (ll.llama_model_is_recurrent(model) or ll.llama_model_is_hybrid(model))
-
     def state_seq_get(self, seq_id: int) -> bytearray:
         """A copy of the sequence's KV cells (positions, data): llama.cpp's serialisation, in
         kv_state's envelope that loads under any KV layout."""
@@ -960,7 +956,7 @@ class Context:
                                         size, seq_id) if size else 0
         if n != size:
             data = data[:n]
-        if not n or not self._portable_states():
+        if not n or not self._portable:
             return data
         # a KV cache with sliding-window layers writes its windowed cache last, alone (after
         # the header) when asked for the partial state: that length tells where the
@@ -974,7 +970,7 @@ class Context:
     def state_seq_set(self, seq_id: int, data: bytearray) -> int:
         """Load a saved state (state_seq_get's) into `seq_id`; 0 when llama.cpp refused it
         (no room, another format), and then the sequence holds nothing."""
-        if self._portable_states():
+        if self._portable:
             try:
                 data = kv_state.native(data, self._n_stream, 0 if self.unified else seq_id)
             except kv_state.StateFormatError as exc:
@@ -991,7 +987,7 @@ class Context:
         state loads under any KV layout, so the layout is not part of it."""
         type_k = hardware.KV_TYPES[self.placement.cache_type_k][0]
         type_v = hardware.KV_TYPES[self.placement.cache_type_v][0]
-        envelope = "; envelope lmkv1" if self._portable_states() else ""
+        envelope = "; envelope lmkv1" if self._portable else ""
         return f"llama-cpp-python {ll.__version__}; kv {type_k}/{type_v}; swa_full{envelope}"
 
     # -- embeddings -------------------------------------------------------------------------

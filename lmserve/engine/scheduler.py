@@ -346,12 +346,11 @@ class EngineCore(Generic[B]):
         lane = self.lane
         if lane is None:
             return
-        tokens = lane.stats.tokens
-        lane.collect()
-        if lane.stats.tokens > tokens:
+        tokens = lane.collect()
+        if tokens:
             self.stats.lane_jobs += 1
-            self.stats.lane_tokens += lane.stats.tokens - tokens
-            self.stats.prompt_tokens += lane.stats.tokens - tokens
+            self.stats.lane_tokens += tokens
+            self.stats.prompt_tokens += tokens
         if lane.job is not None:
             return
         running = [s for s in self.running if s.state is SeqState.RUNNING]
